@@ -1,0 +1,1 @@
+"""TorchServe handlers and the small model code they load (torch, Pillow and stdlib only)."""

@@ -1,0 +1,81 @@
+"""Decoding of text requests shared by the text models.
+
+Accepted: ``{"text": "..."}`` or ``{"text": ["...", ...]}`` as JSON, or a text/plain body.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from handlers.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from handlers.payload import Payload, as_json, as_text, is_empty
+
+JSON_TYPES = ("application/json", "")
+TEXT_TYPES = ("text/plain",)
+
+
+@dataclass(frozen=True)
+class TextItem:
+    """The texts of one request; ``single`` remembers whether the client sent one string.
+
+    A model that also accepts precomputed embeddings carries them in ``vectors`` instead.
+    """
+
+    texts: list[str]
+    single: bool
+    vectors: list[list[float]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.texts) or len(self.vectors)
+
+
+def check_texts(texts: Any, max_texts: int, max_chars: int) -> list[str]:
+    """Validate a list of texts against the model's limits."""
+    if not isinstance(texts, list) or not texts:
+        raise BadRequest("'text' must be a non-empty string or a non-empty list of strings")
+    if len(texts) > max_texts:
+        raise PayloadTooLarge(f"{len(texts)} texts in one request; the limit is {max_texts}")
+    for i, text in enumerate(texts):
+        where = "text" if len(texts) == 1 else f"text[{i}]"
+        if not isinstance(text, str):
+            raise BadRequest(f"{where} must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise BadRequest(f"{where} is empty")
+        if len(text) > max_chars:
+            raise PayloadTooLarge(f"{where} has {len(text)} characters; the limit is {max_chars}")
+    return texts
+
+
+def read_document(payload: Payload) -> Any:
+    """The JSON document of a request, or the raw string of a text/plain one."""
+    if is_empty(payload.value):
+        raise BadRequest("empty body; send JSON like {\"text\": \"...\"}")
+    media = payload.media_type
+    if media in TEXT_TYPES:
+        return as_text(payload.value)
+    if media in JSON_TYPES or media.endswith("+json"):
+        return as_json(payload.value)
+    raise UnsupportedMediaType(
+        f"content type {media!r} is not accepted; send application/json like {{\"text\": \"...\"}}"
+        " or text/plain"
+    )
+
+
+def read_texts(payload: Payload, max_texts: int, max_chars: int, allowed: tuple[str, ...] = ("text",)) -> tuple[TextItem | None, dict]:
+    """Return the request's texts, or (None, document) when it carries another allowed field."""
+    doc = read_document(payload)
+    if isinstance(doc, str):
+        return TextItem(check_texts([doc], max_texts, max_chars), True), {}
+    if not isinstance(doc, dict):
+        raise BadRequest(f"expected a JSON object like {{\"text\": \"...\"}}, got a JSON {type(doc).__name__}")
+    unknown = sorted(set(doc) - set(allowed))
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(map(repr, unknown))}; expected {' or '.join(map(repr, allowed))}")
+    if "text" not in doc:
+        if len(doc) == 0:
+            raise BadRequest(f"missing field {' or '.join(map(repr, allowed))}")
+        return None, doc
+    value = doc["text"]
+    single = isinstance(value, str)
+    return TextItem(check_texts([value] if single else value, max_texts, max_chars), single), doc

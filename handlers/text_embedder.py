@@ -1,0 +1,51 @@
+"""text-embedder: all-MiniLM-L6-v2 sentence embeddings (384 floats, L2-normalised).
+
+Request: ``{"text": "..."}`` or ``{"text": ["...", ...]}``.
+Answer: ``{"embedding": [...]}`` for one text, ``{"embeddings": [[...], ...]}`` for a list.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handlers.base import FleetHandler
+from handlers.minilm import MiniLM, mean_pool_normalize
+from handlers.payload import Payload
+from handlers.text import TextItem, read_texts
+
+WARMUP_TEXT = "A short warm-up sentence of typical length for this model."
+
+
+class TextEmbedder(FleetHandler):
+    OPTIONS = {"max_texts": 64, "max_text_chars": 20000, "max_length": 256}
+
+    def load(self, model_dir: Path) -> None:
+        self.minilm = MiniLM.load(model_dir, self.device)
+        self.model = self.minilm.encoder
+
+    def decode(self, payload: Payload) -> TextItem:
+        item, _ = read_texts(payload, self.options["max_texts"], self.options["max_text_chars"])
+        assert item is not None
+        return item
+
+    def preprocess(self, items: list[TextItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [text for item in items for text in item.texts]
+        ids, mask = self.minilm.tokenizer.encode_batch(texts, self.options["max_length"])
+        return ids.to(self.device), mask.to(self.device)
+
+    def inference(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch
+        return mean_pool_normalize(self.model(ids, mask).float(), mask)
+
+    def postprocess(self, output: torch.Tensor, items: list[TextItem]) -> list[Any]:
+        rows = output.cpu().tolist()
+        answers, at = [], 0
+        for item in items:
+            chunk, at = rows[at : at + len(item.texts)], at + len(item.texts)
+            answers.append({"embedding": chunk[0]} if item.single else {"embeddings": chunk})
+        return answers
+
+    def warmup_items(self, batch_size: int) -> list[TextItem]:
+        return [TextItem([WARMUP_TEXT], True) for _ in range(batch_size)]

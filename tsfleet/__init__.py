@@ -1,0 +1,1 @@
+"""tsfleet: build, package and check a fleet of TorchServe models."""

@@ -1,0 +1,6 @@
+"""``python -m tsfleet``."""
+import sys
+
+from tsfleet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""tsfleet: build, configure and serve the fleet. A thin layer over the library modules."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tsfleet.errors import FleetError
+from tsfleet.manifest import Fleet, load_fleet
+from tsfleet.properties import Endpoints, render_properties
+from tsfleet.recipes import ROOT
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_build(args: argparse.Namespace, fleet: Fleet) -> int:
+    from tsfleet.archive import Builder
+
+    started = time.monotonic()
+    built = Builder(fleet, Path(args.model_store), Path(args.cache), _say).build_all()
+    fresh = sum(b.rebuilt for b in built)
+    _say(f"{len(built)} archives in {args.model_store} ({fresh} rebuilt) in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, fleet: Fleet) -> int:
+    text = render_properties(fleet)
+    target = Path(args.output)
+    if args.check:
+        if not target.is_file() or target.read_text() != text:
+            print(f"{target} is out of date with {args.manifest}; run `tsfleet config`", file=sys.stderr)
+            return 1
+        _say(f"{target} matches {args.manifest}")
+        return 0
+    target.write_text(text)
+    _say(f"wrote {target}")
+    return 0
+
+
+def _server(args: argparse.Namespace) -> "TorchServe":
+    from tsfleet.server import TorchServe
+
+    return TorchServe(Path.cwd(), Path(args.config).resolve(), Path(args.model_store).resolve(), Endpoints())
+
+
+def print_endpoints(server: "TorchServe", fleet: Fleet) -> None:
+    ep, key = server.ep, server.workdir / "key_file.json"
+    _say("")
+    _say(f"TorchServe is serving the fleet (auth on; keys in {key}).")
+    _say(f"  inference  {ep.url('inference')}    management {ep.url('management')}")
+    _say(f"  metrics    {ep.url('metrics')}/metrics    gRPC {ep.host}:{ep.grpc_inference}")
+    _say("")
+    _say(f"  KEY=$(python -c \"import json;print(json.load(open('{key}'))['inference']['key'])\")")
+    examples = {
+        "text-embedder": "-H 'Content-Type: application/json' -d '{\"text\": \"A cat sits on the mat\"}'",
+        "intent-classifier": "-H 'Content-Type: application/json' -d '{\"text\": \"book me a flight to Rome\"}'",
+        "image-classifier": "-H 'Content-Type: image/png' --data-binary @shape.png",
+    }
+    for model in fleet.models.values():
+        body = examples.get(model.name, "-H 'Content-Type: application/json' -d '{...}'")
+        _say(f"  curl -H \"Authorization: Bearer $KEY\" {body} {ep.url('inference')}/predictions/{model.name}")
+    for flow in fleet.workflows.values():
+        _say(f"  curl -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' "
+             f"-d '{{\"text\": \"what is the weather tomorrow\"}}' {ep.url('inference')}/wfpredict/{flow.name}")
+    _say("")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (e.g. from a supervisor) stops the fleet the same way Ctrl-C does.
+    raise KeyboardInterrupt
+
+
+def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
+    if not args.no_build:
+        cmd_build(args, fleet)
+    server = _server(args)
+    started = time.monotonic()
+    _say("starting TorchServe")
+    server.start()
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.wait_ready(fleet, timeout=args.timeout, progress=_say)
+        server.register_workflows(fleet)
+        _say(f"fleet ready in {time.monotonic() - started:.1f} s")
+        print_endpoints(server, fleet)
+        if args.detach:
+            _say("running in the background; `make down` stops it")
+            return 0
+        _say("Ctrl-C stops the fleet")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _say("\nstopping TorchServe")
+        server.stop()
+        return 0
+    except FleetError:
+        server.stop()
+        raise
+
+
+def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
+    _server(args).stop()
+    _say("TorchServe stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tsfleet", description=__doc__)
+    parser.add_argument("--manifest", default=str(ROOT / "fleet.yaml"), help="fleet manifest (fleet.yaml)")
+    parser.add_argument("--model-store", default=str(ROOT / "model_store"))
+    parser.add_argument("--cache", default=str(ROOT / "build" / "artifacts"), help="recipe outputs")
+    parser.add_argument("--config", default=str(ROOT / "config.properties"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("build", help="build every .mar/.war the manifest names (skips what is up to date)")
+    p = sub.add_parser("config", help="render config.properties from the manifest")
+    p.add_argument("--output", default=str(ROOT / "config.properties"))
+    p.add_argument("--check", action="store_true", help="exit 1 if the file is out of date")
+    p = sub.add_parser("up", help="build, start TorchServe, wait until every model is ready")
+    p.add_argument("--no-build", action="store_true")
+    p.add_argument("--detach", action="store_true", help="leave the fleet running and return")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for ready workers")
+    sub.add_parser("down", help="stop a running fleet")
+    args = parser.parse_args(argv)
+    handlers = {"build": cmd_build, "config": cmd_config, "up": cmd_up, "down": cmd_down}
+    try:
+        return handlers[args.command](args, load_fleet(args.manifest))
+    except FleetError as exc:
+        print(f"tsfleet: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The fleet manifest (fleet.yaml): typed, validated, with errors that say where.
+
+A model has versions; each version is built by a named recipe (``tsfleet.recipes``) from
+its ``params`` and served with ``serving`` settings (TorchServe's batching, workers and
+timeouts) and handler ``settings`` (packed into the .mar's model-config.yaml). Values are
+merged defaults -> model -> version.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from tsfleet.errors import ManifestError
+
+VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,3}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What TorchServe itself is told about a model version."""
+
+    batch_size: int = 1
+    max_batch_delay_ms: int = 100
+    workers: int = 1
+    max_workers: int = 0  # 0: same as workers
+    response_timeout_s: int = 120
+
+    @property
+    def worker_ceiling(self) -> int:
+        return self.max_workers or self.workers
+
+
+SERVING_KEYS = tuple(Serving.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    model: str
+    version: str
+    handler: Path
+    recipe: str
+    params: dict[str, Any]
+    serving: Serving
+    settings: dict[str, Any]
+
+    @property
+    def archive_name(self) -> str:
+        return f"{self.model}-{self.version}.mar"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    default_version: str
+    versions: dict[str, VersionSpec]
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    name: str
+    steps: tuple[VersionSpec, ...]
+    serving: Serving
+
+    @property
+    def archive_name(self) -> str:
+        return f"{self.name}.war"
+
+
+@dataclass(frozen=True)
+class Fleet:
+    root: Path
+    models: dict[str, ModelSpec]
+    workflows: dict[str, WorkflowSpec] = field(default_factory=dict)
+
+    def versions(self) -> list[VersionSpec]:
+        return [v for m in self.models.values() for v in m.versions.values()]
+
+    def total_workers(self) -> int:
+        """Worker processes the whole fleet starts, workflow copies included."""
+        models = sum(v.serving.workers for v in self.versions())
+        flows = sum(w.serving.workers * len(w.steps) for w in self.workflows.values())
+        return models + flows
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ManifestError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return {str(k): v for k, v in value.items()}
+
+
+def _only(value: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ManifestError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})"
+        )
+
+
+def _serving(layers: list[tuple[dict[str, Any], str]]) -> Serving:
+    merged: dict[str, Any] = {}
+    for layer, where in layers:
+        _only(layer, SERVING_KEYS, where)
+        for key, value in layer.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ManifestError(f"{where}.{key}: expected an integer, got {value!r}")
+            merged[key] = value
+    serving = Serving(**merged)
+    where = layers[-1][1]
+    if serving.batch_size < 1 or serving.workers < 0 or serving.max_batch_delay_ms < 0:
+        raise ManifestError(f"{where}: batch_size must be >= 1, workers and max_batch_delay_ms >= 0")
+    if serving.response_timeout_s < 1:
+        raise ManifestError(f"{where}: response_timeout_s must be >= 1")
+    if serving.max_workers and serving.max_workers < serving.workers:
+        raise ManifestError(
+            f"{where}: workers ({serving.workers}) is more than max_workers ({serving.max_workers})"
+        )
+    return serving
+
+
+def _version_spec(root: Path, name: str, version: str, model: dict, raw: Any, defaults: dict) -> VersionSpec:
+    where = f"models.{name}.versions.{version}"
+    if not VERSION_RE.match(version):
+        raise ManifestError(f"{where}: version {version!r} must look like 1.0 or 2.1.3")
+    raw = _mapping(raw, where)
+    _only(raw, ("params", "serving", "settings"), where)
+    serving = _serving([
+        (_mapping(defaults.get("serving"), "defaults.serving"), "defaults.serving"),
+        (_mapping(model.get("serving"), f"models.{name}.serving"), f"models.{name}.serving"),
+        (_mapping(raw.get("serving"), f"{where}.serving"), f"{where}.serving"),
+    ])
+    settings = {
+        **_mapping(defaults.get("settings"), "defaults.settings"),
+        **_mapping(model.get("settings"), f"models.{name}.settings"),
+        **_mapping(raw.get("settings"), f"{where}.settings"),
+    }
+    handler = model.get("handler")
+    if not isinstance(handler, str) or not handler.endswith(".py"):
+        raise ManifestError(f"models.{name}.handler: expected a path to a .py file")
+    if not (root / handler).is_file():
+        raise ManifestError(f"models.{name}.handler: file {handler} does not exist")
+    recipe = model.get("recipe")
+    if not isinstance(recipe, str):
+        raise ManifestError(f"models.{name}.recipe: expected a recipe name")
+    return VersionSpec(name, version, root / handler, recipe,
+                       _mapping(raw.get("params"), f"{where}.params"), serving, settings)
+
+
+def _model_spec(root: Path, name: str, raw: Any, defaults: dict) -> ModelSpec:
+    where = f"models.{name}"
+    if not NAME_RE.match(name):
+        raise ManifestError(f"{where}: name must be lowercase letters, digits and dashes")
+    raw = _mapping(raw, where)
+    _only(raw, ("handler", "recipe", "default_version", "versions", "serving", "settings"), where)
+    versions_raw = _mapping(raw.get("versions"), f"{where}.versions")
+    if not versions_raw:
+        raise ManifestError(f"{where}.versions: at least one version is needed")
+    versions = {str(v): _version_spec(root, name, str(v), raw, spec, defaults) for v, spec in versions_raw.items()}
+    default = str(raw.get("default_version", next(iter(versions))))
+    if default not in versions:
+        raise ManifestError(f"{where}.default_version: {default} is not one of {', '.join(versions)}")
+    return ModelSpec(name, default, versions)
+
+
+def _workflow_spec(name: str, raw: Any, models: dict[str, ModelSpec], defaults: dict) -> WorkflowSpec:
+    where = f"workflows.{name}"
+    raw = _mapping(raw, where)
+    _only(raw, ("steps", "serving"), where)
+    steps_raw = raw.get("steps")
+    if not isinstance(steps_raw, list) or len(steps_raw) < 2:
+        raise ManifestError(f"{where}.steps: expected a list of at least two model@version steps")
+    steps = []
+    for step in steps_raw:
+        model, _, version = str(step).partition("@")
+        if model not in models:
+            raise ManifestError(f"{where}.steps: unknown model {model!r}")
+        version = version or models[model].default_version
+        if version not in models[model].versions:
+            raise ManifestError(f"{where}.steps: {model} has no version {version}")
+        steps.append(models[model].versions[version])
+    serving = _serving([
+        (_mapping(defaults.get("serving"), "defaults.serving"), "defaults.serving"),
+        (_mapping(raw.get("serving"), f"{where}.serving"), f"{where}.serving"),
+    ])
+    return WorkflowSpec(name, tuple(steps), serving)
+
+
+def parse_fleet(doc: Any, root: Path) -> Fleet:
+    """Validate a parsed manifest document; ``root`` is where relative paths start."""
+    doc = _mapping(doc, "manifest")
+    _only(doc, ("defaults", "models", "workflows"), "manifest")
+    defaults = _mapping(doc.get("defaults"), "defaults")
+    _only(defaults, ("serving", "settings"), "defaults")
+    models_raw = _mapping(doc.get("models"), "models")
+    if not models_raw:
+        raise ManifestError("models: the fleet needs at least one model")
+    models = {name: _model_spec(root, name, raw, defaults) for name, raw in models_raw.items()}
+    workflows = {
+        name: _workflow_spec(name, raw, models, defaults)
+        for name, raw in _mapping(doc.get("workflows"), "workflows").items()
+    }
+    clash = set(models) & set(workflows)
+    if clash:
+        raise ManifestError(f"workflows: {', '.join(sorted(clash))} is also a model name")
+    return Fleet(root, models, workflows)
+
+
+def load_fleet(path: str | Path) -> Fleet:
+    """Read and validate a manifest file; ManifestError names the file and the key."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such manifest") from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return parse_fleet(doc, path.resolve().parent)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from None

