@@ -124,8 +124,11 @@ class FleetHandler:
         answers: list[bytes | None] = [None] * len(data)
         good: list[int] = []
         items: list[Any] = []
+        batch_size = str(len(data))
         for idx, request in enumerate(data):
             context.set_response_content_type(idx, JSON_TYPE)
+            # Lets an operator (and the tests) see how requests were batched.
+            context.set_response_header(idx, "X-Batch-Size", batch_size)
             try:
                 items.append(self.decode(extract(request, context.get_all_request_header(idx))))
                 good.append(idx)

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from handlers.errors import BadRequest
+from handlers.errors import BadRequest, UnsupportedMediaType
 
 RAW_FIELDS = ("body", "data")
 
@@ -41,7 +41,15 @@ def _content_type(headers: Mapping[str, Any], field: str) -> str:
 def extract(request: Mapping[str, Any], headers: Mapping[str, Any]) -> Payload:
     """The request's single body; a multipart form's first field when there is no raw body."""
     if not isinstance(request, Mapping) or not request:
-        raise BadRequest("empty request")
+        media = _content_type(headers, "body").split(";", 1)[0].strip().lower()
+        if media in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            # TorchServe parses form bodies into fields; a JSON document sent by `curl -d`
+            # without a Content-Type arrives here as an empty form.
+            raise UnsupportedMediaType(
+                f"content type {media!r} is not accepted; send the body with its real type,"
+                " e.g. -H 'Content-Type: application/json'"
+            )
+        raise BadRequest("empty body")
     for field in RAW_FIELDS:
         if field in request and request[field] is not None:
             return Payload(request[field], _content_type(headers, field), field)
