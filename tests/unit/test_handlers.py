@@ -1,0 +1,158 @@
+"""Handlers in process, with TorchServe's own Context: per-item errors, settings, AMP, compile."""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from ts.context import Context, RequestProcessor
+
+from handlers.config import RuntimeSettings, parse_settings
+from handlers.image_classifier import ImageClassifier
+from handlers.intent_classifier import IntentClassifier
+from handlers.runtime import CudaCleanup
+from handlers.shapes import draw_shape
+from handlers.text_embedder import TextEmbedder
+from tsfleet.manifest import load_fleet
+from tsfleet.recipes import RECIPES, ensure
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / "build" / "artifacts"
+
+
+class RecordingMetrics:
+    """Stands in for TorchServe's metrics cache and remembers what was recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, dict]] = []
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=(), metric_type=None):
+        self.calls.append((name, value, {d.name: d.value for d in dimensions}))
+
+
+def artifacts(model: str, version: str = "1.0") -> Path:
+    spec = load_fleet(ROOT / "fleet.yaml").models[model].versions[version]
+    return ensure(RECIPES[spec.recipe], spec.params, CACHE / f"{model}-{version}", lambda line: None, CACHE)
+
+
+def make_context(model: str, model_dir: Path, settings: dict | None = None, metrics: Any = None,
+                 gpu_id: int | None = None) -> Context:
+    return Context(model, str(model_dir), {"model": {"modelVersion": "1.0"}}, 8, gpu_id, "0.12.0",
+                   metrics=metrics, model_yaml_config={"handler": {"warmup_batch_sizes": [1], **(settings or {})}})
+
+
+def run(handler, context: Context, requests: list[tuple[Any, str]]) -> list[tuple[int, Any]]:
+    """Send one batch; return (status, parsed body) per request."""
+    context.request_processor = [RequestProcessor({"body": {"content-type": ct}}) for _, ct in requests]
+    out = handler.handle([{"body": body} for body, _ in requests], context)
+    assert len(out) == len(requests)
+    return [(context.get_response_status(i)[0], json.loads(raw)) for i, raw in enumerate(out)]
+
+
+@pytest.fixture(scope="module")
+def embedder_dir() -> Path:
+    return artifacts("text-embedder")
+
+
+def load(cls, model: str, model_dir: Path, gpu_id: int | None = None, **settings):
+    """An initialized handler and its context; ``gpu_id`` as TorchServe passes it to a GPU worker."""
+    handler, ctx = cls(), make_context(model, model_dir, settings, RecordingMetrics(), gpu_id)
+    handler.initialize(ctx)
+    return handler, ctx
+
+
+def test_bad_item_gets_its_own_4xx_and_batch_mates_their_answers(embedder_dir) -> None:
+    handler, ctx = load(TextEmbedder, "text-embedder", embedder_dir)
+    results = run(handler, ctx, [
+        ({"text": "hello world"}, "application/json"),
+        (b'{"text": ', "application/json"),
+        ("plain text body", "text/plain"),
+        ({"text": ""}, "application/json"),
+        ({"text": ["a", "b"]}, "application/json"),
+    ])
+    assert [code for code, _ in results] == [200, 400, 200, 400, 200]
+    assert len(results[0][1]["embedding"]) == 384 and len(results[4][1]["embeddings"]) == 2
+    assert results[1][1]["message"].startswith("text-embedder 1.0: malformed JSON")
+    names = [name for name, _, _ in ctx.metrics.calls]
+    assert "HandlerBatches" in names and "HandlerRssMB" in names and "HandlerRejected" in names
+    batch = next(dims for name, _, dims in ctx.metrics.calls if name == "HandlerBatches")
+    assert batch == {"ModelVersion": "1.0", "BatchSize": "5"}
+
+
+def test_same_text_same_embedding_alone_or_in_a_padded_batch(embedder_dir) -> None:
+    handler, ctx = load(TextEmbedder, "text-embedder", embedder_dir)
+    alone = run(handler, ctx, [({"text": "short"}, "application/json")])[0][1]["embedding"]
+    batched = run(handler, ctx, [({"text": "short"}, "application/json"),
+                                 ({"text": "a much longer sentence " * 10}, "application/json")])[0][1]["embedding"]
+    assert max(abs(a - b) for a, b in zip(alone, batched)) < 1e-5
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32(embedder_dir) -> None:
+    fp32, ctx32 = load(TextEmbedder, "text-embedder", embedder_dir)
+    bf16, ctx16 = load(TextEmbedder, "text-embedder", embedder_dir, amp_cpu="bf16")
+    req = [({"text": "The quick brown fox jumps over the lazy dog."}, "application/json")]
+    a = torch.tensor(run(fp32, ctx32, req)[0][1]["embedding"])
+    b = torch.tensor(run(bf16, ctx16, req)[0][1]["embedding"])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
+def test_unknown_setting_fails_the_load_naming_it(embedder_dir) -> None:
+    with pytest.raises(ValueError, match="unknown handler setting.*max_txts"):
+        load(TextEmbedder, "text-embedder", embedder_dir, max_txts=4)
+
+
+def test_thread_budget_never_oversubscribes_the_cores() -> None:
+    assert RuntimeSettings(fleet_workers=6).threads(cpu_count=2) == 1
+    assert RuntimeSettings(fleet_workers=2).threads(cpu_count=16) == 8
+    assert RuntimeSettings(torch_threads=3, fleet_workers=6).threads(cpu_count=2) == 3
+    runtime, options = parse_settings({"compile": True, "top_k": 2}, {"top_k": 3})
+    assert runtime.compile and options == {"top_k": 2}
+
+
+def test_cuda_cleanup_is_a_no_op_on_cpu() -> None:
+    cleanup = CudaCleanup(torch.device("cpu"), every=1, threshold_mb=1)
+    assert not cleanup.enabled and cleanup.after(100) is False
+
+
+def test_intent_classifier_mixes_texts_and_embeddings_in_one_batch(embedder_dir) -> None:
+    embedder, ectx = load(TextEmbedder, "text-embedder", embedder_dir)
+    vec = run(embedder, ectx, [({"text": "will it snow in Oslo tomorrow"}, "application/json")])[0][1]["embedding"]
+    handler, ctx = load(IntentClassifier, "intent-classifier", artifacts("intent-classifier"))
+    results = run(handler, ctx, [
+        ({"embedding": vec}, "application/json"),
+        ({"text": ["I want a refund for this charge", "hi!"]}, "application/json"),
+        ({"embedding": vec[:10]}, "application/json"),
+        ({"text": "cancel my hotel booking please"}, "application/json"),
+    ])
+    assert [c for c, _ in results] == [200, 200, 400, 200]
+    assert results[0][1]["intent"] == "weather"
+    assert [p["intent"] for p in results[1][1]["predictions"]] == ["billing", "greeting"]
+    assert "384 numbers" in results[2][1]["message"]
+    assert results[3][1]["intent"] == "cancel"
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_compiled_image_model_matches_eager_and_is_warm_at_load() -> None:
+    model_dir = artifacts("image-classifier")
+    eager, ectx = load(ImageClassifier, "image-classifier", model_dir)
+    compiled, cctx = load(ImageClassifier, "image-classifier", model_dir, compile=True, warmup_batch_sizes=[1, 4])
+    assert type(compiled.model).__name__ == "OptimizedModule"
+    rng = random.Random(5)
+    reqs = [(_png(draw_shape(label, rng)), "image/png") for label in ("circle", "square", "triangle", "circle")]
+    got, want = run(compiled, cctx, reqs), run(eager, ectx, reqs)
+    for (c1, a), (c2, b) in zip(got, want):
+        assert c1 == c2 == 200 and a["label"] == b["label"]
+        assert abs(a["score"] - b["score"]) < 1e-4
+    debug, _ = load(ImageClassifier, "image-classifier", model_dir, compile=True, debug=True)
+    assert type(debug.model).__name__ != "OptimizedModule"
