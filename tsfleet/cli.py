@@ -44,7 +44,10 @@ def cmd_config(args: argparse.Namespace, fleet: Fleet) -> int:
 def _server(args: argparse.Namespace) -> "TorchServe":
     from tsfleet.server import TorchServe
 
-    return TorchServe(Path.cwd(), Path(args.config).resolve(), Path(args.model_store).resolve(), Endpoints())
+    config = Path(args.config).resolve()
+    if not config.is_file():
+        raise FleetError(f"{config}: no such config file; run `tsfleet config`")
+    return TorchServe(Path.cwd(), config, Path(args.model_store).resolve(), Endpoints.from_properties(config))
 
 
 def print_endpoints(server: "TorchServe", fleet: Fleet) -> None:

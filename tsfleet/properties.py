@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
 
 from tsfleet.manifest import Fleet
 
@@ -35,6 +37,39 @@ class Endpoints:
 
     def url(self, which: str) -> str:
         return f"http://{self.host}:{getattr(self, which)}"
+
+    @classmethod
+    def from_properties(cls, path: Path) -> "Endpoints":
+        """The endpoints a config.properties file sets (TorchServe's defaults elsewhere)."""
+        props = read_properties(path)
+        defaults = cls()
+
+        def port(key: str, default: int) -> int:
+            value = props.get(key)
+            return int(value.rsplit(":", 1)[1]) if value and ":" in value else int(value or default)
+
+        host = urlparse(props.get("inference_address", defaults.url("inference"))).hostname or defaults.host
+        return cls(
+            host,
+            port("inference_address", defaults.inference),
+            port("management_address", defaults.management),
+            port("metrics_address", defaults.metrics),
+            port("grpc_inference_port", defaults.grpc_inference),
+            port("grpc_management_port", defaults.grpc_management),
+            port("initial_worker_port", defaults.worker_base),
+        )
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """A Java properties file's keys and values (continuation lines joined)."""
+    text = Path(path).read_text().replace("\\\n", "")
+    props = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
 
 
 def models_json(fleet: Fleet) -> dict:

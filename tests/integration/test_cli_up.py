@@ -1,0 +1,82 @@
+"""`tsfleet up` (what `make up` runs): whole fleet ready, endpoints printed, Ctrl-C stops it."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.integration.conftest import free_ports
+from tsfleet.properties import Endpoints, render_properties
+from tsfleet.server import Keys
+
+pytestmark = pytest.mark.slow
+
+
+def _lines(proc: subprocess.Popen) -> "queue.Queue[str]":
+    q: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [q.put(line) for line in proc.stdout], daemon=True).start()
+    return q
+
+
+def _wait_for(q: "queue.Queue[str]", text: str, deadline: float, seen: list[str]) -> None:
+    while time.monotonic() < deadline:
+        try:
+            line = q.get(timeout=1)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} not printed in time:\n{''.join(seen)}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: Path) -> None:
+    ports = free_ports(5)
+    ep = Endpoints("127.0.0.1", *ports, worker_base=ports[1] % 20000 + 20000)
+    config = tmp_path / "config.properties"
+    config.write_text(render_properties(fleet, ep, str(model_store)))
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TEMP": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tsfleet", "--config", str(config), "--model-store", str(model_store), "up", "--no-build"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen: list[str] = []
+    try:
+        q = _lines(proc)
+        _wait_for(q, "Ctrl-C stops the fleet", time.monotonic() + 240, seen)
+        out = "".join(seen)
+        assert "fleet ready in" in out
+        for name in ("text-embedder", "intent-classifier", "image-classifier"):
+            assert f"{ep.url('inference')}/predictions/{name}" in out
+        assert "/wfpredict/intent-pipeline" in out
+        keys = Keys.load(tmp_path / "key_file.json")
+        resp = requests.post(f"{ep.url('inference')}/wfpredict/intent-pipeline", json={"text": "hello, good evening"},
+                             headers=keys.header("inference"), timeout=30)
+        assert resp.status_code == 200 and resp.json()["intent"] == "greeting"
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+        deadline = time.monotonic() + 30
+        while _port_open(ep.inference) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _port_open(ep.inference), "TorchServe still listening after Ctrl-C"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([str(Path(sys.executable).with_name("torchserve")), "--stop"], env=env,
+                       capture_output=True, timeout=60)
