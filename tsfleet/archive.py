@@ -203,7 +203,9 @@ class Builder:
                 "min-workers": s.workers, "max-workers": s.worker_ceiling,
                 "batch-size": s.batch_size, "max-batch-delay": s.max_batch_delay_ms,
                 "retry-attempts": 1, "timeout-ms": s.response_timeout_s * 1000,
-                **{step.model: {"url": step.archive_name} for step in flow.steps},
+                # Per node too: TorchServe otherwise applies its own delay to later nodes.
+                **{step.model: {"url": step.archive_name, "batch-size": s.batch_size,
+                                "max-batch-delay": s.max_batch_delay_ms} for step in flow.steps},
             },
             "dag": {a.model: [b.model] for a, b in zip(flow.steps, flow.steps[1:])},
         }

@@ -105,6 +105,42 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         raise
 
 
+def _client(args: argparse.Namespace) -> "ManagementClient":
+    from tsfleet.client import ManagementClient
+
+    config = Path(args.config)
+    if not config.is_file():
+        raise FleetError(f"{config}: no such config file; run `tsfleet config`")
+    return ManagementClient(Endpoints.from_properties(config), Path(args.key_file))
+
+
+def cmd_plan(args: argparse.Namespace, fleet: Fleet) -> int:
+    from tsfleet.apply import current_plan
+
+    steps = current_plan(fleet, _client(args))
+    if not steps:
+        _say("nothing to do: the server matches the manifest")
+    for step in steps:
+        _say(str(step))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace, fleet: Fleet) -> int:
+    from tsfleet.apply import apply
+
+    steps = apply(fleet, _client(args), _say)
+    _say(f"applied {len(steps)} step(s)" if steps else "nothing to do: the server matches the manifest")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, fleet: Fleet) -> int:
+    from tsfleet.status import as_json, collect, render
+
+    doc = collect(fleet, _client(args))
+    _say(as_json(doc) if args.json else render(doc))
+    return 0
+
+
 def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
     _server(args).stop()
     _say("TorchServe stopped")
@@ -116,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", default=str(ROOT / "fleet.yaml"), help="fleet manifest (fleet.yaml)")
     parser.add_argument("--model-store", default=str(ROOT / "model_store"))
     parser.add_argument("--cache", default=str(ROOT / "build" / "artifacts"), help="recipe outputs")
-    parser.add_argument("--config", default=str(ROOT / "config.properties"))
+    parser.add_argument("--config", default=str(ROOT / "config.properties"), help="TorchServe config.properties")
+    parser.add_argument("--key-file", default="key_file.json",
+                        help="TorchServe's key file (written where it was started)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="build every .mar/.war the manifest names (skips what is up to date)")
     p = sub.add_parser("config", help="render config.properties from the manifest")
@@ -127,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detach", action="store_true", help="leave the fleet running and return")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for ready workers")
     sub.add_parser("down", help="stop a running fleet")
+    sub.add_parser("plan", help="show what apply would change on the running server")
+    sub.add_parser("apply", help="take the running server to the manifest")
+    p = sub.add_parser("status", help="models, versions and workers on the running server")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
-    handlers = {"build": cmd_build, "config": cmd_config, "up": cmd_up, "down": cmd_down}
+    handlers = {"build": cmd_build, "config": cmd_config, "up": cmd_up, "down": cmd_down,
+                "plan": cmd_plan, "apply": cmd_apply, "status": cmd_status}
     try:
         return handlers[args.command](args, load_fleet(args.manifest))
     except FleetError as exc:

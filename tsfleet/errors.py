@@ -1,14 +1,24 @@
-"""Errors of the toolkit's own commands (manifest, build, server start). The CLI prints the
-message and exits non-zero; no traceback for a user's mistake."""
+"""Every error the toolkit raises, in one place, each naming the HTTP status it stands for.
+
+``FleetError`` subclasses are problems a user can fix; the CLI prints the message and
+exits non-zero without a traceback. ``ApiError`` subclasses are TorchServe's own answers,
+turned into types by ``api_error`` with the server's message kept.
+"""
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class FleetError(Exception):
     """A problem the user can fix; the message says what and where."""
 
+    http_status: ClassVar[int] = 500
+
 
 class ManifestError(FleetError):
     """The fleet manifest is invalid."""
+
+    http_status = 400
 
 
 class BuildError(FleetError):
@@ -16,4 +26,66 @@ class BuildError(FleetError):
 
 
 class ServerError(FleetError):
-    """TorchServe could not be started, reached or brought to ready."""
+    """TorchServe could not be started or brought to ready."""
+
+    http_status = 503
+
+
+class Unreachable(ServerError):
+    """Nothing answers at TorchServe's address (not running, wrong port)."""
+
+
+class ApiError(FleetError):
+    """TorchServe answered a management call with an error."""
+
+    def __init__(self, what: str, status: int, message: str):
+        super().__init__(f"{what}: {status} {message}")
+        self.what, self.status, self.server_message = what, status, message
+
+
+class BadRequest(ApiError):
+    http_status = 400
+
+
+class Unauthorized(ApiError):
+    """The key was missing, wrong or expired (TorchServe answers 400 or 401)."""
+
+    http_status = 401
+
+
+class Forbidden(ApiError):
+    """E.g. unregistering a model's default version while others remain."""
+
+    http_status = 403
+
+
+class NotFound(ApiError):
+    http_status = 404
+
+
+class NotAllowed(ApiError):
+    """The model API is disabled (enable_model_api=false)."""
+
+    http_status = 405
+
+
+class Conflict(ApiError):
+    """The model version (or workflow) is already registered."""
+
+    http_status = 409
+
+
+class ServerFault(ApiError):
+    http_status = 500
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: NotAllowed, 409: Conflict,
+}
+
+
+def api_error(what: str, status: int, message: str) -> ApiError:
+    """The typed error for TorchServe's answer ``status`` with ``message``."""
+    if status == 400 and ("Token Authorization failed" in message or "InvalidKey" in message):
+        return Unauthorized(what, status, message)
+    return _BY_STATUS.get(status, ServerFault)(what, status, message)

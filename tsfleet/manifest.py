@@ -165,6 +165,8 @@ def _model_spec(root: Path, name: str, raw: Any, defaults: dict) -> ModelSpec:
     default = str(raw.get("default_version", next(iter(versions))))
     if default not in versions:
         raise ManifestError(f"{where}.default_version: {default} is not one of {', '.join(versions)}")
+    if versions[default].serving.workers < 1:
+        raise ManifestError(f"{where}.versions.{default}.serving.workers: the default version needs a worker")
     return ModelSpec(name, default, versions)
 
 

@@ -90,8 +90,12 @@ def models_json(fleet: Fleet) -> dict:
     return out
 
 
-def render_properties(fleet: Fleet, ep: Endpoints = Endpoints(), model_store: str = "model_store") -> str:
-    """The config.properties text for ``fleet`` served at ``ep`` from ``model_store``."""
+def render_properties(fleet: Fleet, ep: Endpoints = Endpoints(), model_store: str = "model_store",
+                      load_models: bool = True) -> str:
+    """The config.properties text for ``fleet`` served at ``ep`` from ``model_store``.
+
+    ``load_models=False`` starts a server with no models, for ``tsfleet apply`` to fill.
+    """
     archives = ",".join(spec.archive_name for spec in fleet.versions())
     models = json.dumps(models_json(fleet), indent=2, sort_keys=True).replace("\n", "\\\n")
     props = [
@@ -105,8 +109,7 @@ def render_properties(fleet: Fleet, ep: Endpoints = Endpoints(), model_store: st
         ("initial_worker_port", ep.worker_base),
         ("model_store", model_store),
         ("workflow_store", model_store),
-        ("load_models", archives),
-        ("models", models),
+        *([("load_models", archives), ("models", models)] if load_models else []),
         ("disable_token_authorization", "false"),
         ("enable_model_api", "true"),
         ("allowed_urls", "^$"),

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import requests
-
-from tsfleet.errors import ServerError
+from tsfleet.client import ManagementClient
+from tsfleet.errors import ApiError, Conflict, ServerError, Unreachable
 from tsfleet.manifest import Fleet
 from tsfleet.properties import Endpoints
 
@@ -115,33 +114,29 @@ class TorchServe:
             time.sleep(0.2)
         raise ServerError(f"TorchServe wrote no {path} in time; see {self.workdir / 'logs'}")
 
-    def get(self, which: str, path: str, key: str | None = None, timeout: float = 10) -> requests.Response:
-        headers = self.keys.header(key) if key else {}
-        return requests.get(self.ep.url(which) + path, headers=headers, timeout=timeout)
-
-    def describe_all(self) -> dict[str, list[dict]]:
-        """Every registered model name -> its versions' describe entries."""
-        listing = self.get("management", "/models?limit=1000", "management").json()
-        return {m["modelName"]: self.get("management", f"/models/{m['modelName']}/all", "management").json()
-                for m in listing.get("models", [])}
+    @property
+    def client(self) -> ManagementClient:
+        """The typed management client for this server (keys from its key_file.json)."""
+        return ManagementClient(self.ep, self.workdir / KEY_FILE)
 
     def wait_ready(self, fleet: Fleet, timeout: float = 300,
                    progress: Callable[[str], None] = print) -> None:
         """Block until every fleet version has its workers READY; ServerError on timeout."""
         deadline = time.monotonic() + timeout
         self.wait_for_keys(deadline)
+        client = self.client
         want = {(v.model, v.version): v.serving.workers for v in fleet.versions()}
         last = ""
         while time.monotonic() < deadline:
             try:
-                state = self.describe_all()
-            except (requests.RequestException, ValueError):
+                state = {(v.model, v.version): v for vs in client.state().values() for v in vs}
+            except (Unreachable, ApiError):
                 time.sleep(0.5)
                 continue
             waiting = []
             for (model, version), n in sorted(want.items()):
-                entry = next((e for e in state.get(model, []) if e.get("modelVersion") == version), None)
-                ready = sum(w.get("status") == "READY" for w in (entry or {}).get("workers", []))
+                entry = state.get((model, version))
+                ready = entry.ready_workers if entry else 0
                 if ready < n:
                     waiting.append(f"{model} {version} ({ready}/{n} workers)")
             if not waiting:
@@ -153,13 +148,11 @@ class TorchServe:
             time.sleep(0.5)
         raise ServerError(f"fleet not ready after {timeout:.0f} s: {last}; see {self.workdir / 'logs'}")
 
-    def register_workflows(self, fleet: Fleet, timeout: float = 300) -> None:
-        """Register each workflow archive (409 means it already is)."""
+    def register_workflows(self, fleet: Fleet) -> None:
+        """Register each workflow archive; one already registered is left as it is."""
+        client = self.client
         for flow in fleet.workflows.values():
-            resp = requests.post(
-                self.ep.url("management") + "/workflows",
-                params={"url": flow.archive_name, "workflow_name": flow.name},
-                headers=self.keys.header("management"), timeout=timeout,
-            )
-            if resp.status_code not in (200, 409):
-                raise ServerError(f"registering workflow {flow.name} failed: {resp.status_code} {resp.text}")
+            try:
+                client.register_workflow(flow.archive_name, flow.name)
+            except Conflict:
+                pass

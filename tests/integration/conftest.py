@@ -78,14 +78,18 @@ def model_store(fleet: Fleet) -> Path:
     return store
 
 
-@pytest.fixture(scope="session")
-def server(fleet: Fleet, model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
-    workdir = tmp_path_factory.mktemp("torchserve")
+def new_server(fleet: Fleet, model_store: Path, workdir: Path, load_models: bool = True) -> TorchServe:
+    """A TorchServe of its own (free ports, private temp dir, auth on), not yet started."""
     ports = free_ports(5)
     ep = Endpoints("127.0.0.1", *ports, worker_base=ports[0] % 20000 + 20000)
     config = workdir / "config.properties"
-    config.write_text(render_properties(fleet, ep, str(model_store)))
-    ts = TorchServe(workdir, config, model_store, ep, private_tmp=True)
+    config.write_text(render_properties(fleet, ep, str(model_store), load_models=load_models))
+    return TorchServe(workdir, config, model_store, ep, private_tmp=True)
+
+
+@pytest.fixture(scope="session")
+def server(fleet: Fleet, model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    ts = new_server(fleet, model_store, tmp_path_factory.mktemp("torchserve"))
     ts.start(snapshots=False)
     try:
         ts.wait_ready(fleet, timeout=300, progress=lambda line: None)

@@ -1,0 +1,146 @@
+"""`tsfleet plan/apply/status` against a real TorchServe that starts empty."""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from tests.integration.conftest import ROOT, new_server
+from tsfleet.apply import apply, current_plan
+from tsfleet.client import ManagementClient
+from tsfleet.errors import FleetError, Unreachable
+from tsfleet.manifest import Fleet, parse_fleet
+from tsfleet.server import TorchServe
+from tsfleet.status import collect
+
+pytestmark = pytest.mark.slow
+BASE = yaml.safe_load((ROOT / "fleet.yaml").read_text())
+
+
+def small_fleet(edit=None) -> Fleet:
+    """Intent classifier 1.0 + 1.1 and the image classifier; no workflow (fewer workers)."""
+    doc = copy.deepcopy(BASE)
+    doc["models"].pop("text-embedder")
+    doc["workflows"] = {}
+    if edit:
+        edit(doc)
+    return parse_fleet(doc, ROOT)
+
+
+@pytest.fixture(scope="module")
+def empty_server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    ts = new_server(small_fleet(), model_store, tmp_path_factory.mktemp("empty-ts"), load_models=False)
+    ts.start(snapshots=False)
+    try:
+        ts.wait_for_keys(deadline=time.monotonic() + 120)
+        yield ts
+    finally:
+        ts.stop()
+
+
+def versions(client: ManagementClient) -> dict[tuple[str, str], tuple[bool, int, int]]:
+    return {(v.model, v.version): (v.is_default, v.batch_size, v.ready_workers)
+            for vs in client.state().values() for v in vs}
+
+
+def test_plan_apply_converge_and_a_second_apply_does_nothing(empty_server: TorchServe) -> None:
+    client = empty_server.client
+    fleet = small_fleet()
+    steps = current_plan(fleet, client)
+    assert [s.action for s in steps] == ["register"] * 3 + ["set-default"] * 2
+    lines: list[str] = []
+    apply(fleet, client, lines.append)
+    assert len(lines) == 5 and lines[0].startswith("[1/5] register")
+    assert versions(client) == {
+        ("intent-classifier", "1.0"): (True, 8, 1),
+        ("intent-classifier", "1.1"): (False, 8, 1),
+        ("image-classifier", "1.0"): (True, 8, 1),
+    }
+    assert current_plan(fleet, client) == []
+    assert apply(fleet, client, lines.append) == []
+    assert collect(fleet, client)["in_sync"] is True
+
+    # Scale up, switch the default, then retire the old version.
+    def edit(doc):
+        doc["models"]["image-classifier"]["serving"] = {"workers": 2}
+        doc["models"]["intent-classifier"]["default_version"] = "1.1"
+    changed = small_fleet(edit)
+    assert [s.action for s in current_plan(changed, client)] == ["scale", "set-default"]
+    apply(changed, client, lines.append)
+    got = versions(client)
+    assert got[("image-classifier", "1.0")] == (True, 8, 2)
+    assert got[("intent-classifier", "1.1")][0] is True
+
+    def retire(doc):
+        edit(doc)
+        del doc["models"]["intent-classifier"]["versions"]["1.0"]
+    retired = small_fleet(retire)
+    assert [(s.action, s.version) for s in current_plan(retired, client)] == [("unregister", "1.0")]
+    apply(retired, client, lines.append)
+    assert ("intent-classifier", "1.0") not in versions(client)
+
+    # Batch settings of a non-default version are replaced; of the default, refused clearly.
+    def rebatch(doc):
+        retire(doc)
+        doc["models"]["intent-classifier"]["versions"]["1.0"] = {"params": {"seed": 1}, "serving": {"batch_size": 4}}
+    rebatched = small_fleet(rebatch)
+    apply(rebatched, client, lines.append)
+    assert versions(client)[("intent-classifier", "1.0")] == (False, 4, 1)
+    rebatched_default = small_fleet(lambda d: (rebatch(d), d["models"]["intent-classifier"]["versions"]["1.1"]
+                                                .setdefault("serving", {}).update(batch_size=2)))
+    with pytest.raises(FleetError, match="is the default version and its batch settings changed"):
+        apply(rebatched_default, client, lines.append)
+    assert versions(client)[("intent-classifier", "1.1")] == (True, 8, 1)  # untouched
+
+
+def test_bad_manifest_leaves_the_server_untouched(empty_server: TorchServe, tmp_path: Path) -> None:
+    before = versions(empty_server.client)
+    doc = copy.deepcopy(BASE)
+    doc["models"]["image-classifier"]["serving"] = {"workers": 3, "max_workers": 1}
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tsfleet", "--manifest", str(bad), "--config", str(empty_server.config),
+         "--key-file", str(empty_server.workdir / "key_file.json"), "apply"],
+        capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "more than max_workers" in proc.stderr and "Traceback" not in proc.stderr
+    assert versions(empty_server.client) == before
+
+
+def test_unreachable_server_is_a_clear_error(empty_server: TorchServe, tmp_path: Path) -> None:
+    from tsfleet.properties import Endpoints
+
+    gone = ManagementClient(Endpoints("127.0.0.1", 1, 1, 1), empty_server.workdir / "key_file.json", timeout=5)
+    with pytest.raises(Unreachable, match="does not answer"):
+        gone.list_models()
+    proc = subprocess.run([sys.executable, "-m", "tsfleet", "--key-file", str(tmp_path / "none.json"), "status"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "is TorchServe running" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_fleet_is_back_as_declared_after_sigkill_and_restart(model_store: Path, tmp_path: Path) -> None:
+    fleet = small_fleet()
+    ts = new_server(fleet, model_store, tmp_path, load_models=False)
+    ts.start(snapshots=False)
+    try:
+        ts.wait_for_keys(deadline=time.monotonic() + 120)
+        apply(fleet, ts.client, lambda line: None)
+        pid = int((tmp_path / "tmp" / ".model_server.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        ts.start(snapshots=False)  # a bare restart: nothing registered
+        ts.wait_for_keys(deadline=time.monotonic() + 120)
+        assert collect(fleet, ts.client)["in_sync"] is False
+        apply(fleet, ts.client, lambda line: None)
+        doc = collect(fleet, ts.client)
+        assert doc["in_sync"] is True
+        assert all(w["status"] == "READY" for row in doc["models"] for w in row["workers"])
+    finally:
+        ts.stop()

@@ -1,0 +1,138 @@
+"""Declarative apply: the steps that take a running TorchServe to the manifest, and doing them.
+
+``plan`` compares the manifest with what TorchServe describes; ``apply`` performs the steps
+in a safe order (register and warm new versions, then scale, then switch defaults, then
+retire), so no model is ever left without a ready default version. Every step is
+idempotent, so after a failure a second apply finishes the job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from tsfleet.client import ManagementClient, VersionState
+from tsfleet.errors import ApiError, Conflict, FleetError
+from tsfleet.manifest import Fleet, VersionSpec
+
+ORDER = ("register", "replace", "scale", "set-default", "unregister", "register-workflow", "unregister-workflow")
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str
+    model: str
+    version: str = ""
+    detail: str = ""
+
+    def __str__(self) -> str:
+        target = f"{self.model} {self.version}".strip()
+        return f"{self.action:<19} {target:<28} {self.detail}".rstrip()
+
+
+def is_private(name: str, fleet: Fleet) -> bool:
+    """Models TorchServe registers for a workflow (``<workflow>__<model>``) belong to it."""
+    return any(name.startswith(f"{flow}__") for flow in fleet.workflows)
+
+
+def _drift(spec: VersionSpec, cur: VersionState) -> list[str]:
+    s = spec.serving
+    pairs = [("batch_size", cur.batch_size, s.batch_size),
+             ("max_batch_delay_ms", cur.max_batch_delay_ms, s.max_batch_delay_ms),
+             ("response_timeout_s", cur.response_timeout_s, s.response_timeout_s)]
+    return [f"{name} {have} -> {want}" for name, have, want in pairs if have != want]
+
+
+def plan(fleet: Fleet, state: dict[str, list[VersionState]], workflows: list[str]) -> list[Step]:
+    """The steps, in the order apply runs them; empty when the server matches the manifest."""
+    steps: list[Step] = []
+    for model in fleet.models.values():
+        current = {v.version: v for v in state.get(model.name, [])}
+        for version, spec in model.versions.items():
+            cur = current.get(version)
+            s = spec.serving
+            if cur is None:
+                steps.append(Step("register", model.name, version,
+                                  f"{spec.archive_name}, {s.workers} workers, batch {s.batch_size}/{s.max_batch_delay_ms} ms"))
+                continue
+            drift = _drift(spec, cur)
+            if drift:
+                steps.append(Step("replace", model.name, version, "; ".join(drift)))
+            elif (cur.min_workers, cur.max_workers) != (s.workers, s.worker_ceiling):
+                steps.append(Step("scale", model.name, version, f"workers {cur.min_workers} -> {s.workers}"))
+        current_default = next((v.version for v in current.values() if v.is_default), None)
+        if current_default != model.default_version:
+            steps.append(Step("set-default", model.name, model.default_version, f"was {current_default or 'none'}"))
+        # A leaving default is no longer the default by then: set-default runs first.
+        for v in current.values():
+            if v.version not in model.versions:
+                steps.append(Step("unregister", model.name, v.version, "left the manifest"))
+    for name, versions in state.items():
+        if name in fleet.models or is_private(name, fleet):
+            continue
+        for v in sorted(versions, key=lambda v: v.is_default):  # the default can only go last
+            steps.append(Step("unregister", name, v.version, "model left the manifest"))
+    for flow in fleet.workflows.values():
+        if flow.name not in workflows:
+            steps.append(Step("register-workflow", flow.name, "", flow.archive_name))
+    for name in workflows:
+        if name not in fleet.workflows:
+            steps.append(Step("unregister-workflow", name, "", "left the manifest"))
+    return sorted(steps, key=lambda step: ORDER.index(step.action))
+
+
+def current_plan(fleet: Fleet, client: ManagementClient) -> list[Step]:
+    return plan(fleet, client.state(), client.list_workflows())
+
+
+def _run_step(step: Step, fleet: Fleet, client: ManagementClient) -> None:
+    if step.action in ("register", "replace"):
+        spec = fleet.models[step.model].versions[step.version]
+        if step.action == "replace":
+            described = {v.version: v for v in client.describe(step.model)}
+            if described[step.version].is_default:
+                raise FleetError(
+                    f"{step.model} {step.version} is the default version and its batch settings changed "
+                    f"({step.detail}); TorchServe fixes them at registration. Register the change as a "
+                    "new version in the manifest and make it the default instead."
+                )
+            client.unregister(step.model, step.version)
+        s = spec.serving
+        try:
+            client.register(spec.archive_name, batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms,
+                            response_timeout_s=s.response_timeout_s, initial_workers=s.workers)
+        except Conflict:
+            pass  # registered by an earlier, interrupted apply
+        if s.worker_ceiling != s.workers:
+            client.scale(step.model, step.version, s.workers, s.worker_ceiling)
+    elif step.action == "scale":
+        s = fleet.models[step.model].versions[step.version].serving
+        client.scale(step.model, step.version, s.workers, s.worker_ceiling)
+    elif step.action == "set-default":
+        target = {v.version: v for v in client.describe(step.model)}.get(step.version)
+        if target is None or target.ready_workers == 0:
+            raise FleetError(f"{step.model} {step.version} has no ready worker; not making it the default")
+        client.set_default(step.model, step.version)
+    elif step.action == "unregister":
+        client.unregister(step.model, step.version)
+    elif step.action == "register-workflow":
+        try:
+            client.register_workflow(fleet.workflows[step.model].archive_name, step.model)
+        except Conflict:
+            pass
+    elif step.action == "unregister-workflow":
+        client.unregister_workflow(step.model)
+
+
+def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None] = print) -> list[Step]:
+    """Perform the plan; stop at the first failed step with a message naming it."""
+    steps = current_plan(fleet, client)
+    for n, step in enumerate(steps, 1):
+        progress(f"[{n}/{len(steps)}] {step}")
+        try:
+            _run_step(step, fleet, client)
+        except (ApiError, FleetError) as exc:
+            raise FleetError(
+                f"step {n} of {len(steps)} failed ({step.action} {step.model} {step.version}): {exc}. "
+                "Steps before it are done; fix the cause and run apply again to finish."
+            ) from None
+    return steps
