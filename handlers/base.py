@@ -18,6 +18,7 @@ import torch
 
 from handlers.config import RuntimeSettings, parse_settings
 from handlers.errors import HandlerError
+from handlers.lifecycle import WorkerLifecycle
 from handlers.payload import Payload, extract
 from handlers.runtime import CudaCleanup, HandlerMetrics, autocast_for, pick_device
 
@@ -45,7 +46,6 @@ class FleetHandler:
         self.device = torch.device("cpu")
         self.settings = RuntimeSettings()
         self.options: dict[str, Any] = {}
-        self.served = 0
 
     # ----------------------------------------------------------------- hooks
     def load(self, model_dir: Path) -> None:
@@ -89,6 +89,7 @@ class FleetHandler:
         self.cleanup = CudaCleanup(
             self.device, self.settings.cuda_cleanup_every, self.settings.cuda_cleanup_threshold_mb
         )
+        self.lifecycle = WorkerLifecycle(self.settings.report_dir, self.model_name, self.version, self.device)
         self.load(Path(context.system_properties.get("model_dir", ".")))
         if self.model is not None:
             self.model.eval()
@@ -139,11 +140,11 @@ class FleetHandler:
             results, pre, infer, post = self._run(items)
             for idx, result in zip(good, results):
                 answers[idx] = dumps(result)
-        self.served += len(data)
         self.metrics.batch(len(data), pre, infer, post, len(data) - len(items))
         self.metrics.memory(self.device)
         if self.cleanup.after(len(data)):
             self.metrics.cleanup()
+        self.lifecycle.after_batch(len(data))
         return answers  # type: ignore[return-value]
 
     def _reject(self, context: Any, idx: int, exc: HandlerError) -> bytes:

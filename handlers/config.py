@@ -32,6 +32,8 @@ class RuntimeSettings:
     warmup_batch_sizes: tuple[int, ...] = (1,)
     cuda_cleanup_every: int = 0
     cuda_cleanup_threshold_mb: float = 0.0
+    # Where the worker reports its counters for the recycler ("" = <tmp>/tsfleet-workers).
+    report_dir: str = ""
 
     def threads(self, cpu_count: int | None = None) -> int:
         """Resolved torch thread count for this worker."""

@@ -92,7 +92,7 @@ def model_config(spec: VersionSpec, fleet_workers: int) -> dict:
 
 def check_settings(fleet: Fleet) -> None:
     """Fail early, naming the manifest key, on handler settings the handler would refuse."""
-    import importlib
+    import importlib.util
 
     from handlers.config import parse_settings
     from tsfleet.errors import ManifestError
@@ -100,7 +100,9 @@ def check_settings(fleet: Fleet) -> None:
     for spec in fleet.versions():
         where = f"models.{spec.model}.versions.{spec.version}"
         check_params(spec.recipe, spec.params, where)
-        module = importlib.import_module("handlers." + spec.handler.stem)
+        loader = importlib.util.spec_from_file_location(f"_tsfleet_check_{spec.handler.stem}", spec.handler)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
         options = next(
             (c.OPTIONS for c in vars(module).values()
              if isinstance(c, type) and c.__module__ == module.__name__ and hasattr(c, "OPTIONS")),

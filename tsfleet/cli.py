@@ -141,6 +141,41 @@ def cmd_status(args: argparse.Namespace, fleet: Fleet) -> int:
     return 0
 
 
+def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
+    import http.server
+    import threading
+
+    from handlers.lifecycle import default_report_dir
+    from tsfleet.recycle import Recycler
+
+    recycler = Recycler(fleet, _client(args), Path(args.report_dir) if args.report_dir else default_report_dir(),
+                        _say, grace_s=args.grace)
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            body = recycler.metrics().encode()
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body if self.path == "/metrics" else b"")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    if args.metrics_port:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", args.metrics_port), Metrics)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        _say(f"recycler metrics at http://127.0.0.1:{args.metrics_port}/metrics")
+    watched = [f"{v.model} {v.version}" for v in fleet.versions() if v.recycle.enabled]
+    _say("recycling " + (", ".join(watched) if watched else "nothing: no version has a recycle policy"))
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        recycler.run(args.interval)
+    except KeyboardInterrupt:
+        _say("recycler stopped")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
     _server(args).stop()
     _say("TorchServe stopped")
@@ -167,11 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop a running fleet")
     sub.add_parser("plan", help="show what apply would change on the running server")
     sub.add_parser("apply", help="take the running server to the manifest")
+    p = sub.add_parser("recycle", help="replace workers past their recycle policy, until stopped")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds a busy worker gets before SIGTERM")
+    p.add_argument("--report-dir", default="", help="where workers report (default <tmp>/tsfleet-workers)")
+    p.add_argument("--metrics-port", type=int, default=8083, help="Prometheus port (0: none)")
     p = sub.add_parser("status", help="models, versions and workers on the running server")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     handlers = {"build": cmd_build, "config": cmd_config, "up": cmd_up, "down": cmd_down,
-                "plan": cmd_plan, "apply": cmd_apply, "status": cmd_status}
+                "plan": cmd_plan, "apply": cmd_apply, "status": cmd_status, "recycle": cmd_recycle}
     try:
         return handlers[args.command](args, load_fleet(args.manifest))
     except FleetError as exc:

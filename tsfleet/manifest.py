@@ -39,6 +39,24 @@ SERVING_KEYS = tuple(Serving.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
+class RecyclePolicy:
+    """When the recycler replaces a worker (0 turns a limit off), like gunicorn's --max-requests."""
+
+    max_requests: int = 0
+    max_requests_jitter: int = 0  # each worker's limit is max_requests + a stable share of this
+    max_age_s: int = 0
+    max_rss_mb: int = 0
+    max_gpu_memory_mb: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.max_requests, self.max_age_s, self.max_rss_mb, self.max_gpu_memory_mb))
+
+
+RECYCLE_KEYS = tuple(RecyclePolicy.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class VersionSpec:
     model: str
     version: str
@@ -47,6 +65,7 @@ class VersionSpec:
     params: dict[str, Any]
     serving: Serving
     settings: dict[str, Any]
+    recycle: RecyclePolicy = RecyclePolicy()
 
     @property
     def archive_name(self) -> str:
@@ -103,15 +122,27 @@ def _only(value: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> Non
         )
 
 
-def _serving(layers: list[tuple[dict[str, Any], str]]) -> Serving:
+def _integers(layers: list[tuple[dict[str, Any], str]], keys: tuple[str, ...]) -> dict[str, int]:
     merged: dict[str, Any] = {}
     for layer, where in layers:
-        _only(layer, SERVING_KEYS, where)
+        _only(layer, keys, where)
         for key, value in layer.items():
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ManifestError(f"{where}.{key}: expected an integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ManifestError(f"{where}.{key}: expected a non-negative integer, got {value!r}")
             merged[key] = value
-    serving = Serving(**merged)
+    return merged
+
+
+def _layers(key: str, defaults: dict, model: dict, raw: dict, name: str, where: str) -> list[tuple[dict, str]]:
+    return [
+        (_mapping(defaults.get(key), f"defaults.{key}"), f"defaults.{key}"),
+        (_mapping(model.get(key), f"models.{name}.{key}"), f"models.{name}.{key}"),
+        (_mapping(raw.get(key), f"{where}.{key}"), f"{where}.{key}"),
+    ]
+
+
+def _serving(layers: list[tuple[dict[str, Any], str]]) -> Serving:
+    serving = Serving(**_integers(layers, SERVING_KEYS))
     where = layers[-1][1]
     if serving.batch_size < 1 or serving.workers < 0 or serving.max_batch_delay_ms < 0:
         raise ManifestError(f"{where}: batch_size must be >= 1, workers and max_batch_delay_ms >= 0")
@@ -129,12 +160,9 @@ def _version_spec(root: Path, name: str, version: str, model: dict, raw: Any, de
     if not VERSION_RE.match(version):
         raise ManifestError(f"{where}: version {version!r} must look like 1.0 or 2.1.3")
     raw = _mapping(raw, where)
-    _only(raw, ("params", "serving", "settings"), where)
-    serving = _serving([
-        (_mapping(defaults.get("serving"), "defaults.serving"), "defaults.serving"),
-        (_mapping(model.get("serving"), f"models.{name}.serving"), f"models.{name}.serving"),
-        (_mapping(raw.get("serving"), f"{where}.serving"), f"{where}.serving"),
-    ])
+    _only(raw, ("params", "serving", "settings", "recycle"), where)
+    serving = _serving(_layers("serving", defaults, model, raw, name, where))
+    recycle = RecyclePolicy(**_integers(_layers("recycle", defaults, model, raw, name, where), RECYCLE_KEYS))
     settings = {
         **_mapping(defaults.get("settings"), "defaults.settings"),
         **_mapping(model.get("settings"), f"models.{name}.settings"),
@@ -149,7 +177,7 @@ def _version_spec(root: Path, name: str, version: str, model: dict, raw: Any, de
     if not isinstance(recipe, str):
         raise ManifestError(f"models.{name}.recipe: expected a recipe name")
     return VersionSpec(name, version, root / handler, recipe,
-                       _mapping(raw.get("params"), f"{where}.params"), serving, settings)
+                       _mapping(raw.get("params"), f"{where}.params"), serving, settings, recycle)
 
 
 def _model_spec(root: Path, name: str, raw: Any, defaults: dict) -> ModelSpec:
@@ -157,7 +185,7 @@ def _model_spec(root: Path, name: str, raw: Any, defaults: dict) -> ModelSpec:
     if not NAME_RE.match(name):
         raise ManifestError(f"{where}: name must be lowercase letters, digits and dashes")
     raw = _mapping(raw, where)
-    _only(raw, ("handler", "recipe", "default_version", "versions", "serving", "settings"), where)
+    _only(raw, ("handler", "recipe", "default_version", "versions", "serving", "settings", "recycle"), where)
     versions_raw = _mapping(raw.get("versions"), f"{where}.versions")
     if not versions_raw:
         raise ManifestError(f"{where}.versions: at least one version is needed")
@@ -198,7 +226,7 @@ def parse_fleet(doc: Any, root: Path) -> Fleet:
     doc = _mapping(doc, "manifest")
     _only(doc, ("defaults", "models", "workflows"), "manifest")
     defaults = _mapping(doc.get("defaults"), "defaults")
-    _only(defaults, ("serving", "settings"), "defaults")
+    _only(defaults, ("serving", "settings", "recycle"), "defaults")
     models_raw = _mapping(doc.get("models"), "models")
     if not models_raw:
         raise ManifestError("models: the fleet needs at least one model")

@@ -63,7 +63,12 @@ def _shape_cnn(out: Path, params: dict[str, Any], progress: Progress, cache: Pat
     save_shape_cnn(train_shape_cnn(seed=int(params["seed"]), progress=progress), out / "shape_cnn.pt")
 
 
+def _nothing(out: Path, params: dict[str, Any], progress: Progress, cache: Path) -> None:
+    """For a handler that needs no files of its own."""
+
+
 RECIPES: dict[str, Recipe] = {
+    "none": Recipe("none", _nothing, ()),
     "minilm": Recipe("minilm", _export_minilm, ("tsfleet/minilm_export.py",)),
     "intent-head": Recipe(
         "intent-head", _intent_head,

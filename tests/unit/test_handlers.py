@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from tsfleet.recipes import RECIPES, ensure
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "build" / "artifacts"
+REPORTS = tempfile.mkdtemp(prefix="tsfleet-test-reports-")
 
 
 class RecordingMetrics:
@@ -43,7 +46,8 @@ def artifacts(model: str, version: str = "1.0") -> Path:
 def make_context(model: str, model_dir: Path, settings: dict | None = None, metrics: Any = None,
                  gpu_id: int | None = None) -> Context:
     return Context(model, str(model_dir), {"model": {"modelVersion": "1.0"}}, 8, gpu_id, "0.12.0",
-                   metrics=metrics, model_yaml_config={"handler": {"warmup_batch_sizes": [1], **(settings or {})}})
+                   metrics=metrics, model_yaml_config={"handler": {"warmup_batch_sizes": [1], "report_dir": REPORTS,
+                                                     **(settings or {})}})
 
 
 def run(handler, context: Context, requests: list[tuple[Any, str]]) -> list[tuple[int, Any]]:
@@ -156,3 +160,12 @@ def test_compiled_image_model_matches_eager_and_is_warm_at_load() -> None:
         assert abs(a["score"] - b["score"]) < 1e-4
     debug, _ = load(ImageClassifier, "image-classifier", model_dir, compile=True, debug=True)
     assert type(debug.model).__name__ != "OptimizedModule"
+
+
+def test_worker_reports_its_counters_for_the_recycler(embedder_dir) -> None:
+    handler, ctx = load(TextEmbedder, "text-embedder", embedder_dir)
+    run(handler, ctx, [({"text": "a"}, "application/json")] * 3)
+    handler.lifecycle.report()
+    doc = json.loads(handler.lifecycle.path.read_text())
+    assert doc["requests"] >= 3 and doc["rss_mb"] > 50 and doc["pid"] == os.getpid()
+    assert handler.lifecycle.path.parent == Path(REPORTS) / "text-embedder" / "1.0"

@@ -60,7 +60,7 @@ def _edit(path: list, value) -> dict:
 
 BAD = [
     (["models", "text-embedder", "versions", "1.0", "sead"], 1, "models.text-embedder.versions.1.0: unknown key(s) sead"),
-    (["defaults", "serving", "batch_size"], "8", "defaults.serving.batch_size: expected an integer"),
+    (["defaults", "serving", "batch_size"], "8", "defaults.serving.batch_size: expected a non-negative integer"),
     (["models", "image-classifier", "serving"], {"workers": 3, "max_workers": 2}, "workers (3) is more than max_workers (2)"),
     (["models", "text-embedder", "handler"], "handlers/nope.py", "file handlers/nope.py does not exist"),
     (["models", "text-embedder", "versions"], {"v1": {}}, "version 'v1' must look like"),
@@ -98,7 +98,7 @@ def test_cli_reports_a_bad_manifest_without_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "tsfleet", "--manifest", str(bad), "build"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "workers and max_batch_delay_ms >= 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert "defaults.serving.workers: expected a non-negative integer" in proc.stderr and "Traceback" not in proc.stderr
     missing = subprocess.run([sys.executable, "-m", "tsfleet", "--manifest", str(tmp_path / "none.yaml"), "build"],
                              cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and "no such manifest" in missing.stderr

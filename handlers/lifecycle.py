@@ -1,0 +1,85 @@
+"""The worker's side of recycling: it reports its own counters, and retires when asked.
+
+TorchServe exposes no per-worker request count and cannot retire a chosen worker, so each
+worker writes ``<report_dir>/<model>/<version>/<pid>.json`` (requests served, start time,
+RSS, CUDA memory) for the recycler to read. When the recycler drops a ``<pid>.retire``
+file beside it, the worker exits at its next idle moment: after its last answer was sent
+and while it waits for the next batch, so no request it accepted is lost. TorchServe then
+starts a fresh process in the same slot.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from handlers.runtime import process_rss_mb
+
+log = logging.getLogger(__name__)
+REPORT_EVERY_S = 0.5
+
+
+def default_report_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "tsfleet-workers"
+
+
+def _idle_in_main_thread() -> bool:
+    """True while TorchServe's worker loop waits for the first byte of the next message."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    # The worker loop blocks in otf_message_handler._retrieve_buffer(conn, 1) between jobs.
+    return bool(frame and frame.f_code.co_name == "_retrieve_buffer"
+                and frame.f_locals.get("length") == 1 and not frame.f_locals.get("data"))
+
+
+class WorkerLifecycle:
+    """Writes this worker's report now and then; exits when idle once asked to retire."""
+
+    def __init__(self, report_dir: str, model: str, version: str, device: torch.device):
+        base = Path(report_dir) if report_dir else default_report_dir()
+        self.dir = base / model / version
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pid = os.getpid()
+        self.path = self.dir / f"{self.pid}.json"
+        self.retire_flag = self.dir / f"{self.pid}.retire"
+        self.device = device
+        self.started = time.time()
+        self.requests = 0
+        self._last_report = 0.0
+        self._retiring = False
+        self.report()
+
+    def report(self) -> None:
+        doc = {"pid": self.pid, "requests": self.requests, "started": self.started,
+               "rss_mb": process_rss_mb(), "updated": time.time(),
+               "cuda_mb": torch.cuda.memory_reserved(self.device) / 2**20 if self.device.type == "cuda" else 0.0}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.path)
+        self._last_report = time.monotonic()
+
+    def after_batch(self, n_requests: int) -> None:
+        """Count the batch; report at most every REPORT_EVERY_S; start retiring if asked."""
+        self.requests += n_requests
+        if time.monotonic() - self._last_report >= REPORT_EVERY_S:
+            self.report()
+        if not self._retiring and self.retire_flag.exists():
+            self._retiring = True
+            self.report()
+            threading.Thread(target=self._exit_when_idle, name="retire", daemon=True).start()
+
+    def _exit_when_idle(self) -> None:
+        while True:
+            if _idle_in_main_thread():
+                log.info("worker %d retiring after %d requests, as the recycler asked", self.pid, self.requests)
+                for path in (self.path, self.retire_flag):
+                    path.unlink(missing_ok=True)
+                logging.shutdown()
+                os._exit(0)
+            time.sleep(0.001)
