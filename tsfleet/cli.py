@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from tsfleet import companions
 from tsfleet.errors import FleetError
 from tsfleet.manifest import Fleet, load_fleet
 from tsfleet.properties import Endpoints, render_properties
@@ -89,6 +90,10 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         server.wait_ready(fleet, timeout=args.timeout, progress=_say)
         server.register_workflows(fleet)
         _say(f"fleet ready in {time.monotonic() - started:.1f} s")
+        common = ["--manifest", args.manifest, "--config", str(server.config),
+                  "--key-file", str(server.workdir / "key_file.json")]
+        companions.start(server.workdir, "recycle", [*common, "recycle", "--metrics-port", str(args.recycler_port)])
+        _say(f"recycler started (log: logs/recycle.log, metrics: http://127.0.0.1:{args.recycler_port}/metrics)")
         print_endpoints(server, fleet)
         if args.detach:
             _say("running in the background; `make down` stops it")
@@ -97,12 +102,17 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        _say("\nstopping TorchServe")
-        server.stop()
+        _say("\nstopping the recycler and TorchServe")
+        _stop_all(server)
         return 0
     except FleetError:
-        server.stop()
+        _stop_all(server)
         raise
+
+
+def _stop_all(server: "TorchServe") -> None:
+    companions.stop(server.workdir, "recycle")
+    server.stop()
 
 
 def _client(args: argparse.Namespace) -> "ManagementClient":
@@ -136,7 +146,7 @@ def cmd_apply(args: argparse.Namespace, fleet: Fleet) -> int:
 def cmd_status(args: argparse.Namespace, fleet: Fleet) -> int:
     from tsfleet.status import as_json, collect, render
 
-    doc = collect(fleet, _client(args))
+    doc = collect(fleet, _client(args), Path(args.report_dir) if args.report_dir else None)
     _say(as_json(doc) if args.json else render(doc))
     return 0
 
@@ -177,7 +187,7 @@ def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
-    _server(args).stop()
+    _stop_all(_server(args))
     _say("TorchServe stopped")
     return 0
 
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-store", default=str(ROOT / "model_store"))
     parser.add_argument("--cache", default=str(ROOT / "build" / "artifacts"), help="recipe outputs")
     parser.add_argument("--config", default=str(ROOT / "config.properties"), help="TorchServe config.properties")
+    parser.add_argument("--report-dir", default="", help="where workers report to the recycler "
+                        "(default <tmp>/tsfleet-workers)")
     parser.add_argument("--key-file", default="key_file.json",
                         help="TorchServe's key file (written where it was started)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-build", action="store_true")
     p.add_argument("--detach", action="store_true", help="leave the fleet running and return")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for ready workers")
+    p.add_argument("--recycler-port", type=int, default=8083, help="the recycler's Prometheus port")
     sub.add_parser("down", help="stop a running fleet")
     sub.add_parser("plan", help="show what apply would change on the running server")
     sub.add_parser("apply", help="take the running server to the manifest")
     p = sub.add_parser("recycle", help="replace workers past their recycle policy, until stopped")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
     p.add_argument("--grace", type=float, default=30.0, help="seconds a busy worker gets before SIGTERM")
-    p.add_argument("--report-dir", default="", help="where workers report (default <tmp>/tsfleet-workers)")
     p.add_argument("--metrics-port", type=int, default=8083, help="Prometheus port (0: none)")
     p = sub.add_parser("status", help="models, versions and workers on the running server")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -11,7 +11,6 @@ reported, and that version waits ``cooldown_s`` before the next try.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import time
@@ -24,7 +23,7 @@ from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import ApiError, FleetError, Unreachable
 from tsfleet.manifest import Fleet, RecyclePolicy, VersionSpec
 
-log = logging.getLogger(__name__)
+EVENTS = "recycle-events.jsonl"
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,22 @@ def read_reports(report_dir: Path, model: str, version: str) -> dict[int, Report
         except (OSError, ValueError, KeyError):
             continue  # being replaced right now
     return reports
+
+
+def last_events(report_dir: Path) -> dict[tuple[str, str], dict]:
+    """The newest recycle event per (model, version)."""
+    last: dict[tuple[str, str], dict] = {}
+    try:
+        lines = (report_dir / EVENTS).read_text().splitlines()
+    except OSError:
+        return last
+    for line in lines:
+        try:
+            doc = json.loads(line)
+            last[(doc["model"], doc["version"])] = doc
+        except (ValueError, KeyError):
+            continue
+    return last
 
 
 def request_limit(policy: RecyclePolicy, pid: int) -> int:
@@ -164,9 +179,16 @@ class Recycler:
             self.progress(f"recycling {spec.model} {spec.version} worker {pid} FAILED: {exc}; "
                           f"kept the old capacity, next try in {self.cooldown_s:.0f} s")
         self.events.append(event)
+        self._log(event)
         if event.ok:
             self.progress(f"recycled {spec.model} {spec.version} worker {pid} ({why})")
         return event
+
+    def _log(self, event: Event) -> None:
+        # Appended, one JSON line per recycle, so `tsfleet status` can say when and why.
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.report_dir / EVENTS, "a") as fh:
+            fh.write(json.dumps(event.__dict__) + "\n")
 
     def metrics(self) -> str:
         """Prometheus text: recycles and failed recycles per model, version and reason."""

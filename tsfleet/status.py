@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,8 +43,13 @@ def _age_s(start: str, now: datetime) -> float | None:
         return None
 
 
-def collect(fleet: Fleet, client: ManagementClient) -> dict[str, Any]:
+def collect(fleet: Fleet, client: ManagementClient, report_dir: Path | None = None) -> dict[str, Any]:
     """Everything status shows, as plain data (what --json prints)."""
+    from handlers.lifecycle import default_report_dir
+    from tsfleet.recycle import last_events, read_reports
+
+    report_dir = report_dir or default_report_dir()
+    recycled = last_events(report_dir)
     state = client.state()
     workflows = client.list_workflows()
     served = requests_served(client.metrics())
@@ -51,14 +57,17 @@ def collect(fleet: Fleet, client: ManagementClient) -> dict[str, Any]:
     rows = []
     for name, versions in sorted(state.items()):
         for v in sorted(versions, key=lambda v: v.version):
+            reports = read_reports(report_dir, name, v.version)
             rows.append({
                 "model": name, "version": v.version, "default": v.is_default,
                 "private_to_workflow": is_private(name, fleet),
                 "batch_size": v.batch_size, "max_batch_delay_ms": v.max_batch_delay_ms,
                 # Requests sent without a version are counted under "default".
                 "requests": served.get((name, v.version), 0) + (served.get((name, "default"), 0) if v.is_default else 0),
+                "last_recycle": recycled.get((name, v.version)),
                 "workers": [{
                     "id": w.id, "pid": w.pid, "status": w.status,
+                    "requests": getattr(reports.get(w.pid), "requests", None),
                     "rss_mb": _rss_mb(w.pid), "age_s": _age_s(w.start_time, now),
                 } for w in v.workers],
             })
@@ -69,7 +78,7 @@ def collect(fleet: Fleet, client: ManagementClient) -> dict[str, Any]:
 def render(doc: dict[str, Any]) -> str:
     """A table per model version, then whether the server matches the manifest."""
     lines = [f"{'MODEL':<36} {'VERSION':<8} {'DEFAULT':<7} {'BATCH':<9} {'REQUESTS':>8}  "
-             f"{'WORKER':<6} {'PID':>7} {'STATUS':<10} {'RSS MB':>7} {'AGE':>8}"]
+             f"{'WORKER':<6} {'PID':>7} {'STATUS':<10} {'SERVED':>7} {'RSS MB':>7} {'AGE':>8}"]
     for row in doc["models"]:
         first = True
         for w in row["workers"] or [{"id": "-", "pid": None, "status": "no workers", "rss_mb": None, "age_s": None}]:
@@ -78,8 +87,14 @@ def render(doc: dict[str, Any]) -> str:
                     if first else " " * 72)
             rss = f"{w['rss_mb']:.0f}" if w["rss_mb"] is not None else "-"
             age = f"{w['age_s']:.0f}s" if w["age_s"] is not None else "-"
-            lines.append(f"{head}  {w['id']:<6} {str(w['pid'] or '-'):>7} {w['status']:<10} {rss:>7} {age:>8}")
+            served = "-" if w.get("requests") is None else str(w["requests"])
+            lines.append(f"{head}  {w['id']:<6} {str(w['pid'] or '-'):>7} {w['status']:<10} {served:>7} {rss:>7} {age:>8}")
             first = False
+        if row.get("last_recycle"):
+            e = row["last_recycle"]
+            when = datetime.fromtimestamp(e["at"], timezone.utc).strftime("%H:%M:%S")
+            lines.append(f"{'':<36} last recycle {when} UTC, worker {e['pid']}: {e['reason']}"
+                         + ("" if e["ok"] else f" (FAILED: {e['detail']})"))
     lines.append("")
     lines.append("workflows: " + (", ".join(doc["workflows"]) or "none"))
     if doc["in_sync"]:
