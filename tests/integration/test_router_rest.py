@@ -1,0 +1,194 @@
+"""The A/B router over REST, in front of a real TorchServe."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+from tests.integration.conftest import free_ports
+from tests.integration.router_harness import RunningRouter
+from tsfleet.server import TorchServe
+
+pytestmark = pytest.mark.slow
+INTENT = "intent-classifier"
+
+
+@pytest.fixture(scope="module")
+def router(fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRouter]:
+    r = RunningRouter(fleet, tmp_path_factory.mktemp("router"), server.ep.url("inference"),
+                      f"127.0.0.1:{server.ep.grpc_inference}")
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture
+def headers(server: TorchServe) -> dict[str, str]:
+    return {**server.keys.header("inference"), "Content-Type": "application/json"}
+
+
+@pytest.fixture(autouse=True)
+def reset_routes(router: RunningRouter) -> Iterator[None]:
+    yield
+    router.table.set_weights(INTENT, {"1.0": 100}, baseline="1.0")
+    router.table.set_shadow(INTENT, None, 0)
+
+
+def body(text: str) -> bytes:
+    return json.dumps({"text": text}).encode()
+
+
+def test_answers_like_torchserve_and_names_the_version(router, client, headers) -> None:
+    direct = client.predict(INTENT, {"text": "book me a flight to Rome"})
+    routed = router.post(f"/predictions/{INTENT}", body("book me a flight to Rome"), headers)
+    assert routed.status_code == 200 and routed.json() == direct.json()
+    assert routed.headers["X-Model-Version"] == "1.0"
+    assert routed.headers["Content-Type"].startswith("application/json")
+    pipe = router.post("/wfpredict/intent-pipeline", body("what's the weather tomorrow"), headers)
+    assert pipe.status_code == 200 and pipe.json()["intent"] == "weather"
+
+
+def test_weighted_split_over_real_requests(router, headers) -> None:
+    router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 90, "1.1": 10}}).raise_for_status()
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: router.post(f"/predictions/{INTENT}", body(f"hello number {i}"), headers),
+                            range(1000)))
+    assert all(r.status_code == 200 for r in got)
+    share = Counter(r.headers["X-Model-Version"] for r in got)["1.1"] / len(got)
+    assert abs(share - 0.10) <= 0.015, share
+
+
+def test_sticky_users_stay_and_only_movers_move(router, headers) -> None:
+    router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 90, "1.1": 10}}).raise_for_status()
+
+    def arms() -> dict[str, str]:
+        out = {}
+        for user in range(150):
+            seen = {router.post(f"/predictions/{INTENT}", body("hi there"), {**headers, "X-User-Id": f"u{user}"})
+                    .headers["X-Model-Version"] for _ in range(2)}
+            assert len(seen) == 1, (user, seen)  # never changes arm while weights are constant
+            out[f"u{user}"] = seen.pop()
+        return out
+
+    before = arms()
+    router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 80, "1.1": 20}}).raise_for_status()
+    after = arms()
+    moved = [u for u in before if before[u] != after[u]]
+    assert all(before[u] == "1.0" and after[u] == "1.1" for u in moved)  # nobody moved back
+    assert Counter(after.values())["1.1"] > Counter(before.values())["1.1"]
+
+
+def test_explicit_version_always_wins(router, headers) -> None:
+    router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 100}}).raise_for_status()
+    resp = router.post(f"/predictions/{INTENT}/1.1", body("refund my payment"), {**headers, "X-User-Id": "u1"})
+    assert resp.status_code == 200 and resp.headers["X-Model-Version"] == "1.1"
+
+
+@pytest.mark.parametrize("path,payload,ctype", [
+    (f"/predictions/{INTENT}", b'{"text": ', "application/json"),
+    (f"/predictions/{INTENT}", b'{"txt": "x"}', "application/json"),
+    ("/predictions/image-classifier", b"not an image", "image/png"),
+    ("/predictions/no-such-model", b'{"text": "x"}', "application/json"),
+    (f"/predictions/{INTENT}/9.9", b'{"text": "x"}', "application/json"),
+])
+def test_malformed_requests_get_the_same_4xx_as_torchserve(router, client, server, path, payload, ctype) -> None:
+    hdrs = {**server.keys.header("inference"), "Content-Type": ctype}
+    direct = requests.post(client.inference_url + path, data=payload, headers=hdrs, timeout=30)
+    routed = router.post(path, payload, hdrs)
+    assert 400 <= direct.status_code < 500
+    assert (routed.status_code, routed.json()) == (direct.status_code, direct.json())
+
+
+def test_missing_token_is_refused_as_by_torchserve(router) -> None:
+    resp = router.post(f"/predictions/{INTENT}", body("hi"), {"Content-Type": "application/json"})
+    assert resp.status_code in (400, 401) and "Token Authorization failed" in resp.json()["message"]
+
+
+def test_shadow_mirrors_and_counts_disagreement(router, headers) -> None:
+    router.admin("PUT", f"/routes/{INTENT}", json={"shadow": {"version": "1.1", "share": 1.0}}).raise_for_status()
+    texts = ["book a flight", "my invoice is wrong", "hello!", "cancel it all", "rain tomorrow?"] * 4
+    for text in texts:
+        resp = router.post(f"/predictions/{INTENT}", body(text), headers)
+        assert resp.headers["X-Model-Version"] == "1.0"  # the client only ever sees the primary
+    deadline = time.monotonic() + 30
+    while router.table.stats[(INTENT, "1.1")].shadow_requests < len(texts) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = router.table.stats[(INTENT, "1.1")]
+    assert st.shadow_requests == len(texts) and st.shadow_errors == 0
+    assert st.shadow_disagreements <= 2  # both versions learnt the same intents
+    metrics = requests.get(router.url + "/metrics", timeout=10).text
+    assert 'tsfleet_router_shadow_requests_total{model="intent-classifier",version="1.1"}' in metrics
+
+
+def test_admin_api_needs_its_token_and_validates(router) -> None:
+    assert requests.get(router.admin_url + "/routes", timeout=10).status_code == 401
+    assert router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 150}}).status_code == 400
+    assert router.admin("PUT", "/routes/ghost", json={"weights": {"1.0": 1}}).status_code == 404
+    assert router.admin("PUT", f"/routes/{INTENT}", data=b"{").status_code == 400
+    assert router.admin("GET", "/routes").json()[INTENT]["weights"] == {"1.0": 100}
+
+
+def test_a_worker_killed_mid_request_never_reaches_clients(router, server, headers) -> None:
+    worker_pid = server.client.describe("text-embedder")[0].workers[0].pid
+    texts = [f"sentence {i} for a worker that is about to die" for i in range(120)]
+
+    def call(i: int) -> int:
+        if i == 20:
+            os.kill(worker_pid, signal.SIGKILL)
+        return router.post("/predictions/text-embedder", body(texts[i]), headers).status_code
+
+    before = router.table.stats.get(("text-embedder", "1.0"))
+    retries_before = before.retries if before else 0
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(call, range(len(texts))))
+    assert codes == [200] * len(texts)
+    assert router.table.stats[("text-embedder", "1.0")].retries > retries_before
+
+
+def test_failing_candidate_is_rolled_back_and_baseline_clients_see_no_errors(router, server, headers) -> None:
+    router.table.routes[INTENT].rollback.min_samples = 15
+    router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 50, "1.1": 50}}).raise_for_status()
+    server.client.scale(INTENT, "1.1", 0)  # the candidate can no longer answer
+    try:
+        got = [router.post(f"/predictions/{INTENT}", body(f"hi {i}"), headers) for i in range(120)]
+        baseline = [r for r in got if r.headers.get("X-Model-Version") == "1.0"]
+        assert baseline and all(r.status_code == 200 for r in baseline)
+        route = router.admin("GET", "/routes").json()[INTENT]
+        assert route["weights"]["1.1"] == 0 and route["rolled_back"]["version"] == "1.1"
+        assert "error rate" in route["rolled_back"]["reason"]
+        assert all(r.status_code == 200 for r in got[-40:])  # after the rollback, all on the baseline
+    finally:
+        server.client.scale(INTENT, "1.1", 1)
+        router.table.routes[INTENT].rollback.min_samples = 30
+
+
+def test_weights_survive_a_router_restart(fleet, server, tmp_path: Path) -> None:
+    first = RunningRouter(fleet, tmp_path, server.ep.url("inference"), f"127.0.0.1:{server.ep.grpc_inference}")
+    first.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 70, "1.1": 30}}).raise_for_status()
+    first.stop()
+    second = RunningRouter(fleet, tmp_path, server.ep.url("inference"), f"127.0.0.1:{server.ep.grpc_inference}")
+    try:
+        assert second.admin("GET", "/routes").json()[INTENT]["weights"] == {"1.0": 70.0, "1.1": 30.0}
+        assert oct((tmp_path / "router_key.json").stat().st_mode & 0o777) == "0o600"
+    finally:
+        second.stop()
+
+
+def test_torchserve_down_is_a_clear_503(fleet, server, tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    r = RunningRouter(fleet, tmp_path, f"http://127.0.0.1:{port}", f"127.0.0.1:{port}")
+    try:
+        resp = r.post(f"/predictions/{INTENT}", body("hi"), server.keys.header("inference"))
+        assert resp.status_code == 503
+        assert resp.json()["type"] == "ServiceUnavailable" and f"127.0.0.1:{port}" in resp.json()["message"]
+    finally:
+        r.stop()

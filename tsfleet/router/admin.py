@@ -1,0 +1,87 @@
+"""The router's admin API: read and change routes live. Loopback only, token-protected.
+
+The token is made at first start and kept in ``router_key.json`` (mode 0600) beside the
+state file; send it as ``Authorization: Bearer <key>``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tsfleet.router.routing import RoutingTable
+
+
+def admin_key(path: Path) -> str:
+    """The admin token in ``path``, created (readable by the owner only) if missing."""
+    if path.is_file():
+        return json.loads(path.read_text())["admin"]
+    key = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"admin": key}, fh)
+    return key
+
+
+def _error(status: int, message: str) -> web.Response:
+    kinds = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound"}
+    return web.json_response({"code": status, "type": kinds[status], "message": message}, status=status)
+
+
+class AdminApi:
+    """GET /routes, PUT /routes/{model}, POST /routes/{model}/rollback."""
+
+    def __init__(self, table: RoutingTable, key: str):
+        self.table, self.key = table, key
+        self.app = web.Application(middlewares=[self._auth])
+        self.app.add_routes([
+            web.get("/routes", self.list_routes),
+            web.put("/routes/{model}", self.update),
+            web.post("/routes/{model}/rollback", self.rollback),
+        ])
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if not secrets.compare_digest(request.headers.get("Authorization", ""), f"Bearer {self.key}"):
+            return _error(401, "admin token missing or wrong (see router_key.json)")
+        return await handler(request)
+
+    async def list_routes(self, request: web.Request) -> web.Response:
+        return web.json_response(self.table.snapshot())
+
+    async def update(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model not in self.table.routes:
+            return _error(404, f"no route for model {model!r} (models: {', '.join(sorted(self.table.routes))})")
+        try:
+            doc = await request.json()
+        except ValueError:
+            return _error(400, "body must be JSON")
+        if not isinstance(doc, dict) or not set(doc) <= {"weights", "baseline", "shadow"} or not doc:
+            return _error(400, 'expected {"weights": {version: 0..100}, "baseline": version, "shadow": {...}}')
+        try:
+            if "weights" in doc or "baseline" in doc:
+                weights = doc.get("weights", self.table.routes[model].weights)
+                if not isinstance(weights, dict) or not all(isinstance(w, (int, float)) for w in weights.values()):
+                    raise ValueError("weights must map versions to numbers")
+                self.table.set_weights(model, {str(v): float(w) for v, w in weights.items()}, doc.get("baseline"))
+            if "shadow" in doc:
+                shadow = doc["shadow"] or {}
+                self.table.set_shadow(model, shadow.get("version"), float(shadow.get("share", 0.0)))
+        except (ValueError, TypeError) as exc:
+            return _error(400, f"{model}: {exc}")
+        return web.json_response(self.table.snapshot()[model])
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        route = self.table.routes.get(model)
+        if route is None:
+            return _error(404, f"no route for model {model!r}")
+        candidates = [v for v, w in route.weights.items() if v != route.baseline and w > 0]
+        for version in candidates:
+            self.table.roll_back(model, version, "rolled back by hand")
+        return web.json_response(self.table.snapshot()[model])

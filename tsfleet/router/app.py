@@ -1,0 +1,83 @@
+"""`tsfleet route`: the REST router, its admin API and (when available) the gRPC router in one process."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from aiohttp import web
+
+from tsfleet.manifest import Fleet
+from tsfleet.router.admin import AdminApi, admin_key
+from tsfleet.router.rest import RestRouter
+from tsfleet.router.routing import RoutingTable, routes_from_fleet
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    upstream_rest: str = "http://127.0.0.1:8080"
+    upstream_grpc: str = "127.0.0.1:7070"
+    host: str = "127.0.0.1"
+    port: int = 8090
+    admin_port: int = 8091
+    grpc_port: int = 7090
+    state_file: Path = Path("router_state.json")
+    key_file: Path = Path("router_key.json")
+
+
+class RouterProcess:
+    """Owns the routing table and every listener; ``start``/``stop`` inside an event loop."""
+
+    def __init__(self, fleet: Fleet, config: RouterConfig):
+        self.config = config
+        self.table = RoutingTable(routes_from_fleet(fleet), config.state_file)
+        self.rest = RestRouter(self.table, config.upstream_rest)
+        self.admin = AdminApi(self.table, admin_key(config.key_file))
+        self._runners: list[web.AppRunner] = []
+        self._grpc = None
+        self.ports: dict[str, int] = {}
+
+    async def start(self) -> None:
+        for name, app, port in (("rest", self.rest.app, self.config.port), ("admin", self.admin.app, self.config.admin_port)):
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, self.config.host, port)
+            await site.start()
+            self._runners.append(runner)
+            self.ports[name] = runner.addresses[0][1]
+        try:
+            from tsfleet.router.grpc_front import start_grpc_router
+        except ImportError:
+            return
+        self._grpc, self.ports["grpc"] = await start_grpc_router(
+            self.table, self.config.upstream_grpc, self.config.host, self.config.grpc_port)
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=2)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self.table.save()
+
+
+def serve(fleet: Fleet, config: RouterConfig, say: Callable[[str], None] = print) -> None:
+    """Run until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        router = RouterProcess(fleet, config)
+        await router.start()
+        say(f"router: REST http://{config.host}:{router.ports['rest']}  admin http://{config.host}:"
+            f"{router.ports['admin']}" + (f"  gRPC {config.host}:{router.ports['grpc']}" if "grpc" in router.ports else ""))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await router.stop()
+        say("router stopped")
+
+    asyncio.run(main())

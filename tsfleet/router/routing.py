@@ -1,0 +1,321 @@
+"""Routing decisions and per-arm statistics: protocol-free, so REST and gRPC share them.
+
+Weighted split: smooth weighted round robin (exact shares, no randomness). Sticky users: a
+hash of the key picks a point in [0, 1); arms own consecutive ranges with candidates first
+and the baseline last, so raising a candidate from 10 to 20 moves only the users in
+[0.1, 0.2). An explicit version in the request always wins.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class RollbackRule:
+    """Candidate worse than baseline over ``window_s`` (both with ``min_samples``) -> weight 0."""
+
+    window_s: float = 60.0
+    min_samples: int = 30
+    max_error_rate_increase: float = 0.05
+    max_p99_ratio: float = 2.0  # 0 turns the latency check off
+
+
+@dataclass
+class Route:
+    """How one model's traffic is split. ``baseline`` is the version rollbacks return to."""
+
+    model: str
+    baseline: str
+    weights: dict[str, float]
+    shadow: str | None = None
+    shadow_share: float = 0.0
+    rollback: RollbackRule = field(default_factory=RollbackRule)
+    rolled_back: dict[str, Any] | None = None
+
+    def arms(self) -> list[tuple[str, float]]:
+        """Arms with weight, candidates (by version) first, baseline last."""
+        live = [(v, w) for v, w in sorted(self.weights.items()) if w > 0 and v != self.baseline]
+        if self.weights.get(self.baseline, 0) > 0:
+            live.append((self.baseline, self.weights[self.baseline]))
+        return live
+
+
+@dataclass(frozen=True)
+class Choice:
+    version: str | None  # None: no route, let TorchServe pick its default
+    shadow: str | None
+    explicit: bool
+
+
+class ArmStats:
+    """Counts, a latency histogram and a sliding window for one (model, version)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.retries = 0
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.window: deque[tuple[float, bool, float]] = deque()
+        self.shadow_requests = 0
+        self.shadow_errors = 0
+        self.shadow_disagreements = 0
+
+    def add(self, ok: bool, latency: float, now: float) -> None:
+        self.requests += 1
+        self.errors += not ok
+        self.latency_sum += latency
+        self.buckets[bisect.bisect_left(BUCKETS, latency)] += 1
+        self.window.append((now, ok, latency))
+
+    def recent(self, window_s: float, now: float) -> tuple[int, float, float]:
+        """(samples, error rate, p99 latency) over the last ``window_s``."""
+        while self.window and self.window[0][0] < now - window_s:
+            self.window.popleft()
+        n = len(self.window)
+        if not n:
+            return 0, 0.0, 0.0
+        errors = sum(not ok for _, ok, _ in self.window)
+        lat = sorted(latency for _, _, latency in self.window)
+        return n, errors / n, lat[min(n - 1, int(0.99 * n))]
+
+    def percentile(self, q: float, window_s: float, now: float) -> float:
+        self.recent(window_s, now)
+        lat = sorted(latency for _, _, latency in self.window)
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
+
+
+def sticky_point(model: str, key: str) -> float:
+    digest = hashlib.blake2b(f"{model}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class RoutingTable:
+    """Every model's route, its statistics, and the state file that survives restarts."""
+
+    def __init__(self, routes: dict[str, Route], state_path: Path | None = None):
+        self.routes = routes
+        self.state_path = state_path
+        self.stats: dict[tuple[str, str], ArmStats] = {}
+        self.rollbacks_total: dict[tuple[str, str], int] = {}
+        self._swrr: dict[str, dict[str, float]] = {}
+        self._shadow_acc: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._load_state()
+
+    # --------------------------------------------------------------- state
+    def _load_state(self) -> None:
+        if not self.state_path or not self.state_path.is_file():
+            return
+        doc = json.loads(self.state_path.read_text())
+        for model, saved in doc.get("routes", {}).items():
+            if model in self.routes:
+                route = self.routes[model]
+                route.baseline = saved.get("baseline", route.baseline)
+                route.weights = {str(k): float(v) for k, v in saved.get("weights", route.weights).items()}
+                route.shadow = saved.get("shadow")
+                route.shadow_share = float(saved.get("shadow_share", 0.0))
+                route.rolled_back = saved.get("rolled_back")
+
+    def save(self) -> None:
+        """Write the live routes atomically (rename), so a crash never leaves half a file."""
+        if not self.state_path:
+            return
+        doc = {"routes": {m: {k: v for k, v in asdict(r).items() if k not in ("model", "rollback")}
+                          for m, r in self.routes.items()}}
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+        os.replace(tmp, self.state_path)
+
+    # ------------------------------------------------------------ choosing
+    def choose(self, model: str, explicit: str | None = None, sticky_key: str | None = None) -> Choice:
+        route = self.routes.get(model)
+        if explicit:
+            return Choice(explicit, None, True)
+        if route is None:
+            return Choice(None, None, False)
+        arms = route.arms()
+        if not arms:
+            return Choice(route.baseline, None, False)
+        if sticky_key:
+            point, total, acc = sticky_point(model, sticky_key), sum(w for _, w in arms), 0.0
+            version = arms[-1][0]
+            for v, w in arms:
+                acc += w / total
+                if point < acc:
+                    version = v
+                    break
+        else:
+            version = self._next_swrr(model, arms)
+        shadow = None
+        if route.shadow and route.shadow != version and route.shadow_share > 0:
+            # An exact share without randomness: mirror each time the accumulator passes 1.
+            with self._lock:
+                acc = self._shadow_acc.get(model, 0.0) + route.shadow_share
+                if acc >= 1.0:
+                    acc -= 1.0
+                    shadow = route.shadow
+                self._shadow_acc[model] = acc
+        return Choice(version, shadow, False)
+
+    def _next_swrr(self, model: str, arms: list[tuple[str, float]]) -> str:
+        with self._lock:
+            current = self._swrr.setdefault(model, {})
+            total = sum(w for _, w in arms)
+            for v, w in arms:
+                current[v] = current.get(v, 0.0) + w
+            best = max(arms, key=lambda a: (current[a[0]], a[0]))[0]
+            current[best] -= total
+            for v in list(current):
+                if v not in dict(arms):
+                    del current[v]
+            return best
+
+    def alternate(self, model: str, version: str | None) -> str | None:
+        """Where a retry goes: the baseline if this was a candidate, else the same version."""
+        route = self.routes.get(model)
+        if route and version and version != route.baseline and route.weights.get(route.baseline, 0) > 0:
+            return route.baseline
+        return version
+
+    # ------------------------------------------------------------ recording
+    def _stats(self, model: str, version: str) -> ArmStats:
+        key = (model, version)
+        if key not in self.stats:
+            self.stats[key] = ArmStats()
+        return self.stats[key]
+
+    def record(self, model: str, version: str | None, ok: bool, latency: float, retried: bool = False,
+               now: float | None = None) -> dict[str, Any] | None:
+        """Count one answer; return the rollback event if this answer triggered one."""
+        if version is None:
+            return None
+        now = time.monotonic() if now is None else now
+        st = self._stats(model, version)
+        st.add(ok, latency, now)
+        st.retries += retried
+        return self._check_rollback(model, version, now)
+
+    def record_shadow(self, model: str, version: str, ok: bool, agree: bool | None) -> None:
+        st = self._stats(model, version)
+        st.shadow_requests += 1
+        st.shadow_errors += not ok
+        st.shadow_disagreements += agree is False
+
+    def _check_rollback(self, model: str, version: str, now: float) -> dict[str, Any] | None:
+        route = self.routes.get(model)
+        if route is None or version == route.baseline or route.weights.get(version, 0) <= 0:
+            return None
+        rule = route.rollback
+        n_c, err_c, p99_c = self._stats(model, version).recent(rule.window_s, now)
+        n_b, err_b, p99_b = self._stats(model, route.baseline).recent(rule.window_s, now)
+        if n_c < rule.min_samples or n_b < rule.min_samples:
+            return None
+        reason = None
+        if err_c - err_b > rule.max_error_rate_increase:
+            reason = f"error rate {err_c:.1%} vs baseline {err_b:.1%} over {rule.window_s:.0f} s"
+        elif rule.max_p99_ratio and p99_b > 0 and p99_c > rule.max_p99_ratio * p99_b:
+            reason = f"p99 {p99_c * 1000:.0f} ms vs baseline {p99_b * 1000:.0f} ms over {rule.window_s:.0f} s"
+        if reason is None:
+            return None
+        return self.roll_back(model, version, reason)
+
+    # ------------------------------------------------------------- changes
+    def roll_back(self, model: str, version: str, reason: str) -> dict[str, Any]:
+        route = self.routes[model]
+        with self._lock:
+            route.weights[version] = 0.0
+            if not any(w > 0 for w in route.weights.values()):
+                route.weights[route.baseline] = 100.0
+            route.rolled_back = {"version": version, "reason": reason, "at": time.time()}
+            key = (model, version)
+            self.rollbacks_total[key] = self.rollbacks_total.get(key, 0) + 1
+        self.save()
+        return route.rolled_back
+
+    def set_weights(self, model: str, weights: dict[str, float], baseline: str | None = None) -> Route:
+        route = self.routes[model]
+        if any(w < 0 or w > 100 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError("weights must be between 0 and 100, and at least one above 0")
+        with self._lock:
+            route.weights = {str(v): float(w) for v, w in weights.items()}
+            if baseline:
+                route.baseline = baseline
+            route.rolled_back = None  # a person decided the split; the old event is history
+            self._swrr.pop(model, None)
+        self.save()
+        return route
+
+    def set_shadow(self, model: str, version: str | None, share: float) -> Route:
+        if not 0 <= share <= 1:
+            raise ValueError("shadow share must be between 0 and 1")
+        route = self.routes[model]
+        route.shadow, route.shadow_share = (version, share) if version and share > 0 else (None, 0.0)
+        self.save()
+        return route
+
+    # ------------------------------------------------------------- reports
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        now = time.monotonic() if now is None else now
+        out = {}
+        for model, route in self.routes.items():
+            arms = {}
+            for (m, version), st in self.stats.items():
+                if m != model:
+                    continue
+                arms[version] = {
+                    "requests": st.requests, "errors": st.errors, "retries": st.retries,
+                    "error_rate": st.errors / st.requests if st.requests else 0.0,
+                    "p50_ms": st.percentile(0.5, route.rollback.window_s, now) * 1000,
+                    "p99_ms": st.percentile(0.99, route.rollback.window_s, now) * 1000,
+                    "shadow_requests": st.shadow_requests, "shadow_errors": st.shadow_errors,
+                    "shadow_disagreements": st.shadow_disagreements,
+                }
+            out[model] = {"baseline": route.baseline, "weights": route.weights, "shadow": route.shadow,
+                          "shadow_share": route.shadow_share, "rolled_back": route.rolled_back, "arms": arms}
+        return out
+
+    def prometheus(self) -> str:
+        lines = []
+        for name, attr, help_ in (
+            ("tsfleet_router_requests_total", "requests", "Requests answered per arm."),
+            ("tsfleet_router_errors_total", "errors", "5xx or unreachable answers per arm."),
+            ("tsfleet_router_retries_total", "retries", "Requests retried once after a dropped worker."),
+            ("tsfleet_router_shadow_requests_total", "shadow_requests", "Requests mirrored to a shadow."),
+            ("tsfleet_router_shadow_disagreements_total", "shadow_disagreements", "Shadow answers that differed."),
+        ):
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+            for (model, version), st in sorted(self.stats.items()):
+                lines.append(f'{name}{{model="{model}",version="{version}"}} {getattr(st, attr)}')
+        lines += ["# HELP tsfleet_router_latency_seconds Latency per arm.",
+                  "# TYPE tsfleet_router_latency_seconds histogram"]
+        for (model, version), st in sorted(self.stats.items()):
+            acc = 0
+            for bound, n in zip((*BUCKETS, float("inf")), st.buckets):
+                acc += n
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f'tsfleet_router_latency_seconds_bucket{{model="{model}",version="{version}",le="{le}"}} {acc}')
+            lines.append(f'tsfleet_router_latency_seconds_sum{{model="{model}",version="{version}"}} {st.latency_sum}')
+            lines.append(f'tsfleet_router_latency_seconds_count{{model="{model}",version="{version}"}} {st.requests}')
+        lines += ["# HELP tsfleet_router_rollbacks_total Automatic rollbacks of a candidate.",
+                  "# TYPE tsfleet_router_rollbacks_total counter"]
+        for (model, version), n in sorted(self.rollbacks_total.items()):
+            lines.append(f'tsfleet_router_rollbacks_total{{model="{model}",version="{version}"}} {n}')
+        return "\n".join(lines) + "\n"
+
+
+def routes_from_fleet(fleet: Any) -> dict[str, Route]:
+    """One route per model of the manifest: all traffic to its default version."""
+    return {name: Route(name, model.default_version, {model.default_version: 100.0})
+            for name, model in fleet.models.items()}
