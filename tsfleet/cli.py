@@ -94,6 +94,9 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
                   "--key-file", str(server.workdir / "key_file.json")]
         companions.start(server.workdir, "recycle", [*common, "recycle", "--metrics-port", str(args.recycler_port)])
         _say(f"recycler started (log: logs/recycle.log, metrics: http://127.0.0.1:{args.recycler_port}/metrics)")
+        companions.start(server.workdir, "route", [*common, "route"])
+        _say("router started: clients use http://127.0.0.1:8090 and gRPC 127.0.0.1:7090 like TorchServe's "
+             "8080/7070, with the same keys (log: logs/route.log)")
         print_endpoints(server, fleet)
         if args.detach:
             _say("running in the background; `make down` stops it")
@@ -102,7 +105,7 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        _say("\nstopping the recycler and TorchServe")
+        _say("\nstopping the router, the recycler and TorchServe")
         _stop_all(server)
         return 0
     except FleetError:
@@ -111,6 +114,7 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def _stop_all(server: "TorchServe") -> None:
+    companions.stop(server.workdir, "route")
     companions.stop(server.workdir, "recycle")
     server.stop()
 
@@ -186,6 +190,46 @@ def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace) -> "RouterAdmin":
+    from tsfleet.rollout import RouterAdmin
+
+    return RouterAdmin(args.router_admin, Path(args.router_key_file))
+
+
+def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
+    from tsfleet.router.app import RouterConfig, serve
+
+    ep = Endpoints.from_properties(Path(args.config)) if Path(args.config).is_file() else Endpoints()
+    serve(fleet, RouterConfig(upstream_rest=ep.url("inference"), upstream_grpc=f"{ep.host}:{ep.grpc_inference}",
+                              port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port,
+                              state_file=Path(args.state_file), key_file=Path(args.router_key_file)), _say)
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace, fleet: Fleet) -> int:
+    from tsfleet import rollout
+
+    admin = _admin(args)
+    if args.action == "status":
+        _say(rollout.render_status(admin.routes(), args.model))
+        return 0
+    if args.action == "rollback":
+        route = admin.call("POST", f"/routes/{args.model}/rollback")
+        _say(f"{args.model}: all traffic back on {route['baseline']}")
+        return 0
+    if not args.version:
+        raise FleetError(f"rollout {args.action} needs MODEL VERSION")
+    if args.action == "promote":
+        rollout.promote(admin, _client(args), fleet, args.model, args.version, _say)
+        return 0
+    weight = args.weight if args.action == "start" else args.weight_pos
+    if weight is None:
+        raise FleetError("set-weight needs MODEL VERSION WEIGHT")
+    route = rollout.set_weight(admin, _client(args), args.model, args.version, weight)
+    _say(f"{args.model}: " + ", ".join(f"{v} {w:.0f}%" for v, w in sorted(route["weights"].items())))
+    return 0
+
+
 def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
     _stop_all(_server(args))
     _say("TorchServe stopped")
@@ -200,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(ROOT / "config.properties"), help="TorchServe config.properties")
     parser.add_argument("--report-dir", default="", help="where workers report to the recycler "
                         "(default <tmp>/tsfleet-workers)")
+    parser.add_argument("--router-admin", default="http://127.0.0.1:8091", help="the router's admin API")
+    parser.add_argument("--router-key-file", default="router_key.json", help="the router's admin token")
     parser.add_argument("--key-file", default="key_file.json",
                         help="TorchServe's key file (written where it was started)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,11 +265,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
     p.add_argument("--grace", type=float, default=30.0, help="seconds a busy worker gets before SIGTERM")
     p.add_argument("--metrics-port", type=int, default=8083, help="Prometheus port (0: none)")
+    p = sub.add_parser("route", help="run the A/B router in front of TorchServe, until stopped")
+    p.add_argument("--port", type=int, default=8090, help="REST port clients use instead of 8080")
+    p.add_argument("--admin-port", type=int, default=8091)
+    p.add_argument("--grpc-port", type=int, default=7090, help="gRPC port clients use instead of 7070")
+    p.add_argument("--state-file", default="router_state.json")
+    p = sub.add_parser("rollout", help="canary, promote or roll back a version through the router")
+    p.add_argument("action", choices=["start", "set-weight", "promote", "rollback", "status"])
+    p.add_argument("model", nargs="?")
+    p.add_argument("version", nargs="?")
+    p.add_argument("weight_pos", nargs="?", type=float, metavar="WEIGHT", help="for set-weight")
+    p.add_argument("--weight", type=float, default=5.0, help="percent of traffic for start (default 5)")
     p = sub.add_parser("status", help="models, versions and workers on the running server")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     handlers = {"build": cmd_build, "config": cmd_config, "up": cmd_up, "down": cmd_down,
-                "plan": cmd_plan, "apply": cmd_apply, "status": cmd_status, "recycle": cmd_recycle}
+                "plan": cmd_plan, "apply": cmd_apply, "status": cmd_status, "recycle": cmd_recycle,
+                "route": cmd_route, "rollout": cmd_rollout}
     try:
         return handlers[args.command](args, load_fleet(args.manifest))
     except FleetError as exc:

@@ -1,0 +1,110 @@
+"""A canary rollout from start to promote with the CLI, through the router, on a real TorchServe."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from tests.integration.conftest import ROOT, new_server
+from tests.integration.router_harness import RunningRouter
+from tsfleet.manifest import parse_fleet
+
+pytestmark = pytest.mark.slow
+
+
+def intent_fleet():
+    doc = copy.deepcopy(yaml.safe_load((ROOT / "fleet.yaml").read_text()))
+    doc["models"] = {"intent-classifier": doc["models"]["intent-classifier"]}
+    doc["workflows"] = {}
+    return parse_fleet(doc, ROOT)
+
+
+@pytest.fixture(scope="module")
+def stack(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    workdir = tmp_path_factory.mktemp("rollout")
+    fleet = intent_fleet()
+    ts = new_server(fleet, model_store, workdir)
+    ts.start(snapshots=False)
+    router = None
+    try:
+        ts.wait_ready(fleet, timeout=180, progress=lambda line: None)
+        router = RunningRouter(fleet, workdir, ts.ep.url("inference"), f"127.0.0.1:{ts.ep.grpc_inference}")
+        yield ts, router, workdir
+    finally:
+        if router:
+            router.stop()
+        ts.stop()
+
+
+def cli(ts, router, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    manifest = workdir / "fleet.yaml"
+    if not manifest.exists():
+        doc = yaml.safe_load((ROOT / "fleet.yaml").read_text())
+        doc["models"] = {"intent-classifier": doc["models"]["intent-classifier"]}
+        doc["models"]["intent-classifier"]["handler"] = str(ROOT / "handlers/intent_classifier.py")
+        doc["workflows"] = {}
+        manifest.write_text(yaml.safe_dump(doc))
+    return subprocess.run(
+        [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(ts.config),
+         "--key-file", str(ts.workdir / "key_file.json"), "--router-admin", router.admin_url,
+         "--router-key-file", str(workdir / "router_key.json"), "rollout", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def versions_served(ts, router, n: int) -> Counter:
+    headers = {**ts.keys.header("inference"), "Content-Type": "application/json"}
+    got = [router.post("/predictions/intent-classifier", json.dumps({"text": f"hi {i}"}).encode(), headers)
+           for i in range(n)]
+    assert all(r.status_code == 200 for r in got)
+    return Counter(r.headers["X-Model-Version"] for r in got)
+
+
+def test_canary_from_start_to_promote(stack) -> None:
+    ts, router, workdir = stack
+    start = cli(ts, router, workdir, "start", "intent-classifier", "1.1", "--weight", "10")
+    assert start.returncode == 0, start.stderr
+    assert "1.0 90%, 1.1 10%" in start.stdout
+    assert versions_served(ts, router, 200) == Counter({"1.0": 180, "1.1": 20})
+
+    assert cli(ts, router, workdir, "set-weight", "intent-classifier", "1.1", "50").returncode == 0
+    assert versions_served(ts, router, 100) == Counter({"1.0": 50, "1.1": 50})
+    status = cli(ts, router, workdir, "status")
+    assert status.returncode == 0 and "candidate" in status.stdout and "baseline" in status.stdout
+
+    promoted = cli(ts, router, workdir, "promote", "intent-classifier", "1.1")
+    assert promoted.returncode == 0, promoted.stderr
+    assert "fleet.yaml still says default_version" in promoted.stdout
+    assert versions_served(ts, router, 20) == Counter({"1.1": 20})
+    default = next(v for v in ts.client.describe("intent-classifier") if v.is_default)
+    assert default.version == "1.1"
+
+
+def test_rollback_by_hand_returns_all_traffic_to_the_baseline(stack) -> None:
+    ts, router, workdir = stack
+    baseline = router.admin("GET", "/routes").json()["intent-classifier"]["baseline"]
+    other = "1.0" if baseline == "1.1" else "1.1"
+    assert cli(ts, router, workdir, "start", "intent-classifier", other, "--weight", "30").returncode == 0
+    done = cli(ts, router, workdir, "rollback", "intent-classifier")
+    assert done.returncode == 0 and f"all traffic back on {baseline}" in done.stdout
+    assert versions_served(ts, router, 20) == Counter({baseline: 20})
+
+
+@pytest.mark.parametrize("args,message", [
+    (("start", "ghost", "1.0"), "no route for ghost"),
+    (("start", "intent-classifier", "7.0"), "7.0 is not registered in TorchServe"),
+    (("start", "intent-classifier", "1.0", "--weight", "150"), "out of range"),
+    (("set-weight", "intent-classifier", "1.0"), "needs MODEL VERSION WEIGHT"),
+])
+def test_rollout_mistakes_are_clear_errors(stack, args, message) -> None:
+    ts, router, workdir = stack
+    done = cli(ts, router, workdir, *args)
+    assert done.returncode == 2, done.stdout
+    assert message in done.stderr and "Traceback" not in done.stderr

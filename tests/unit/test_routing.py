@@ -1,0 +1,98 @@
+"""Routing decisions without a server: split, stickiness, shadow share, rollback, state."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from tsfleet.router.compare import answers_agree
+from tsfleet.router.routing import RollbackRule, Route, RoutingTable
+
+
+def table(path: Path | None = None, **weights: float) -> RoutingTable:
+    w = {k[1:].replace("_", "."): v for k, v in weights.items()} or {"1.0": 100.0}
+    return RoutingTable({"m": Route("m", "1.0", w, rollback=RollbackRule(window_s=60, min_samples=20))}, path)
+
+
+def test_90_10_over_10000_requests_is_within_a_point_and_a_half() -> None:
+    t = table(v1_0=90, v1_1=10)
+    share = Counter(t.choose("m").version for _ in range(10_000))["1.1"] / 10_000
+    assert abs(share - 0.10) <= 0.015
+
+
+def test_sticky_keys_never_change_arm_while_weights_are_constant() -> None:
+    t = table(v1_0=90, v1_1=10)
+    first = {u: t.choose("m", sticky_key=f"user-{u}").version for u in range(5000)}
+    for _ in range(3):
+        assert {u: t.choose("m", sticky_key=f"user-{u}").version for u in range(5000)} == first
+    assert abs(Counter(first.values())["1.1"] / 5000 - 0.10) < 0.02
+
+
+def test_10_to_20_percent_moves_only_the_users_who_must_move() -> None:
+    t = table(v1_0=90, v1_1=10)
+    before = {u: t.choose("m", sticky_key=f"user-{u}").version for u in range(10_000)}
+    t.set_weights("m", {"1.0": 80, "1.1": 20})
+    after = {u: t.choose("m", sticky_key=f"user-{u}").version for u in range(10_000)}
+    moved = [u for u in before if before[u] != after[u]]
+    assert all(before[u] == "1.0" and after[u] == "1.1" for u in moved)
+    assert abs(len(moved) / 10_000 - 0.10) < 0.015  # the 10% that had to move, no more
+
+
+def test_explicit_version_wins_over_weights_and_stickiness() -> None:
+    t = table(v1_0=100)
+    choice = t.choose("m", explicit="1.1", sticky_key="user-1")
+    assert choice.version == "1.1" and choice.explicit
+    assert t.choose("unknown-model").version is None
+
+
+def test_shadow_share_is_exact() -> None:
+    t = table(v1_0=100)
+    t.set_shadow("m", "1.1", 0.25)
+    assert sum(t.choose("m").shadow == "1.1" for _ in range(1000)) == 250
+
+
+def test_candidate_with_more_errors_is_rolled_back_after_enough_samples() -> None:
+    t = table(v1_0=50, v1_1=50)
+    for i in range(19):
+        assert t.record("m", "1.0", True, 0.01, now=i) is None
+        assert t.record("m", "1.1", False, 0.01, now=i) is None  # not enough samples yet
+    t.record("m", "1.0", True, 0.01, now=19)
+    event = t.record("m", "1.1", False, 0.01, now=19)
+    assert event and event["version"] == "1.1" and "error rate 100.0%" in event["reason"]
+    assert t.routes["m"].weights == {"1.0": 50, "1.1": 0.0}
+    assert all(t.choose("m").version == "1.0" for _ in range(50))
+    assert 'tsfleet_router_rollbacks_total{model="m",version="1.1"} 1' in t.prometheus()
+
+
+def test_slow_candidate_is_rolled_back_and_old_samples_leave_the_window() -> None:
+    t = table(v1_0=50, v1_1=50)
+    for i in range(25):  # long ago: outside the 60 s window when judged
+        t.record("m", "1.1", True, 5.0, now=i)
+    for i in range(25):
+        t.record("m", "1.0", True, 0.010, now=1000 + i)
+        assert t.record("m", "1.1", True, 0.012, now=1000 + i) is None  # fine once the old ones age out
+    for i in range(25):
+        t.record("m", "1.0", True, 0.010, now=1030 + i)
+        event = t.record("m", "1.1", True, 0.200, now=1030 + i)
+        if event:
+            break
+    assert event and event["reason"].startswith("p99")
+
+
+def test_weights_survive_a_restart_through_the_state_file(tmp_path: Path) -> None:
+    state = tmp_path / "router_state.json"
+    t = table(state)
+    t.set_weights("m", {"1.0": 70, "1.1": 30})
+    t.set_shadow("m", "1.2", 0.1)
+    assert not list(tmp_path.glob("*.tmp"))
+    again = table(state)
+    assert again.routes["m"].weights == {"1.0": 70.0, "1.1": 30.0}
+    assert again.routes["m"].shadow == "1.2" and json.loads(state.read_text())["routes"]["m"]["shadow_share"] == 0.1
+
+
+def test_answers_agree_on_the_decision_or_on_close_numbers() -> None:
+    assert answers_agree(b'{"intent": "travel", "confidence": 0.9}', b'{"intent": "travel", "confidence": 0.7}')
+    assert not answers_agree(b'{"label": "circle"}', b'{"label": "square"}')
+    assert answers_agree(b'{"embedding": [0.1, 0.2]}', b'{"embedding": [0.1004, 0.2]}')
+    assert not answers_agree(b'{"embedding": [0.1, 0.2]}', b'{"embedding": [0.12, 0.2]}')
+    assert answers_agree(b"\x89PNG", b"\x89PNG") and not answers_agree(b"a", b"b")

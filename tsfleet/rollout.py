@@ -1,0 +1,118 @@
+"""`tsfleet rollout`: canary a version through the router, then promote it or roll it back.
+
+It talks to the router's admin API (weights live there) and to TorchServe's management API
+(to check a version is registered and ready, and to switch the default on promote).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+
+from tsfleet.client import ManagementClient
+from tsfleet.errors import FleetError, NotFound, Unreachable
+from tsfleet.manifest import Fleet
+
+
+@dataclass
+class RouterAdmin:
+    """The router's admin API at ``url`` with the token from ``key_file``."""
+
+    url: str
+    key_file: Path
+
+    def _headers(self) -> dict[str, str]:
+        try:
+            key = json.loads(Path(self.key_file).read_text())["admin"]
+        except (OSError, ValueError, KeyError):
+            raise Unreachable(f"cannot read the router's admin key from {self.key_file}; is the router running "
+                              "(tsfleet route), started from this directory?") from None
+        return {"Authorization": f"Bearer {key}"}
+
+    def call(self, method: str, path: str, body: dict | None = None) -> Any:
+        try:
+            resp = requests.request(method, self.url + path, json=body, headers=self._headers(), timeout=30)
+        except requests.ConnectionError:
+            raise Unreachable(f"the router's admin API does not answer at {self.url}") from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json()["message"]
+            except (ValueError, KeyError):
+                message = resp.text
+            raise FleetError(f"router: {message}")
+        return resp.json()
+
+    def routes(self) -> dict[str, Any]:
+        return self.call("GET", "/routes")
+
+
+def _ready(client: ManagementClient, model: str, version: str) -> None:
+    try:
+        versions = {v.version: v for v in client.describe(model)}
+    except NotFound:
+        raise FleetError(f"model {model} is not registered in TorchServe") from None
+    if version not in versions:
+        raise FleetError(f"{model} {version} is not registered in TorchServe "
+                         f"(registered: {', '.join(sorted(versions))}); add it to fleet.yaml and run tsfleet apply")
+    if versions[version].ready_workers == 0:
+        raise FleetError(f"{model} {version} has no ready worker; not sending it traffic")
+
+
+def _route(admin: RouterAdmin, model: str) -> dict[str, Any]:
+    routes = admin.routes()
+    if model not in routes:
+        raise FleetError(f"the router has no route for {model} (models: {', '.join(sorted(routes))})")
+    return routes[model]
+
+
+def set_weight(admin: RouterAdmin, client: ManagementClient, model: str, version: str, weight: float) -> dict:
+    """Send ``weight``% of the model's traffic to ``version`` and the rest to the baseline."""
+    if not 0 <= weight <= 100:
+        raise FleetError(f"weight {weight} is out of range 0..100")
+    route = _route(admin, model)
+    if version == route["baseline"]:
+        raise FleetError(f"{model} {version} is already the baseline; promote or roll back instead")
+    if weight > 0:
+        _ready(client, model, version)
+    return admin.call("PUT", f"/routes/{model}", {"weights": {route["baseline"]: 100 - weight, version: weight}})
+
+
+def promote(admin: RouterAdmin, client: ManagementClient, fleet: Fleet, model: str, version: str,
+            say: Callable[[str], None]) -> None:
+    """All traffic to ``version``, make it TorchServe's default, retire the old one if the manifest did."""
+    route = _route(admin, model)
+    _ready(client, model, version)
+    old = route["baseline"]
+    admin.call("PUT", f"/routes/{model}", {"weights": {version: 100}, "baseline": version})
+    client.set_default(model, version)
+    say(f"{model}: {version} takes all traffic and is TorchServe's default (was {old})")
+    spec = fleet.models.get(model)
+    if spec and old != version and old not in spec.versions:
+        client.unregister(model, old)
+        say(f"{model}: retired {old}, which the manifest no longer lists")
+    elif spec and spec.default_version != version:
+        say(f"note: fleet.yaml still says default_version {spec.default_version!r} for {model}; set it to "
+            f"{version!r} or the next `tsfleet apply` switches the default back")
+
+
+def render_status(routes: dict[str, Any], model: str | None = None) -> str:
+    lines = [f"{'MODEL':<20} {'VERSION':<8} {'ROLE':<9} {'WEIGHT':>6} {'REQUESTS':>9} {'ERRORS':>7} "
+             f"{'P50 ms':>7} {'P99 ms':>7} {'SHADOW (req/err/disagree)':>26}"]
+    for name, route in sorted(routes.items()):
+        if model and name != model:
+            continue
+        versions = sorted(set(route["weights"]) | set(route["arms"]) | ({route["shadow"]} if route["shadow"] else set()))
+        for v in versions:
+            arm = route["arms"].get(v, {})
+            role = "baseline" if v == route["baseline"] else ("shadow" if v == route["shadow"] else "candidate")
+            shadow = (f"{arm.get('shadow_requests', 0)}/{arm.get('shadow_errors', 0)}/{arm.get('shadow_disagreements', 0)}"
+                      if arm.get("shadow_requests") else "")
+            lines.append(f"{name:<20} {v:<8} {role:<9} {route['weights'].get(v, 0):>6.0f} {arm.get('requests', 0):>9} "
+                         f"{arm.get('error_rate', 0):>7.1%} {arm.get('p50_ms', 0):>7.1f} {arm.get('p99_ms', 0):>7.1f} {shadow:>26}")
+        if route.get("rolled_back"):
+            rb = route["rolled_back"]
+            lines.append(f"{'':<20} rolled back {rb['version']}: {rb['reason']}")
+    return "\n".join(lines)
