@@ -116,3 +116,55 @@ def test_max_requests_with_jitter_replaces_workers_in_turn(leaky) -> None:
     state = ts.client.describe("leaky")[0]
     assert state.min_workers == 1 and state.ready_workers == 1  # back to the declared count
     assert "tsfleet_worker_recycles_total" in recycler.metrics()
+
+
+def test_recycling_under_load_through_the_router_fails_no_request(leaky, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration.router_harness import RunningRouter
+
+    ts, reports = leaky
+    fleet = leaky_fleet(reports, max_requests=100, max_requests_jitter=20)
+    router = RunningRouter(fleet, tmp_path, ts.ep.url("inference"), f"127.0.0.1:{ts.ep.grpc_inference}")
+    recycler = Recycler(fleet, ts.client, reports, progress=lambda line: None, grace_s=10)
+    headers = {**ts.keys.header("inference"), "Content-Type": "application/json"}
+    stop = threading.Event()
+
+    def recycle_loop() -> None:
+        while not stop.is_set():
+            recycler.tick()
+            time.sleep(0.1)
+
+    results: list[tuple[int, str]] = []
+    enough = threading.Event()
+
+    def client_loop(n: int) -> None:
+        # Bounded in count and time: at most 500 requests each, until 4 recycles are done.
+        for i in range(500):
+            if enough.is_set():
+                return
+            resp = router.post("/predictions/leaky", b'{"i": %d}' % (n * 1000 + i), headers)
+            results.append((resp.status_code, resp.text))
+
+    watcher = threading.Thread(target=recycle_loop)
+    watcher.start()
+    clients = [threading.Thread(target=client_loop, args=(n,)) for n in range(16)]
+    try:
+        for c in clients:
+            c.start()
+        deadline = time.monotonic() + 120
+        while sum(e.ok for e in recycler.events) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        enough.set()
+        for c in clients:
+            c.join()
+    finally:
+        enough.set()
+        stop.set()
+        watcher.join()
+        router.stop()
+    failed = [r for r in results if r[0] != 200]
+    oks = [e for e in recycler.events if e.ok]
+    print(f"through the router: {len(oks)} recycles, {len(failed)} failed of {len(results)}")
+    assert len(oks) >= 4
+    assert failed == []
