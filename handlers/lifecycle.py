@@ -9,6 +9,7 @@ starts a fresh process in the same slot.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -54,6 +55,9 @@ class WorkerLifecycle:
         self._last_report = 0.0
         self._retiring = False
         self.report()
+        # A worker TorchServe stops (scale-down, shutdown) exits through sys.exit: leave no
+        # stale report behind. A killed one leaves its file; readers skip dead pids.
+        atexit.register(self.path.unlink, missing_ok=True)
 
     def report(self) -> None:
         doc = {"pid": self.pid, "requests": self.requests, "started": self.started,

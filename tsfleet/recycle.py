@@ -49,10 +49,13 @@ class Event:
 
 
 def read_reports(report_dir: Path, model: str, version: str) -> dict[int, Report]:
+    """The reports of this version's live workers (a killed worker's file is skipped)."""
     reports = {}
     for path in (report_dir / model / version).glob("*.json"):
         try:
             doc = json.loads(path.read_text())
+            if not _alive(int(doc["pid"])):
+                continue
             reports[int(doc["pid"])] = Report(int(doc["pid"]), int(doc["requests"]), float(doc["started"]),
                                               float(doc["rss_mb"]), float(doc.get("cuda_mb", 0.0)))
         except (OSError, ValueError, KeyError):
@@ -84,17 +87,28 @@ def request_limit(policy: RecyclePolicy, pid: int) -> int:
     return policy.max_requests + zlib.crc32(str(pid).encode()) % (policy.max_requests_jitter + 1)
 
 
-def over_limit(policy: RecyclePolicy, report: Report, now: float) -> str | None:
-    """Why this worker must go, or None."""
+@dataclass(frozen=True)
+class Trend:
+    """How fast a worker's counters grow, and how long a replacement takes: a worker is
+    replaced when it would cross a limit before its replacement is ready, not after."""
+
+    lead_s: float = 0.0
+    rss_mb_per_s: float = 0.0
+    requests_per_s: float = 0.0
+
+
+def over_limit(policy: RecyclePolicy, report: Report, now: float, trend: Trend = Trend()) -> str | None:
+    """Why this worker must go now, or None."""
+    lead = trend.lead_s
     limit = request_limit(policy, report.pid)
-    if limit and report.requests >= limit:
-        return f"max_requests: served {report.requests} >= {limit}"
-    if policy.max_age_s and now - report.started >= policy.max_age_s:
-        return f"max_age: {now - report.started:.0f} s >= {policy.max_age_s} s"
-    if policy.max_rss_mb and report.rss_mb >= policy.max_rss_mb:
-        return f"max_rss: {report.rss_mb:.0f} MB >= {policy.max_rss_mb} MB"
+    if limit and report.requests + trend.requests_per_s * lead >= limit:
+        return f"max_requests: served {report.requests}, limit {limit}"
+    if policy.max_age_s and now - report.started + lead >= policy.max_age_s:
+        return f"max_age: {now - report.started:.0f} s, limit {policy.max_age_s} s"
+    if policy.max_rss_mb and report.rss_mb + trend.rss_mb_per_s * lead >= policy.max_rss_mb:
+        return f"max_rss: {report.rss_mb:.0f} MB, limit {policy.max_rss_mb} MB"
     if policy.max_gpu_memory_mb and report.cuda_mb >= policy.max_gpu_memory_mb:
-        return f"max_gpu_memory: {report.cuda_mb:.0f} MB >= {policy.max_gpu_memory_mb} MB"
+        return f"max_gpu_memory: {report.cuda_mb:.0f} MB, limit {policy.max_gpu_memory_mb} MB"
     return None
 
 
@@ -118,6 +132,8 @@ class Recycler:
         self.grace_s, self.ready_timeout_s, self.cooldown_s = grace_s, ready_timeout_s, cooldown_s
         self.events: list[Event] = []
         self._cooldown: dict[tuple[str, str], float] = {}
+        self._seen: dict[int, tuple[float, Report]] = {}  # first sighting of each pid
+        self._replace_s = 5.0  # learnt from the replacements done so far
 
     def _state(self, spec: VersionSpec) -> VersionState | None:
         return next((v for v in self.client.describe(spec.model) if v.version == spec.version), None)
@@ -144,15 +160,27 @@ class Recycler:
             reports = read_reports(self.report_dir, spec.model, spec.version)
             for worker in state.workers:
                 report = reports.get(worker.pid or -1)
-                why = over_limit(spec.recycle, report, now) if report and worker.status == "READY" else None
+                if report is None or worker.status != "READY":
+                    continue
+                why = over_limit(spec.recycle, report, now, self._trend(report))
                 if why:
                     events.append(self.replace(spec, state, worker.pid, why))
                     break
         return events
 
+    def _trend(self, report: Report) -> Trend:
+        now = time.monotonic()
+        first_t, first = self._seen.setdefault(report.pid, (now, report))
+        elapsed = now - first_t
+        if elapsed < 1.0:
+            return Trend(self._replace_s)
+        return Trend(self._replace_s, max(0.0, (report.rss_mb - first.rss_mb) / elapsed),
+                     max(0.0, (report.requests - first.requests) / elapsed))
+
     def replace(self, spec: VersionSpec, state: VersionState, pid: int, why: str) -> Event:
         """Replace worker ``pid`` of a version without dropping below its ready worker count."""
         n, ceiling = state.min_workers, state.max_workers
+        started = time.monotonic()
         self.progress(f"recycling {spec.model} {spec.version} worker {pid}: {why}")
         try:
             self.client.scale(spec.model, spec.version, n + 1, max(ceiling, n + 1))
@@ -165,10 +193,15 @@ class Recycler:
             if _alive(pid):
                 # Busy for the whole grace period: stop it; its in-flight batch fails once.
                 os.kill(pid, signal.SIGTERM)
+            retired_after = time.monotonic() - started
             self._wait(spec, lambda s: s.ready_workers >= n + 1 and pid not in {w.pid for w in s.workers},
                        "the replacement starting in the retired worker's slot")
             self.client.scale(spec.model, spec.version, n, ceiling)
             event = Event(spec.model, spec.version, pid, why, True)
+            # The lead for the next decision: how long an old worker goes on serving once
+            # its replacement has begun (smoothed).
+            self._replace_s = 0.5 * self._replace_s + 0.5 * retired_after
+            self._seen.pop(pid, None)
         except (ApiError, Unreachable, FleetError, OSError) as exc:
             self._cooldown[(spec.model, spec.version)] = time.monotonic() + self.cooldown_s
             try:

@@ -26,7 +26,7 @@ def leaky_fleet(report_dir: Path, **recycle: int) -> Fleet:
     doc["models"] = {"leaky": {
         "handler": "tests/fixtures/leaky_handler.py", "recipe": "none",
         "serving": {"batch_size": 1, "workers": 1},
-        "settings": {"leak_mb": LEAK_MB, "report_dir": str(report_dir), "warmup_batch_sizes": []},
+        "settings": {"leak_kb": LEAK_MB * 1024, "report_dir": str(report_dir), "warmup_batch_sizes": []},
         "recycle": recycle,
         "versions": {"1.0": {}},
     }}

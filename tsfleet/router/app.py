@@ -57,7 +57,9 @@ class RouterProcess:
 
     async def stop(self) -> None:
         if self._grpc is not None:
-            await self._grpc.stop(grace=2)
+            from tsfleet.router.grpc_front import stop_grpc_router
+
+            await stop_grpc_router(self._grpc, grace=2)
         for runner in reversed(self._runners):
             await runner.cleanup()
         self.table.save()

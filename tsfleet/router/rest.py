@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
 # TorchServe's words for a request that a dying or retiring worker dropped: safe to retry,
 # since inference has no side effects.
-DROPPED = (b"Worker died", b"Worker scaled down")
+DROPPED = (b"Worker died", b"Worker scaled down", b"has no worker to serve inference request")
 
 
 def _retryable(status: int, body: bytes) -> bool:
@@ -96,11 +96,14 @@ class RestRouter:
         version, retried = first, False
         for attempt in (0, 1):
             path = path_for + (f"/{version}" if version else "")
+            t0 = time.perf_counter()
             try:
                 timeout = self.attempt_timeout(model, version) if attempt == 0 else None
                 status, data, resp_headers = await self._send(method, path, body, headers, timeout)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                 if attempt == 0:
+                    if model:
+                        self.table.record(model, version, False, time.perf_counter() - t0)
                     version, retried = second, True
                     continue
                 if isinstance(exc, asyncio.TimeoutError):
@@ -109,6 +112,9 @@ class RestRouter:
                 return 503, _body(503, "ServiceUnavailable", f"TorchServe is not reachable at {self.upstream}: {exc}"), \
                     {"Content-Type": "application/json"}, version, retried
             if attempt == 0 and _retryable(status, data):
+                if model:
+                    # The client will not see this failure, but the arm's record must.
+                    self.table.record(model, version, False, time.perf_counter() - t0)
                 version, retried = second, True
                 continue
             return status, data, resp_headers, version, retried

@@ -1,0 +1,128 @@
+"""Shared pieces of the benchmarks: a private TorchServe, the router as its own process,
+and a bounded closed-loop load generator that records every answer."""
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+from tsfleet.manifest import Fleet
+from tsfleet.properties import Endpoints, render_properties
+from tsfleet.server import TorchServe
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_torchserve(fleet: Fleet, store: Path, workdir: Path) -> TorchServe:
+    ports = free_ports(5)
+    ep = Endpoints("127.0.0.1", *ports, worker_base=ports[0] % 20000 + 20000)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "config.properties"
+    config.write_text(render_properties(fleet, ep, str(store)))
+    ts = TorchServe(workdir, config, store, ep, private_tmp=True)
+    ts.start(snapshots=False)
+    ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
+    return ts
+
+
+class RouterProcessRunner:
+    """``tsfleet route`` as its own process, as in production: a router sharing the load
+    generator's interpreter would share its GIL and measure that instead."""
+
+    def __init__(self, manifest: Path, ts: TorchServe, workdir: Path):
+        port, admin, grpc_port = free_ports(3)
+        self.url = f"http://127.0.0.1:{port}"
+        self.grpc = f"127.0.0.1:{grpc_port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(ts.config),
+             "--router-key-file", str(workdir / "router_key.json"), "route", "--port", str(port),
+             "--admin-port", str(admin), "--grpc-port", str(grpc_port),
+             "--state-file", str(workdir / "router_state.json")],
+            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the router did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@dataclass
+class LoadResult:
+    latencies: list[float] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return sum(s != 200 for s in self.statuses)
+
+    def pct(self, q: float) -> float:
+        lat = sorted(self.latencies)
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return len(self.statuses) / self.seconds if self.seconds else 0.0
+
+    def row(self) -> dict:
+        return {"requests": len(self.statuses), "failed": self.failed, "rps": round(self.throughput, 1),
+                "p50_ms": round(self.pct(0.5), 2), "p99_ms": round(self.pct(0.99), 2)}
+
+
+def closed_loop(url: str, body: bytes, headers: dict[str, str], clients: int, seconds: float,
+                until: Callable[[], bool] = lambda: False, max_requests: int = 100_000) -> LoadResult:
+    """``clients`` threads, each sending the next request when the last answered, for
+    ``seconds`` (or until ``until()``), at most ``max_requests`` in all."""
+    result, lock = LoadResult(), threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker() -> None:
+        session = requests.Session()
+        while time.monotonic() < deadline and not until():
+            with lock:
+                if len(result.statuses) >= max_requests:
+                    return
+            t0 = time.perf_counter()
+            try:
+                status = session.post(url, data=body, headers=headers, timeout=60).status_code
+            except requests.RequestException:
+                status = 599
+            with lock:
+                result.latencies.append(time.perf_counter() - t0)
+                result.statuses.append(status)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def median_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.median(values), (max(values) - min(values)) if values else 0.0
