@@ -37,7 +37,11 @@ def start_torchserve(fleet: Fleet, store: Path, workdir: Path) -> TorchServe:
     config.write_text(render_properties(fleet, ep, str(store)))
     ts = TorchServe(workdir, config, store, ep, private_tmp=True)
     ts.start(snapshots=False)
-    ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
+    try:
+        ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
+    except Exception:
+        ts.stop()
+        raise
     return ts
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.harness import RouterProcessRunner, closed_loop, start_torchserve
+from tsfleet.archive import Builder
 from tsfleet.manifest import parse_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +63,9 @@ def main() -> None:
     manifest = work / "fleet.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     fleet = parse_fleet(doc, ROOT)
-    ts = start_torchserve(fleet, ROOT / "model_store", work / "ts")
+    # The serving settings are packed into the archive too: build it for this fleet.
+    Builder(fleet, work / "store", ROOT / "build" / "artifacts", progress=lambda line: None).build_all()
+    ts = start_torchserve(fleet, work / "store", work / "ts")
     router = RouterProcessRunner(manifest, ts, work)
     headers = {**ts.keys.header("inference"), "Content-Type": "application/json"}
     tool = "wrk" if shutil.which("wrk") else "python"

@@ -82,4 +82,9 @@ def serve(fleet: Fleet, config: RouterConfig, say: Callable[[str], None] = print
         await router.stop()
         say("router stopped")
 
-    asyncio.run(main())
+    try:
+        import uvloop  # libuv's event loop: the router's per-request CPU cost roughly halves
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())

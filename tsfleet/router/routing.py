@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+REFRESH_S = 0.25
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -71,6 +72,7 @@ class ArmStats:
         self.shadow_requests = 0
         self.shadow_errors = 0
         self.shadow_disagreements = 0
+        self._recent: tuple[float, float, tuple[int, float, float]] | None = None
 
     def add(self, ok: bool, latency: float, now: float) -> None:
         self.requests += 1
@@ -80,15 +82,26 @@ class ArmStats:
         self.window.append((now, ok, latency))
 
     def recent(self, window_s: float, now: float) -> tuple[int, float, float]:
-        """(samples, error rate, p99 latency) over the last ``window_s``."""
+        """(samples, error rate, p99 latency) over the last ``window_s``.
+
+        Sorting the window costs O(n log n) with n in the tens of thousands, so the answer
+        is reused for REFRESH_S: it feeds retry deadlines and rollback checks on every
+        request, which need it fresh to the second, not to the request.
+        """
+        cached = self._recent
+        if cached and cached[0] == window_s and now - cached[1] < REFRESH_S:
+            return cached[2]
         while self.window and self.window[0][0] < now - window_s:
             self.window.popleft()
         n = len(self.window)
         if not n:
-            return 0, 0.0, 0.0
-        errors = sum(not ok for _, ok, _ in self.window)
-        lat = sorted(latency for _, _, latency in self.window)
-        return n, errors / n, lat[min(n - 1, int(0.99 * n))]
+            result = (0, 0.0, 0.0)
+        else:
+            errors = sum(not ok for _, ok, _ in self.window)
+            lat = sorted(latency for _, _, latency in self.window)
+            result = (n, errors / n, lat[min(n - 1, int(0.99 * n))])
+        self._recent = (window_s, now, result)
+        return result
 
     def percentile(self, q: float, window_s: float, now: float) -> float:
         self.recent(window_s, now)
