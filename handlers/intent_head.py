@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from handlers.checkpoint import load_labelled
+
 DEFAULT_CONFIG: dict[str, Any] = {"input_dim": 384, "hidden_dim": 128, "n_labels": 5, "dropout": 0.1}
 
 
@@ -46,12 +48,4 @@ def load_intent_head(
     path: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> tuple[IntentHead, list[str]]:
     """The head (in eval mode, on ``device``) and its labels in logit order."""
-    obj = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(obj, dict) or not {"state_dict", "labels", "config"} <= obj.keys():
-        raise ValueError(f"{path}: not an intent head file (need state_dict, labels and config)")
-    labels = [str(label) for label in obj["labels"]]
-    model = IntentHead(obj["config"])
-    if model.config["n_labels"] != len(labels):
-        raise ValueError(f"{path}: config says {model.config['n_labels']} labels, file lists {len(labels)}")
-    model.load_state_dict(obj["state_dict"])
-    return model.to(device).eval(), labels
+    return load_labelled(path, IntentHead, "an intent head", device)

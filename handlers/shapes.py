@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
+from handlers.checkpoint import load_labelled
+
 LABELS = ("circle", "square", "triangle")
 IMAGE_SIZE = 64
 # Fixed, not fitted: random colours make the data's own statistics close to these anyway.
@@ -155,12 +157,4 @@ def load_shape_cnn(
     path: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> tuple[ShapeCNN, list[str]]:
     """The CNN (in eval mode, on ``device``) and its labels in logit order."""
-    obj = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(obj, dict) or not {"state_dict", "labels", "config"} <= obj.keys():
-        raise ValueError(f"{path}: not a shape CNN file (need state_dict, labels and config)")
-    labels = [str(label) for label in obj["labels"]]
-    model = ShapeCNN(obj["config"])
-    if model.config["n_labels"] != len(labels):
-        raise ValueError(f"{path}: config says {model.config['n_labels']} labels, file lists {len(labels)}")
-    model.load_state_dict(obj["state_dict"])
-    return model.to(device).eval(), labels
+    return load_labelled(path, ShapeCNN, "a shape CNN", device)

@@ -262,14 +262,19 @@ def test_request_dropped_by_a_killed_worker_is_retried(router, direct, server, a
     for t in threads:
         t.start()
     try:
-        time.sleep(1)
+        deadline = time.monotonic() + 20
+        while sum(routed.values()) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the load is flowing
         for _ in range(3):  # a kill can land between batches; try again until one drops requests
             deadline = time.monotonic() + 20
             while (pid := worker_pid()) is None and time.monotonic() < deadline:
                 time.sleep(0.2)  # still restarting after the previous kill
             assert pid, "intent-classifier 1.1 has no ready worker"
             os.kill(pid, 9)
-            time.sleep(2)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not (
+                    (MODEL, "1.0") in router.table.stats and router.table.stats[(MODEL, "1.0")].retries):
+                time.sleep(0.05)
             if (MODEL, "1.0") in router.table.stats and router.table.stats[(MODEL, "1.0")].retries:
                 break
     finally:
