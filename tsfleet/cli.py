@@ -6,12 +6,18 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tsfleet import companions
 from tsfleet.errors import FleetError
 from tsfleet.manifest import Fleet, load_fleet
 from tsfleet.properties import Endpoints, render_properties
 from tsfleet.recipes import ROOT
+
+if TYPE_CHECKING:  # imported lazily below: `tsfleet --help` should not pay for them
+    from tsfleet.client import ManagementClient
+    from tsfleet.rollout import RouterAdmin
+    from tsfleet.server import TorchServe
 
 
 def _say(line: str) -> None:

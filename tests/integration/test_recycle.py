@@ -119,7 +119,6 @@ def test_max_requests_with_jitter_replaces_workers_in_turn(leaky) -> None:
 
 
 def test_recycling_under_load_through_the_router_fails_no_request(leaky, tmp_path: Path) -> None:
-    from concurrent.futures import ThreadPoolExecutor
 
     from tests.integration.router_harness import RunningRouter
 

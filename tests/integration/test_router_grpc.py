@@ -3,7 +3,6 @@ work unchanged, traffic splits and sticks as routed, errors pass through untouch
 request a dying worker dropped is retried, and a shadow is mirrored and compared."""
 from __future__ import annotations
 
-import asyncio
 import filecmp
 import json
 import os
