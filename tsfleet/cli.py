@@ -68,7 +68,7 @@ def print_endpoints(server: "TorchServe", fleet: Fleet) -> None:
     examples = {
         "text-embedder": "-H 'Content-Type: application/json' -d '{\"text\": \"A cat sits on the mat\"}'",
         "intent-classifier": "-H 'Content-Type: application/json' -d '{\"text\": \"book me a flight to Rome\"}'",
-        "image-classifier": "-H 'Content-Type: image/png' --data-binary @shape.png",
+        "image-classifier": f"-H 'Content-Type: image/png' --data-binary @{ROOT / 'docs' / 'shape.png'}",
     }
     for model in fleet.models.values():
         body = examples.get(model.name, "-H 'Content-Type: application/json' -d '{...}'")
