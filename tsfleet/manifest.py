@@ -77,6 +77,9 @@ class ModelSpec:
     name: str
     default_version: str
     versions: dict[str, VersionSpec]
+    # The router's automatic rollback rule for this model (tsfleet.router.routing.RollbackRule
+    # fields); empty means the router's defaults.
+    rollback: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -180,12 +183,27 @@ def _version_spec(root: Path, name: str, version: str, model: dict, raw: Any, de
                        _mapping(raw.get("params"), f"{where}.params"), serving, settings, recycle)
 
 
+ROLLBACK_KEYS = ("window_s", "min_samples", "max_error_rate_increase", "max_p99_ratio")
+
+
+def _rollback(layers: list[tuple[dict[str, Any], str]]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for layer, where in layers:
+        _only(layer, ROLLBACK_KEYS, where)
+        for key, value in layer.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ManifestError(f"{where}.{key}: expected a non-negative number, got {value!r}")
+            merged[key] = value
+    return merged
+
+
 def _model_spec(root: Path, name: str, raw: Any, defaults: dict) -> ModelSpec:
     where = f"models.{name}"
     if not NAME_RE.match(name):
         raise ManifestError(f"{where}: name must be lowercase letters, digits and dashes")
     raw = _mapping(raw, where)
-    _only(raw, ("handler", "recipe", "default_version", "versions", "serving", "settings", "recycle"), where)
+    _only(raw, ("handler", "recipe", "default_version", "versions", "serving", "settings", "recycle",
+                "rollback"), where)
     versions_raw = _mapping(raw.get("versions"), f"{where}.versions")
     if not versions_raw:
         raise ManifestError(f"{where}.versions: at least one version is needed")
@@ -195,7 +213,10 @@ def _model_spec(root: Path, name: str, raw: Any, defaults: dict) -> ModelSpec:
         raise ManifestError(f"{where}.default_version: {default} is not one of {', '.join(versions)}")
     if versions[default].serving.workers < 1:
         raise ManifestError(f"{where}.versions.{default}.serving.workers: the default version needs a worker")
-    return ModelSpec(name, default, versions)
+    return ModelSpec(name, default, versions, _rollback([
+        (_mapping(defaults.get("rollback"), "defaults.rollback"), "defaults.rollback"),
+        (_mapping(raw.get("rollback"), f"{where}.rollback"), f"{where}.rollback"),
+    ]))
 
 
 def _workflow_spec(name: str, raw: Any, models: dict[str, ModelSpec], defaults: dict) -> WorkflowSpec:
@@ -226,7 +247,7 @@ def parse_fleet(doc: Any, root: Path) -> Fleet:
     doc = _mapping(doc, "manifest")
     _only(doc, ("defaults", "models", "workflows"), "manifest")
     defaults = _mapping(doc.get("defaults"), "defaults")
-    _only(defaults, ("serving", "settings", "recycle"), "defaults")
+    _only(defaults, ("serving", "settings", "recycle", "rollback"), "defaults")
     models_raw = _mapping(doc.get("models"), "models")
     if not models_raw:
         raise ManifestError("models: the fleet needs at least one model")

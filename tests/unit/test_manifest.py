@@ -102,3 +102,15 @@ def test_cli_reports_a_bad_manifest_without_traceback(tmp_path: Path) -> None:
     missing = subprocess.run([sys.executable, "-m", "tsfleet", "--manifest", str(tmp_path / "none.yaml"), "build"],
                              cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and "no such manifest" in missing.stderr
+
+
+def test_rollback_rule_comes_from_the_manifest_and_is_validated() -> None:
+    from tsfleet.router.routing import routes_from_fleet
+
+    doc = _edit(["models", "intent-classifier", "rollback"], {"min_samples": 100, "max_p99_ratio": 0})
+    route = routes_from_fleet(parse_fleet(doc, ROOT))["intent-classifier"]
+    assert (route.rollback.min_samples, route.rollback.max_p99_ratio, route.rollback.window_s) == (100, 0, 60)
+    with pytest.raises(ManifestError, match="rollback: unknown key"):
+        parse_fleet(_edit(["defaults", "rollback", "windw_s"], 5), ROOT)
+    with pytest.raises(ManifestError, match="max_p99_ratio: expected a non-negative number"):
+        parse_fleet(_edit(["defaults", "rollback", "max_p99_ratio"], "2x"), ROOT)

@@ -329,6 +329,8 @@ class RoutingTable:
 
 
 def routes_from_fleet(fleet: Any) -> dict[str, Route]:
-    """One route per model of the manifest: all traffic to its default version."""
-    return {name: Route(name, model.default_version, {model.default_version: 100.0})
+    """One route per model of the manifest: all traffic to its default version, with the
+    model's rollback rule from the manifest."""
+    return {name: Route(name, model.default_version, {model.default_version: 100.0},
+                        rollback=RollbackRule(**model.rollback))
             for name, model in fleet.models.items()}
