@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -151,11 +151,3 @@ class FleetHandler:
         context.set_response_status(exc.code, exc.type, idx)
         return exc.body(self.model_name, self.version)
 
-    # --------------------------------------------------------------- helpers
-    def limit(self, name: str) -> Any:
-        """A model option by name (with its class default)."""
-        return self.options[name]
-
-    @staticmethod
-    def stack(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(list(rows)) if rows else torch.empty(0)
