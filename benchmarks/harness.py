@@ -15,27 +15,13 @@ from typing import Callable
 import requests
 
 from tsfleet.manifest import Fleet
-from tsfleet.properties import Endpoints, render_properties
+from tsfleet.properties import Endpoints
 from tsfleet.server import TorchServe
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def start_torchserve(fleet: Fleet, store: Path, workdir: Path) -> TorchServe:
-    ports = free_ports(5)
-    ep = Endpoints("127.0.0.1", *ports, worker_base=ports[0] % 20000 + 20000)
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = workdir / "config.properties"
-    config.write_text(render_properties(fleet, ep, str(store)))
-    ts = TorchServe(workdir, config, store, ep, private_tmp=True)
+    """An isolated TorchServe serving ``fleet``, started and ready."""
+    ts = TorchServe.isolated(fleet, store, workdir)
     ts.start(snapshots=False)
     try:
         ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
@@ -50,7 +36,8 @@ class RouterProcessRunner:
     generator's interpreter would share its GIL and measure that instead."""
 
     def __init__(self, manifest: Path, ts: TorchServe, workdir: Path):
-        port, admin, grpc_port = free_ports(3)
+        free = Endpoints.on_free_ports()
+        port, admin, grpc_port = free.inference, free.management, free.metrics
         self.url = f"http://127.0.0.1:{port}"
         self.grpc = f"127.0.0.1:{grpc_port}"
         self.proc = subprocess.Popen(

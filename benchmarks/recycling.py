@@ -12,7 +12,6 @@ one run only.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.fixtures.leaky import leaky_manifest
 from benchmarks.harness import RouterProcessRunner, closed_loop, start_torchserve
 from tsfleet.archive import Builder
 from tsfleet.manifest import Fleet, parse_fleet
@@ -31,20 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LEAK_KB = 100  # a slow leak, as real ones are: 1 GB per ~10,000 requests
 
 
-def leaky_doc(report_dir: Path, **recycle: int) -> dict:
-    doc = copy.deepcopy(yaml.safe_load((ROOT / "fleet.yaml").read_text()))
-    doc["models"] = {"leaky": {
-        "handler": str(ROOT / "tests/fixtures/leaky_handler.py"), "recipe": "none",
-        "serving": {"batch_size": 1, "workers": 2},
-        "settings": {"leak_kb": LEAK_KB, "report_dir": str(report_dir), "warmup_batch_sizes": []},
-        "recycle": recycle, "versions": {"1.0": {}},
-    }}
-    doc["workflows"] = {}
-    return doc
-
-
 def leaky_fleet(report_dir: Path, **recycle: int) -> Fleet:
-    return parse_fleet(leaky_doc(report_dir, **recycle), ROOT)
+    return parse_fleet(leaky_manifest(report_dir, LEAK_KB, 2, **recycle), ROOT)
 
 
 class RecyclerThread:
@@ -62,17 +50,15 @@ class RecyclerThread:
             t.start()
 
     def tick(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.wait(0.2):
             if any(v.recycle.enabled for v in self.recycler.fleet.versions()):
                 self.recycler.tick()
-            time.sleep(0.2)
 
     def sample(self, out: list) -> None:
-        while not self.stop.is_set():
+        while not self.stop.wait(0.1):
             rss = [r.rss_mb for r in read_reports(self.reports, "leaky", "1.0").values()]
             if rss:
                 out.append((time.monotonic() - self.started, max(rss)))
-            time.sleep(0.1)
 
     def close(self) -> int:
         self.stop.set()
@@ -98,7 +84,7 @@ def main() -> None:
     Builder(base, work / "store", work / "cache", progress=lambda line: None).build_all()
     ts = start_torchserve(base, work / "store", work / "ts")
     manifest = work / "fleet.yaml"
-    manifest.write_text(yaml.safe_dump(leaky_doc(reports)))
+    manifest.write_text(yaml.safe_dump(leaky_manifest(reports, LEAK_KB, 2)))
     router = RouterProcessRunner(manifest, ts, work)
     headers = {**ts.keys.header("inference"), "Content-Type": "application/json"}
     body = b'{"ping": 1}'

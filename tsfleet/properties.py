@@ -7,6 +7,7 @@ configs tests start servers with (free ports, their own store).
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -37,6 +38,19 @@ class Endpoints:
 
     def url(self, which: str) -> str:
         return f"http://{self.host}:{getattr(self, which)}"
+
+    @classmethod
+    def on_free_ports(cls) -> "Endpoints":
+        """Loopback ports the kernel says are free now: for a server beside another one."""
+        socks = [socket.socket() for _ in range(5)]
+        try:
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            ports = [s.getsockname()[1] for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+        return cls("127.0.0.1", *ports, worker_base=ports[0] % 20000 + 20000)
 
     @classmethod
     def from_properties(cls, path: Path) -> "Endpoints":

@@ -66,6 +66,18 @@ class TorchServe:
             self.env["TMPDIR"] = self.env["TEMP"] = str(tmp)
         self._keys: Keys | None = None
 
+    @classmethod
+    def isolated(cls, fleet: Fleet, model_store: Path, workdir: Path, load_models: bool = True) -> "TorchServe":
+        """A TorchServe of its own in ``workdir`` (free loopback ports, private temp dir,
+        auth on), not yet started: for tests and benchmarks beside a running fleet."""
+        from tsfleet.properties import render_properties
+
+        ep = Endpoints.on_free_ports()
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "config.properties"
+        config.write_text(render_properties(fleet, ep, str(model_store), load_models=load_models))
+        return cls(workdir, config, model_store, ep, private_tmp=True)
+
     def _torchserve(self, *args: str) -> subprocess.CompletedProcess:
         exe = Path(sys.executable).with_name("torchserve")
         cmd = [str(exe) if exe.exists() else "torchserve", *args]

@@ -15,7 +15,6 @@ import requests
 
 from tsfleet.archive import Builder
 from tsfleet.manifest import Fleet, load_fleet
-from tsfleet.properties import Endpoints, render_properties
 from tsfleet.server import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,11 +79,7 @@ def model_store(fleet: Fleet) -> Path:
 
 def new_server(fleet: Fleet, model_store: Path, workdir: Path, load_models: bool = True) -> TorchServe:
     """A TorchServe of its own (free ports, private temp dir, auth on), not yet started."""
-    ports = free_ports(5)
-    ep = Endpoints("127.0.0.1", *ports, worker_base=ports[0] % 20000 + 20000)
-    config = workdir / "config.properties"
-    config.write_text(render_properties(fleet, ep, str(model_store), load_models=load_models))
-    return TorchServe(workdir, config, model_store, ep, private_tmp=True)
+    return TorchServe.isolated(fleet, model_store, workdir, load_models)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.integration.conftest import free_ports
 from tsfleet.properties import Endpoints, render_properties
 from tsfleet.server import Keys
 
@@ -45,8 +44,7 @@ def _port_open(port: int) -> bool:
 
 
 def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: Path) -> None:
-    ports = free_ports(5)
-    ep = Endpoints("127.0.0.1", *ports, worker_base=ports[1] % 20000 + 20000)
+    ep = Endpoints.on_free_ports()
     config = tmp_path / "config.properties"
     config.write_text(render_properties(fleet, ep, str(model_store)))
     (tmp_path / "tmp").mkdir()

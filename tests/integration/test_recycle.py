@@ -1,7 +1,6 @@
 """Worker recycling on a real TorchServe, proven on a model that leaks memory per request."""
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from pathlib import Path
@@ -9,8 +8,8 @@ from typing import Iterator
 
 import pytest
 import requests
-import yaml
 
+from tests.fixtures.leaky import leaky_manifest
 from tests.integration.conftest import ROOT, new_server
 from tsfleet.archive import Builder
 from tsfleet.manifest import Fleet, parse_fleet
@@ -22,16 +21,7 @@ LEAK_MB = 2
 
 
 def leaky_fleet(report_dir: Path, **recycle: int) -> Fleet:
-    doc = copy.deepcopy(yaml.safe_load((ROOT / "fleet.yaml").read_text()))
-    doc["models"] = {"leaky": {
-        "handler": "tests/fixtures/leaky_handler.py", "recipe": "none",
-        "serving": {"batch_size": 1, "workers": 1},
-        "settings": {"leak_kb": LEAK_MB * 1024, "report_dir": str(report_dir), "warmup_batch_sizes": []},
-        "recycle": recycle,
-        "versions": {"1.0": {}},
-    }}
-    doc["workflows"] = {}
-    return parse_fleet(doc, ROOT)
+    return parse_fleet(leaky_manifest(report_dir, LEAK_MB * 1024, 1, **recycle), ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +63,9 @@ def recycle_during(ts: TorchServe, fleet: Fleet, reports: Path, load: Load, rss:
     done = threading.Event()
     client_thread = threading.Thread(target=lambda: (load.run(), done.set()))
     client_thread.start()
-    while not done.is_set():
+    while not done.wait(0.1):
         recycler.tick()
         rss.extend(r.rss_mb for r in read_reports(reports, "leaky", "1.0").values())
-        time.sleep(0.1)
     client_thread.join()
     return recycler
 
@@ -130,9 +119,8 @@ def test_recycling_under_load_through_the_router_fails_no_request(leaky, tmp_pat
     stop = threading.Event()
 
     def recycle_loop() -> None:
-        while not stop.is_set():
+        while not stop.wait(0.1):
             recycler.tick()
-            time.sleep(0.1)
 
     results: list[tuple[int, str]] = []
     enough = threading.Event()

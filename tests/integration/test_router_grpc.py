@@ -106,14 +106,6 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
                            shallow=False), f"{name} is stale: regenerate it (tsfleet/router/proto/README.md)"
 
 
-def test_compare_answers() -> None:
-    assert answers_agree(b'{"intent": "travel", "confidence": 0.9}', b'{"intent": "travel", "confidence": 0.7}')
-    assert not answers_agree(b'{"intent": "travel"}', b'{"intent": "billing"}')
-    assert answers_agree(b'{"embedding": [0.1, 0.2]}', b'{"embedding": [0.1004, 0.2]}')
-    assert not answers_agree(b'{"embedding": [0.1, 0.2]}', b'{"embedding": [0.102, 0.2]}')
-    assert answers_agree(b"\x89PNG", b"\x89PNG") and not answers_agree(b"abc", b"abd")
-
-
 def test_client_from_the_proto_talks_to_torchserve(direct, auth) -> None:
     reply = direct.Predictions(request(), metadata=auth, timeout=30)
     assert json.loads(reply.prediction)["intent"] == "travel"
