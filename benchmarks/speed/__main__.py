@@ -1,0 +1,3 @@
+from benchmarks.speed.cli import main
+
+main()

@@ -1,0 +1,111 @@
+"""``python -m benchmarks.speed [--quick | --smoke] [--out DIR]``: run the suite, write
+DIR/docs/benchmarks.md, DIR/docs/bench_*.png and DIR/benchmarks/results/latest.json
+(DIR defaults to the repo, so ``make bench`` refreshes the committed figures)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.speed import report
+from benchmarks.speed.fleets import Serve
+from benchmarks.speed.scenarios import ALL, Options, run_all
+from benchmarks.speed.workload import ROOT
+
+SWEEP_FULL = {
+    "text-embedder": [Serve(8, 5, 2, 1), Serve(16, 10, 2, 1), Serve(4, 2, 2, 1), Serve(16, 5, 1, 2)],
+    "image-classifier": [Serve(8, 5, 2, 1), Serve(16, 5, 2, 1), Serve(32, 10, 2, 1), Serve(16, 5, 1, 2)],
+}
+SWEEP_QUICK = {m: c[:2] for m, c in SWEEP_FULL.items()}
+SWEEP_SMOKE = {m: [Serve(4, 5, 1, 1)] for m in SWEEP_FULL}
+
+MODES = {
+    "full": dict(concurrency=[16, 64], runs=3, seconds=4.0, warmup=2.0, limit_batches=[1, 4, 8, 16, 32],
+                 limit_seconds=3.0, sweep=SWEEP_FULL, scenarios=set(ALL)),
+    "quick": dict(concurrency=[16, 64], runs=1, seconds=3.0, warmup=1.0, limit_batches=[1, 8, 16, 32],
+                  limit_seconds=2.0, sweep=SWEEP_QUICK, scenarios=set(ALL)),
+    "smoke": dict(concurrency=[4], runs=1, seconds=2.0, warmup=0.5, limit_batches=[1, 8], limit_seconds=1.0,
+                  sweep=SWEEP_SMOKE, scenarios={"limit", "toolkit-tuned", "router-rest"}),
+}
+
+
+def metadata(mode: str) -> dict:
+    """The machine and versions the figures belong to."""
+    import torch
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "absent"
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": mode, "cpu_count": os.cpu_count(), "cpu_model": cpu, "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "torchserve": version("torchserve"),
+        "fastapi": version("fastapi"), "uvicorn": version("uvicorn"),
+        "sentence_transformers": version("sentence-transformers"),
+        "gpu": torch.cuda.is_available(),
+        "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse options, run every scenario, write the report."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="one run per figure, smaller sweep (~6 min)")
+    group.add_argument("--smoke", action="store_true", help="a tiny run of a few scenarios, for CI")
+    parser.add_argument("--out", type=Path, default=ROOT, help="write docs/ and benchmarks/results/ under here")
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default=None,
+                        help="HTTP load generator (default: wrk when on PATH; python in --smoke)")
+    parser.add_argument("--models", nargs="+", default=["text-embedder", "image-classifier"])
+    parser.add_argument("--scenarios", nargs="+", choices=ALL, help="a subset of the scenarios")
+    parser.add_argument("--runs", type=int, help="timed runs per figure")
+    parser.add_argument("--seconds", type=float, help="length of each timed run")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="concurrent clients")
+    parser.add_argument("--keep-work", action="store_true", help="keep the temporary archives and logs")
+    args = parser.parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    cfg = dict(MODES[mode])
+    for key in ("runs", "seconds", "concurrency"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.scenarios:
+        cfg["scenarios"] = set(args.scenarios)
+    load = args.load or ("python" if mode == "smoke" else "auto")
+    work = Path(tempfile.mkdtemp(prefix="tsfleet-bench-speed-"))
+    opts = Options(models=args.models, batch1=Serve(1, 1, 2, 1), minimal=Serve(8, 5, 2, 1), load=load,
+                   work=work, mode=mode, log=lambda line: print(line, flush=True), **cfg)
+    started = time.monotonic()
+    try:
+        results = run_all(opts)
+    finally:
+        if args.keep_work:
+            print(f"work files kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    doc = {"meta": {**metadata(mode), "load_tool": results.pop("load_tool"),
+                    "duration_s": round(time.monotonic() - started, 1),
+                    "settings": {k: cfg[k] for k in ("concurrency", "runs", "seconds", "warmup",
+                                                     "limit_batches", "limit_seconds")},
+                    "command": "python -m benchmarks.speed" + {"full": "", "quick": " --quick",
+                                                                "smoke": " --smoke"}[mode]},
+           **results}
+    written = report.write_all(doc, args.out)
+    for path in written:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

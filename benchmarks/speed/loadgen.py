@@ -1,0 +1,180 @@
+"""Closed-loop load: wrk when it is installed, else an asyncio (aiohttp) loop; gRPC always
+from a small asyncio client over the router's generated stubs.
+
+Every generator cycles through the same fixed bodies and returns one ``Sample``: requests,
+failures (non-2xx, socket errors, timeouts), throughput and latency percentiles.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class Sample:
+    """One timed window of load against one target."""
+
+    requests: int
+    failed: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def _percentiles(latencies: list[float], requests: int, failed: int, seconds: float) -> Sample:
+    lat = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")
+
+    return Sample(requests, failed, requests / seconds if seconds else 0.0, pct(0.5), pct(0.99))
+
+
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def _lua_string(data: bytes) -> str:
+    # Decimal escapes carry any byte (PNG bodies included) through a Lua string literal.
+    return '"' + "".join(f"\\{b:03d}" for b in data) + '"'
+
+
+def _lua_script(bodies: list[bytes], headers: dict[str, str]) -> str:
+    lines = ["local bodies = {" + ",\n".join(_lua_string(b) for b in bodies) + "}",
+             "local headers = {}"]
+    lines += [f"headers[{_lua_string(k.encode())}] = {_lua_string(v.encode())}" for k, v in headers.items()]
+    lines += ["local i = 0",
+              "request = function()",
+              "  i = i % #bodies + 1",
+              '  return wrk.format("POST", nil, headers, bodies[i])',
+              "end"]
+    return "\n".join(lines) + "\n"
+
+
+def _wrk_ms(out: str, label: str) -> float:
+    m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+    if not m:
+        raise RuntimeError(f"wrk printed no {label}th percentile:\n{out}")
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float) -> Sample:
+    """``wrk -t1 -c clients`` for ``seconds``: one thread, so it takes as little CPU as it can."""
+    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(_lua_script(bodies, headers))
+        proc = subprocess.run(
+            ["wrk", "-t", "1", "-c", str(clients), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
+             "--latency", "-s", str(script), url],
+            capture_output=True, text=True, timeout=seconds + 90)
+    out = proc.stdout
+    total = re.search(r"(\d+) requests in ([\d.]+)(ms|s)", out)
+    if proc.returncode != 0 or not total:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {out}{proc.stderr}")
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return Sample(int(total.group(1)), failed, rps, _wrk_ms(out, "50"), _wrk_ms(out, "99"))
+
+
+async def _http_loop(url: str, bodies: list[bytes], headers: dict[str, str], clients: int,
+                     seconds: float) -> Sample:
+    import aiohttp
+
+    latencies: list[float] = []
+    failed = 0
+    deadline = time.perf_counter() + seconds
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def client(offset: int) -> None:
+            nonlocal failed
+            i = offset
+            while time.perf_counter() < deadline:
+                body = bodies[i % len(bodies)]
+                i += 1
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    ok = False
+                latencies.append(time.perf_counter() - t0)
+                failed += not ok
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        elapsed = time.perf_counter() - started
+    return _percentiles(latencies, len(latencies), failed, elapsed)
+
+
+def run_python(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float) -> Sample:
+    """The fallback HTTP generator: ``clients`` coroutines on one event loop."""
+    return asyncio.run(_http_loop(url, bodies, headers, clients, seconds))
+
+
+async def _grpc_loop(target: str, model: str, bodies: list[bytes], key: str, clients: int,
+                     seconds: float) -> Sample:
+    import grpc
+
+    from tsfleet.router.proto import inference_pb2, inference_pb2_grpc
+
+    latencies: list[float] = []
+    failed = 0
+    metadata = (("authorization", f"Bearer {key}"),)
+    requests = [inference_pb2.PredictionsRequest(model_name=model, input={"data": b}) for b in bodies]
+    deadline = time.perf_counter() + seconds
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+
+        async def client(offset: int) -> None:
+            nonlocal failed
+            i = offset
+            while time.perf_counter() < deadline:
+                request = requests[i % len(requests)]
+                i += 1
+                t0 = time.perf_counter()
+                try:
+                    await stub.Predictions(request, metadata=metadata, timeout=30)
+                    ok = True
+                except grpc.aio.AioRpcError:
+                    ok = False
+                latencies.append(time.perf_counter() - t0)
+                failed += not ok
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        elapsed = time.perf_counter() - started
+    return _percentiles(latencies, len(latencies), failed, elapsed)
+
+
+def run_grpc(target: str, model: str, bodies: list[bytes], key: str, clients: int, seconds: float) -> Sample:
+    """``clients`` concurrent gRPC Predictions calls in a closed loop for ``seconds``."""
+    return asyncio.run(_grpc_loop(target, model, bodies, key, clients, seconds))
+
+
+class HttpLoad:
+    """The HTTP generator chosen once per run, so every HTTP row of a run uses the same tool."""
+
+    def __init__(self, tool: str = "auto"):
+        self.tool = ("wrk" if wrk_available() else "python") if tool == "auto" else tool
+        if self.tool == "wrk" and not wrk_available():
+            raise RuntimeError("--load wrk asked for, but wrk is not on PATH")
+
+    def __call__(self, url: str, bodies: list[bytes], headers: dict[str, str], clients: int,
+                 seconds: float) -> Sample:
+        run = run_wrk if self.tool == "wrk" else run_python
+        return run(url, bodies, headers, clients, seconds)

@@ -1,0 +1,36 @@
+"""PNG plots: throughput and p50/p99 latency against concurrency, one line per scenario."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_model(model: str, entry: dict, path: Path) -> Path:
+    """Three panels (req/s, p50, p99) for one model; the limit as a dashed line."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name, row in entry.get("scenarios", {}).items():
+        points = sorted((int(c), f) for c, f in row["by_concurrency"].items())
+        xs = [c for c, _ in points]
+        for ax, key in zip(axes, ("rps", "p50_ms", "p99_ms")):
+            ax.plot(xs, [f[key] for _, f in points], marker="o", label=row["label"])
+    limit = entry.get("limit")
+    if limit:
+        axes[0].axhline(limit["ceiling"], color="black", linestyle="--",
+                        label=f"limit ({limit['processes']} processes x 1 thread, batch {limit['ceiling_batch']})")
+    titles = (f"{model}: throughput ({entry.get('unit', 'items')}/s)", "p50 latency (ms)", "p99 latency (ms)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("concurrent clients")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylim(bottom=0)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,224 @@
+"""The results document (JSON), the bars checked against it, and docs/benchmarks.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.speed.plots import plot_model
+
+ORDER = ("peer", "toolkit-b1", "toolkit-tuned", "router-rest", "grpc-direct", "router-grpc", "compiled", "minimal")
+
+
+def _fig(entry: dict, scenario: str, clients: str) -> dict | None:
+    return entry.get("scenarios", {}).get(scenario, {}).get("by_concurrency", {}).get(clients)
+
+
+def bars(doc: dict) -> list[dict]:
+    """Each floor of the issue that this run's figures can decide, with value and verdict."""
+    out: list[dict] = []
+
+    def add(bar: str, model: str, clients: str, value: float, target: str, met: bool) -> None:
+        out.append({"bar": bar, "model": model, "concurrency": clients, "value": round(value, 3),
+                    "target": target, "met": bool(met)})
+
+    for model, entry in doc.get("models", {}).items():
+        for clients in sorted({c for r in entry.get("scenarios", {}).values() for c in r["by_concurrency"]}, key=int):
+            tuned = _fig(entry, "toolkit-tuned", clients)
+            if not tuned:
+                continue
+            peer = _fig(entry, "peer", clients)
+            if peer and peer["rps"]:
+                add("tuned >= 3x the FastAPI peer", model, clients, tuned["rps"] / peer["rps"], ">= 3.0",
+                    tuned["rps"] >= 3 * peer["rps"])
+                add("tuned p99 no worse than the peer's (ms)", model, clients, tuned["p99_ms"],
+                    f"<= {peer['p99_ms']:.1f}", tuned["p99_ms"] <= peer["p99_ms"])
+            if entry.get("limit"):
+                ratio = tuned["rps"] / entry["limit"]["ceiling"]
+                add("tuned >= 90% of the limit", model, clients, ratio, ">= 0.90", ratio >= 0.9)
+            minimal = _fig(entry, "minimal", clients)
+            if minimal and minimal["rps"]:
+                ratio = tuned["rps"] / minimal["rps"]
+                add("tuned >= 1.10x the minimal handler", model, clients, ratio, ">= 1.10", ratio >= 1.1)
+            for routed, direct, proto in (("router-rest", "toolkit-tuned", "REST"), ("router-grpc", "grpc-direct", "gRPC")):
+                r, d = _fig(entry, routed, clients), _fig(entry, direct, clients)
+                if r and d and d["rps"]:
+                    add(f"router {proto} throughput within 10% of direct", model, clients, r["rps"] / d["rps"],
+                        ">= 0.90", r["rps"] >= 0.9 * d["rps"])
+                    added = r["p50_ms"] - d["p50_ms"]
+                    add(f"router {proto} adds under 1 ms at p50 (ms)", model, clients, added, "< 1.0", added < 1.0)
+    cold = doc.get("cold_start")
+    if cold:
+        add("fleet ready after start (s)", "all", "-", cold["with_workflow_s"], "< 60", cold["with_workflow_s"] < 60)
+        for model, m in cold["models"].items():
+            add("first request after ready vs warm p99 (ms)", model, "1", m["first_ms"], f"<= {m['p99_ms']:.1f}",
+                m["first_ms"] <= m["p99_ms"])
+    return out
+
+
+def _cfg(config: dict | None) -> str:
+    if not config:
+        return ""
+    if "batch_size" not in config:
+        return ", ".join(f"{k} {v}" for k, v in config.items())
+    text = (f"b{config['batch_size']}/{config['max_batch_delay_ms']}ms, "
+            f"{config['workers']}w x {config['torch_threads']}t")
+    return text + (", compile, bf16" if config.get("compile") else "")
+
+
+def scenario_table(entry: dict) -> list[str]:
+    clients = sorted({c for r in entry.get("scenarios", {}).values() for c in r["by_concurrency"]}, key=int)
+    head = "| scenario | config | " + " | ".join(f"c={c} req/s | p50 ms | p99 ms | failed" for c in clients) + " |"
+    lines = [head, "|" + "---|" * (2 + 4 * len(clients))]
+    for name in ORDER:
+        row = entry.get("scenarios", {}).get(name)
+        if not row:
+            continue
+        cells = []
+        for c in clients:
+            f = row["by_concurrency"].get(c)
+            cells += ([f"{f['rps']:.0f} ±{f['rps_spread']:.0f}", f"{f['p50_ms']:.1f} ±{f['p50_spread']:.1f}",
+                       f"{f['p99_ms']:.1f} ±{f['p99_spread']:.1f}", str(f["failed"])] if f else ["", "", "", ""])
+        lines.append(f"| {row['label']} | {_cfg(row.get('config'))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def limit_table(limit: dict, unit: str) -> list[str]:
+    sizes = list(limit["by_batch"])
+    lines = ["| batch | " + " | ".join(sizes) + " |", "|---|" + "---|" * len(sizes),
+             f"| {unit}/s ({limit['processes']} processes x 1 thread) | "
+             + " | ".join(f"{b['rate']:.0f} ±{b['spread']:.0f}" for b in limit["by_batch"].values()) + " |"]
+    return lines
+
+
+def memory_table(doc: dict) -> list[str]:
+    lines = ["| model | scenario | peak RSS per process (MiB) |", "|---|---|---|"]
+    for model, entry in doc.get("models", {}).items():
+        if entry.get("limit"):
+            lines.append(f"| {model} | limit (in process) | {', '.join(map(str, entry['limit']['peak_rss_mb']))} |")
+        for name in ORDER:
+            row = entry.get("scenarios", {}).get(name)
+            if row and row.get("peak_rss_mb") and name not in ("router-rest", "router-grpc", "grpc-direct"):
+                lines.append(f"| {model} | {row['label']} | {', '.join(map(str, row['peak_rss_mb']))} |")
+    for key, label in (("frontend_rss_mb", "TorchServe frontend (JVM), main server"), ("router_rss_mb", "router")):
+        if doc.get(key):
+            lines.append(f"| all | {label} | {doc[key]} |")
+    return lines
+
+
+def discussion(doc: dict, checks: list[dict]) -> list[str]:
+    meta = doc["meta"]
+    met = [c for c in checks if c["met"]]
+    lines = [f"{len(met)} of {len(checks)} checks met in this run." if checks else "No bar could be checked in this run.", ""]
+    for model, entry in doc.get("models", {}).items():
+        limit = entry.get("limit")
+        for c in sorted({c for r in entry.get("scenarios", {}).values() for c in r["by_concurrency"]}, key=int):
+            tuned, peer, minimal = (_fig(entry, s, c) for s in ("toolkit-tuned", "peer", "minimal"))
+            if not tuned:
+                continue
+            parts = [f"at {c} clients tuned TorchServe served {tuned['rps']:.0f} {entry['unit']}/s"]
+            if peer:
+                parts.append(f"{tuned['rps'] / max(peer['rps'], 1e-9):.1f}x the FastAPI peer")
+            if limit:
+                parts.append(f"{tuned['rps'] / limit['ceiling']:.0%} of the in-process limit")
+            if minimal:
+                parts.append(f"{tuned['rps'] / max(minimal['rps'], 1e-9):.2f}x the minimal handler")
+            lines.append(f"- **{model}**: " + ", ".join(parts) + ".")
+        comp = entry.get("scenarios", {}).get("compiled")
+        if comp and "max_abs_deviation" in comp:
+            lines.append(f"- **{model}**: torch.compile + bf16 autocast answers differ from fp32 eager by at most "
+                         f"{comp['max_abs_deviation']:.2e} (largest absolute difference over the request set).")
+    lines += [
+        "",
+        f"- The machine has {meta['cpu_count']} CPU cores. The load generator ({meta['load_tool']}), TorchServe's "
+        "Java frontend, the router and the model workers all share them, so every server row pays for its "
+        "client and the in-process limit pays for none: the limit is a ceiling no server reaches in full here. "
+        "Compare rows of one run only; a rerun on a quieter or bigger machine moves all rows.",
+        "- The router is a Python process: on this box its CPU comes out of the workers' share, which is what "
+        "its rows measure. With a core of its own the added latency is its own work only.",
+        "- The FastAPI peer is written as its docs suggest (one uvicorn process, a plain `def` endpoint, "
+        "sentence-transformers for MiniLM, default torch threads): concurrent requests run the model in "
+        "parallel threads, each wanting every core, and never batch.",
+        "- Where a bar is not met the table above says by how much; nothing in the suite is tuned to one run.",
+    ]
+    if not meta.get("gpu"):
+        lines.append("- **No GPU was available for this run**: every figure is on CPU, and there is no GPU table "
+                     "(fp32 vs AMP vs AMP + compile, GPU memory before and after cleanup). Run `make bench` on "
+                     "a CUDA machine to measure them; no GPU figure here is estimated.")
+    return lines
+
+
+def markdown(doc: dict, checks: list[dict], plots: dict[str, str]) -> str:
+    meta = doc["meta"]
+    s = meta["settings"]
+    out = [
+        "# Speed benchmarks", "",
+        f"Written by `{meta['command']}` (`make bench`) on {meta['date']}: {meta['cpu_count']} CPU cores "
+        f"({meta['cpu_model']}), {'GPU ' + meta['gpu_name'] if meta['gpu'] else 'no GPU'}, Python {meta['python']}, "
+        f"torch {meta['torch']}, TorchServe {meta['torchserve']}, FastAPI {meta['fastapi']}, uvicorn {meta['uvicorn']}. "
+        f"HTTP load from **{meta['load_tool']}**{' (one thread, a Lua script cycling the POST bodies)' if meta['load_tool'] == 'wrk' else ' (an asyncio aiohttp closed loop: wrk is not installed)'}; "
+        "gRPC load from an asyncio client over the router's generated stubs. "
+        f"Each figure is the median of {s['runs']} run(s) of {s['seconds']:.0f} s after a {s['warmup']:.0f} s warm-up, "
+        f"± the spread (max - min); the whole run took {meta['duration_s'] / 60:.1f} minutes. "
+        "Every figure is in `benchmarks/results/latest.json`.", "",
+        "Requests: text-embedder gets the 50 short sentences of `data/intents/heldout.jsonl` (6-12 words, one per "
+        "request); image-classifier 16 PNGs of the model's shapes (64 x 64) drawn from fixed seeds, as raw bodies.",
+        "", "## How to reproduce", "",
+        "```bash", "make bench                               # builds the archives first; about 15 minutes on 2 cores",
+        ".venv/bin/python -m benchmarks.speed --quick   # one run per figure, smaller sweep",
+        ".venv/bin/python -m benchmarks.speed --smoke --out /tmp/bench   # what CI runs", "```", "",
+        "Install `wrk` (`apt-get install wrk`) for the HTTP load; without it the suite falls back to a Python "
+        "generator and says so above.", "",
+        "## Checks against the bars", "",
+        "| check | model | clients | value | target | met |", "|---|---|---|---|---|---|",
+    ]
+    out += [f"| {c['bar']} | {c['model']} | {c['concurrency']} | {c['value']:.2f} | {c['target']} | "
+            f"{'yes' if c['met'] else '**no**'} |" for c in checks]
+    for model, entry in doc.get("models", {}).items():
+        out += ["", f"## {model}", ""]
+        if entry.get("limit"):
+            out += ["The limit: the model's own work in process (decode, tokenize or resize, forward, pooling or "
+                    f"softmax), {entry['limit']['processes']} single-thread processes side by side:", ""]
+            out += limit_table(entry["limit"], entry["unit"]) + [""]
+        if entry.get("scenarios"):
+            out += scenario_table(entry) + [""]
+        sweep = entry.get("sweep")
+        if sweep:
+            out += ["The sweep that chose the tuned configuration (one run per point; score = geometric mean "
+                    "of req/s over the concurrency levels):", "",
+                    "| configuration | " + " | ".join(f"c={c} req/s / p99 ms" for c in sweep["candidates"][0]["by_concurrency"])
+                    + " | score |", "|---|" + "---|" * (len(sweep["candidates"][0]["by_concurrency"]) + 1)]
+            for cand in sweep["candidates"]:
+                out.append(f"| {cand['label']} | " + " | ".join(f"{f['rps']:.0f} / {f['p99_ms']:.0f}"
+                                                              for f in cand["by_concurrency"].values())
+                           + f" | {cand['score_rps']:.0f} |")
+            out.append("")
+        if model in plots:
+            out += [f"![{model}]({plots[model]})", ""]
+    cold = doc.get("cold_start")
+    if cold:
+        out += ["## Cold start", "",
+                f"The repo's whole fleet ({cold['fleet_workers']} workers, from the archives `make build` left in "
+                f"`model_store/`) was ready {cold['ready_s']:.1f} s after `torchserve --start`, "
+                f"{cold['with_workflow_s']:.1f} s with the workflow registered.", "",
+                "| model | first request ms | warm p50 ms | warm p99 ms |", "|---|---|---|---|"]
+        out += [f"| {m} | {f['first_ms']:.1f} | {f['p50_ms']:.1f} | {f['p99_ms']:.1f} |" for m, f in cold["models"].items()]
+        out.append("")
+    out += ["## Memory", ""] + memory_table(doc) + ["", "## Discussion", ""] + discussion(doc, checks)
+    return "\n".join(out) + "\n"
+
+
+def write_all(doc: dict, out_dir: Path) -> list[Path]:
+    """latest.json, the plots and benchmarks.md under ``out_dir``."""
+    docs, results = out_dir / "docs", out_dir / "benchmarks" / "results"
+    docs.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    doc["bars"] = bars(doc)
+    plots, written = {}, []
+    for model, entry in doc.get("models", {}).items():
+        if entry.get("scenarios"):
+            path = plot_model(model, entry, docs / f"bench_{model}.png")
+            plots[model] = path.name
+            written.append(path)
+    (results / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (docs / "benchmarks.md").write_text(markdown(doc, doc["bars"], plots))
+    return [results / "latest.json", docs / "benchmarks.md", *written]

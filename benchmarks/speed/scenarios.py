@@ -1,0 +1,251 @@
+"""The run: every scenario on every model, in one process, in a fixed order.
+
+Scenarios that share a server are measured interleaved (run 1 of each, then run 2 ...), so
+a slow minute of a noisy machine lands on all of them rather than on one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.harness import RouterProcessRunner
+from benchmarks.speed import fleets
+from benchmarks.speed.fleets import Serve, Variant
+from benchmarks.speed.limit import _peak_rss_mb, run_limit
+from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc
+from benchmarks.speed.peer import PeerProcess
+from benchmarks.speed.workload import WORKLOADS, Workload
+from tsfleet.properties import Endpoints
+
+ALL = ("limit", "peer", "toolkit-b1", "toolkit-tuned", "router-rest", "grpc-direct", "router-grpc",
+       "compiled", "minimal", "cold-start")
+LABELS = {
+    "peer": "FastAPI + uvicorn (peer)",
+    "toolkit-b1": "TorchServe + toolkit, batch 1",
+    "toolkit-tuned": "TorchServe + toolkit, tuned",
+    "router-rest": "tuned, through the router (REST)",
+    "grpc-direct": "tuned, gRPC direct",
+    "router-grpc": "tuned, through the router (gRPC)",
+    "compiled": "tuned + torch.compile + bf16",
+    "minimal": "minimal hand-written handler",
+}
+Target = Callable[[int, float], Sample]
+
+
+@dataclass
+class Options:
+    """What one run measures and for how long."""
+
+    models: list[str]
+    scenarios: set[str]
+    concurrency: list[int]
+    runs: int
+    seconds: float
+    warmup: float
+    limit_batches: list[int]
+    limit_seconds: float
+    sweep: dict[str, list[Serve]]
+    batch1: Serve
+    minimal: Serve
+    load: str
+    work: Path
+    mode: str
+    log: Callable[[str], None] = print
+    results: dict = field(default_factory=dict)
+
+
+def summarize(samples: list[Sample]) -> dict:
+    """Median and spread (max - min) of each figure over runs, plus totals."""
+    out: dict = {}
+    for key in ("rps", "p50_ms", "p99_ms"):
+        values = [getattr(s, key) for s in samples]
+        out[key] = round(statistics.median(values), 2)
+        out[key.replace("_ms", "") + "_spread"] = round(max(values) - min(values), 2)
+    out["requests"] = sum(s.requests for s in samples)
+    out["failed"] = sum(s.failed for s in samples)
+    out["runs"] = [s.as_dict() for s in samples]
+    return out
+
+
+def measure(targets: dict[str, Target], opts: Options, clients: int, runs: int | None = None) -> dict[str, dict]:
+    """Warm each target up, then ``runs`` timed windows per target, interleaved."""
+    runs = runs or opts.runs
+    for run in targets.values():
+        run(clients, opts.warmup)
+    samples: dict[str, list[Sample]] = {name: [] for name in targets}
+    for _ in range(runs):
+        for name, run in targets.items():
+            samples[name].append(run(clients, opts.seconds))
+    return {name: summarize(s) for name, s in samples.items()}
+
+
+def model_entry(opts: Options, model: str) -> dict:
+    return opts.results.setdefault("models", {}).setdefault(model, {})
+
+
+def _record(opts: Options, model: str, scenario: str, clients: int, figures: dict, **extra: object) -> None:
+    row = model_entry(opts, model).setdefault("scenarios", {}).setdefault(
+        scenario, {"label": LABELS[scenario], "by_concurrency": {}})
+    row["by_concurrency"][str(clients)] = figures
+    row.update(extra)
+    opts.log(f"  {model:<16} {scenario:<14} c={clients:<3} {figures['rps']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms"
+             f"  p99 {figures['p99_ms']:7.1f} ms  failed {figures['failed']}")
+
+
+def http_target(load: HttpLoad, url: str, w: Workload, headers: dict[str, str]) -> Target:
+    hdrs = {**headers, "Content-Type": w.content_type}
+    return lambda clients, seconds: load(url, w.items, hdrs, clients, seconds)
+
+
+def grpc_target(address: str, w: Workload, key: str) -> Target:
+    return lambda clients, seconds: run_grpc(address, w.model, w.items, key, clients, seconds)
+
+
+def run_peer(opts: Options, load: HttpLoad, w: Workload) -> None:
+    port = Endpoints.on_free_ports().inference
+    opts.log(f"peer: FastAPI + uvicorn for {w.model}")
+    peer = PeerProcess(w.model, w.artifacts, port, opts.work / f"peer-{w.model}.log")
+    try:
+        target = http_target(load, peer.url, w, {})
+        for clients in opts.concurrency:
+            figures = measure({"peer": target}, opts, clients)["peer"]
+            _record(opts, w.model, "peer", clients, figures, config={"uvicorn_workers": 1},
+                    peak_rss_mb=[round(_peak_rss_mb(peer.pid), 1)])
+    finally:
+        peer.stop()
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(max(v, 1e-9)) for v in values) / len(values))
+
+
+def run_sweep(opts: Options, load: HttpLoad, workloads: list[Workload]) -> dict[str, Serve]:
+    """Serve batch 1 and every sweep candidate in one TorchServe; pick each model's best."""
+    chosen = {w.model: opts.sweep[w.model][0] for w in workloads}
+    want_b1 = "toolkit-b1" in opts.scenarios
+    if not want_b1 and all(len(opts.sweep[w.model]) == 1 for w in workloads):
+        return chosen
+    variants = []
+    for w in workloads:
+        if want_b1:
+            variants.append(Variant(w.model, "1.0", opts.batch1))
+        variants += [Variant(w.model, f"2.{i}", s) for i, s in enumerate(opts.sweep[w.model])]
+    opts.log(f"sweep server: {len(variants)} versions")
+    fleet, store, _ = fleets.build(variants, opts.work / "sweep")
+    with fleets.serving(fleet, store, opts.work / "sweep" / "ts") as (ts, _):
+        base = ts.ep.url("inference")
+        auth = ts.keys.header("inference")
+        for w in workloads:
+            mine = [v for v in variants if v.model == w.model]
+            if want_b1:
+                for clients in opts.concurrency:
+                    figures = measure({"b1": http_target(load, base + mine[0].path(), w, auth)}, opts, clients)["b1"]
+                    _record(opts, w.model, "toolkit-b1", clients, figures, config=opts.batch1.as_dict(),
+                            peak_rss_mb=fleets.worker_rss(ts, w.model, "1.0"))
+            candidates = [v for v in mine if v.version.startswith("2.")]
+            if len(candidates) < 2:
+                continue
+            table = []
+            for v in candidates:
+                by_c = {str(c): measure({"x": http_target(load, base + v.path(), w, auth)}, opts, c, runs=1)["x"]
+                        for c in opts.concurrency}
+                score = _geomean([r["rps"] for r in by_c.values()])
+                table.append({"config": v.serve.as_dict(), "label": v.serve.label(), "score_rps": round(score, 1),
+                              "by_concurrency": {c: {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "failed")}
+                                                 for c, r in by_c.items()}})
+                opts.log(f"  sweep {w.model:<16} {v.serve.label():<36} {score:8.1f} req/s (geometric mean)")
+            best = max(range(len(table)), key=lambda i: table[i]["score_rps"])
+            chosen[w.model] = candidates[best].serve
+            model_entry(opts, w.model)["sweep"] = {"candidates": table, "chosen": table[best]["config"]}
+    return chosen
+
+
+def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: dict[str, Serve]) -> None:
+    """The tuned fleet: toolkit tuned, compiled, minimal handler; the router in front."""
+    want = opts.scenarios
+    variants = []
+    for w in workloads:
+        variants.append(Variant(w.model, "1.0", tuned[w.model]))
+        if "compiled" in want:
+            variants.append(Variant(w.model, "3.0", tuned[w.model], (("compile", True), ("amp_cpu", "bf16"))))
+        if "minimal" in want:
+            variants.append(Variant(w.model, "1.0", opts.minimal, minimal=True))
+    opts.log(f"main server: {len(variants)} versions (tuned: "
+             + ", ".join(f"{m} {s.label()}" for m, s in tuned.items()) + ")")
+    fleet, store, manifest = fleets.build(variants, opts.work / "main")
+    with fleets.serving(fleet, store, opts.work / "main" / "ts") as (ts, ready_s):
+        opts.log(f"  ready in {ready_s:.1f} s")
+        router = None
+        try:
+            if {"router-rest", "router-grpc"} & want:
+                router = RouterProcessRunner(manifest, ts, opts.work / "main")
+            base, key = ts.ep.url("inference"), ts.keys.inference
+            auth = ts.keys.header("inference")
+            grpc_direct = f"127.0.0.1:{ts.ep.grpc_inference}"
+            for w in workloads:
+                targets: dict[str, Target] = {"toolkit-tuned": http_target(load, base + f"/predictions/{w.model}", w, auth)}
+                if router and "router-rest" in want:
+                    targets["router-rest"] = http_target(load, router.url + f"/predictions/{w.model}", w, auth)
+                if "grpc-direct" in want:
+                    targets["grpc-direct"] = grpc_target(grpc_direct, w, key)
+                if router and "router-grpc" in want:
+                    targets["router-grpc"] = grpc_target(router.grpc, w, key)
+                if "compiled" in want:
+                    targets["compiled"] = http_target(load, base + f"/predictions/{w.model}/3.0", w, auth)
+                if "minimal" in want:
+                    targets["minimal"] = http_target(load, base + f"/predictions/minimal-{w.model}", w, auth)
+                for clients in opts.concurrency:
+                    for name, figures in measure(targets, opts, clients).items():
+                        variant = {"compiled": "3.0"}.get(name, "1.0")
+                        model = f"minimal-{w.model}" if name == "minimal" else w.model
+                        serve = opts.minimal if name == "minimal" else tuned[w.model]
+                        config = {**serve.as_dict(), **({"compile": True, "amp_cpu": "bf16"} if name == "compiled" else {})}
+                        _record(opts, w.model, name, clients, figures, config=config,
+                                peak_rss_mb=fleets.worker_rss(ts, model, variant))
+                if "compiled" in want:
+                    dev = fleets.answers_deviation(base + f"/predictions/{w.model}/1.0",
+                                                   base + f"/predictions/{w.model}/3.0", w.items,
+                                                   {**auth, "Content-Type": w.content_type})
+                    model_entry(opts, w.model)["scenarios"]["compiled"]["max_abs_deviation"] = dev
+                    opts.log(f"  {w.model}: compile + bf16 answers within {dev:.2e} of fp32 eager")
+            opts.results["frontend_rss_mb"] = fleets.frontend_rss(ts)
+            if router:
+                opts.results["router_rss_mb"] = round(_peak_rss_mb(router.proc.pid), 1)
+        finally:
+            if router:
+                router.stop()
+
+
+def run_all(opts: Options) -> dict:
+    """Every scenario opts asks for; returns the results document (without metadata)."""
+    started = time.monotonic()
+    load = HttpLoad(opts.load)
+    opts.log(f"HTTP load from {load.tool}; {os.cpu_count()} CPUs; mode {opts.mode}")
+    fleets.ensure_artifacts()
+    workloads = [WORKLOADS[m]() for m in opts.models]
+    for w in workloads:
+        entry = model_entry(opts, w.model)
+        entry["unit"], entry["requests_in_set"] = w.unit, len(w.bodies)
+        if "limit" in opts.scenarios:
+            opts.log(f"limit: {w.model}, batches {opts.limit_batches}")
+            entry["limit"] = run_limit(w.model, opts.limit_batches, opts.runs, opts.limit_seconds)
+            opts.log(f"  ceiling {entry['limit']['ceiling']:.1f} {w.unit}/s at batch {entry['limit']['ceiling_batch']}")
+    if "peer" in opts.scenarios:
+        for w in workloads:
+            run_peer(opts, load, w)
+    tuned = run_sweep(opts, load, workloads)
+    if {"toolkit-tuned", "router-rest", "router-grpc", "grpc-direct", "compiled", "minimal"} & opts.scenarios:
+        run_main(opts, load, workloads, tuned)
+    if "cold-start" in opts.scenarios:
+        opts.log("cold start: the repo's fleet from model_store/")
+        bodies = {w.model: (w.bodies[0], w.content_type) for w in workloads}
+        opts.results["cold_start"] = fleets.cold_start(opts.work, bodies)
+        opts.log(f"  ready in {opts.results['cold_start']['ready_s']:.1f} s")
+    opts.results["load_tool"] = load.tool
+    opts.results["duration_s"] = round(time.monotonic() - started, 1)
+    return opts.results
