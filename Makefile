@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TSFLEET := $(VENV)/bin/tsfleet
 
-.PHONY: setup build config up down test test-fast clean
+.PHONY: setup build config up down test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: build
 
 test-fast: setup
 	$(PY) -m pytest tests/unit
+
+# The speed suite (about 15 minutes on 2 cores): docs/benchmarks.md, its plots, benchmarks/results/latest.json.
+bench: build
+	$(PY) -m benchmarks.speed
 
 clean:
 	rm -rf build model_store/*.mar model_store/*.war model_store/index.json

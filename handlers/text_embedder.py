@@ -48,4 +48,8 @@ class TextEmbedder(FleetHandler):
         return answers
 
     def warmup_items(self, batch_size: int) -> list[TextItem]:
-        return [TextItem([WARMUP_TEXT], True) for _ in range(batch_size)]
+        # A different length per warm-up batch size: with compile on, the second warm-up
+        # batch then changes both dimensions, torch.compile makes both dynamic at load, and
+        # no client's sentence length triggers a recompile later.
+        text = WARMUP_TEXT + " Again." * (batch_size % 7)
+        return [TextItem([text], True) for _ in range(batch_size)]

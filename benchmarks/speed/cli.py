@@ -27,8 +27,8 @@ SWEEP_QUICK = {m: c[:2] for m, c in SWEEP_FULL.items()}
 SWEEP_SMOKE = {m: [Serve(4, 5, 1, 1)] for m in SWEEP_FULL}
 
 MODES = {
-    "full": dict(concurrency=[16, 64], runs=3, seconds=4.0, warmup=2.0, limit_batches=[1, 4, 8, 16, 32],
-                 limit_seconds=3.0, sweep=SWEEP_FULL, scenarios=set(ALL)),
+    "full": dict(concurrency=[16, 64], runs=3, seconds=3.0, warmup=2.0, limit_batches=[1, 4, 8, 16, 32],
+                 limit_seconds=2.0, sweep=SWEEP_FULL, scenarios=set(ALL)),
     "quick": dict(concurrency=[16, 64], runs=1, seconds=3.0, warmup=1.0, limit_batches=[1, 8, 16, 32],
                   limit_seconds=2.0, sweep=SWEEP_QUICK, scenarios=set(ALL)),
     "smoke": dict(concurrency=[4], runs=1, seconds=2.0, warmup=0.5, limit_batches=[1, 8], limit_seconds=1.0,

@@ -76,7 +76,10 @@ def measure(targets: dict[str, Target], opts: Options, clients: int, runs: int |
     """Warm each target up, then ``runs`` timed windows per target, interleaved."""
     runs = runs or opts.runs
     for run in targets.values():
-        run(clients, opts.warmup)
+        # A window that completed nothing (a worker still compiling a new shape) is no warm-up.
+        for _ in range(3):
+            if run(clients, opts.warmup).requests > 0:
+                break
     samples: dict[str, list[Sample]] = {name: [] for name in targets}
     for _ in range(runs):
         for name, run in targets.items():

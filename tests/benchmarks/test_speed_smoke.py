@@ -1,0 +1,72 @@
+"""The speed suite in its --smoke mode, end to end: the in-process limit and a real
+TorchServe (toolkit handlers, tuned row) with the router in front, written to a temp dir.
+Figures are checked for shape and sanity only; speed is judged by `make bench`, not here."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ("text-embedder", "image-classifier")
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+def _check_figures(figures: dict) -> None:
+    assert figures["requests"] > 0
+    assert figures["failed"] == 0
+    assert figures["rps"] > 0
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+    assert all(math.isfinite(figures[k]) for k in ("rps", "p50_ms", "p99_ms"))
+
+
+def test_json_has_every_figure_with_its_machine(smoke_run: Path) -> None:
+    doc = json.loads((smoke_run / "benchmarks" / "results" / "latest.json").read_text())
+    meta = doc["meta"]
+    assert meta["cpu_count"] >= 1 and meta["mode"] == "smoke" and meta["load_tool"] == "python"
+    for key in ("date", "python", "torch", "torchserve", "fastapi", "uvicorn", "gpu", "settings"):
+        assert key in meta
+    for model in MODELS:
+        entry = doc["models"][model]
+        limit = entry["limit"]
+        assert limit["processes"] == meta["cpu_count"]
+        assert set(limit["by_batch"]) == {"1", "8"}
+        assert all(b["rate"] > 0 for b in limit["by_batch"].values())
+        assert limit["ceiling"] == max(b["rate"] for b in limit["by_batch"].values())
+        assert set(entry["scenarios"]) == {"toolkit-tuned", "router-rest"}
+        for row in entry["scenarios"].values():
+            assert set(row["by_concurrency"]) == {"4"}
+            _check_figures(row["by_concurrency"]["4"])
+        assert all(rss > 0 for rss in entry["scenarios"]["toolkit-tuned"]["peak_rss_mb"])
+    bars = {(b["bar"], b["model"]) for b in doc["bars"]}
+    for model in MODELS:
+        assert ("tuned >= 90% of the limit", model) in bars
+        assert ("router REST throughput within 10% of direct", model) in bars
+
+
+def test_markdown_and_plots(smoke_run: Path) -> None:
+    text = (smoke_run / "docs" / "benchmarks.md").read_text()
+    assert text.startswith("# Speed benchmarks")
+    for heading in ("## How to reproduce", "## Checks against the bars", "## text-embedder",
+                    "## image-classifier", "## Memory", "## Discussion"):
+        assert heading in text
+    assert "TorchServe + toolkit, tuned" in text and "through the router (REST)" in text
+    assert "python" in text  # names the load generator it fell back to
+    for model in MODELS:
+        png = smoke_run / "docs" / f"bench_{model}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](bench_{model}.png)" in text
