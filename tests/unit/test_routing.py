@@ -90,6 +90,18 @@ def test_weights_survive_a_restart_through_the_state_file(tmp_path: Path) -> Non
     assert again.routes["m"].shadow == "1.2" and json.loads(state.read_text())["routes"]["m"]["shadow_share"] == 0.1
 
 
+def test_an_alias_sends_a_version_elsewhere_and_survives_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "router_state.json"
+    t = table(state)
+    t.set_aliases("m", {"1.0": "1.0~swap"})
+    assert t.upstream("m", "1.0") == "1.0~swap" and t.upstream("m", "1.1") == "1.1"
+    assert t.upstream("other", "1.0") == "1.0" and t.upstream("m", None) is None
+    assert t.choose("m").version == "1.0"  # clients and statistics still see the manifest's version
+    assert table(state).upstream("m", "1.0") == "1.0~swap"
+    t.set_aliases("m", {})
+    assert table(state).upstream("m", "1.0") == "1.0"
+
+
 def test_answers_agree_on_the_decision_or_on_close_numbers() -> None:
     assert answers_agree(b'{"intent": "travel", "confidence": 0.9}', b'{"intent": "travel", "confidence": 0.7}')
     assert not answers_agree(b'{"label": "circle"}', b'{"label": "square"}')

@@ -61,8 +61,9 @@ class AdminApi:
             doc = await request.json()
         except ValueError:
             return _error(400, "body must be JSON")
-        if not isinstance(doc, dict) or not set(doc) <= {"weights", "baseline", "shadow"} or not doc:
-            return _error(400, 'expected {"weights": {version: 0..100}, "baseline": version, "shadow": {...}}')
+        if not isinstance(doc, dict) or not set(doc) <= {"weights", "baseline", "shadow", "aliases"} or not doc:
+            return _error(400, 'expected {"weights": {version: 0..100}, "baseline": version, "shadow": {...}, '
+                                 '"aliases": {version: torchserve_version}}')
         try:
             if "weights" in doc or "baseline" in doc:
                 weights = doc.get("weights", self.table.routes[model].weights)
@@ -72,6 +73,10 @@ class AdminApi:
             if "shadow" in doc:
                 shadow = doc["shadow"] or {}
                 self.table.set_shadow(model, shadow.get("version"), float(shadow.get("share", 0.0)))
+            if "aliases" in doc:
+                if not isinstance(doc["aliases"], dict):
+                    raise ValueError("aliases must be an object")
+                self.table.set_aliases(model, doc["aliases"])
         except (ValueError, TypeError) as exc:
             return _error(400, f"{model}: {exc}")
         return web.json_response(self.table.snapshot()[model])

@@ -87,11 +87,10 @@ class GrpcRouter(pb_grpc.InferenceAPIsServiceServicer):
         trailing = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if not k.startswith("grpc-"))
         await context.abort(err.code(), err.details() or "", trailing_metadata=trailing)
 
-    @staticmethod
-    def _for(request: pb.PredictionsRequest, version: str | None) -> pb.PredictionsRequest:
+    def _for(self, request: pb.PredictionsRequest, version: str | None) -> pb.PredictionsRequest:
         out = pb.PredictionsRequest()
         out.CopyFrom(request)  # keeps fields this proto does not know, too
-        out.model_version = version or ""
+        out.model_version = self.table.upstream(request.model_name, version) or ""
         return out
 
     # ----------------------------------------------------------------- RPCs

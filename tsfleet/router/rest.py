@@ -95,7 +95,8 @@ class RestRouter:
         """One call, and one retry for a dropped request, a refused connection or a lost job."""
         version, retried = first, False
         for attempt in (0, 1):
-            path = path_for + (f"/{version}" if version else "")
+            target = self.table.upstream(model, version)
+            path = path_for + (f"/{target}" if target else "")
             t0 = time.perf_counter()
             try:
                 timeout = self.attempt_timeout(model, version) if attempt == 0 else None

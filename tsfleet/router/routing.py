@@ -43,6 +43,9 @@ class Route:
     shadow_share: float = 0.0
     rollback: RollbackRule = field(default_factory=RollbackRule)
     rolled_back: dict[str, Any] | None = None
+    # Manifest version -> the TorchServe version serving it for now: while apply swaps a
+    # version's batch settings, its traffic goes to a stand-in registered under another name.
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def arms(self) -> list[tuple[str, float]]:
         """Arms with weight, candidates (by version) first, baseline last."""
@@ -140,6 +143,7 @@ class RoutingTable:
                 route.shadow = saved.get("shadow")
                 route.shadow_share = float(saved.get("shadow_share", 0.0))
                 route.rolled_back = saved.get("rolled_back")
+                route.aliases = {str(k): str(v) for k, v in saved.get("aliases", {}).items()}
 
     def save(self) -> None:
         """Write the live routes atomically (rename), so a crash never leaves half a file."""
@@ -270,6 +274,20 @@ class RoutingTable:
         self.save()
         return route
 
+    def set_aliases(self, model: str, aliases: dict[str, str]) -> Route:
+        """Send traffic for a version to another TorchServe version; ``{}`` clears them."""
+        if not all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in aliases.items()):
+            raise ValueError("aliases must map version strings to version strings")
+        route = self.routes[model]
+        route.aliases = dict(aliases)
+        self.save()
+        return route
+
+    def upstream(self, model: str | None, version: str | None) -> str | None:
+        """The TorchServe version that serves ``version`` of ``model`` right now."""
+        route = self.routes.get(model) if model and version else None
+        return route.aliases.get(version, version) if route else version
+
     def set_shadow(self, model: str, version: str | None, share: float) -> Route:
         if not 0 <= share <= 1:
             raise ValueError("shadow share must be between 0 and 1")
@@ -296,7 +314,7 @@ class RoutingTable:
                     "shadow_disagreements": st.shadow_disagreements,
                 }
             out[model] = {"baseline": route.baseline, "weights": route.weights, "shadow": route.shadow,
-                          "shadow_share": route.shadow_share, "rolled_back": route.rolled_back, "arms": arms}
+                          "shadow_share": route.shadow_share, "rolled_back": route.rolled_back, "aliases": route.aliases, "arms": arms}
         return out
 
     def prometheus(self) -> str:
