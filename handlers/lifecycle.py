@@ -6,6 +6,10 @@ RSS, CUDA memory) for the recycler to read. When the recycler drops a ``<pid>.re
 file beside it, the worker exits at its next idle moment: after its last answer was sent
 and while it waits for the next batch, so no request it accepted is lost. TorchServe then
 starts a fresh process in the same slot.
+
+While a ``drain`` file exists in the version's folder (``tsfleet apply`` is about to
+unregister this version), each worker also writes ``<pid>.state``: whether it is idle right
+now and how many requests it has served, so apply unregisters it only once it has no work.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ from handlers.runtime import process_rss_mb
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
+DRAIN_FLAG = "drain"
+DRAIN_POLL_S = 0.2
+STATE_EVERY_S = 0.02
 
 
 def default_report_dir() -> Path:
@@ -58,6 +65,9 @@ class WorkerLifecycle:
         # A worker TorchServe stops (scale-down, shutdown) exits through sys.exit: leave no
         # stale report behind. A killed one leaves its file; readers skip dead pids.
         atexit.register(self.path.unlink, missing_ok=True)
+        self.state_path = self.dir / f"{self.pid}.state"
+        atexit.register(self.state_path.unlink, missing_ok=True)
+        threading.Thread(target=self._watch_drain, name="drain-watch", daemon=True).start()
 
     def report(self) -> None:
         doc = {"pid": self.pid, "requests": self.requests, "started": self.started,
@@ -77,6 +87,18 @@ class WorkerLifecycle:
             self._retiring = True
             self.report()
             threading.Thread(target=self._exit_when_idle, name="retire", daemon=True).start()
+
+    def _watch_drain(self) -> None:
+        """Report idleness often while the version drains; otherwise a cheap stat now and then."""
+        flag, tmp = self.dir / DRAIN_FLAG, self.state_path.with_suffix(".state-tmp")
+        while True:
+            if flag.exists():
+                tmp.write_text(json.dumps({"idle": _idle_in_main_thread(), "requests": self.requests,
+                                           "at": time.time()}))
+                os.replace(tmp, self.state_path)
+                time.sleep(STATE_EVERY_S)
+            else:
+                time.sleep(DRAIN_POLL_S)
 
     def _exit_when_idle(self) -> None:
         while True:

@@ -3,16 +3,20 @@
 ``plan`` compares the manifest with what TorchServe describes; ``apply`` performs the steps
 in a safe order (register and warm new versions, then scale, then switch defaults, then
 retire), so no model is ever left without a ready default version. Every step is
-idempotent, so after a failure a second apply finishes the job.
+idempotent, so after a failure a second apply finishes the job. A change of batch settings
+swaps the version through a stand-in (``tsfleet.swap``), serving its traffic throughout;
+versions leave only once drained.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import ApiError, Conflict, FleetError
 from tsfleet.manifest import Fleet, VersionSpec
+from tsfleet.swap import RouterLink, Swapper, base_version, is_stand_in
 
 ORDER = ("register", "replace", "scale", "set-default", "unregister", "register-workflow", "unregister-workflow")
 
@@ -56,15 +60,21 @@ def plan(fleet: Fleet, state: dict[str, list[VersionState]], workflows: list[str
                 continue
             drift = _drift(spec, cur)
             if drift:
-                steps.append(Step("replace", model.name, version, "; ".join(drift)))
+                steps.append(Step("replace", model.name, version, "; ".join(drift) + " (via a stand-in)"))
             elif (cur.min_workers, cur.max_workers) != (s.workers, s.worker_ceiling):
                 steps.append(Step("scale", model.name, version, f"workers {cur.min_workers} -> {s.workers}"))
         current_default = next((v.version for v in current.values() if v.is_default), None)
         if current_default != model.default_version:
             steps.append(Step("set-default", model.name, model.default_version, f"was {current_default or 'none'}"))
         # A leaving default is no longer the default by then: set-default runs first.
+        replaced = {s.version for s in steps if s.action == "replace" and s.model == model.name}
         for v in current.values():
-            if v.version not in model.versions:
+            if v.version in model.versions:
+                continue
+            if is_stand_in(v.version):
+                if base_version(v.version) not in replaced:  # else the replace retires it
+                    steps.append(Step("unregister", model.name, v.version, "stand-in of an interrupted swap"))
+            else:
                 steps.append(Step("unregister", model.name, v.version, "left the manifest"))
     for name, versions in state.items():
         if name in fleet.models or is_private(name, fleet):
@@ -84,26 +94,11 @@ def current_plan(fleet: Fleet, client: ManagementClient) -> list[Step]:
     return plan(fleet, client.state(), client.list_workflows())
 
 
-def _run_step(step: Step, fleet: Fleet, client: ManagementClient) -> None:
-    if step.action in ("register", "replace"):
-        spec = fleet.models[step.model].versions[step.version]
-        if step.action == "replace":
-            described = {v.version: v for v in client.describe(step.model)}
-            if described[step.version].is_default:
-                raise FleetError(
-                    f"{step.model} {step.version} is the default version and its batch settings changed "
-                    f"({step.detail}); TorchServe fixes them at registration. Register the change as a "
-                    "new version in the manifest and make it the default instead."
-                )
-            client.unregister(step.model, step.version)
-        s = spec.serving
-        try:
-            client.register(spec.archive_name, batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms,
-                            response_timeout_s=s.response_timeout_s, initial_workers=s.workers)
-        except Conflict:
-            pass  # registered by an earlier, interrupted apply
-        if s.worker_ceiling != s.workers:
-            client.scale(step.model, step.version, s.workers, s.worker_ceiling)
+def _run_step(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapper) -> None:
+    if step.action == "register":
+        swapper.register(fleet.models[step.model].versions[step.version])
+    elif step.action == "replace":
+        swapper.swap(fleet.models[step.model].versions[step.version])
     elif step.action == "scale":
         s = fleet.models[step.model].versions[step.version].serving
         client.scale(step.model, step.version, s.workers, s.worker_ceiling)
@@ -113,7 +108,9 @@ def _run_step(step: Step, fleet: Fleet, client: ManagementClient) -> None:
             raise FleetError(f"{step.model} {step.version} has no ready worker; not making it the default")
         client.set_default(step.model, step.version)
     elif step.action == "unregister":
-        client.unregister(step.model, step.version)
+        model = fleet.models.get(step.model)
+        base = model.versions.get(base_version(step.version)) if model else None
+        swapper.retire(base if is_stand_in(step.version) else None, step.version, step.model)
     elif step.action == "register-workflow":
         try:
             client.register_workflow(fleet.workflows[step.model].archive_name, step.model)
@@ -123,13 +120,23 @@ def _run_step(step: Step, fleet: Fleet, client: ManagementClient) -> None:
         client.unregister_workflow(step.model)
 
 
-def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None] = print) -> list[Step]:
-    """Perform the plan; stop at the first failed step with a message naming it."""
+def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None] = print, *,
+          store: Path | None = None, report_dir: Path | None = None, router: object | None = None) -> list[Step]:
+    """Perform the plan; stop at the first failed step with a message naming it.
+
+    ``store`` holds the archives (default: the fleet's model_store), ``report_dir`` the
+    workers' reports (default: theirs), ``router`` is a ``RouterAdmin`` to keep a running
+    router's traffic on a version while its settings are swapped.
+    """
+    from handlers.lifecycle import default_report_dir
+
+    swapper = Swapper(client, store or fleet.root / "model_store", report_dir or default_report_dir(),
+                      RouterLink(router, progress), progress)
     steps = current_plan(fleet, client)
     for n, step in enumerate(steps, 1):
         progress(f"[{n}/{len(steps)}] {step}")
         try:
-            _run_step(step, fleet, client)
+            _run_step(step, fleet, client, swapper)
         except (ApiError, FleetError) as exc:
             raise FleetError(
                 f"step {n} of {len(steps)} failed ({step.action} {step.model} {step.version}): {exc}. "

@@ -148,7 +148,8 @@ def cmd_plan(args: argparse.Namespace, fleet: Fleet) -> int:
 def cmd_apply(args: argparse.Namespace, fleet: Fleet) -> int:
     from tsfleet.apply import apply
 
-    steps = apply(fleet, _client(args), _say)
+    steps = apply(fleet, _client(args), _say, store=Path(args.model_store),
+                  report_dir=Path(args.report_dir) if args.report_dir else None, router=_admin(args))
     _say(f"applied {len(steps)} step(s)" if steps else "nothing to do: the server matches the manifest")
     return 0
 

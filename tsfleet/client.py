@@ -41,6 +41,7 @@ class VersionState:
     min_workers: int
     max_workers: int
     workers: tuple[Worker, ...]
+    pending: int = 0  # requests in the version's queue, not yet given to a worker
 
     @property
     def ready_workers(self) -> int:
@@ -59,6 +60,7 @@ def _version(raw: dict, default: str | None) -> VersionState:
         int(raw.get("batchSize", 1)), int(raw.get("maxBatchDelay", 100)), int(raw.get("responseTimeout", 120)),
         int(raw.get("minWorkers", 0)), int(raw.get("maxWorkers", 0)),
         tuple(_worker(w) for w in raw.get("workers", [])),
+        int((raw.get("jobQueueStatus") or {}).get("pendingRequests", 0)),
     )
 
 

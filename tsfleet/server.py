@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,11 @@ class TorchServe:
             tmp.mkdir(parents=True, exist_ok=True)
             self.env["TMPDIR"] = self.env["TEMP"] = str(tmp)
         self._keys: Keys | None = None
+
+    @property
+    def report_dir(self) -> Path:
+        """Where this server's workers report (handlers.lifecycle.default_report_dir in their env)."""
+        return Path(self.env.get("TMPDIR") or tempfile.gettempdir()) / "tsfleet-workers"
 
     @classmethod
     def isolated(cls, fleet: Fleet, model_store: Path, workdir: Path, load_models: bool = True) -> "TorchServe":

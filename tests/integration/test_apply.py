@@ -16,7 +16,7 @@ import yaml
 from tests.integration.conftest import ROOT, new_server
 from tsfleet.apply import apply, current_plan
 from tsfleet.client import ManagementClient
-from tsfleet.errors import FleetError, Unreachable
+from tsfleet.errors import Unreachable
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.server import TorchServe
 from tsfleet.status import collect
@@ -74,7 +74,7 @@ def test_plan_apply_converge_and_a_second_apply_does_nothing(empty_server: Torch
         doc["models"]["intent-classifier"]["default_version"] = "1.1"
     changed = small_fleet(edit)
     assert [s.action for s in current_plan(changed, client)] == ["scale", "set-default"]
-    apply(changed, client, lines.append)
+    apply(changed, client, lines.append, report_dir=empty_server.report_dir)
     got = versions(client)
     assert got[("image-classifier", "1.0")] == (True, 8, 2)
     assert got[("intent-classifier", "1.1")][0] is True
@@ -84,21 +84,23 @@ def test_plan_apply_converge_and_a_second_apply_does_nothing(empty_server: Torch
         del doc["models"]["intent-classifier"]["versions"]["1.0"]
     retired = small_fleet(retire)
     assert [(s.action, s.version) for s in current_plan(retired, client)] == [("unregister", "1.0")]
-    apply(retired, client, lines.append)
+    apply(retired, client, lines.append, report_dir=empty_server.report_dir)
     assert ("intent-classifier", "1.0") not in versions(client)
 
-    # Batch settings of a non-default version are replaced; of the default, refused clearly.
+    # Batch settings are swapped in place, for a non-default version and for the default
+    # (tests/integration/test_swap.py does it under load).
     def rebatch(doc):
         retire(doc)
         doc["models"]["intent-classifier"]["versions"]["1.0"] = {"params": {"seed": 1}, "serving": {"batch_size": 4}}
     rebatched = small_fleet(rebatch)
-    apply(rebatched, client, lines.append)
+    apply(rebatched, client, lines.append, report_dir=empty_server.report_dir)
     assert versions(client)[("intent-classifier", "1.0")] == (False, 4, 1)
     rebatched_default = small_fleet(lambda d: (rebatch(d), d["models"]["intent-classifier"]["versions"]["1.1"]
                                                 .setdefault("serving", {}).update(batch_size=2)))
-    with pytest.raises(FleetError, match="is the default version and its batch settings changed"):
-        apply(rebatched_default, client, lines.append)
-    assert versions(client)[("intent-classifier", "1.1")] == (True, 8, 1)  # untouched
+    apply(rebatched_default, client, lines.append, report_dir=empty_server.report_dir)
+    got = versions(client)
+    assert got[("intent-classifier", "1.1")] == (True, 2, 1)
+    assert set(got) == {("intent-classifier", "1.0"), ("intent-classifier", "1.1"), ("image-classifier", "1.0")}
 
 
 def test_bad_manifest_leaves_the_server_untouched(empty_server: TorchServe, tmp_path: Path) -> None:

@@ -1,0 +1,147 @@
+"""Changing batch settings in the manifest under steady load: `tsfleet apply` swaps the
+version through a stand-in, and no client (direct or through the router) sees a failure."""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+import yaml
+
+from tests.integration.conftest import ROOT, new_server
+from tests.integration.router_harness import RunningRouter
+from tsfleet.apply import apply, current_plan
+from tsfleet.manifest import Fleet, parse_fleet
+from tsfleet.rollout import RouterAdmin
+from tsfleet.server import TorchServe
+from tsfleet.swap import Swapper, RouterLink, derive_archive, stand_in, stand_in_archive
+
+pytestmark = pytest.mark.slow
+MODEL = "intent-classifier"
+SENTENCES = [("please cancel my subscription", "cancel"), ("what will the weather be like tomorrow", "weather"),
+             ("book a train to Vienna", "travel")]
+
+
+def intent_fleet(**serving: int) -> Fleet:
+    """Only the intent classifier, version 1.0 (the default), with these batch settings."""
+    doc = copy.deepcopy(yaml.safe_load((ROOT / "fleet.yaml").read_text()))
+    doc["models"] = {MODEL: doc["models"][MODEL]}
+    doc["models"][MODEL]["versions"] = {"1.0": doc["models"][MODEL]["versions"]["1.0"]}
+    doc["models"][MODEL]["default_version"] = "1.0"
+    doc["models"][MODEL]["rollback"] = {"max_p99_ratio": 0, "max_error_rate_increase": 1.0}
+    doc["models"][MODEL]["serving"] = {**doc["models"][MODEL].get("serving", {}), **serving}
+    doc["workflows"] = {}
+    return parse_fleet(doc, ROOT)
+
+
+@pytest.fixture(scope="module")
+def served(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TorchServe, RunningRouter]]:
+    fleet = intent_fleet(batch_size=8, max_batch_delay_ms=5)
+    workdir = tmp_path_factory.mktemp("swap-ts")
+    ts = new_server(fleet, model_store, workdir)
+    ts.start(snapshots=False)
+    try:
+        ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
+        router = RunningRouter(fleet, workdir, ts.ep.url("inference"), f"127.0.0.1:{ts.ep.grpc_inference}")
+        try:
+            yield ts, router
+        finally:
+            router.stop()
+    finally:
+        ts.stop()
+
+
+class SteadyLoad:
+    """Closed-loop clients that check every answer until stopped; failures are kept whole."""
+
+    def __init__(self, url: str, headers: dict[str, str], clients: int):
+        self.url, self.headers = url, {**headers, "Content-Type": "application/json"}
+        self.stop, self.ok, self.failures = threading.Event(), 0, []
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        session, n = requests.Session(), i
+        while not self.stop.is_set():
+            text, intent = SENTENCES[n % len(SENTENCES)]
+            n += 1
+            try:
+                resp = session.post(self.url, json={"text": text}, headers=self.headers, timeout=30)
+                good = resp.status_code == 200 and resp.json().get("intent") == intent
+                detail = f"{resp.status_code} {resp.text[:200]}"
+            except requests.RequestException as exc:
+                good, detail = False, repr(exc)
+            with self._lock:
+                if good:
+                    self.ok += 1
+                else:
+                    self.failures.append(detail)
+
+    def __enter__(self) -> "SteadyLoad":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def settings_of(ts: TorchServe) -> dict[str, tuple[bool, int, int]]:
+    return {v.version: (v.is_default, v.batch_size, v.max_batch_delay_ms) for v in ts.client.describe(MODEL)}
+
+
+def test_batch_settings_change_under_load_fails_no_request(served, model_store: Path) -> None:
+    ts, router = served
+    key = ts.keys.header("inference")
+    changed = intent_fleet(batch_size=4, max_batch_delay_ms=20)
+    assert [(s.action, s.version) for s in current_plan(changed, ts.client)] == [("replace", "1.0")]
+    admin = RouterAdmin(router.admin_url, ts.workdir / "router_key.json")
+    lines: list[str] = []
+    with SteadyLoad(ts.ep.url("inference") + f"/predictions/{MODEL}", key, 8) as direct, \
+            SteadyLoad(router.url + f"/predictions/{MODEL}", key, 8) as routed:
+        deadline = time.monotonic() + 30
+        while direct.ok < 50 or routed.ok < 50:  # steady before the change
+            assert time.monotonic() < deadline, (direct.failures, routed.failures)
+            time.sleep(0.05)
+        before = direct.ok + routed.ok
+        apply(changed, ts.client, lines.append, store=model_store, report_dir=ts.report_dir, router=admin)
+        during = direct.ok + routed.ok - before
+        settled = direct.ok + routed.ok
+        while direct.ok + routed.ok < settled + 50:  # and steady after it
+            assert time.monotonic() < deadline + 120
+            time.sleep(0.05)
+    assert direct.failures == [] and routed.failures == [], "\n".join(lines)
+    assert during > 50, f"the load must run through the swap ({during} answers)"
+    assert any("stand-in" in line for line in lines)
+    assert settings_of(ts) == {"1.0": (True, 4, 20)}
+    assert not (model_store / stand_in_archive(changed.models[MODEL].versions["1.0"])).exists()
+    assert router.admin("GET", "/routes").json()[MODEL]["aliases"] == {}
+    assert current_plan(changed, ts.client) == []
+
+
+def test_an_interrupted_swap_is_finished_by_the_next_apply(served, model_store: Path) -> None:
+    ts, router = served
+    fleet = intent_fleet(batch_size=2, max_batch_delay_ms=10)
+    spec = fleet.models[MODEL].versions["1.0"]
+    # Stop where a crash would hurt most: the version gone, its stand-in the default.
+    swapper = Swapper(ts.client, model_store, ts.report_dir, RouterLink(None, print))
+    swapper.register(spec, derive_archive(model_store, spec), stand_in("1.0"))
+    ts.client.set_default(MODEL, stand_in("1.0"))
+    ts.client.unregister(MODEL, "1.0")
+    resp = requests.post(ts.ep.url("inference") + f"/predictions/{MODEL}", json={"text": SENTENCES[0][0]},
+                         headers=ts.keys.header("inference"), timeout=30)
+    assert resp.status_code == 200 and resp.json()["intent"] == "cancel"  # the stand-in serves meanwhile
+
+    steps = [(s.action, s.version, s.detail) for s in current_plan(fleet, ts.client)]
+    assert [(a, v) for a, v, _ in steps] == [("register", "1.0"), ("set-default", "1.0"), ("unregister", "1.0~swap")]
+    assert "interrupted swap" in steps[-1][2]
+    apply(fleet, ts.client, lambda line: None, store=model_store, report_dir=ts.report_dir)
+    assert settings_of(ts) == {"1.0": (True, 2, 10)}
+    assert not (model_store / stand_in_archive(spec)).exists()
+    assert current_plan(fleet, ts.client) == []

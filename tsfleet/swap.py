@@ -1,0 +1,209 @@
+"""Changing a registered version's batch settings with no failed request.
+
+TorchServe fixes batch_size, max_batch_delay and response_timeout at registration, so the
+only way to change them is to register the version again. Done naively, that is a gap in
+service. Instead, apply moves the version's traffic aside first:
+
+1. register a stand-in (``1.0~swap``: the same archive, its manifest renamed) with the new
+   settings and let it warm up;
+2. point the router's alias for ``1.0`` at it and, if ``1.0`` was the default, make the
+   stand-in the default, so new requests go there;
+3. drain ``1.0`` (its queue empty and every worker idle, as the workers themselves report)
+   and unregister it;
+4. register ``1.0`` again with the new settings, make it the default again, drop the alias;
+5. drain and unregister the stand-in.
+
+Each phase checks what is already done, so an interrupted swap is finished by the next
+apply (the plan shows a leftover stand-in as a version to unregister).
+"""
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tsfleet.client import ManagementClient, VersionState
+from tsfleet.errors import Conflict, FleetError, NotFound
+from tsfleet.manifest import VersionSpec
+
+SUFFIX = "~swap"
+DRAIN_FLAG = "drain"  # handlers.lifecycle.DRAIN_FLAG: the workers watch for this file
+HEAR_WITHIN_S = 3.0  # workers look for the flag every 0.2 s
+
+
+def stand_in(version: str) -> str:
+    return version + SUFFIX
+
+
+def is_stand_in(version: str) -> bool:
+    return version.endswith(SUFFIX)
+
+
+def base_version(version: str) -> str:
+    return version.removesuffix(SUFFIX)
+
+
+def stand_in_archive(spec: VersionSpec) -> str:
+    return f"{spec.model}-{spec.version}.swap.mar"
+
+
+def derive_archive(store: Path, spec: VersionSpec) -> str:
+    """Write a copy of ``spec``'s archive whose MANIFEST names the stand-in version."""
+    src_path, dest = store / spec.archive_name, store / stand_in_archive(spec)
+    if not src_path.is_file():
+        raise FleetError(f"{spec.model} {spec.version}: archive {src_path} is missing; run `tsfleet build`")
+    tmp = dest.with_suffix(".tmp")
+    with zipfile.ZipFile(src_path) as src, zipfile.ZipFile(tmp, "w") as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = stand_in(spec.version)
+                data = json.dumps(manifest, indent=2).encode()
+            out.writestr(info, data)  # same entry metadata: the copy is reproducible too
+    tmp.replace(dest)
+    return dest.name
+
+
+class RouterLink:
+    """The router's alias for a version, if a router runs; apply works without one."""
+
+    def __init__(self, admin: object | None, progress: Callable[[str], None]):
+        self.admin, self.progress, self._warned = admin, progress, False
+
+    def set_alias(self, model: str, aliases: dict[str, str]) -> None:
+        if self.admin is None:
+            return
+        try:
+            self.admin.call("PUT", f"/routes/{model}", {"aliases": aliases})  # type: ignore[attr-defined]
+        except FleetError as exc:  # not running, or serving another fleet
+            if not self._warned:
+                self._warned = True
+                self.progress(f"  (no router: {exc}; only TorchServe's own clients are covered)")
+
+
+@dataclass
+class Swapper:
+    """Does the swap for one version; the store holds the archives, report_dir the workers' reports."""
+
+    client: ManagementClient
+    store: Path
+    report_dir: Path
+    router: RouterLink
+    progress: Callable[[str], None] = print
+    drain_timeout_s: float = 60.0
+
+    def _versions(self, model: str) -> dict[str, VersionState]:
+        try:
+            return {v.version: v for v in self.client.describe(model)}
+        except NotFound:
+            return {}
+
+    def register(self, spec: VersionSpec, archive: str | None = None, version: str | None = None) -> None:
+        """Register ``spec`` (or its stand-in: ``archive``, ``version``) with its manifest settings."""
+        archive, version = archive or spec.archive_name, version or spec.version
+        s = spec.serving
+        try:
+            self.client.register(archive, batch_size=s.batch_size, max_batch_delay_ms=s.max_batch_delay_ms,
+                                 response_timeout_s=s.response_timeout_s, initial_workers=s.workers)
+        except Conflict:
+            pass  # registered by an earlier, interrupted apply
+        if s.worker_ceiling != s.workers:
+            self.client.scale(spec.model, version, s.workers, s.worker_ceiling)
+
+    def swap(self, spec: VersionSpec) -> None:
+        """Re-register ``spec`` with its manifest settings, its traffic served throughout."""
+        model, version, temp = spec.model, spec.version, stand_in(spec.version)
+        current = self._versions(model)
+        was_default = any(current[v].is_default for v in (version, temp) if v in current)
+        if version in current:
+            if temp not in current:
+                self.progress(f"  warming stand-in {model} {temp}")
+                self.register(spec, derive_archive(self.store, spec), temp)
+            self.router.set_alias(model, {version: temp})
+            if was_default:
+                self.client.set_default(model, temp)
+            self.retire(spec, version)
+        self.progress(f"  registering {model} {version} with the new settings")
+        self.register(spec)
+        if was_default:
+            self.client.set_default(model, version)
+        self.router.set_alias(model, {})
+        self.retire(spec, temp)
+
+    def retire(self, spec: VersionSpec | None, version: str, model: str | None = None) -> None:
+        """Drain a version that no longer gets new traffic, then unregister it."""
+        model = spec.model if spec else model
+        assert model is not None
+        state = self._versions(model).get(version)
+        if state is None:
+            return
+        if not state.is_default:
+            quiet = state.max_batch_delay_ms / 1000 + 0.05
+            reports = Path(spec.settings.get("report_dir") or self.report_dir) if spec else self.report_dir
+            why = drain(self.client, model, version, reports, quiet, self.drain_timeout_s)
+            if why:
+                self.progress(f"  {model} {version} not drained: {why}; unregistering anyway")
+        self.progress(f"  unregistering {model} {version}")
+        try:
+            self.client.unregister(model, version)
+        except NotFound:
+            pass
+        if is_stand_in(version) and spec is not None:
+            (self.store / stand_in_archive(spec)).unlink(missing_ok=True)
+
+
+def _idle_snapshot(client: ManagementClient, model: str, version: str, folder: Path,
+                   since: float) -> tuple[tuple | None, bool]:
+    """(pid, requests served) of every worker if the version holds no work now, else None;
+    and whether any worker answered the drain flag at all."""
+    state = {v.version: v for v in client.describe(model)}.get(version)
+    if state is None:
+        return (), True
+    busy, heard, seen = bool(state.pending), False, []
+    for worker in state.workers:
+        if worker.pid is None:
+            continue
+        try:
+            doc = json.loads((folder / f"{worker.pid}.state").read_text())
+        except (OSError, ValueError):
+            busy = True
+            continue
+        at = float(doc.get("at", 0))
+        fresh = at >= since and at >= time.time() - 1.0  # else the worker stopped watching
+        heard = heard or fresh
+        busy = busy or not (fresh and doc.get("idle"))
+        seen.append((worker.pid, doc.get("requests")))
+    return (None if busy else tuple(sorted(seen))), heard
+
+
+def drain(client: ManagementClient, model: str, version: str, report_dir: Path,
+          quiet_s: float, timeout_s: float) -> str | None:
+    """Wait until TorchServe holds no request of ``version``: its queue empty and all its
+    workers idle, seen twice ``quiet_s`` apart (longer than a batch takes to gather) with
+    no request served in between. None when drained, else why not."""
+    folder = report_dir / model / version
+    folder.mkdir(parents=True, exist_ok=True)
+    flag = folder / DRAIN_FLAG
+    flag.touch()
+    since = time.time()
+    started = time.monotonic()
+    try:
+        last: tuple | None = None
+        heard_any = False
+        while time.monotonic() - started < timeout_s:
+            snap, heard = _idle_snapshot(client, model, version, folder, since)
+            heard_any = heard_any or heard
+            if snap is not None and snap == last:
+                return None
+            if not heard_any and time.monotonic() - started > HEAR_WITHIN_S:
+                return (f"its workers do not report to {report_dir} (pass the report dir they use, "
+                        "--report-dir)")
+            last = snap
+            time.sleep(quiet_s if snap is not None else 0.02)
+        return f"still busy after {timeout_s:.0f} s (a client names it explicitly?)"
+    finally:
+        flag.unlink(missing_ok=True)
