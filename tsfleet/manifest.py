@@ -80,6 +80,9 @@ class ModelSpec:
     # The router's automatic rollback rule for this model (tsfleet.router.routing.RollbackRule
     # fields); empty means the router's defaults.
     rollback: dict[str, float] = field(default_factory=dict)
+    # Whether the handler answers gRPC StreamPredictions (sends intermediate answers); the
+    # router refuses streams for models that do not, rather than let TorchServe kill a worker.
+    streaming: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,9 @@ def _model_spec(root: Path, name: str, raw: Any, defaults: dict) -> ModelSpec:
         raise ManifestError(f"{where}: name must be lowercase letters, digits and dashes")
     raw = _mapping(raw, where)
     _only(raw, ("handler", "recipe", "default_version", "versions", "serving", "settings", "recycle",
-                "rollback"), where)
+                "rollback", "streaming"), where)
+    if not isinstance(raw.get("streaming", False), bool):
+        raise ManifestError(f"{where}.streaming: expected true or false")
     versions_raw = _mapping(raw.get("versions"), f"{where}.versions")
     if not versions_raw:
         raise ManifestError(f"{where}.versions: at least one version is needed")
@@ -216,7 +221,7 @@ def _model_spec(root: Path, name: str, raw: Any, defaults: dict) -> ModelSpec:
     return ModelSpec(name, default, versions, _rollback([
         (_mapping(defaults.get("rollback"), "defaults.rollback"), "defaults.rollback"),
         (_mapping(raw.get("rollback"), f"{where}.rollback"), f"{where}.rollback"),
-    ]))
+    ]), bool(raw.get("streaming", False)))
 
 
 def _workflow_spec(name: str, raw: Any, models: dict[str, ModelSpec], defaults: dict) -> WorkflowSpec:

@@ -180,6 +180,15 @@ def test_errors_pass_through_unchanged(router, direct, auth, case: str) -> None:
         assert (r.value.code(), r.value.details()) == (d.value.code(), d.value.details())
 
 
+def test_a_stream_to_a_model_that_does_not_stream_is_one_answer_and_kills_no_worker(router, auth, server) -> None:
+    pids = [w.pid for v in server.client.describe(MODEL) for w in v.workers]
+    call = router.stub.StreamPredictions(request(), metadata=auth, timeout=30)
+    replies = list(call)
+    assert len(replies) == 1 and json.loads(replies[0].prediction)["intent"] == "travel"
+    assert dict(call.initial_metadata()).get("x-model-version") == "1.0"
+    assert [w.pid for v in server.client.describe(MODEL) for w in v.workers] == pids
+
+
 def test_sequence_stream_passes_through(router, direct, auth) -> None:
     """StreamPredictions2 without a sequence id: TorchServe's in-stream error, unchanged."""
     want = list(direct.StreamPredictions2(iter([request()]), metadata=auth, timeout=30))
@@ -198,8 +207,9 @@ def test_torchserve_down_is_unavailable_naming_the_address(loop, fleet, auth) ->
                 call()
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"TorchServe is not reachable at {closed}" in err.value.details()
-        # The unary call: its first attempt and its retry; the stream: once (streams are not retried).
-        assert r.table.stats[(MODEL, "1.0")].errors == 3
+        # Each call twice (first attempt and retry): the model does not stream, so the
+        # router answers its stream with one Predictions call.
+        assert r.table.stats[(MODEL, "1.0")].errors == 4
     finally:
         r.close()
 

@@ -69,6 +69,7 @@ BAD = [
     (["workflows", "intent-pipeline", "steps"], ["text-embedder", "ghost"], "unknown model 'ghost'"),
     (["workflows", "intent-pipeline", "steps"], ["text-embedder@3.0", "intent-classifier"], "text-embedder has no version 3.0"),
     (["models"], {}, "at least one model"),
+    (["models", "text-embedder", "streaming"], "yes", "models.text-embedder.streaming: expected true or false"),
 ]
 
 

@@ -136,6 +136,12 @@ class GrpcRouter(pb_grpc.InferenceAPIsServiceServicer):
     async def StreamPredictions(self, request: pb.PredictionsRequest,
                                 context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PredictionResponse]:
         model, metadata = request.model_name, self._metadata(context)
+        route = self.table.routes.get(model)
+        if route is not None and not route.streaming:
+            # TorchServe 0.12 kills the worker (failing its whole batch) when a handler that
+            # does not stream gets a stream. The answer of such a model is one message anyway.
+            yield await self.Predictions(request, context)
+            return
         choice = self.table.choose(model, request.model_version or None, dict(metadata).get(self.sticky_key))
         version, started, sent = choice.version, time.perf_counter(), 0
         if version:

@@ -46,6 +46,7 @@ class Route:
     # Manifest version -> the TorchServe version serving it for now: while apply swaps a
     # version's batch settings, its traffic goes to a stand-in registered under another name.
     aliases: dict[str, str] = field(default_factory=dict)
+    streaming: bool = False  # from the manifest: does the handler answer StreamPredictions?
 
     def arms(self) -> list[tuple[str, float]]:
         """Arms with weight, candidates (by version) first, baseline last."""
@@ -149,7 +150,7 @@ class RoutingTable:
         """Write the live routes atomically (rename), so a crash never leaves half a file."""
         if not self.state_path:
             return
-        doc = {"routes": {m: {k: v for k, v in asdict(r).items() if k not in ("model", "rollback")}
+        doc = {"routes": {m: {k: v for k, v in asdict(r).items() if k not in ("model", "rollback", "streaming")}
                           for m, r in self.routes.items()}}
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
@@ -350,5 +351,5 @@ def routes_from_fleet(fleet: Any) -> dict[str, Route]:
     """One route per model of the manifest: all traffic to its default version, with the
     model's rollback rule from the manifest."""
     return {name: Route(name, model.default_version, {model.default_version: 100.0},
-                        rollback=RollbackRule(**model.rollback))
+                        rollback=RollbackRule(**model.rollback), streaming=model.streaming)
             for name, model in fleet.models.items()}
