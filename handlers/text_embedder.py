@@ -48,8 +48,7 @@ class TextEmbedder(FleetHandler):
         return answers
 
     def warmup_items(self, batch_size: int) -> list[TextItem]:
-        # A different length per warm-up batch size: with compile on, the second warm-up
-        # batch then changes both dimensions, torch.compile makes both dynamic at load, and
-        # no client's sentence length triggers a recompile later.
-        text = WARMUP_TEXT + " Again." * (batch_size % 7)
-        return [TextItem([text], True) for _ in range(batch_size)]
+        # Mixed lengths: with compile on, the warm-up batches differ in both dimensions and
+        # a batch > 1 is padded (the masked attention path), so torch.compile makes both
+        # dimensions dynamic and compiles both paths at load, not on a client's request.
+        return [TextItem([WARMUP_TEXT + " Again." * ((batch_size + i) % 7)], True) for i in range(batch_size)]

@@ -20,7 +20,7 @@ from tsfleet.manifest import Fleet, load_fleet, parse_fleet
 from tsfleet.recipes import RECIPES, ensure
 from tsfleet.server import TorchServe
 
-from benchmarks.speed.limit import _peak_rss_mb
+from benchmarks.speed.limit import peak_rss_mb
 from benchmarks.speed.workload import ARTIFACTS, ROOT
 
 MINIMAL = {"text-embedder": "benchmarks/speed/minimal_text.py",
@@ -134,12 +134,12 @@ def frontend_pid(ts: TorchServe) -> int | None:
 def worker_rss(ts: TorchServe, model: str, version: str) -> list[float]:
     """Peak RSS (MiB) of each worker process of one version."""
     states = [s for s in ts.client.describe(model) if s.version == version]
-    return [round(_peak_rss_mb(w.pid), 1) for s in states for w in s.workers if w.pid]
+    return [round(peak_rss_mb(w.pid), 1) for s in states for w in s.workers if w.pid]
 
 
 def frontend_rss(ts: TorchServe) -> float:
     pid = frontend_pid(ts)
-    return round(_peak_rss_mb(pid), 1) if pid else 0.0
+    return round(peak_rss_mb(pid), 1) if pid else 0.0
 
 
 def cold_start(work: Path, bodies: dict[str, tuple[bytes, str]], samples: int = 100) -> dict:

@@ -15,7 +15,7 @@ from typing import Any
 from benchmarks.speed.workload import WORKLOADS, Pipeline
 
 
-def _peak_rss_mb(pid: int | str = "self") -> float:
+def peak_rss_mb(pid: int | str = "self") -> float:
     """Peak resident set (VmHWM) of a process in MiB; 0 when /proc does not say."""
     try:
         for line in open(f"/proc/{pid}/status"):
@@ -53,7 +53,7 @@ def _worker(model: str, batch_sizes: list[int], runs: int, seconds: float, warmu
                 pipeline(batch(size))
                 done += size
             out.put((size, run, done / (time.perf_counter() - start)))
-    out.put(("rss", os.getpid(), _peak_rss_mb()))
+    out.put(("rss", os.getpid(), peak_rss_mb()))
 
 
 def run_limit(model: str, batch_sizes: list[int], runs: int, seconds: float, warmup: float = 1.0,

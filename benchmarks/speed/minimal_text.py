@@ -2,6 +2,7 @@
 user writes from TorchServe's docs. Batching (8 / 5 ms, 2 workers x 1 thread) is tuned by
 hand in the benchmark's manifest; answers are dicts that TorchServe serialises itself."""
 import json
+from typing import Any
 
 import torch
 
@@ -9,12 +10,12 @@ from handlers.minilm import MiniLM, mean_pool_normalize
 
 
 class MinimalTextEmbedder:
-    def initialize(self, context):
+    def initialize(self, context: Any) -> None:
         torch.set_num_threads(1)
         self.model = MiniLM.load(context.system_properties["model_dir"])
         self.initialized = True
 
-    def handle(self, data, context):
+    def handle(self, data: list[dict], context: Any) -> list[dict]:
         texts = []
         for row in data:
             body = row.get("body") or row.get("data")

@@ -16,7 +16,7 @@ from typing import Callable
 from benchmarks.harness import RouterProcessRunner
 from benchmarks.speed import fleets
 from benchmarks.speed.fleets import Serve, Variant
-from benchmarks.speed.limit import _peak_rss_mb, run_limit
+from benchmarks.speed.limit import peak_rss_mb, run_limit
 from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc
 from benchmarks.speed.peer import PeerProcess
 from benchmarks.speed.workload import WORKLOADS, Workload
@@ -118,7 +118,7 @@ def run_peer(opts: Options, load: HttpLoad, w: Workload) -> None:
         for clients in opts.concurrency:
             figures = measure({"peer": target}, opts, clients)["peer"]
             _record(opts, w.model, "peer", clients, figures, config={"uvicorn_workers": 1},
-                    peak_rss_mb=[round(_peak_rss_mb(peer.pid), 1)])
+                    peak_rss_mb=[round(peak_rss_mb(peer.pid), 1)])
     finally:
         peer.stop()
 
@@ -218,7 +218,7 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                     opts.log(f"  {w.model}: compile + bf16 answers within {dev:.2e} of fp32 eager")
             opts.results["frontend_rss_mb"] = fleets.frontend_rss(ts)
             if router:
-                opts.results["router_rss_mb"] = round(_peak_rss_mb(router.proc.pid), 1)
+                opts.results["router_rss_mb"] = round(peak_rss_mb(router.proc.pid), 1)
         finally:
             if router:
                 router.stop()
