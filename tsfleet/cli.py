@@ -227,7 +227,8 @@ def cmd_rollout(args: argparse.Namespace, fleet: Fleet) -> int:
     if not args.version:
         raise FleetError(f"rollout {args.action} needs MODEL VERSION")
     if args.action == "promote":
-        rollout.promote(admin, _client(args), fleet, args.model, args.version, _say)
+        rollout.promote(admin, _client(args), fleet, args.model, args.version, _say, Path(args.manifest),
+                        Path(args.report_dir) if args.report_dir else None)
         return 0
     weight = args.weight if args.action == "start" else args.weight_pos
     if weight is None:

@@ -81,8 +81,13 @@ def set_weight(admin: RouterAdmin, client: ManagementClient, model: str, version
 
 
 def promote(admin: RouterAdmin, client: ManagementClient, fleet: Fleet, model: str, version: str,
-            say: Callable[[str], None]) -> None:
-    """All traffic to ``version``, make it TorchServe's default, retire the old one if the manifest did."""
+            say: Callable[[str], None], manifest: Path | None = None, report_dir: Path | None = None) -> None:
+    """All traffic to ``version``, make it TorchServe's default and the manifest's, and
+    retire the old version (drained first) if the manifest no longer lists it."""
+    from handlers.lifecycle import default_report_dir
+    from tsfleet.manifest_edit import set_default_version
+    from tsfleet.swap import RouterLink, Swapper
+
     route = _route(admin, model)
     _ready(client, model, version)
     old = route["baseline"]
@@ -90,12 +95,17 @@ def promote(admin: RouterAdmin, client: ManagementClient, fleet: Fleet, model: s
     client.set_default(model, version)
     say(f"{model}: {version} takes all traffic and is TorchServe's default (was {old})")
     spec = fleet.models.get(model)
+    if spec and spec.default_version != version:
+        if manifest and version in spec.versions and set_default_version(manifest, model, version):
+            say(f"{model}: {manifest} now says default_version {version!r} (so apply keeps it)")
+        else:
+            say(f"note: fleet.yaml still says default_version {spec.default_version!r} for {model}; set it to "
+                f"{version!r} or the next `tsfleet apply` switches the default back")
     if spec and old != version and old not in spec.versions:
-        client.unregister(model, old)
+        swapper = Swapper(client, fleet.root / "model_store", report_dir or default_report_dir(),
+                          RouterLink(None, say), say)
+        swapper.retire(None, old, model)
         say(f"{model}: retired {old}, which the manifest no longer lists")
-    elif spec and spec.default_version != version:
-        say(f"note: fleet.yaml still says default_version {spec.default_version!r} for {model}; set it to "
-            f"{version!r} or the next `tsfleet apply` switches the default back")
 
 
 def render_status(routes: dict[str, Any], model: str | None = None) -> str:

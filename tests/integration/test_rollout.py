@@ -14,7 +14,7 @@ import yaml
 
 from tests.integration.conftest import ROOT, new_server
 from tests.integration.router_harness import RunningRouter
-from tsfleet.manifest import parse_fleet
+from tsfleet.manifest import load_fleet, parse_fleet
 from tsfleet.router.routing import RollbackRule
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,8 @@ def test_canary_from_start_to_promote(stack) -> None:
 
     promoted = cli(ts, router, workdir, "promote", "intent-classifier", "1.1")
     assert promoted.returncode == 0, promoted.stderr
-    assert "fleet.yaml still says default_version" in promoted.stdout
+    assert "now says default_version '1.1'" in promoted.stdout
+    assert load_fleet(workdir / "fleet.yaml").models["intent-classifier"].default_version == "1.1"
     assert versions_served(ts, router, 20) == Counter({"1.1": 20})
     default = next(v for v in ts.client.describe("intent-classifier") if v.is_default)
     assert default.version == "1.1"
