@@ -186,7 +186,7 @@ def _version_spec(root: Path, name: str, version: str, model: dict, raw: Any, de
                        _mapping(raw.get("params"), f"{where}.params"), serving, settings, recycle)
 
 
-ROLLBACK_KEYS = ("window_s", "min_samples", "max_error_rate_increase", "max_p99_ratio")
+ROLLBACK_KEYS = ("window_s", "min_samples", "max_error_rate_increase", "max_p99_ratio", "min_p99_increase_ms")
 
 
 def _rollback(layers: list[tuple[dict[str, Any], str]]) -> dict[str, float]:

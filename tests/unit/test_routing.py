@@ -79,6 +79,14 @@ def test_slow_candidate_is_rolled_back_and_old_samples_leave_the_window() -> Non
     assert event and event["reason"].startswith("p99")
 
 
+def test_a_latency_blip_of_a_few_ms_is_not_a_regression() -> None:
+    t = table(v1_0=50, v1_1=50)
+    for i in range(60):  # 3x the baseline's p99, but only 20 ms more: under the 50 ms margin
+        t.record("m", "1.0", True, 0.010, now=i)
+        assert t.record("m", "1.1", True, 0.030, now=i) is None
+    assert t.routes["m"].weights["1.1"] == 50
+
+
 def test_weights_survive_a_restart_through_the_state_file(tmp_path: Path) -> None:
     state = tmp_path / "router_state.json"
     t = table(state)

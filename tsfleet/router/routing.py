@@ -30,6 +30,8 @@ class RollbackRule:
     min_samples: int = 30
     max_error_rate_increase: float = 0.05
     max_p99_ratio: float = 2.0  # 0 turns the latency check off
+    # ...and by at least this much: a 4 ms p99 next to a 2 ms one is a blip, not a regression.
+    min_p99_increase_ms: float = 50.0
 
 
 @dataclass
@@ -243,7 +245,8 @@ class RoutingTable:
         reason = None
         if err_c - err_b > rule.max_error_rate_increase:
             reason = f"error rate {err_c:.1%} vs baseline {err_b:.1%} over {rule.window_s:.0f} s"
-        elif rule.max_p99_ratio and p99_b > 0 and p99_c > rule.max_p99_ratio * p99_b:
+        elif (rule.max_p99_ratio and p99_b > 0 and p99_c > rule.max_p99_ratio * p99_b
+              and (p99_c - p99_b) * 1000 >= rule.min_p99_increase_ms):
             reason = f"p99 {p99_c * 1000:.0f} ms vs baseline {p99_b * 1000:.0f} ms over {rule.window_s:.0f} s"
         if reason is None:
             return None
