@@ -203,6 +203,8 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str]) -> str:
                 "| model | first request ms | warm p50 ms | warm p99 ms |", "|---|---|---|---|"]
         out += [f"| {m} | {f['first_ms']:.1f} | {f['p50_ms']:.1f} | {f['p99_ms']:.1f} |" for m, f in cold["models"].items()]
         out.append("")
+    for phase, error in doc.get("errors", {}).items():
+        out += [f"**{phase} failed in this run**: {error}", ""]
     out += ["## Memory", ""] + memory_table(doc) + ["", "## Discussion", ""] + discussion(doc, checks)
     return "\n".join(out) + "\n"
 

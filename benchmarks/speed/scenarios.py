@@ -247,8 +247,12 @@ def run_all(opts: Options) -> dict:
     if "cold-start" in opts.scenarios:
         opts.log("cold start: the repo's fleet from model_store/")
         bodies = {w.model: (w.bodies[0], w.content_type) for w in workloads}
-        opts.results["cold_start"] = fleets.cold_start(opts.work, bodies)
-        opts.log(f"  ready in {opts.results['cold_start']['ready_s']:.1f} s")
+        try:
+            opts.results["cold_start"] = fleets.cold_start(opts.work, bodies)
+            opts.log(f"  ready in {opts.results['cold_start']['ready_s']:.1f} s")
+        except Exception as exc:  # the figures measured so far are still worth writing
+            opts.results.setdefault("errors", {})["cold-start"] = f"{type(exc).__name__}: {exc}"
+            opts.log(f"  failed: {exc}")
     opts.results["load_tool"] = load.tool
     opts.results["duration_s"] = round(time.monotonic() - started, 1)
     return opts.results

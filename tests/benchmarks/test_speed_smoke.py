@@ -37,6 +37,7 @@ def _check_figures(figures: dict) -> None:
 def test_json_has_every_figure_with_its_machine(smoke_run: Path) -> None:
     doc = json.loads((smoke_run / "benchmarks" / "results" / "latest.json").read_text())
     meta = doc["meta"]
+    assert "errors" not in doc
     assert meta["cpu_count"] >= 1 and meta["mode"] == "smoke" and meta["load_tool"] == "python"
     for key in ("date", "python", "torch", "torchserve", "fastapi", "uvicorn", "gpu", "settings"):
         assert key in meta
