@@ -90,6 +90,27 @@ def limit_table(limit: dict, unit: str) -> list[str]:
     return lines
 
 
+def cpu_table(entry: dict) -> list[str]:
+    """CPU ms per request by process group, for the metered scenarios."""
+    rows = []
+    for name in ORDER:
+        row = entry.get("scenarios", {}).get(name)
+        for c, f in sorted((row or {}).get("by_concurrency", {}).items(), key=lambda kv: int(kv[0])):
+            cpu = f.get("cpu_ms_per_request")
+            if cpu:
+                rows.append(f"| {row['label']} | {c} | {cpu['workers_user_ms'] + cpu['workers_sys_ms']:.2f} | "
+                            f"{cpu['frontend_user_ms'] + cpu['frontend_sys_ms']:.2f} | "
+                            f"{cpu['router_user_ms']:.2f} / {cpu['router_sys_ms']:.2f} | {cpu['other_ms']:.2f} | "
+                            f"{cpu['machine_ms']:.2f} |")
+    if not rows:
+        return []
+    return ["Where the CPU goes, in CPU milliseconds per request during the timed windows (from /proc): the "
+            "model workers, TorchServe's Java frontend, the router (user = Python / system = kernel socket work) "
+            "and the rest of the machine (mostly the load generator):", "",
+            "| scenario | clients | workers | frontend | router user / sys | rest | whole machine |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def memory_table(doc: dict) -> list[str]:
     lines = ["| model | scenario | peak RSS per process (MiB) |", "|---|---|---|"]
     for model, entry in doc.get("models", {}).items():
@@ -180,7 +201,7 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str]) -> str:
                     f"softmax), {entry['limit']['processes']} single-thread processes side by side:", ""]
             out += limit_table(entry["limit"], entry["unit"]) + [""]
         if entry.get("scenarios"):
-            out += scenario_table(entry) + [""]
+            out += scenario_table(entry) + [""] + cpu_table(entry)
         sweep = entry.get("sweep")
         if sweep:
             out += ["The sweep that chose the tuned configuration (one run per point; score = geometric mean "

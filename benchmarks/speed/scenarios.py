@@ -15,6 +15,7 @@ from typing import Callable
 
 from benchmarks.harness import RouterProcessRunner
 from benchmarks.speed import fleets
+from benchmarks.speed.cpu import CpuMeter
 from benchmarks.speed.fleets import Serve, Variant
 from benchmarks.speed.limit import peak_rss_mb, run_limit
 from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc
@@ -35,6 +36,8 @@ LABELS = {
     "minimal": "minimal hand-written handler",
 }
 Target = Callable[[int, float], Sample]
+# Scenarios whose CPU per request is broken down by process (the router's cost, explained).
+METERED = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc")
 
 
 @dataclass
@@ -190,6 +193,12 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
             base, key = ts.ep.url("inference"), ts.keys.inference
             auth = ts.keys.header("inference")
             grpc_direct = f"127.0.0.1:{ts.ep.grpc_inference}"
+            front = fleets.frontend_pid(ts)
+            meter = CpuMeter({
+                "workers": lambda: [w.pid for vs in ts.client.state().values() for v in vs for w in v.workers if w.pid],
+                "frontend": lambda: [front] if front else [],
+                "router": lambda: [router.proc.pid] if router else [],
+            })
             for w in workloads:
                 targets: dict[str, Target] = {"toolkit-tuned": http_target(load, base + f"/predictions/{w.model}", w, auth)}
                 if router and "router-rest" in want:
@@ -202,8 +211,12 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                     targets["compiled"] = http_target(load, base + f"/predictions/{w.model}/3.0", w, auth)
                 if "minimal" in want:
                     targets["minimal"] = http_target(load, base + f"/predictions/minimal-{w.model}", w, auth)
+                metered = {name: meter.wrap(name, t) if name in METERED else t for name, t in targets.items()}
                 for clients in opts.concurrency:
-                    for name, figures in measure(targets, opts, clients).items():
+                    meter.reset()
+                    for name, figures in measure(metered, opts, clients).items():
+                        if name in METERED:
+                            figures["cpu_ms_per_request"] = meter.per_request(name)
                         variant = {"compiled": "3.0"}.get(name, "1.0")
                         model = f"minimal-{w.model}" if name == "minimal" else w.model
                         serve = opts.minimal if name == "minimal" else tuned[w.model]

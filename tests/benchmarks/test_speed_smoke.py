@@ -53,6 +53,11 @@ def test_json_has_every_figure_with_its_machine(smoke_run: Path) -> None:
             assert set(row["by_concurrency"]) == {"4"}
             _check_figures(row["by_concurrency"]["4"])
         assert all(rss > 0 for rss in entry["scenarios"]["toolkit-tuned"]["peak_rss_mb"])
+        # The CPU breakdown: the workers did the model's work; only the routed row used the router.
+        direct = entry["scenarios"]["toolkit-tuned"]["by_concurrency"]["4"]["cpu_ms_per_request"]
+        routed = entry["scenarios"]["router-rest"]["by_concurrency"]["4"]["cpu_ms_per_request"]
+        assert direct["workers_user_ms"] > 0 and routed["workers_user_ms"] > 0
+        assert direct["router_user_ms"] == 0 < routed["router_user_ms"] + routed["router_sys_ms"]
     bars = {(b["bar"], b["model"]) for b in doc["bars"]}
     for model in MODELS:
         assert ("tuned >= 90% of the limit", model) in bars
@@ -66,6 +71,7 @@ def test_markdown_and_plots(smoke_run: Path) -> None:
                     "## image-classifier", "## Memory", "## Discussion"):
         assert heading in text
     assert "TorchServe + toolkit, tuned" in text and "through the router (REST)" in text
+    assert "Where the CPU goes" in text
     assert "python" in text  # names the load generator it fell back to
     for model in MODELS:
         png = smoke_run / "docs" / f"bench_{model}.png"
