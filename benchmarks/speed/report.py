@@ -39,6 +39,11 @@ def bars(doc: dict) -> list[dict]:
             if minimal and minimal["rps"]:
                 ratio = tuned["rps"] / minimal["rps"]
                 add("tuned >= 1.10x the minimal handler", model, clients, ratio, ">= 1.10", ratio >= 1.1)
+                compiled = _fig(entry, "compiled", clients)
+                if compiled:
+                    ratio = compiled["rps"] / minimal["rps"]
+                    add("toolkit + compile + bf16 >= 1.10x the minimal handler", model, clients, ratio, ">= 1.10",
+                        ratio >= 1.1)
             for routed, direct, proto in (("router-rest", "toolkit-tuned", "REST"), ("router-grpc", "grpc-direct", "gRPC")):
                 r, d = _fig(entry, routed, clients), _fig(entry, direct, clients)
                 if r and d and d["rps"]:
@@ -126,6 +131,37 @@ def memory_table(doc: dict) -> list[str]:
     return lines
 
 
+def _where_time_goes(model: str, entry: dict, cores: int) -> list[str]:
+    """The CPU table read out: why tuned is below the limit, and what the router costs."""
+    limit = entry.get("limit")
+    out = []
+    for c in sorted({c for r in entry.get("scenarios", {}).values() for c in r["by_concurrency"]}, key=int):
+        tuned, routed = (_fig(entry, s, c) for s in ("toolkit-tuned", "router-rest"))
+        cpu = (tuned or {}).get("cpu_ms_per_request")
+        if not cpu:
+            continue
+        text = (f"- **{model}**, {c} clients, where the time goes: the machine spent {cpu['machine_ms']:.2f} ms of CPU "
+                f"per request, {cpu['workers_user_ms'] + cpu['workers_sys_ms']:.2f} ms of it in the model workers, "
+                f"{cpu['frontend_user_ms'] + cpu['frontend_sys_ms']:.2f} ms in TorchServe's frontend and "
+                f"{cpu['other_ms']:.2f} ms in the rest (the load generator)")
+        if limit:
+            best = cores * 1000 / limit["ceiling"]
+            batch = entry["scenarios"]["toolkit-tuned"].get("config", {}).get("batch_size", 0)
+            smaller = (f"its batches are at most {batch}, and " if batch and batch < limit["ceiling_batch"] else "")
+            text += (f"; the limit's own work is {best:.2f} ms per {entry['unit'][:-1]} at its best batch "
+                     f"({limit['ceiling_batch']}), which the server cannot match: {smaller}every request also "
+                     "crosses HTTP, the JVM and the worker's socket protocol (TorchServe's Python side decodes "
+                     "and encodes each one)")
+        rcpu = (routed or {}).get("cpu_ms_per_request")
+        if rcpu:
+            text += (f". Through the router: {rcpu['router_user_ms']:.2f} ms of Python and "
+                     f"{rcpu['router_sys_ms']:.2f} ms of kernel time in the router per request, "
+                     f"{rcpu['machine_ms']:.2f} ms for the machine in all: on {cores} busy cores that CPU is taken "
+                     "from the workers")
+        out.append(text + ".")
+    return out
+
+
 def discussion(doc: dict, checks: list[dict]) -> list[str]:
     meta = doc["meta"]
     met = [c for c in checks if c["met"]]
@@ -144,6 +180,7 @@ def discussion(doc: dict, checks: list[dict]) -> list[str]:
             if minimal:
                 parts.append(f"{tuned['rps'] / max(minimal['rps'], 1e-9):.2f}x the minimal handler")
             lines.append(f"- **{model}**: " + ", ".join(parts) + ".")
+        lines += _where_time_goes(model, entry, meta["cpu_count"])
         comp = entry.get("scenarios", {}).get("compiled")
         if comp and "max_abs_deviation" in comp:
             lines.append(f"- **{model}**: torch.compile + bf16 autocast answers differ from fp32 eager by at most "
@@ -156,9 +193,11 @@ def discussion(doc: dict, checks: list[dict]) -> list[str]:
         "Compare rows of one run only; a rerun on a quieter or bigger machine moves all rows.",
         "- The router is a Python process: on this box its CPU comes out of the workers' share, which is what "
         "its rows measure. With a core of its own the added latency is its own work only.",
-        "- The FastAPI peer is written as its docs suggest (one uvicorn process, a plain `def` endpoint, "
-        "sentence-transformers for MiniLM, default torch threads): concurrent requests run the model in "
-        "parallel threads, each wanting every core, and never batch.",
+        "- The FastAPI peer is written as its docs suggest: one uvicorn process, default torch threads, one "
+        "forward pass per request. For MiniLM a plain `def` endpoint over sentence-transformers (FastAPI runs "
+        "it in a thread pool, so concurrent requests run the model in parallel threads, each wanting every "
+        "core); for the image model an `async def` endpoint that reads the raw body and runs the small CNN "
+        "in the event loop (one request at a time, no thread contention). Neither batches.",
         "- Where a bar is not met the table above says by how much; nothing in the suite is tuned to one run.",
     ]
     if not meta.get("gpu"):
@@ -178,7 +217,8 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str]) -> str:
         f"torch {meta['torch']}, TorchServe {meta['torchserve']}, FastAPI {meta['fastapi']}, uvicorn {meta['uvicorn']}. "
         f"HTTP load from **{meta['load_tool']}**{' (one thread, a Lua script cycling the POST bodies)' if meta['load_tool'] == 'wrk' else ' (an asyncio aiohttp closed loop: wrk is not installed)'}; "
         "gRPC load from an asyncio client over the router's generated stubs. "
-        f"Each figure is the median of {s['runs']} run(s) of {s['seconds']:.0f} s after a {s['warmup']:.0f} s warm-up, "
+        f"Each figure is the median of {s['runs']} run(s) of {s['seconds']:.0f} s after a warm-up that lasts until "
+        f"two {s['warmup']:.0f} s windows in a row agree within 15% (a compiled model must have compiled every shape), "
         f"± the spread (max - min); the whole run took {meta['duration_s'] / 60:.1f} minutes. "
         "Every figure is in `benchmarks/results/latest.json`.", "",
         "Requests: text-embedder gets the 50 short sentences of `data/intents/heldout.jsonl` (6-12 words, one per "

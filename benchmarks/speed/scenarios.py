@@ -37,7 +37,8 @@ LABELS = {
 }
 Target = Callable[[int, float], Sample]
 # Scenarios whose CPU per request is broken down by process (the router's cost, explained).
-METERED = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc")
+METERED = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc", "compiled", "minimal")
+WARMUP_WINDOWS = 6
 
 
 @dataclass
@@ -75,14 +76,28 @@ def summarize(samples: list[Sample]) -> dict:
     return out
 
 
-def measure(targets: dict[str, Target], opts: Options, clients: int, runs: int | None = None) -> dict[str, dict]:
-    """Warm each target up, then ``runs`` timed windows per target, interleaved."""
-    runs = runs or opts.runs
+def warm(targets: dict[str, Target], opts: Options, clients: int) -> None:
+    """Run each target until two warm-up windows in a row agree within 15%."""
     for run in targets.values():
-        # A window that completed nothing (a worker still compiling a new shape) is no warm-up.
-        for _ in range(3):
-            if run(clients, opts.warmup).requests > 0:
+        last = 0.0
+        for _ in range(WARMUP_WINDOWS):
+            rps = run(clients, opts.warmup).rps
+            if rps > 0 and last > 0 and abs(rps - last) <= 0.15 * max(rps, last):
                 break
+            last = rps
+
+
+def measure(targets: dict[str, Target], opts: Options, clients: int, runs: int | None = None,
+            on_warm: Callable[[], None] | None = None) -> dict[str, dict]:
+    """Warm each target up until it is steady, then ``runs`` timed windows per target, interleaved.
+
+    Steady: two warm-up windows in a row within 15% of each other. A target still compiling
+    new shapes (torch.compile) burns CPU the other targets would see in their windows.
+    """
+    runs = runs or opts.runs
+    warm(targets, opts, clients)
+    if on_warm:
+        on_warm()
     samples: dict[str, list[Sample]] = {name: [] for name in targets}
     for _ in range(runs):
         for name, run in targets.items():
@@ -212,9 +227,12 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                 if "minimal" in want:
                     targets["minimal"] = http_target(load, base + f"/predictions/minimal-{w.model}", w, auth)
                 metered = {name: meter.wrap(name, t) if name in METERED else t for name, t in targets.items()}
+                # Every target at every concurrency first: a compiled model meets its new shapes
+                # (and compiles them) here, not during another target's timed window.
                 for clients in opts.concurrency:
-                    meter.reset()
-                    for name, figures in measure(metered, opts, clients).items():
+                    warm(targets, opts, clients)
+                for clients in opts.concurrency:
+                    for name, figures in measure(metered, opts, clients, on_warm=meter.reset).items():
                         if name in METERED:
                             figures["cpu_ms_per_request"] = meter.per_request(name)
                         variant = {"compiled": "3.0"}.get(name, "1.0")
