@@ -2,7 +2,7 @@
 """Worker recycling under load: failures and latency, through the router and direct, and
 the memory of a leaking worker over time with and without a max_rss policy.
 
-    .venv/bin/python -m benchmarks.recycling [--seconds 20]
+    .venv/bin/python -m benchmarks.recycling [--seconds 60] [--recycles-per-worker 3]
 
 Prints a table, writes benchmarks/results/recycling.json and docs/recycling_leak.png.
 Uses the test-only leaking model (tests/fixtures/leaky_handler.py): 2 workers, batch 1.
@@ -75,7 +75,10 @@ def fresh_workers(ts, fleet: Fleet) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of each load phase")
+    parser.add_argument("--recycles-per-worker", type=float, default=3.0,
+                        help="max_requests is set from the steady rate so each worker recycles this often per phase")
+    parser.add_argument("--leak-seconds", type=float, default=60.0, help="length of each leak-demo phase")
     parser.add_argument("--clients", type=int, default=16)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tsfleet-bench-recycle-"))
@@ -89,11 +92,16 @@ def main() -> None:
     headers = {**ts.keys.header("inference"), "Content-Type": "application/json"}
     body = b'{"ping": 1}'
     rows: dict[str, dict] = {}
-    policy = leaky_fleet(reports, max_requests=400, max_requests_jitter=100)
     try:
         closed_loop(router.url + "/predictions/leaky", body, headers, 4, 3)  # warm-up
         rows["steady, via router"] = closed_loop(router.url + "/predictions/leaky", body, headers,
                                                  args.clients, args.seconds).row()
+        # "Recycles every worker several times": limits from the rate each of the 2 workers saw.
+        per_worker = rows["steady, via router"]["rps"] / 2 * args.seconds
+        max_requests = max(50, int(per_worker / (args.recycles_per_worker + 0.5)))
+        policy = leaky_fleet(reports, max_requests=max_requests, max_requests_jitter=max_requests // 5)
+        print(f"policy: max_requests {max_requests} (jitter {max_requests // 5}): about "
+              f"{args.recycles_per_worker:.0f} recycles per worker per {args.seconds:.0f} s phase")
         for name, url in (("recycling, via router", router.url), ("recycling, direct", ts.ep.url("inference"))):
             watcher = RecyclerThread(policy, ts, reports)
             result = closed_loop(url + "/predictions/leaky", body, headers, args.clients, args.seconds)
@@ -110,7 +118,7 @@ def main() -> None:
                 name = f"max_rss {ceiling} MB"
             samples: list[tuple[float, float]] = []
             watcher = RecyclerThread(fleet, ts, reports, samples)
-            result = closed_loop(router.url + "/predictions/leaky", body, headers, 4, args.seconds * 4)
+            result = closed_loop(router.url + "/predictions/leaky", body, headers, 4, args.leak_seconds)
             rows[f"leak demo, {name}"] = {**result.row(), "recycles": watcher.close(),
                                           "peak_worker_rss_mb": round(max(m for _, m in samples), 1)}
             curves[name] = samples
@@ -130,7 +138,8 @@ def main() -> None:
     print(f"\np99 while recycling via the router: {ratio:.2f}x the steady p99 (bar: 1.5x)")
     out = ROOT / "benchmarks/results/recycling.json"
     out.write_text(json.dumps({"rows": rows, "p99_ratio": ratio, "clients": args.clients,
-                               "seconds": args.seconds, "leak_kb_per_request": LEAK_KB}, indent=2))
+                               "seconds": args.seconds, "max_requests": max_requests,
+                               "leak_kb_per_request": LEAK_KB}, indent=2))
     plot(curves, ceiling, ROOT / "docs/recycling_leak.png")
     print(f"wrote {out.relative_to(ROOT)} and docs/recycling_leak.png")
 
