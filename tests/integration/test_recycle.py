@@ -107,6 +107,20 @@ def test_max_requests_with_jitter_replaces_workers_in_turn(leaky) -> None:
     assert "tsfleet_worker_recycles_total" in recycler.metrics()
 
 
+def test_max_age_replaces_a_worker_that_lived_too_long(leaky) -> None:
+    ts, reports = leaky
+    fleet = leaky_fleet(reports, max_age_s=3)
+    load, rss = Load(ts, n=400, per_s=50), []
+    recycler = recycle_during(ts, fleet, reports, load, rss)
+    oks = [e for e in recycler.events if e.ok]
+    failed = [code for code, _ in load.results if code != 200]
+    assert len(oks) >= 2 and all(e.reason.startswith("max_age") for e in oks), recycler.events
+    assert len(failed) <= len(oks), failed
+    assert len({pid for _, pid in load.results if pid}) >= 2  # served by successive workers
+    state = ts.client.describe("leaky")[0]
+    assert state.min_workers == 1 and state.ready_workers == 1
+
+
 def test_recycling_under_load_through_the_router_fails_no_request(leaky, tmp_path: Path) -> None:
 
     from tests.integration.router_harness import RunningRouter
