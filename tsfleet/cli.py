@@ -108,8 +108,15 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
             _say("running in the background; `make down` stops it")
             return 0
         _say("Ctrl-C stops the fleet")
-        while True:
-            time.sleep(3600)
+        while (state := server.state()) == "running":
+            time.sleep(2)  # watching TorchServe for as long as it runs, no deadline
+        companions.stop(server.workdir, "route")
+        companions.stop(server.workdir, "recycle")
+        if state == "died":
+            raise FleetError(f"TorchServe exited unexpectedly; see {server.workdir / 'logs'}. The router and "
+                             "the recycler were stopped; `make up` starts the fleet again")
+        _say("TorchServe was stopped (tsfleet down); the router and the recycler are stopped too")
+        return 0
     except KeyboardInterrupt:
         _say("\nstopping the router, the recycler and TorchServe")
         _stop_all(server)

@@ -115,6 +115,21 @@ class TorchServe:
         """``torchserve --stop``; quiet when nothing is running."""
         self._torchserve("--stop")
 
+    def state(self) -> str:
+        """"running", "stopped" (stopped cleanly: no pid file) or "died" (pid file, no process)."""
+        pid_file = Path(self.env.get("TMPDIR") or tempfile.gettempdir()) / ".model_server.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return "stopped"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "died"
+        except PermissionError:
+            pass  # alive, someone else's
+        return "running"
+
     @property
     def keys(self) -> Keys:
         if self._keys is None:

@@ -43,7 +43,7 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: Path) -> None:
+def _start_up(fleet, model_store, tmp_path: Path) -> tuple[subprocess.Popen, Endpoints, dict[str, str]]:
     ep = Endpoints.on_free_ports()
     config = tmp_path / "config.properties"
     config.write_text(render_properties(fleet, ep, str(model_store)))
@@ -53,6 +53,18 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
         [sys.executable, "-m", "tsfleet", "--config", str(config), "--model-store", str(model_store), "up", "--no-build"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    return proc, ep, env
+
+
+def _cleanup(proc: subprocess.Popen, env: dict[str, str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    subprocess.run([str(Path(sys.executable).with_name("torchserve")), "--stop"], env=env,
+                   capture_output=True, timeout=60)
+
+
+def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: Path) -> None:
+    proc, ep, env = _start_up(fleet, model_store, tmp_path)
     seen: list[str] = []
     try:
         q = _lines(proc)
@@ -74,7 +86,32 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
             time.sleep(0.2)
         assert not _port_open(ep.inference), "TorchServe still listening after Ctrl-C"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run([str(Path(sys.executable).with_name("torchserve")), "--stop"], env=env,
-                       capture_output=True, timeout=60)
+        _cleanup(proc, env)
+
+
+def test_up_says_so_and_stops_its_companions_when_torchserve_dies(fleet, model_store, tmp_path: Path) -> None:
+    proc, ep, env = _start_up(fleet, model_store, tmp_path)
+    seen: list[str] = []
+    try:
+        q = _lines(proc)
+        _wait_for(q, "Ctrl-C stops the fleet", time.monotonic() + 240, seen)
+        pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
+        java = int((tmp_path / "tmp" / ".model_server.pid").read_text())
+        os.kill(java, signal.SIGKILL)
+        _wait_for(q, "TorchServe exited unexpectedly", time.monotonic() + 60, seen)
+        assert proc.wait(timeout=60) != 0
+        for name, pid in pids.items():
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.2)
+            assert not _alive(pid), f"the {name} companion outlived TorchServe"
+    finally:
+        _cleanup(proc, env)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
