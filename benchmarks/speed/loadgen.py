@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Awaitable, Callable
 
 
 @dataclass
@@ -88,37 +89,44 @@ def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], clients: int
     return Sample(int(total.group(1)), failed, rps, _wrk_ms(out, "50"), _wrk_ms(out, "99"))
 
 
+async def _closed_loop(call: Callable[[int], Awaitable[bool]], clients: int, seconds: float) -> Sample:
+    """``clients`` coroutines, each awaiting ``call(i)`` (True: success) back to back until
+    ``seconds`` have passed; every latency recorded."""
+    latencies: list[float] = []
+    failed = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(offset: int) -> None:
+        nonlocal failed
+        i = offset
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            ok = await call(i)
+            i += 1
+            latencies.append(time.perf_counter() - t0)
+            failed += not ok
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    return _percentiles(latencies, len(latencies), failed, time.perf_counter() - started)
+
+
 async def _http_loop(url: str, bodies: list[bytes], headers: dict[str, str], clients: int,
                      seconds: float) -> Sample:
     import aiohttp
 
-    latencies: list[float] = []
-    failed = 0
-    deadline = time.perf_counter() + seconds
     connector = aiohttp.TCPConnector(limit=clients, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
 
-        async def client(offset: int) -> None:
-            nonlocal failed
-            i = offset
-            while time.perf_counter() < deadline:
-                body = bodies[i % len(bodies)]
-                i += 1
-                t0 = time.perf_counter()
-                try:
-                    async with session.post(url, data=body, headers=headers) as resp:
-                        await resp.read()
-                        ok = resp.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    ok = False
-                latencies.append(time.perf_counter() - t0)
-                failed += not ok
+        async def call(i: int) -> bool:
+            try:
+                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as resp:
+                    await resp.read()
+                    return resp.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return False
 
-        started = time.perf_counter()
-        await asyncio.gather(*(client(k) for k in range(clients)))
-        elapsed = time.perf_counter() - started
-    return _percentiles(latencies, len(latencies), failed, elapsed)
+        return await _closed_loop(call, clients, seconds)
 
 
 def run_python(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float) -> Sample:
@@ -132,33 +140,19 @@ async def _grpc_loop(target: str, model: str, bodies: list[bytes], key: str, cli
 
     from tsfleet.router.proto import inference_pb2, inference_pb2_grpc
 
-    latencies: list[float] = []
-    failed = 0
     metadata = (("authorization", f"Bearer {key}"),)
     requests = [inference_pb2.PredictionsRequest(model_name=model, input={"data": b}) for b in bodies]
-    deadline = time.perf_counter() + seconds
     async with grpc.aio.insecure_channel(target) as channel:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
 
-        async def client(offset: int) -> None:
-            nonlocal failed
-            i = offset
-            while time.perf_counter() < deadline:
-                request = requests[i % len(requests)]
-                i += 1
-                t0 = time.perf_counter()
-                try:
-                    await stub.Predictions(request, metadata=metadata, timeout=30)
-                    ok = True
-                except grpc.aio.AioRpcError:
-                    ok = False
-                latencies.append(time.perf_counter() - t0)
-                failed += not ok
+        async def call(i: int) -> bool:
+            try:
+                await stub.Predictions(requests[i % len(requests)], metadata=metadata, timeout=30)
+                return True
+            except grpc.aio.AioRpcError:
+                return False
 
-        started = time.perf_counter()
-        await asyncio.gather(*(client(k) for k in range(clients)))
-        elapsed = time.perf_counter() - started
-    return _percentiles(latencies, len(latencies), failed, elapsed)
+        return await _closed_loop(call, clients, seconds)
 
 
 def run_grpc(target: str, model: str, bodies: list[bytes], key: str, clients: int, seconds: float) -> Sample:
