@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import ApiError, Conflict, FleetError
 from tsfleet.manifest import Fleet, VersionSpec
 from tsfleet.swap import RouterLink, Swapper, base_version, is_stand_in
+
+if TYPE_CHECKING:
+    from tsfleet.rollout import RouterAdmin
 
 ORDER = ("register", "replace", "scale", "set-default", "unregister", "register-workflow", "unregister-workflow")
 
@@ -110,7 +113,7 @@ def _run_step(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapp
     elif step.action == "unregister":
         model = fleet.models.get(step.model)
         base = model.versions.get(base_version(step.version)) if model else None
-        swapper.retire(base if is_stand_in(step.version) else None, step.version, step.model)
+        swapper.retire(step.model, step.version, base if is_stand_in(step.version) else None)
     elif step.action == "register-workflow":
         try:
             client.register_workflow(fleet.workflows[step.model].archive_name, step.model)
@@ -121,7 +124,8 @@ def _run_step(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapp
 
 
 def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None] = print, *,
-          store: Path | None = None, report_dir: Path | None = None, router: object | None = None) -> list[Step]:
+          store: Path | None = None, report_dir: Path | None = None,
+          router: "RouterAdmin | None" = None) -> list[Step]:
     """Perform the plan; stop at the first failed step with a message naming it.
 
     ``store`` holds the archives (default: the fleet's model_store), ``report_dir`` the

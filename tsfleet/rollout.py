@@ -104,7 +104,7 @@ def promote(admin: RouterAdmin, client: ManagementClient, fleet: Fleet, model: s
     if spec and old != version and old not in spec.versions:
         swapper = Swapper(client, fleet.root / "model_store", report_dir or default_report_dir(),
                           RouterLink(None, say), say)
-        swapper.retire(None, old, model)
+        swapper.retire(model, old)
         say(f"{model}: retired {old}, which the manifest no longer lists")
 
 

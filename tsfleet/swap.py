@@ -23,11 +23,14 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import Conflict, FleetError, NotFound
 from tsfleet.manifest import VersionSpec
+
+if TYPE_CHECKING:
+    from tsfleet.rollout import RouterAdmin
 
 SUFFIX = "~swap"
 DRAIN_FLAG = "drain"  # handlers.lifecycle.DRAIN_FLAG: the workers watch for this file
@@ -71,14 +74,14 @@ def derive_archive(store: Path, spec: VersionSpec) -> str:
 class RouterLink:
     """The router's alias for a version, if a router runs; apply works without one."""
 
-    def __init__(self, admin: object | None, progress: Callable[[str], None]):
+    def __init__(self, admin: "RouterAdmin | None", progress: Callable[[str], None]):
         self.admin, self.progress, self._warned = admin, progress, False
 
     def set_alias(self, model: str, aliases: dict[str, str]) -> None:
         if self.admin is None:
             return
         try:
-            self.admin.call("PUT", f"/routes/{model}", {"aliases": aliases})  # type: ignore[attr-defined]
+            self.admin.call("PUT", f"/routes/{model}", {"aliases": aliases})
         except FleetError as exc:  # not running, or serving another fleet
             if not self._warned:
                 self._warned = True
@@ -126,18 +129,17 @@ class Swapper:
             self.router.set_alias(model, {version: temp})
             if was_default:
                 self.client.set_default(model, temp)
-            self.retire(spec, version)
+            self.retire(model, version, spec)
         self.progress(f"  registering {model} {version} with the new settings")
         self.register(spec)
         if was_default:
             self.client.set_default(model, version)
         self.router.set_alias(model, {})
-        self.retire(spec, temp)
+        self.retire(model, temp, spec)
 
-    def retire(self, spec: VersionSpec | None, version: str, model: str | None = None) -> None:
-        """Drain a version that no longer gets new traffic, then unregister it."""
-        model = spec.model if spec else model
-        assert model is not None
+    def retire(self, model: str, version: str, spec: VersionSpec | None = None) -> None:
+        """Drain a version that no longer gets new traffic, then unregister it (``spec``: the
+        manifest version it stands in for or is, whose settings name its report dir)."""
         state = self._versions(model).get(version)
         if state is None:
             return
