@@ -73,6 +73,13 @@ class FleetHandler:
         """Representative decoded items used to warm up (and compile) at load time."""
         return []
 
+    @classmethod
+    def sample_request(cls) -> tuple[str, bytes] | None:
+        """A valid request (content type, body) that ``tsfleet up`` sends a few times once the
+        fleet is ready, so the first client request finds the serving path (TorchServe's
+        frontend, the worker protocol, the answer's encoding) warm, not just the model."""
+        return None
+
     # ------------------------------------------------------------ lifecycle
     def initialize(self, context: Any) -> None:
         """TorchServe entry point at load: settings, threads, device, weights, compile, warm-up."""

@@ -5,6 +5,7 @@ Answer: ``{"label": "circle", "score": 0.99, "top_k": [{"label": ..., "score": .
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,12 @@ class ImageClassifier(FleetHandler):
             top = [{"label": self.labels[i], "score": s} for s, i in zip(row_scores, row_idx)]
             answers.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top})
         return answers
+
+    @classmethod
+    def sample_request(cls) -> tuple[str, bytes] | None:
+        png = io.BytesIO()
+        Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (128, 128, 128)).save(png, format="PNG")
+        return "image/png", png.getvalue()
 
     def warmup_items(self, batch_size: int) -> list[Image.Image]:
         return [Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (128, 128, 128))] * batch_size

@@ -103,5 +103,9 @@ class IntentClassifier(FleetHandler):
             answers.append(chunk[0] if item.single else {"predictions": chunk})
         return answers
 
+    @classmethod
+    def sample_request(cls) -> tuple[str, bytes] | None:
+        return "application/json", b'{"text": "book me a flight to Lisbon next week"}'
+
     def warmup_items(self, batch_size: int) -> list[TextItem]:
         return [TextItem(["book me a flight to Lisbon next week"], True) for _ in range(batch_size)]

@@ -47,6 +47,10 @@ class TextEmbedder(FleetHandler):
             answers.append({"embedding": chunk[0]} if item.single else {"embeddings": chunk})
         return answers
 
+    @classmethod
+    def sample_request(cls) -> tuple[str, bytes] | None:
+        return "application/json", b'{"text": "%s"}' % WARMUP_TEXT.encode()
+
     def warmup_items(self, batch_size: int) -> list[TextItem]:
         # Mixed lengths: with compile on, the warm-up batches differ in both dimensions and
         # a batch > 1 is padded (the masked attention path), so torch.compile makes both

@@ -90,24 +90,27 @@ def model_config(spec: VersionSpec, fleet_workers: int) -> dict:
     }
 
 
-def check_settings(fleet: Fleet) -> None:
-    """Fail early, naming the manifest key, on handler settings the handler would refuse."""
+def handler_class(path: Path) -> type | None:
+    """The handler class a handler file defines (each defines exactly one), loaded by path."""
     import importlib.util
 
+    loader = importlib.util.spec_from_file_location(f"_tsfleet_handler_{path.stem}", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return next((c for c in vars(module).values()
+                 if isinstance(c, type) and c.__module__ == module.__name__ and hasattr(c, "handle")), None)
+
+
+def check_settings(fleet: Fleet) -> None:
+    """Fail early, naming the manifest key, on handler settings the handler would refuse."""
     from handlers.config import parse_settings
     from tsfleet.errors import ManifestError
 
     for spec in fleet.versions():
         where = f"models.{spec.model}.versions.{spec.version}"
         check_params(spec.recipe, spec.params, where)
-        loader = importlib.util.spec_from_file_location(f"_tsfleet_check_{spec.handler.stem}", spec.handler)
-        module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
-        options = next(
-            (c.OPTIONS for c in vars(module).values()
-             if isinstance(c, type) and c.__module__ == module.__name__ and hasattr(c, "OPTIONS")),
-            {},
-        )
+        cls = handler_class(spec.handler)
+        options = getattr(cls, "OPTIONS", {})
         try:
             parse_settings({**spec.settings, "fleet_workers": 1}, options)
         except ValueError as exc:

@@ -95,6 +95,7 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
     try:
         server.wait_ready(fleet, timeout=args.timeout, progress=_say)
         server.register_workflows(fleet)
+        _say(f"warmed up the serving path ({server.warm_up(fleet)} requests)")
         _say(f"fleet ready in {time.monotonic() - started:.1f} s")
         common = ["--manifest", args.manifest, "--config", str(server.config),
                   "--key-file", str(server.workdir / "key_file.json")]

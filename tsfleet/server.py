@@ -189,3 +189,34 @@ class TorchServe:
                 client.register_workflow(flow.archive_name, flow.name)
             except Conflict:
                 pass
+
+    def warm_up(self, fleet: Fleet, rounds: int = 5) -> int:
+        """Send each version (and workflow) its handler's sample request ``rounds`` times;
+        the number sent.
+
+        The workers warm their models at load, but the first requests through TorchServe's
+        frontend and the worker protocol are still slow (the JVM has not compiled that path
+        yet); these make the first client request as fast as the rest. A sample that fails
+        is an error: the fleet would fail its clients too.
+        """
+        import requests
+
+        from tsfleet.archive import handler_class
+
+        session, sent = requests.Session(), 0
+        targets = [(f"/predictions/{spec.model}/{spec.version}", spec) for spec in fleet.versions()]
+        targets += [(f"/wfpredict/{flow.name}", flow.steps[0]) for flow in fleet.workflows.values() if flow.steps]
+        for path, spec in targets:
+            cls = handler_class(spec.handler)
+            sample = cls.sample_request() if cls and hasattr(cls, "sample_request") else None
+            if not sample:
+                continue
+            content_type, body = sample
+            headers = {**self.keys.header("inference"), "Content-Type": content_type}
+            for _ in range(rounds):
+                resp = session.post(self.ep.url("inference") + path, data=body, headers=headers, timeout=120)
+                if resp.status_code != 200:
+                    raise ServerError(f"{path} failed its warm-up request ({resp.status_code}: "
+                                      f"{resp.text.strip()[:300]})")
+                sent += 1
+        return sent

@@ -260,7 +260,8 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str]) -> str:
         out += ["## Cold start", "",
                 f"The repo's whole fleet ({cold['fleet_workers']} workers, from the archives `make build` left in "
                 f"`model_store/`) was ready {cold['ready_s']:.1f} s after `torchserve --start`, "
-                f"{cold['with_workflow_s']:.1f} s with the workflow registered.", "",
+                f"{cold['with_workflow_s']:.1f} s with the workflow registered and the serving path warmed up (a few "
+                "sample requests per version, as `make up` sends them before it says the fleet is ready).", "",
                 "| model | first request ms | warm p50 ms | warm p99 ms |", "|---|---|---|---|"]
         out += [f"| {m} | {f['first_ms']:.1f} | {f['p50_ms']:.1f} | {f['p99_ms']:.1f} |" for m, f in cold["models"].items()]
         out.append("")

@@ -169,3 +169,14 @@ def test_worker_reports_its_counters_for_the_recycler(embedder_dir) -> None:
     doc = json.loads(handler.lifecycle.path.read_text())
     assert doc["requests"] >= 3 and doc["rss_mb"] > 50 and doc["pid"] == os.getpid()
     assert handler.lifecycle.path.parent == Path(REPORTS) / "text-embedder" / "1.0"
+
+
+@pytest.mark.parametrize("cls,model", [(TextEmbedder, "text-embedder"), (IntentClassifier, "intent-classifier"),
+                                       (ImageClassifier, "image-classifier")])
+def test_each_handlers_sample_request_is_answered(cls, model) -> None:
+    """The sample `tsfleet up` sends to warm the serving path must be a request the model answers."""
+    content_type, body = cls.sample_request()
+    handler, ctx = load(cls, model, artifacts(model))
+    [(status, answer)] = run(handler, ctx, [(body, content_type)])
+    assert status == 200, answer
+    assert "embedding" in answer or "intent" in answer or "label" in answer
