@@ -71,7 +71,7 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
         _wait_for(q, "Ctrl-C stops the fleet", time.monotonic() + 240, seen)
         out = "".join(seen)
         assert "fleet ready in" in out
-        assert "warmed up the serving path (15 requests)" in out  # 4 versions and the workflow, 3 each
+        assert "warmed up the serving path (25 requests)" in out  # 4 versions and the workflow, 5 each
         for name in ("text-embedder", "intent-classifier", "image-classifier"):
             assert f"{ep.url('inference')}/predictions/{name}" in out
         assert "/wfpredict/intent-pipeline" in out
