@@ -68,9 +68,14 @@ class TorchServe:
         self._keys: Keys | None = None
 
     @property
+    def tmp_dir(self) -> Path:
+        """The temp dir of TorchServe and its workers (their pid file, their reports)."""
+        return Path(self.env.get("TMPDIR") or tempfile.gettempdir())
+
+    @property
     def report_dir(self) -> Path:
         """Where this server's workers report (handlers.lifecycle.default_report_dir in their env)."""
-        return Path(self.env.get("TMPDIR") or tempfile.gettempdir()) / "tsfleet-workers"
+        return self.tmp_dir / "tsfleet-workers"
 
     @classmethod
     def isolated(cls, fleet: Fleet, model_store: Path, workdir: Path, load_models: bool = True) -> "TorchServe":
@@ -117,7 +122,7 @@ class TorchServe:
 
     def state(self) -> str:
         """"running", "stopped" (stopped cleanly: no pid file) or "died" (pid file, no process)."""
-        pid_file = Path(self.env.get("TMPDIR") or tempfile.gettempdir()) / ".model_server.pid"
+        pid_file = self.tmp_dir / ".model_server.pid"
         try:
             pid = int(pid_file.read_text().strip())
         except (OSError, ValueError):

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from tsfleet.rollout import RouterAdmin
 
 SUFFIX = "~swap"
-DRAIN_FLAG = "drain"  # handlers.lifecycle.DRAIN_FLAG: the workers watch for this file
 HEAR_WITHIN_S = 3.0  # workers look for the flag every 0.2 s
 
 
@@ -187,6 +186,8 @@ def drain(client: ManagementClient, model: str, version: str, report_dir: Path,
     """Wait until TorchServe holds no request of ``version``: its queue empty and all its
     workers idle, seen twice ``quiet_s`` apart (longer than a batch takes to gather) with
     no request served in between. None when drained, else why not."""
+    from handlers.lifecycle import DRAIN_FLAG  # the file the workers watch for (imports torch: late)
+
     folder = report_dir / model / version
     folder.mkdir(parents=True, exist_ok=True)
     flag = folder / DRAIN_FLAG
