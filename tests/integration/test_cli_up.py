@@ -9,7 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -43,7 +46,22 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _start_up(fleet, model_store, tmp_path: Path) -> tuple[subprocess.Popen, Endpoints, dict[str, str]]:
+@dataclass
+class Up:
+    """A running `tsfleet up`: its process, ports, and the lines it printed so far."""
+
+    proc: subprocess.Popen
+    ep: Endpoints
+    lines: "queue.Queue[str]"
+    seen: list[str]
+
+    def wait_for(self, text: str, seconds: float) -> None:
+        _wait_for(self.lines, text, time.monotonic() + seconds, self.seen)
+
+
+@contextmanager
+def running_up(fleet, model_store: Path, tmp_path: Path) -> Iterator[Up]:
+    """`tsfleet up` in ``tmp_path`` on free ports, until it says the fleet serves; stopped after."""
     ep = Endpoints.on_free_ports()
     config = tmp_path / "config.properties"
     config.write_text(render_properties(fleet, ep, str(model_store)))
@@ -53,66 +71,54 @@ def _start_up(fleet, model_store, tmp_path: Path) -> tuple[subprocess.Popen, End
         [sys.executable, "-m", "tsfleet", "--config", str(config), "--model-store", str(model_store), "up", "--no-build"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    return proc, ep, env
-
-
-def _cleanup(proc: subprocess.Popen, env: dict[str, str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    subprocess.run([str(Path(sys.executable).with_name("torchserve")), "--stop"], env=env,
-                   capture_output=True, timeout=60)
+    try:
+        up = Up(proc, ep, _lines(proc), [])
+        up.wait_for("Ctrl-C stops the fleet", 240)
+        yield up
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([str(Path(sys.executable).with_name("torchserve")), "--stop"], env=env,
+                       capture_output=True, timeout=60)
 
 
 def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: Path) -> None:
-    proc, ep, env = _start_up(fleet, model_store, tmp_path)
-    seen: list[str] = []
-    try:
-        q = _lines(proc)
-        _wait_for(q, "Ctrl-C stops the fleet", time.monotonic() + 240, seen)
-        out = "".join(seen)
+    with running_up(fleet, model_store, tmp_path) as up:
+        out = "".join(up.seen)
         assert "fleet ready in" in out
         assert "warmed up the serving path (25 requests)" in out  # 4 versions and the workflow, 5 each
         for name in ("text-embedder", "intent-classifier", "image-classifier"):
-            assert f"{ep.url('inference')}/predictions/{name}" in out
+            assert f"{up.ep.url('inference')}/predictions/{name}" in out
         assert "/wfpredict/intent-pipeline" in out
         keys = Keys.load(tmp_path / "key_file.json")
-        resp = requests.post(f"{ep.url('inference')}/wfpredict/intent-pipeline", json={"text": "hello, good evening"},
-                             headers=keys.header("inference"), timeout=30)
+        resp = requests.post(f"{up.ep.url('inference')}/wfpredict/intent-pipeline",
+                             json={"text": "hello, good evening"}, headers=keys.header("inference"), timeout=30)
         assert resp.status_code == 200 and resp.json()["intent"] == "greeting"
 
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=90) == 0
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(timeout=90) == 0
         deadline = time.monotonic() + 30
-        while _port_open(ep.inference) and time.monotonic() < deadline:
+        while _port_open(up.ep.inference) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _port_open(ep.inference), "TorchServe still listening after Ctrl-C"
-    finally:
-        _cleanup(proc, env)
+        assert not _port_open(up.ep.inference), "TorchServe still listening after Ctrl-C"
 
 
 def test_up_says_so_and_stops_its_companions_when_torchserve_dies(fleet, model_store, tmp_path: Path) -> None:
-    proc, ep, env = _start_up(fleet, model_store, tmp_path)
-    seen: list[str] = []
-    try:
-        q = _lines(proc)
-        _wait_for(q, "Ctrl-C stops the fleet", time.monotonic() + 240, seen)
+    with running_up(fleet, model_store, tmp_path) as up:
         pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
-        java = int((tmp_path / "tmp" / ".model_server.pid").read_text())
-        os.kill(java, signal.SIGKILL)
-        _wait_for(q, "TorchServe exited unexpectedly", time.monotonic() + 60, seen)
-        assert proc.wait(timeout=60) != 0
+        os.kill(int((tmp_path / "tmp" / ".model_server.pid").read_text()), signal.SIGKILL)
+        up.wait_for("TorchServe exited unexpectedly", 60)
+        assert up.proc.wait(timeout=60) != 0
         for name, pid in pids.items():
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.2)
             assert not _alive(pid), f"the {name} companion outlived TorchServe"
-    finally:
-        _cleanup(proc, env)
 
 
 def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
         return False
-    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"

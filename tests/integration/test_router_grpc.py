@@ -285,6 +285,7 @@ def test_request_dropped_by_a_killed_worker_is_retried(router, direct, server, a
     deadline = time.monotonic() + 60  # leave the session's server as it was: 1.1 ready again
     while time.monotonic() < deadline and not any(v.version == "1.1" and v.ready_workers for v in client.describe(MODEL)):
         time.sleep(0.5)
+    assert any(v.version == "1.1" and v.ready_workers for v in client.describe(MODEL)), "1.1 did not come back"
     assert not [k for k in routed if k.startswith("error")], routed
     assert router.table.stats[(MODEL, "1.0")].retries >= 1
     # INTERNAL, or RESOURCE_EXHAUSTED once TorchServe has seen exit code 137 (REST clients get 507).

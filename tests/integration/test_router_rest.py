@@ -46,6 +46,8 @@ def reset_routes(router: RunningRouter, server: TorchServe) -> Iterator[None]:
         if all(v.ready_workers for v in server.client.describe(INTENT)):
             break
         time.sleep(0.2)
+    else:
+        pytest.fail(f"{INTENT}: a version still has no ready worker after 90 s")
     # Each test starts with fresh statistics and no automatic rollback, so a latency blip on
     # a shared 2-core box cannot move traffic mid-test; the rollback test sets its own rule.
     router.table.stats.clear()
