@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import requests
@@ -40,17 +40,21 @@ def leaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TorchServe
 
 
 class Load:
-    """A paced, bounded client that records every answer (status, serving pid)."""
+    """A paced, bounded client that records every answer (status, serving pid): ``n``
+    requests, and past that, while ``more()`` says so, up to twice as many."""
 
     def __init__(self, ts: TorchServe, n: int, per_s: float):
         self.ts, self.n, self.per_s = ts, n, per_s
+        self.more: Callable[[], bool] = lambda: False
         self.results: list[tuple[int, int | None]] = []
 
     def run(self) -> None:
         session, url = requests.Session(), self.ts.ep.url("inference") + "/predictions/leaky"
         headers = {**self.ts.keys.header("inference"), "Content-Type": "application/json"}
         start = time.monotonic()
-        for i in range(self.n):
+        for i in range(2 * self.n):
+            if i >= self.n and not self.more():
+                break
             resp = session.post(url, data=b'{"i": %d}' % i, headers=headers, timeout=60)
             self.results.append((resp.status_code, resp.json().get("pid") if resp.status_code == 200 else None))
             ahead = start + (i + 1) / self.per_s - time.monotonic()
@@ -58,8 +62,12 @@ class Load:
                 time.sleep(ahead)  # pacing the load generator, not waiting for a condition
 
 
-def recycle_during(ts: TorchServe, fleet: Fleet, reports: Path, load: Load, rss: list[float]) -> Recycler:
+def recycle_during(ts: TorchServe, fleet: Fleet, reports: Path, load: Load, rss: list[float],
+                   recycles: int = 0) -> Recycler:
+    """Run ``load`` with a recycler ticking beside it; the load goes on past its ``n`` until
+    ``recycles`` replacements succeeded (a slow box starts replacements more slowly)."""
     recycler = Recycler(fleet, ts.client, reports, progress=lambda line: None, grace_s=10)
+    load.more = lambda: sum(e.ok for e in recycler.events) < recycles
     done = threading.Event()
     client_thread = threading.Thread(target=lambda: (load.run(), done.set()))
     client_thread.start()
@@ -74,8 +82,10 @@ def test_max_rss_keeps_a_leaking_worker_bounded(leaky) -> None:
     ts, reports = leaky
     baseline = max(r.rss_mb for r in read_reports(reports, "leaky", "1.0").values())
     ceiling = int(baseline + 60)
-    load, rss = Load(ts, n=1200, per_s=60), []
-    recycler = recycle_during(ts, leaky_fleet(reports, max_rss_mb=ceiling), reports, load, rss)
+    # 30 requests/s (60 MB/s of leak): a replacement cycle takes about 5 s on a 2-core box
+    # (two worker starts), so the leak while one is under way stays inside the bound below.
+    load, rss = Load(ts, n=1200, per_s=30), []
+    recycler = recycle_during(ts, leaky_fleet(reports, max_rss_mb=ceiling), reports, load, rss, recycles=5)
     leaked_without_recycling = len(load.results) * LEAK_MB
     assert leaked_without_recycling >= 2000  # what the one worker would hold without recycling
     oks = [e for e in recycler.events if e.ok]
@@ -92,7 +102,7 @@ def test_max_requests_with_jitter_replaces_workers_in_turn(leaky) -> None:
     ts, reports = leaky
     fleet = leaky_fleet(reports, max_requests=40, max_requests_jitter=10)
     load, rss = Load(ts, n=600, per_s=50), []
-    recycler = recycle_during(ts, fleet, reports, load, rss)
+    recycler = recycle_during(ts, fleet, reports, load, rss, recycles=3)
     oks = [e for e in recycler.events if e.ok]
     failed = [code for code, _ in load.results if code != 200]
     print(f"max_requests: {len(oks)} recycles, {len(failed)} failed of {len(load.results)}")
@@ -111,7 +121,7 @@ def test_max_age_replaces_a_worker_that_lived_too_long(leaky) -> None:
     ts, reports = leaky
     fleet = leaky_fleet(reports, max_age_s=3)
     load, rss = Load(ts, n=400, per_s=50), []
-    recycler = recycle_during(ts, fleet, reports, load, rss)
+    recycler = recycle_during(ts, fleet, reports, load, rss, recycles=2)
     oks = [e for e in recycler.events if e.ok]
     failed = [code for code, _ in load.results if code != 200]
     assert len(oks) >= 2 and all(e.reason.startswith("max_age") for e in oks), recycler.events
