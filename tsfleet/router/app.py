@@ -41,13 +41,12 @@ class RouterProcess:
         self.ports: dict[str, int] = {}
 
     async def start(self) -> None:
-        for name, app, port in (("rest", self.rest.app, self.config.port), ("admin", self.admin.app, self.config.admin_port)):
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, self.config.host, port)
-            await site.start()
-            self._runners.append(runner)
-            self.ports[name] = runner.addresses[0][1]
+        self.ports["rest"] = await self.rest.start(self.config.host, self.config.port)
+        runner = web.AppRunner(self.admin.app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.config.host, self.config.admin_port).start()
+        self._runners.append(runner)
+        self.ports["admin"] = runner.addresses[0][1]
         try:
             from tsfleet.router.grpc_front import start_grpc_router
         except ImportError:
@@ -60,6 +59,7 @@ class RouterProcess:
             from tsfleet.router.grpc_front import stop_grpc_router
 
             await stop_grpc_router(self._grpc, grace=2)
+        await self.rest.stop()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self.table.save()

@@ -1,0 +1,195 @@
+"""The router's small HTTP/1.1 server and upstream pool, over real loopback sockets."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Awaitable, Callable
+
+import pytest
+
+from tsfleet.router.http1 import Listener, Request, Response, UpstreamError, UpstreamPool
+
+
+async def echo(request: Request) -> Response:
+    doc = {"method": request.method, "target": request.target, "body": request.body.decode(),
+           "forward": [line.decode() for line in request.forward]}
+    return Response(200, json.dumps(doc).encode(), [b"Content-Type: application/json"])
+
+
+def run(test: Callable[[int], Awaitable[None]], handler=echo) -> None:
+    async def main() -> None:
+        listener = Listener(handler, max_body=1000)
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            await asyncio.wait_for(test(port), 10)
+        finally:
+            listener.close()
+
+    asyncio.run(main())
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    body = await reader.readexactly(int(headers.get("content-length", 0)))
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_a_body_in_pieces_and_pipelined_requests_are_answered_in_order() -> None:
+    async def test(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /predictions/m?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nX-User-Id: u1\r\n\r\nhe")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"llo" + b"GET /ping HTTP/1.1\r\nHost: a\r\n\r\n")
+        first = await read_answer(reader)
+        second = await read_answer(reader)
+        doc = json.loads(first[2])
+        assert first[0] == 200 and doc["body"] == "hello" and doc["target"] == "/predictions/m?x=1"
+        assert doc["forward"] == ["X-User-Id: u1"]  # Host and Content-Length are per hop
+        assert json.loads(second[2])["target"] == "/ping"
+        writer.close()
+
+    run(test)
+
+
+def test_chunked_body_and_expect_100_continue() -> None:
+    async def test(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        status, _, body = await read_answer(reader)
+        assert status == 200 and json.loads(body)["body"] == "abcde"
+        writer.close()
+
+    run(test)
+
+
+@pytest.mark.parametrize("raw, status, words", [
+    (b"POST /p HTTP/1.1\r\nbad header line\r\n\r\n", 400, "malformed header"),
+    (b"POST /p HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc", 400, "both"),
+    (b"POST /p HTTP/1.1\r\nContent-Length: 5000\r\n\r\n", 413, "limit"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "gzip"),
+    (b"POST /p HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400, "Content-Length"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "chunk size"),
+    (b"NOT A REQUEST\r\n\r\n", 400, "request line"),
+])
+def test_unreadable_requests_get_a_4xx_naming_the_problem_and_the_connection_closes(raw: bytes, status: int,
+                                                                                    words: str) -> None:
+    async def test(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        got, headers, body = await read_answer(reader)
+        assert got == status and words in json.loads(body)["message"]
+        assert headers["connection"] == "close" and await reader.read() == b""
+
+    run(test)
+
+
+def test_a_handler_error_is_a_500_and_the_connection_keeps_serving() -> None:
+    calls = []
+
+    async def flaky(request: Request) -> Response:
+        calls.append(request.target)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return await echo(request)
+
+    async def test(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):
+            writer.write(b"GET /x HTTP/1.1\r\n\r\n")
+        assert (await read_answer(reader))[0] == 500
+        assert (await read_answer(reader))[0] == 200
+        writer.close()
+
+    run(test, flaky)
+
+
+class Upstream:
+    """A raw-socket server that answers each request with the next scripted bytes."""
+
+    def __init__(self, answers: list[bytes], close_after: bool = False):
+        self.answers, self.close_after, self.connections = answers, close_after, 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        while self.answers:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length")), 0)
+            await reader.readexactly(length)
+            answer = self.answers.pop(0)
+            if answer:
+                writer.write(answer)
+                await writer.drain()
+            if self.close_after or not answer:
+                break
+        writer.close()
+
+
+def pool_test(upstream: Upstream, test: Callable[[UpstreamPool], Awaitable[None]]) -> None:
+    async def main() -> None:
+        server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+        pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            await asyncio.wait_for(test(pool), 10)
+        finally:
+            pool.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_pool_reads_length_chunked_and_until_close_answers_and_reuses_connections() -> None:
+    upstream = Upstream([
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\nrest of it",
+    ])
+
+    async def test(pool: UpstreamPool) -> None:
+        first = await pool.request("POST", "/a", [], b"xyz")
+        assert (first.status, first.body, first.headers) == (200, b"ok", [b"X-A: 1"])
+        assert (await pool.request("GET", "/b", [], b"")).body == b"{}abc"
+        last = await pool.request("GET", "/c", [], b"")
+        assert (last.status, last.body, last.keep_alive) == (404, b"rest of it", False)
+
+    pool_test(upstream, test)
+    assert upstream.connections == 1
+
+
+def test_pool_reconnects_when_an_idle_connection_was_closed_but_fails_a_refused_one() -> None:
+    upstream = Upstream([b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"], close_after=True)
+
+    async def test(pool: UpstreamPool) -> None:
+        assert (await pool.request("GET", "/", [], b"")).body == b"a"
+        await asyncio.sleep(0.1)  # the upstream has closed the kept connection by now
+        assert (await pool.request("GET", "/", [], b"")).body == b"b"
+        pool.port = 1
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            await pool.request("GET", "/", [], b"")
+
+    pool_test(upstream, test)
+    assert upstream.connections == 2
+
+
+def test_pool_gives_up_after_the_timeout_and_a_dropped_request_is_an_error() -> None:
+    async def test(pool: UpstreamPool) -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.request("GET", "/slow", [], b"", timeout=0.2)
+        with pytest.raises(UpstreamError, match="closed"):
+            await pool.request("GET", "/dropped", [], b"")
+
+    async def slow_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"/slow" in head:
+            await asyncio.sleep(1)
+        writer.close()
+
+    upstream = Upstream([])
+    upstream.handle = slow_then_drop  # type: ignore[method-assign]
+    pool_test(upstream, test)

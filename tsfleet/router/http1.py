@@ -1,0 +1,407 @@
+"""Just enough HTTP/1.1 for the router's hot path: a server and a pooled upstream client.
+
+Every request through the router is paid for in CPU that, on a small box, comes out of the
+model's own throughput. A general framework spends ~0.3 ms per proxied call building
+request and response objects; a proxy needs far less of HTTP: a head split into lines, a
+Content-Length or chunked body, keep-alive. Messages are read whole (inference bodies are
+small), so streamed (chunked) answers are forwarded once complete, as before.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+MAX_HEAD = 64 * 1024
+# Headers that describe one hop, not the message: never forwarded in either direction.
+HOP_BY_HOP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+                        b"expect", b"te", b"trailer", b"upgrade", b"proxy-connection", b"proxy-authorization"})
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+class HttpError(Exception):
+    """A request the server cannot read; answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamError(ConnectionError):
+    """The upstream closed or refused the connection before a whole answer came back."""
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: str  # path and query, as sent
+    headers: dict[bytes, bytes]  # lower-case name -> value (the last one)
+    forward: list[bytes]  # the header lines worth forwarding ("Name: value")
+    body: bytes
+    keep_alive: bool
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes
+    headers: list[bytes]  # "Name: value" lines, hop-by-hop ones left out
+    keep_alive: bool = True
+
+
+def _parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes], list[bytes]]:
+    """(first line's parts, headers by lower-case name, forwardable header lines)."""
+    lines = head.split(b"\r\n")
+    headers: dict[bytes, bytes] = {}
+    forward: list[bytes] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or line[:1] in b" \t":
+            raise HttpError(400, f"malformed header line {line[:60]!r}")
+        key, value = name.lower(), value.strip()
+        if key == b"content-length" and headers.get(key, value) != value:
+            raise HttpError(400, "conflicting Content-Length headers")
+        headers[key] = value
+        if key not in HOP_BY_HOP:
+            forward.append(line)
+    return lines[0].split(b" ", 2), headers, forward
+
+
+def _body_mode(headers: dict[bytes, bytes]) -> int | None:
+    """Bytes of body to read, or None for a chunked body."""
+    te = headers.get(b"transfer-encoding")
+    if te is not None:
+        if b"content-length" in headers:
+            raise HttpError(400, "both Transfer-Encoding and Content-Length")
+        if te.lower() != b"chunked":
+            raise HttpError(501, f"Transfer-Encoding {te.decode('latin-1')!r} is not supported")
+        return None
+    cl = headers.get(b"content-length", b"0")
+    if not cl.isdigit():
+        raise HttpError(400, f"bad Content-Length {cl.decode('latin-1')!r}")
+    return int(cl)
+
+
+class _Body:
+    """Reads one message body (length or chunked) out of a growing buffer."""
+
+    __slots__ = ("length", "parts", "size", "limit")
+
+    def __init__(self, length: int | None, limit: int):
+        self.length, self.parts, self.size, self.limit = length, [], 0, limit
+        if length is not None and length > limit:
+            raise HttpError(413, f"body of {length} bytes is over the {limit}-byte limit")
+
+    def take(self, buf: bytearray) -> bytes | None:
+        """The whole body once it is in ``buf`` (consumed from it), else None."""
+        if self.length is not None:
+            if len(buf) < self.length:
+                return None
+            body = bytes(buf[:self.length])
+            del buf[:self.length]
+            return body
+        pos = 0
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                del buf[:pos]
+                if len(buf) > 4096:
+                    raise HttpError(400, "chunk size line too long")
+                return None
+            size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise HttpError(400, f"bad chunk size {size_text[:20]!r}") from None
+            if size == 0:
+                end = buf.find(b"\r\n\r\n", eol)  # trailers, if any, end with an empty line
+                if end < 0:
+                    del buf[:pos]
+                    return None
+                del buf[:end + 4]
+                return b"".join(self.parts)
+            start, stop = eol + 2, eol + 2 + size
+            if len(buf) < stop + 2:
+                del buf[:pos]
+                return None
+            if buf[stop:stop + 2] != b"\r\n":
+                raise HttpError(400, "chunk not followed by CRLF")
+            self.size += size
+            if self.size > self.limit:
+                raise HttpError(413, f"body over the {self.limit}-byte limit")
+            self.parts.append(bytes(buf[start:stop]))
+            pos = stop + 2
+
+
+def encode_response(resp: Response, keep_alive: bool, head_only: bool = False) -> bytes:
+    reason = _REASONS.get(resp.status, b"Unknown")
+    lines = [b"HTTP/1.1 %d %s" % (resp.status, reason), *resp.headers,
+             b"Content-Length: %d" % len(resp.body)]
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else resp.body)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ServerConnection(asyncio.Protocol):
+    """One client connection: requests are answered in order, one at a time (pipelining safe)."""
+
+    def __init__(self, handler: Handler, max_body: int, registry: set[ServerConnection]):
+        self.handler, self.max_body, self.registry = handler, max_body, registry
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.pending: tuple[bytes, str, dict, list, bool, _Body] | None = None
+        self.busy = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.registry.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.registry.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.busy:
+            self._next()
+
+    def _next(self) -> None:
+        try:
+            request = self._parse()
+        except HttpError as exc:
+            self._fail(exc.status, str(exc))
+            return
+        if request is not None:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._answer(request))
+
+    def _parse(self) -> Request | None:
+        buf = self.buf
+        if self.pending is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise HttpError(431, "request head too large")
+                return None
+            head = bytes(buf[:end])
+            del buf[:end + 4]
+            first, headers, forward = _parse_head(head.lstrip(b"\r\n"))
+            if len(first) != 3 or not first[2].startswith(b"HTTP/1.") or not first[0].isalpha():
+                raise HttpError(400, f"malformed request line {head[:60]!r}")
+            connection = headers.get(b"connection", b"").lower()
+            keep = b"close" not in connection if first[2] == b"HTTP/1.1" else b"keep-alive" in connection
+            body = _Body(_body_mode(headers), self.max_body)
+            self.pending = (first[0], first[1].decode("latin-1"), headers, forward, keep, body)
+            if headers.get(b"expect", b"").lower() == b"100-continue" and (body.length or body.length is None) \
+                    and not buf and self.transport:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        method, target, headers, forward, keep, reader = self.pending
+        data = reader.take(buf)
+        if data is None:
+            return None
+        self.pending = None
+        return Request(method.decode("latin-1"), target, headers, forward, data, keep)
+
+    async def _answer(self, request: Request) -> None:
+        try:
+            resp = await self.handler(request)
+        except Exception:  # noqa: BLE001 - one bad request must not take the connection's others
+            log.exception("router: unhandled error for %s %s", request.method, request.target)
+            resp = Response(500, b'{"code": 500, "type": "InternalServerError", "message": "router error"}',
+                            [b"Content-Type: application/json"])
+        keep = request.keep_alive and resp.keep_alive
+        if self.transport is None:
+            return
+        self.transport.write(encode_response(resp, keep, request.method == "HEAD"))
+        if not keep:
+            self.transport.close()
+            return
+        self.busy = False
+        if self.buf:
+            self._next()
+
+    def _fail(self, status: int, message: str) -> None:
+        if self.transport is None:
+            return
+        body = b'{"code": %d, "type": "BadRequest", "message": "%s"}' % (status, message.replace('"', "'").encode())
+        self.transport.write(encode_response(Response(status, body, [b"Content-Type: application/json"]), False))
+        self.transport.close()
+
+
+class Listener:
+    """A listening socket and its open connections, so stopping also ends keep-alive clients."""
+
+    def __init__(self, handler: Handler, max_body: int):
+        self.handler, self.max_body = handler, max_body
+        self.connections: set[ServerConnection] = set()
+        self.server: asyncio.base_events.Server | None = None
+
+    def _connection(self) -> ServerConnection:
+        return ServerConnection(self.handler, self.max_body, self.connections)
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0: any free port); returns the port."""
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._connection, host, port, backlog=1024)
+        return self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+
+
+class _UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("transport", "buf", "waiter", "head", "body", "received", "closed", "head_only")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.head: tuple[int, list[bytes], bool] | None = None
+        self.body: _Body | None = None
+        self.received = False
+        self.closed = False
+        self.head_only = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            if self.head is not None and self.body is not None and self.body.length == -1:
+                self._finish(bytes(self.buf))  # a body that runs to the end of the connection
+            else:
+                self.waiter.set_exception(UpstreamError(f"connection closed by upstream ({exc or 'EOF'})"))
+
+    def send(self, data: bytes, head_only: bool) -> asyncio.Future:
+        self.buf.clear()
+        self.head = self.body = None
+        self.received, self.head_only = False, head_only
+        self.waiter = asyncio.get_running_loop().create_future()
+        assert self.transport is not None
+        self.transport.write(data)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        self.buf += data
+        if self.waiter is None or self.waiter.done():
+            return
+        try:
+            self._parse()
+        except HttpError as exc:
+            self.waiter.set_exception(UpstreamError(f"unreadable answer from upstream: {exc}"))
+            self.transport.close()  # type: ignore[union-attr]
+
+    def _parse(self) -> None:
+        buf = self.buf
+        if self.head is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            first, headers, forward = _parse_head(bytes(buf[:end]))
+            del buf[:end + 4]
+            status = int(first[1])
+            if 100 <= status < 200:  # an interim answer; the real one follows
+                if buf:
+                    self._parse()
+                return
+            keep = b"close" not in headers.get(b"connection", b"").lower() and first[0] == b"HTTP/1.1"
+            self.head = (status, forward, keep)
+            if self.head_only or status in (204, 304):
+                self.body = _Body(0, 2**31)
+            elif b"transfer-encoding" in headers or b"content-length" in headers:
+                self.body = _Body(_body_mode(headers), 2**31)
+            else:
+                self.body = _Body(None, 2**31)
+                self.body.length = -1  # read until the upstream closes
+                self.head = (status, forward, False)
+                return
+        assert self.body is not None
+        if self.body.length == -1:
+            return
+        data = self.body.take(buf)
+        if data is not None:
+            self._finish(data)
+
+    def _finish(self, body: bytes) -> None:
+        status, forward, keep = self.head  # type: ignore[misc]
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(Response(status, body, forward, keep))
+
+
+class UpstreamPool:
+    """Keep-alive connections to one HTTP server, reused one request at a time each."""
+
+    def __init__(self, host: str, port: int, max_idle: int = 256):
+        self.host, self.port, self.max_idle = host, port, max_idle
+        self.host_line = b"Host: %s:%d" % (host.encode(), port)
+        self._idle: list[_UpstreamConnection] = []
+
+    async def _connect(self) -> _UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(_UpstreamConnection, self.host, self.port)
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        return conn
+
+    async def request(self, method: str, target: str, headers: list[bytes], body: bytes,
+                      timeout: float | None = None) -> Response:
+        """One exchange. Raises UpstreamError (connection) or asyncio.TimeoutError."""
+        head = b"\r\n".join([b"%s %s HTTP/1.1" % (method.encode(), target.encode("latin-1")), self.host_line,
+                             *headers, b"Content-Length: %d" % len(body)]) + b"\r\n\r\n"
+        message = head + body
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
+        while True:
+            reused = bool(self._idle)
+            conn = self._idle.pop() if reused else await self._connect()
+            if conn.closed:
+                continue
+            waiter = conn.send(message, method == "HEAD")
+            timer = loop.call_at(deadline, _expire, waiter) if deadline else None
+            try:
+                resp = await waiter
+            except UpstreamError:
+                conn.transport.close()  # type: ignore[union-attr]
+                if reused and not conn.received:
+                    continue  # the server had closed an idle connection: not this request's fault
+                raise
+            except BaseException:
+                conn.transport.close()  # type: ignore[union-attr]  # its answer may still come: unusable
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if resp.keep_alive and not conn.closed and len(self._idle) < self.max_idle:
+                conn.waiter = None
+                self._idle.append(conn)
+            else:
+                conn.transport.close()  # type: ignore[union-attr]
+            return resp
+
+    def close(self) -> None:
+        for conn in self._idle:
+            if conn.transport is not None:
+                conn.transport.close()
+        self._idle.clear()
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
