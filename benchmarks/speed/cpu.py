@@ -48,10 +48,10 @@ class CpuMeter:
             out[f"{group}_user"], out[f"{group}_sys"] = user, system
         return out
 
-    def wrap(self, name: str, target: Callable[[int, float], Sample]) -> Callable[[int, float], Sample]:
-        def run(clients: int, seconds: float) -> Sample:
+    def wrap(self, name: str, target: Callable[..., Sample]) -> Callable[..., Sample]:
+        def run(clients: int, seconds: float, think_s: float = 0.0) -> Sample:
             before = self._read()
-            sample = target(clients, seconds)
+            sample = target(clients, seconds, think_s)
             after = self._read()
             acc = self.totals.setdefault(name, {"requests": 0.0})
             acc["requests"] += sample.requests

@@ -1,12 +1,18 @@
 """Closed-loop load: wrk when it is installed, else an asyncio (aiohttp) loop; gRPC always
 from a small asyncio client over the router's generated stubs.
 
+With ``think_s`` each client waits a random (exponential) time between its requests, so the
+server sees a steady, Poisson-like load below its capacity instead of a full queue: what
+the router's added latency is measured at (at saturation every client waits for a core,
+and any CPU the router takes shows up as queueing, not as its own work).
+
 Every generator cycles through the same fixed bodies and returns one ``Sample``: requests,
 failures (non-2xx, socket errors, timeouts), throughput and latency percentiles.
 """
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import shutil
 import subprocess
@@ -49,7 +55,7 @@ def _lua_string(data: bytes) -> str:
     return '"' + "".join(f"\\{b:03d}" for b in data) + '"'
 
 
-def _lua_script(bodies: list[bytes], headers: dict[str, str]) -> str:
+def _lua_script(bodies: list[bytes], headers: dict[str, str], think_s: float = 0.0) -> str:
     lines = ["local bodies = {" + ",\n".join(_lua_string(b) for b in bodies) + "}",
              "local headers = {}"]
     lines += [f"headers[{_lua_string(k.encode())}] = {_lua_string(v.encode())}" for k, v in headers.items()]
@@ -58,6 +64,11 @@ def _lua_script(bodies: list[bytes], headers: dict[str, str]) -> str:
               "  i = i % #bodies + 1",
               '  return wrk.format("POST", nil, headers, bodies[i])',
               "end"]
+    if think_s > 0:  # wrk waits delay() ms after each answer before the connection's next request
+        lines += [f"local think = {think_s * 1000:.3f}",
+                  "delay = function()",
+                  "  return -math.log(1 - math.random()) * think",
+                  "end"]
     return "\n".join(lines) + "\n"
 
 
@@ -69,11 +80,12 @@ def _wrk_ms(out: str, label: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float) -> Sample:
+def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float,
+            think_s: float = 0.0) -> Sample:
     """``wrk -t1 -c clients`` for ``seconds``: one thread, so it takes as little CPU as it can."""
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         script = Path(tmp) / "post.lua"
-        script.write_text(_lua_script(bodies, headers))
+        script.write_text(_lua_script(bodies, headers, think_s))
         proc = subprocess.run(
             ["wrk", "-t", "1", "-c", str(clients), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
              "--latency", "-s", str(script), url],
@@ -89,9 +101,10 @@ def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], clients: int
     return Sample(int(total.group(1)), failed, rps, _wrk_ms(out, "50"), _wrk_ms(out, "99"))
 
 
-async def _closed_loop(call: Callable[[int], Awaitable[bool]], clients: int, seconds: float) -> Sample:
-    """``clients`` coroutines, each awaiting ``call(i)`` (True: success) back to back until
-    ``seconds`` have passed; every latency recorded."""
+async def _closed_loop(call: Callable[[int], Awaitable[bool]], clients: int, seconds: float,
+                       think_s: float = 0.0) -> Sample:
+    """``clients`` coroutines, each awaiting ``call(i)`` (True: success) back to back (or
+    ``think_s`` apart on average) until ``seconds`` have passed; every latency recorded."""
     latencies: list[float] = []
     failed = 0
     deadline = time.perf_counter() + seconds
@@ -105,6 +118,8 @@ async def _closed_loop(call: Callable[[int], Awaitable[bool]], clients: int, sec
             i += 1
             latencies.append(time.perf_counter() - t0)
             failed += not ok
+            if think_s > 0:
+                await asyncio.sleep(random.expovariate(1 / think_s))
 
     started = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(clients)))
@@ -112,7 +127,7 @@ async def _closed_loop(call: Callable[[int], Awaitable[bool]], clients: int, sec
 
 
 async def _http_loop(url: str, bodies: list[bytes], headers: dict[str, str], clients: int,
-                     seconds: float) -> Sample:
+                     seconds: float, think_s: float) -> Sample:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=clients, force_close=False)
@@ -126,16 +141,17 @@ async def _http_loop(url: str, bodies: list[bytes], headers: dict[str, str], cli
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 return False
 
-        return await _closed_loop(call, clients, seconds)
+        return await _closed_loop(call, clients, seconds, think_s)
 
 
-def run_python(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float) -> Sample:
+def run_python(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float,
+               think_s: float = 0.0) -> Sample:
     """The fallback HTTP generator: ``clients`` coroutines on one event loop."""
-    return asyncio.run(_http_loop(url, bodies, headers, clients, seconds))
+    return asyncio.run(_http_loop(url, bodies, headers, clients, seconds, think_s))
 
 
 async def _grpc_loop(target: str, model: str, bodies: list[bytes], key: str, clients: int,
-                     seconds: float) -> Sample:
+                     seconds: float, think_s: float) -> Sample:
     import grpc
 
     from tsfleet.router.proto import inference_pb2, inference_pb2_grpc
@@ -152,12 +168,13 @@ async def _grpc_loop(target: str, model: str, bodies: list[bytes], key: str, cli
             except grpc.aio.AioRpcError:
                 return False
 
-        return await _closed_loop(call, clients, seconds)
+        return await _closed_loop(call, clients, seconds, think_s)
 
 
-def run_grpc(target: str, model: str, bodies: list[bytes], key: str, clients: int, seconds: float) -> Sample:
+def run_grpc(target: str, model: str, bodies: list[bytes], key: str, clients: int, seconds: float,
+             think_s: float = 0.0) -> Sample:
     """``clients`` concurrent gRPC Predictions calls in a closed loop for ``seconds``."""
-    return asyncio.run(_grpc_loop(target, model, bodies, key, clients, seconds))
+    return asyncio.run(_grpc_loop(target, model, bodies, key, clients, seconds, think_s))
 
 
 class HttpLoad:
@@ -169,6 +186,6 @@ class HttpLoad:
             raise RuntimeError("--load wrk asked for, but wrk is not on PATH")
 
     def __call__(self, url: str, bodies: list[bytes], headers: dict[str, str], clients: int,
-                 seconds: float) -> Sample:
+                 seconds: float, think_s: float = 0.0) -> Sample:
         run = run_wrk if self.tool == "wrk" else run_python
-        return run(url, bodies, headers, clients, seconds)
+        return run(url, bodies, headers, clients, seconds, think_s)

@@ -35,10 +35,14 @@ LABELS = {
     "compiled": "tuned + torch.compile + bf16",
     "minimal": "minimal hand-written handler",
 }
-Target = Callable[[int, float], Sample]
+Target = Callable[..., Sample]  # (clients, seconds, think_s=0.0) -> Sample
 # Scenarios whose CPU per request is broken down by process (the router's cost, explained).
 METERED = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc", "compiled", "minimal")
 WARMUP_WINDOWS = 6
+# The router's added latency is measured at this share of direct's closed-loop capacity:
+# a busy server, but one whose clients are not all queueing for a core.
+PACED_SHARE = 0.5
+OVERHEAD_PAIRS = (("REST", "toolkit-tuned", "router-rest"), ("gRPC", "grpc-direct", "router-grpc"))
 
 
 @dataclass
@@ -105,6 +109,32 @@ def measure(targets: dict[str, Target], opts: Options, clients: int, runs: int |
     return {name: summarize(s) for name, s in samples.items()}
 
 
+def measure_overhead(targets: dict[str, Target], figures: dict[str, dict], opts: Options,
+                     clients: int) -> dict[str, dict]:
+    """Direct and routed under the same paced load (PACED_SHARE of direct's capacity at this
+    concurrency), interleaved; the added latency is the median of the paired differences."""
+    out = {}
+    for proto, direct, routed in OVERHEAD_PAIRS:
+        if direct not in targets or routed not in targets or not figures.get(direct, {}).get("rps"):
+            continue
+        capacity = figures[direct]["rps"]
+        think = clients / (PACED_SHARE * capacity)
+        # Enough answers for a steady p50 even at a low rate; CI's smoke run stays short.
+        seconds = opts.seconds if opts.mode == "smoke" else max(opts.seconds, min(10.0, 600 / (PACED_SHARE * capacity)))
+        pairs: list[tuple[Sample, Sample]] = []
+        for _ in range(opts.runs):
+            pairs.append((targets[direct](clients, seconds, think), targets[routed](clients, seconds, think)))
+        d, r = summarize([p[0] for p in pairs]), summarize([p[1] for p in pairs])
+        row = {"capacity_rps": capacity, "share": PACED_SHARE, "think_ms": round(think * 1000, 2),
+               "seconds": seconds, "direct": d, "router": r,
+               "added_p50_ms": round(statistics.median(b.p50_ms - a.p50_ms for a, b in pairs), 2),
+               "added_p99_ms": round(statistics.median(b.p99_ms - a.p99_ms for a, b in pairs), 2)}
+        out[proto] = row
+        opts.log(f"  paced {proto:<4} c={clients:<3} direct {d['rps']:7.1f} req/s p50 {d['p50_ms']:6.2f} ms | router "
+                 f"{r['rps']:7.1f} req/s p50 {r['p50_ms']:6.2f} ms | added p50 {row['added_p50_ms']:+.2f} ms")
+    return out
+
+
 def model_entry(opts: Options, model: str) -> dict:
     return opts.results.setdefault("models", {}).setdefault(model, {})
 
@@ -120,11 +150,11 @@ def _record(opts: Options, model: str, scenario: str, clients: int, figures: dic
 
 def http_target(load: HttpLoad, url: str, w: Workload, headers: dict[str, str]) -> Target:
     hdrs = {**headers, "Content-Type": w.content_type}
-    return lambda clients, seconds: load(url, w.items, hdrs, clients, seconds)
+    return lambda clients, seconds, think_s=0.0: load(url, w.items, hdrs, clients, seconds, think_s)
 
 
 def grpc_target(address: str, w: Workload, key: str) -> Target:
-    return lambda clients, seconds: run_grpc(address, w.model, w.items, key, clients, seconds)
+    return lambda clients, seconds, think_s=0.0: run_grpc(address, w.model, w.items, key, clients, seconds, think_s)
 
 
 def run_peer(opts: Options, load: HttpLoad, w: Workload) -> None:
@@ -232,7 +262,8 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                 for clients in opts.concurrency:
                     warm(targets, opts, clients)
                 for clients in opts.concurrency:
-                    for name, figures in measure(metered, opts, clients, on_warm=meter.reset).items():
+                    measured = measure(metered, opts, clients, on_warm=meter.reset)
+                    for name, figures in measured.items():
                         if name in METERED:
                             figures["cpu_ms_per_request"] = meter.per_request(name)
                         variant = {"compiled": "3.0"}.get(name, "1.0")
@@ -241,6 +272,8 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                         config = {**serve.as_dict(), **({"compile": True, "amp_cpu": "bf16"} if name == "compiled" else {})}
                         _record(opts, w.model, name, clients, figures, config=config,
                                 peak_rss_mb=fleets.worker_rss(ts, model, variant))
+                    for proto, row in measure_overhead(targets, measured, opts, clients).items():
+                        model_entry(opts, w.model).setdefault("overhead", {}).setdefault(proto, {})[str(clients)] = row
                 if "compiled" in want:
                     dev = fleets.answers_deviation(base + f"/predictions/{w.model}/1.0",
                                                    base + f"/predictions/{w.model}/3.0", w.items,

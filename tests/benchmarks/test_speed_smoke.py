@@ -58,10 +58,18 @@ def test_json_has_every_figure_with_its_machine(smoke_run: Path) -> None:
         routed = entry["scenarios"]["router-rest"]["by_concurrency"]["4"]["cpu_ms_per_request"]
         assert direct["workers_user_ms"] > 0 and routed["workers_user_ms"] > 0
         assert direct["router_user_ms"] == 0 < routed["router_user_ms"] + routed["router_sys_ms"]
+        # The paced comparison: both sides under the same offered load, below direct's capacity.
+        paced = entry["overhead"]["REST"]["4"]
+        capacity = entry["scenarios"]["toolkit-tuned"]["by_concurrency"]["4"]["rps"]
+        for side in ("direct", "router"):
+            _check_figures(paced[side])
+            assert paced[side]["rps"] < 0.8 * capacity, (side, paced[side]["rps"], capacity)
+        assert math.isfinite(paced["added_p50_ms"])
     bars = {(b["bar"], b["model"]) for b in doc["bars"]}
     for model in MODELS:
         assert ("tuned >= 90% of the limit", model) in bars
         assert ("router REST throughput within 10% of direct", model) in bars
+        assert ("router REST adds under 1 ms at p50, half load (ms)", model) in bars
 
 
 def test_markdown_and_plots(smoke_run: Path) -> None:
@@ -72,6 +80,7 @@ def test_markdown_and_plots(smoke_run: Path) -> None:
         assert heading in text
     assert "TorchServe + toolkit, tuned" in text and "through the router (REST)" in text
     assert "Where the CPU goes" in text
+    assert "added latency below saturation" in text
     assert "python" in text  # names the load generator it fell back to
     for model in MODELS:
         png = smoke_run / "docs" / f"bench_{model}.png"
