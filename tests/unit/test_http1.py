@@ -16,9 +16,9 @@ async def echo(request: Request) -> Response:
     return Response(200, json.dumps(doc).encode(), [b"Content-Type: application/json"])
 
 
-def run(test: Callable[[int], Awaitable[None]], handler=echo) -> None:
+def run(test: Callable[[int], Awaitable[None]], handler=echo, idle_timeout: float = 75.0) -> None:
     async def main() -> None:
-        listener = Listener(handler, max_body=1000)
+        listener = Listener(handler, max_body=1000, idle_timeout=idle_timeout)
         port = await listener.start("127.0.0.1", 0)
         try:
             await asyncio.wait_for(test(port), 10)
@@ -106,6 +106,21 @@ def test_a_handler_error_is_a_500_and_the_connection_keeps_serving() -> None:
         writer.close()
 
     run(test, flaky)
+
+
+def test_a_connection_idle_past_the_timeout_is_closed_but_a_busy_one_is_not() -> None:
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(1.0)
+        return await echo(request)
+
+    async def test(port: int) -> None:
+        idle_reader, _ = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\n\r\n")
+        assert (await read_answer(reader))[0] == 200  # a request longer than the idle timeout
+        assert await asyncio.wait_for(idle_reader.read(), 3) == b""  # closed by the server
+
+    run(test, slow, idle_timeout=0.4)
 
 
 class Upstream:

@@ -161,9 +161,11 @@ class ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: tuple[bytes, str, dict, list, bool, _Body] | None = None
         self.busy = False
+        self.last_active = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.last_active = asyncio.get_running_loop().time()
         self.registry.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -174,6 +176,10 @@ class ServerConnection(asyncio.Protocol):
         self.buf += data
         if not self.busy:
             self._next()
+
+    def idle_since(self) -> float | None:
+        """When the connection last did anything, if it is waiting for a client now."""
+        return None if self.busy else self.last_active
 
     def _next(self) -> None:
         try:
@@ -222,6 +228,7 @@ class ServerConnection(asyncio.Protocol):
         keep = request.keep_alive and resp.keep_alive
         if self.transport is None:
             return
+        self.last_active = asyncio.get_running_loop().time()
         self.transport.write(encode_response(resp, keep, request.method == "HEAD"))
         if not keep:
             self.transport.close()
@@ -239,12 +246,17 @@ class ServerConnection(asyncio.Protocol):
 
 
 class Listener:
-    """A listening socket and its open connections, so stopping also ends keep-alive clients."""
+    """A listening socket and its open connections, so stopping also ends keep-alive clients.
 
-    def __init__(self, handler: Handler, max_body: int):
-        self.handler, self.max_body = handler, max_body
+    A connection that sits idle (no request under way) for ``idle_timeout`` s is closed,
+    so clients that vanish without closing do not pile up open sockets.
+    """
+
+    def __init__(self, handler: Handler, max_body: int, idle_timeout: float = 75.0):
+        self.handler, self.max_body, self.idle_timeout = handler, max_body, idle_timeout
         self.connections: set[ServerConnection] = set()
         self.server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def _connection(self) -> ServerConnection:
         return ServerConnection(self.handler, self.max_body, self.connections)
@@ -253,9 +265,22 @@ class Listener:
         """Listen on host:port (0: any free port); returns the port."""
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(self._connection, host, port, backlog=1024)
+        self._sweep()
         return self.server.sockets[0].getsockname()[1]
 
+    def _sweep(self) -> None:
+        # One timer for all connections, not one per request: a few seconds of slack is fine.
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self.connections):
+            since = conn.idle_since()
+            if since is not None and now - since > self.idle_timeout and conn.transport is not None:
+                conn.transport.close()
+        self._sweeper = loop.call_later(min(10.0, self.idle_timeout / 4), self._sweep)
+
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.server is not None:
             self.server.close()
         for conn in list(self.connections):
