@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_module
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Awaitable, Callable
@@ -372,15 +373,15 @@ class _UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections to one HTTP server, reused one request at a time each."""
 
-    def __init__(self, host: str, port: int, max_idle: int = 256):
-        self.host, self.port, self.max_idle = host, port, max_idle
+    def __init__(self, host: str, port: int, max_idle: int = 256, ssl: ssl_module.SSLContext | None = None):
+        self.host, self.port, self.max_idle, self.ssl = host, port, max_idle, ssl
         self.host_line = b"Host: %s:%d" % (host.encode(), port)
         self._idle: list[_UpstreamConnection] = []
 
     async def _connect(self) -> _UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(_UpstreamConnection, self.host, self.port)
+            _, conn = await loop.create_connection(_UpstreamConnection, self.host, self.port, ssl=self.ssl)
         except OSError as exc:
             raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
         return conn

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from urllib.parse import quote, unquote, urlsplit
 
@@ -40,7 +41,9 @@ class RestRouter:
         self.sticky = sticky_header.lower().encode()
         self.timeout_s, self.min_attempt_s, self.latency_factor = timeout_s, min_attempt_s, latency_factor
         url = urlsplit(self.upstream)
-        self.pool = UpstreamPool(url.hostname or "127.0.0.1", url.port or 80)
+        secure = url.scheme == "https"  # TorchServe configured with its own certificate
+        self.pool = UpstreamPool(url.hostname or "127.0.0.1", url.port or (443 if secure else 80),
+                                 ssl=ssl.create_default_context() if secure else None)
         self.listener = Listener(self.handle, max_body)
         self._background: set[asyncio.Task] = set()
 
