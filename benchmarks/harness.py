@@ -40,12 +40,13 @@ class RouterProcessRunner:
         port, admin, grpc_port = free.inference, free.management, free.metrics
         self.url = f"http://127.0.0.1:{port}"
         self.grpc = f"127.0.0.1:{grpc_port}"
+        self.log = open(workdir / "router.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(ts.config),
              "--router-key-file", str(workdir / "router_key.json"), "route", "--port", str(port),
              "--admin-port", str(admin), "--grpc-port", str(grpc_port),
              "--state-file", str(workdir / "router_state.json")],
-            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with socket.socket() as s:
@@ -58,6 +59,7 @@ class RouterProcessRunner:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        self.log.close()
 
 
 @dataclass
@@ -65,6 +67,7 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)  # what each failed request was told
 
     @property
     def failed(self) -> int:
@@ -80,7 +83,7 @@ class LoadResult:
 
     def row(self) -> dict:
         return {"requests": len(self.statuses), "failed": self.failed, "rps": round(self.throughput, 1),
-                "p50_ms": round(self.pct(0.5), 2), "p99_ms": round(self.pct(0.99), 2)}
+                "p50_ms": round(self.pct(0.5), 2), "p99_ms": round(self.pct(0.99), 2), "errors": self.errors[:20]}
 
 
 def closed_loop(url: str, body: bytes, headers: dict[str, str], clients: int, seconds: float,
@@ -88,7 +91,8 @@ def closed_loop(url: str, body: bytes, headers: dict[str, str], clients: int, se
     """``clients`` threads, each sending the next request when the last answered, for
     ``seconds`` (or until ``until()``), at most ``max_requests`` in all."""
     result, lock = LoadResult(), threading.Lock()
-    deadline = time.monotonic() + seconds
+    started = deadline = time.monotonic()
+    deadline += seconds
 
     def worker() -> None:
         session = requests.Session()
@@ -97,15 +101,20 @@ def closed_loop(url: str, body: bytes, headers: dict[str, str], clients: int, se
                 if len(result.statuses) >= max_requests:
                     return
             t0 = time.perf_counter()
+            error = None
             try:
-                status = session.post(url, data=body, headers=headers, timeout=60).status_code
-            except requests.RequestException:
-                status = 599
+                resp = session.post(url, data=body, headers=headers, timeout=60)
+                status = resp.status_code
+                if status != 200:
+                    error = f"{status} {resp.text[:200]}"
+            except requests.RequestException as exc:
+                status, error = 599, f"client error: {exc}"
             with lock:
                 result.latencies.append(time.perf_counter() - t0)
                 result.statuses.append(status)
+                if error:
+                    result.errors.append(f"{time.monotonic() - started:.1f} s: {error}")
 
-    started = time.monotonic()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
         t.start()

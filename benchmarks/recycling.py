@@ -136,6 +136,9 @@ def main() -> None:
               f"{row['p99_ms']:>7} {row.get('recycles', ''):>8} {row.get('peak_worker_rss_mb', ''):>11}")
     ratio = rows["recycling, via router"]["p99_ms"] / steady_p99
     print(f"\np99 while recycling via the router: {ratio:.2f}x the steady p99 (bar: 1.5x)")
+    for name, row in rows.items():
+        for error in row.get("errors", []):
+            print(f"failed in {name!r} at {error}")
     out = ROOT / "benchmarks/results/recycling.json"
     out.write_text(json.dumps({"rows": rows, "p99_ratio": ratio, "clients": args.clients,
                                "seconds": args.seconds, "max_requests": max_requests,
