@@ -123,6 +123,25 @@ def test_malformed_requests_get_the_same_4xx_as_torchserve(router, client, serve
     assert (routed.status_code, routed.json()) == (direct.status_code, direct.json())
 
 
+@pytest.mark.parametrize("method,path", [("GET", "/no-such-path"), ("POST", "/predictions"),
+                                         ("POST", f"/predictions/{INTENT}/1.0/extra")])
+def test_other_paths_get_torchserve_s_own_answer(router, client, server, method, path) -> None:
+    hdrs = {**server.keys.header("inference"), "Content-Type": "application/json"}
+    direct = requests.request(method, client.inference_url + path, data=b"{}", headers=hdrs, timeout=30)
+    routed = requests.request(method, router.url + path, data=b"{}", headers=hdrs, timeout=30)
+    assert direct.status_code >= 400
+    assert (routed.status_code, routed.text) == (direct.status_code, direct.text)
+
+
+def test_chunked_request_bodies_are_answered(router, headers) -> None:
+    def pieces():  # requests sends a generator as Transfer-Encoding: chunked
+        yield b'{"text": "book me a '
+        yield b'flight to Rome"}'
+
+    resp = requests.post(router.url + f"/predictions/{INTENT}", data=pieces(), headers=headers, timeout=30)
+    assert resp.status_code == 200 and resp.json()["intent"] == "travel", resp.text
+
+
 def test_missing_token_is_refused_as_by_torchserve(router) -> None:
     resp = router.post(f"/predictions/{INTENT}", body("hi"), {"Content-Type": "application/json"})
     assert resp.status_code in (400, 401) and "Token Authorization failed" in resp.json()["message"]
