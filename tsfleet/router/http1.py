@@ -9,6 +9,7 @@ small), so streamed (chunked) answers are forwarded once complete, as before.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl as ssl_module
 from dataclasses import dataclass
@@ -176,6 +177,7 @@ class ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if not self.busy:
+            self.last_active = asyncio.get_running_loop().time()
             self._next()
 
     def idle_since(self) -> float | None:
@@ -241,7 +243,8 @@ class ServerConnection(asyncio.Protocol):
     def _fail(self, status: int, message: str) -> None:
         if self.transport is None:
             return
-        body = b'{"code": %d, "type": "BadRequest", "message": "%s"}' % (status, message.replace('"', "'").encode())
+        kind = _REASONS.get(status, b"Error").decode().title().replace(" ", "").replace("-", "")
+        body = json.dumps({"code": status, "type": kind, "message": message}).encode()
         self.transport.write(encode_response(Response(status, body, [b"Content-Type: application/json"]), False))
         self.transport.close()
 
