@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import ApiError, Conflict, FleetError
 from tsfleet.manifest import Fleet, VersionSpec
+from tsfleet.locks import report_dir_of, version_lock
 from tsfleet.swap import RouterLink, Swapper, base_version, is_stand_in
 
 if TYPE_CHECKING:
@@ -97,7 +98,28 @@ def current_plan(fleet: Fleet, client: ManagementClient) -> list[Step]:
     return plan(fleet, client.state(), client.list_workflows())
 
 
-def _run_step(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapper) -> None:
+# Steps that change the workers of a version the recycler may be replacing one of.
+LOCKED = ("replace", "scale", "unregister")
+LOCK_WAIT_S = 300.0  # a replacement's own deadlines (ready timeout, grace) end before this
+
+
+def _run_step(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapper,
+              progress: Callable[[str], None] = print) -> None:
+    if step.action not in LOCKED:
+        _change(step, fleet, client, swapper)
+        return
+    version = base_version(step.version)  # a stand-in is locked under the version it stands in for
+    model = fleet.models.get(step.model)
+    spec = model.versions.get(version) if model else None
+    folder = report_dir_of(spec, swapper.report_dir) if spec else swapper.report_dir
+    with version_lock(folder, step.model, version, LOCK_WAIT_S,
+                      lambda: progress(f"  waiting for the recycler to finish with {step.model} {version}")) as mine:
+        if not mine:
+            raise FleetError(f"{step.model} {version} stayed locked by a worker replacement for {LOCK_WAIT_S:.0f} s")
+        _change(step, fleet, client, swapper)
+
+
+def _change(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapper) -> None:
     if step.action == "register":
         swapper.register(fleet.models[step.model].versions[step.version])
     elif step.action == "replace":
@@ -140,7 +162,7 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
     for n, step in enumerate(steps, 1):
         progress(f"[{n}/{len(steps)}] {step}")
         try:
-            _run_step(step, fleet, client, swapper)
+            _run_step(step, fleet, client, swapper, progress)
         except (ApiError, FleetError) as exc:
             raise FleetError(
                 f"step {n} of {len(steps)} failed ({step.action} {step.model} {step.version}): {exc}. "

@@ -21,6 +21,7 @@ from typing import Callable
 
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import ApiError, FleetError, Unreachable
+from tsfleet.locks import report_dir_of, version_lock
 from tsfleet.manifest import Fleet, RecyclePolicy, VersionSpec
 
 EVENTS = "recycle-events.jsonl"
@@ -134,6 +135,7 @@ class Recycler:
         self._cooldown: dict[tuple[str, str], float] = {}
         self._seen: dict[int, tuple[float, Report]] = {}  # first sighting of each pid
         self._replace_s = 5.0  # learnt from the replacements done so far
+        self._deferred: set[tuple[str, str]] = set()  # versions whose change lock apply holds
 
     def _state(self, spec: VersionSpec) -> VersionState | None:
         return next((v for v in self.client.describe(spec.model) if v.version == spec.version), None)
@@ -164,7 +166,15 @@ class Recycler:
                     continue
                 why = over_limit(spec.recycle, report, now, self._trend(report))
                 if why:
-                    events.append(self.replace(spec, state, worker.pid, why))
+                    key = (spec.model, spec.version)
+                    with version_lock(report_dir_of(spec, self.report_dir), *key) as mine:
+                        if mine:
+                            self._deferred.discard(key)
+                            events.append(self.replace(spec, state, worker.pid, why))
+                        elif key not in self._deferred:
+                            self._deferred.add(key)
+                            self.progress(f"recycling {spec.model} {spec.version} worker {worker.pid} deferred: "
+                                          "apply is changing this version")
                     break
         return events
 

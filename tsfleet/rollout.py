@@ -86,6 +86,8 @@ def promote(admin: RouterAdmin, client: ManagementClient, fleet: Fleet, model: s
     retire the old version (drained first) if the manifest no longer lists it."""
     from handlers.lifecycle import default_report_dir
     from tsfleet.manifest_edit import set_default_version
+    from tsfleet.apply import LOCK_WAIT_S
+    from tsfleet.locks import version_lock
     from tsfleet.swap import RouterLink, Swapper
 
     route = _route(admin, model)
@@ -104,7 +106,12 @@ def promote(admin: RouterAdmin, client: ManagementClient, fleet: Fleet, model: s
     if spec and old != version and old not in spec.versions:
         swapper = Swapper(client, fleet.root / "model_store", report_dir or default_report_dir(),
                           RouterLink(None, say), say)
-        swapper.retire(model, old)
+        with version_lock(swapper.report_dir, model, old, LOCK_WAIT_S,
+                          lambda: say(f"  waiting for the recycler to finish with {model} {old}")) as mine:
+            if not mine:
+                raise FleetError(f"{model} {old} stayed locked by a worker replacement for {LOCK_WAIT_S:.0f} s; "
+                                 "run promote again to retire it")
+            swapper.retire(model, old)
         say(f"{model}: retired {old}, which the manifest no longer lists")
 
 

@@ -12,6 +12,7 @@ import requests
 from tests.fixtures.leaky import leaky_manifest
 from tests.integration.conftest import ROOT, new_server
 from tsfleet.archive import Builder
+from tsfleet.locks import version_lock
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.recycle import Recycler, read_reports
 from tsfleet.server import TorchServe
@@ -185,3 +186,47 @@ def test_recycling_under_load_through_the_router_fails_no_request(leaky, tmp_pat
     print(f"through the router: {len(oks)} recycles, {len(failed)} failed of {len(results)}")
     assert len(oks) >= 4, recycler.events
     assert failed == []
+
+
+def test_recycler_and_apply_take_turns_on_a_version(leaky) -> None:
+    from tsfleet.apply import apply
+
+    ts, reports = leaky
+    fleet = leaky_fleet(reports, max_requests=20)
+    said: list[str] = []
+    recycler = Recycler(fleet, ts.client, reports, progress=said.append, grace_s=10)
+    with version_lock(reports, "leaky", "1.0") as mine:  # what apply holds while it changes 1.0
+        assert mine
+        Load(ts, n=40, per_s=50).run()  # the worker is past its limit of 20 requests
+        deadline = time.monotonic() + 30
+        while not any("deferred: apply is changing" in line for line in said):
+            assert recycler.tick() == [] and time.monotonic() < deadline, said
+            time.sleep(0.2)
+        assert ts.client.describe("leaky")[0].min_workers == 1  # nothing was scaled meanwhile
+    events = recycler.tick()  # free again: the replacement happens now
+    assert [e.ok for e in events] == [True], events
+
+    # apply waits for a replacement under way instead of scaling under its feet.
+    two = parse_fleet(leaky_manifest(reports, LEAK_MB * 1024, 2), ROOT)
+    held, release = threading.Event(), threading.Event()
+
+    def replacement() -> None:
+        with version_lock(reports, "leaky", "1.0"):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=replacement)
+    holder.start()
+    held.wait(10)
+    threading.Timer(1.0, release.set).start()
+    lines: list[str] = []
+    try:
+        steps = apply(two, ts.client, lines.append, report_dir=reports)
+        assert [s.action for s in steps] == ["scale"]
+        assert any("waiting for the recycler to finish with leaky 1.0" in line for line in lines), lines
+        assert ts.client.describe("leaky")[0].min_workers == 2
+    finally:
+        release.set()
+        holder.join()
+        apply(leaky_fleet(reports), ts.client, lambda line: None, report_dir=reports)
+    assert ts.client.describe("leaky")[0].min_workers == 1
