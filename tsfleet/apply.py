@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Callable
 
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import ApiError, Conflict, FleetError
-from tsfleet.manifest import Fleet, VersionSpec
 from tsfleet.locks import report_dir_of, version_lock
+from tsfleet.manifest import Fleet, VersionSpec
 from tsfleet.swap import RouterLink, Swapper, base_version, is_stand_in
 
 if TYPE_CHECKING:

@@ -85,9 +85,9 @@ def promote(admin: RouterAdmin, client: ManagementClient, fleet: Fleet, model: s
     """All traffic to ``version``, make it TorchServe's default and the manifest's, and
     retire the old version (drained first) if the manifest no longer lists it."""
     from handlers.lifecycle import default_report_dir
-    from tsfleet.manifest_edit import set_default_version
     from tsfleet.apply import LOCK_WAIT_S
     from tsfleet.locks import version_lock
+    from tsfleet.manifest_edit import set_default_version
     from tsfleet.swap import RouterLink, Swapper
 
     route = _route(admin, model)
