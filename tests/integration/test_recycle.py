@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from tests.fixtures.leaky import leaky_manifest
+from tests.fixtures.locking import held_elsewhere
 from tests.integration.conftest import ROOT, new_server
 from tsfleet.archive import Builder
 from tsfleet.locks import version_lock
@@ -208,25 +209,20 @@ def test_recycler_and_apply_take_turns_on_a_version(leaky) -> None:
 
     # apply waits for a replacement under way instead of scaling under its feet.
     two = parse_fleet(leaky_manifest(reports, LEAK_MB * 1024, 2), ROOT)
-    held, release = threading.Event(), threading.Event()
-
-    def replacement() -> None:
-        with version_lock(reports, "leaky", "1.0"):
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=replacement)
-    holder.start()
-    held.wait(10)
-    threading.Timer(1.0, release.set).start()
     lines: list[str] = []
+    waiting = threading.Event()
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        if "waiting for the recycler to finish with leaky 1.0" in line:
+            waiting.set()  # the replacement under way ends now
+
     try:
-        steps = apply(two, ts.client, lines.append, report_dir=reports)
+        with held_elsewhere(reports, "leaky", "1.0", release=waiting):
+            steps = apply(two, ts.client, progress, report_dir=reports)
         assert [s.action for s in steps] == ["scale"]
         assert any("waiting for the recycler to finish with leaky 1.0" in line for line in lines), lines
         assert ts.client.describe("leaky")[0].min_workers == 2
     finally:
-        release.set()
-        holder.join()
         apply(leaky_fleet(reports), ts.client, lambda line: None, report_dir=reports)
     assert ts.client.describe("leaky")[0].min_workers == 1

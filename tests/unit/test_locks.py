@@ -4,9 +4,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+from tests.fixtures.locking import held_elsewhere
 from tsfleet.locks import lock_path, version_lock
 
 
@@ -18,22 +18,16 @@ def test_second_holder_is_refused_then_waits_until_release(tmp_path: Path) -> No
             assert not second  # no wait asked for: refused at once
         with version_lock(tmp_path, "m", "2.0") as other:
             assert other  # another version is independent
-    # Held in a thread for 0.3 s, then released: a waiter gets it, and says once that it waits.
-    held, done = threading.Event(), threading.Event()
+    # Held by another thread, which lets go once the waiter says it waits: it then gets it.
+    waiting = threading.Event()
 
-    def holder() -> None:
-        with version_lock(tmp_path, "m", "1.0"):
-            held.set()
-            done.wait(5)
+    def say() -> None:
+        told.append("waiting")
+        waiting.set()
 
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait(5)
-    threading.Timer(0.3, done.set).start()
-    started = time.monotonic()
-    with version_lock(tmp_path, "m", "1.0", wait_s=5, waiting=lambda: told.append("waiting")) as got:
-        assert got and time.monotonic() - started >= 0.25
-    t.join()
+    with held_elsewhere(tmp_path, "m", "1.0", release=waiting):
+        with version_lock(tmp_path, "m", "1.0", wait_s=20, waiting=say) as got:
+            assert got
     assert told == ["waiting"]
 
 
