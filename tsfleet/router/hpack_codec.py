@@ -1,0 +1,137 @@
+"""HPACK (RFC 7541) for the gRPC router: a full decoder, and an encoder that never indexes.
+
+The router re-encodes every header block it forwards. Writing each field as a literal that
+is never added to the peer's table keeps no encoder state at all (nothing to keep in step
+with a connection) and costs a few bytes per field on loopback. Decoding must follow the
+peer's dynamic table; the static table and the Huffman code come from the ``hpack`` package.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
+
+Header = tuple[bytes, bytes]
+STATIC = HeaderTable.STATIC_TABLE  # 61 (name, value) pairs, index 1..61
+ENTRY_OVERHEAD = 32  # RFC 7541 4.1
+
+
+class HpackError(ValueError):
+    """A header block that cannot be decoded (a COMPRESSION_ERROR for the connection)."""
+
+
+def _integer(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    mask = (1 << prefix_bits) - 1
+    value = data[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    shift = 0
+    while True:
+        if pos >= len(data) or shift > 28:
+            raise HpackError("integer past the end of the header block")
+        byte = data[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _string(data: bytes, pos: int) -> tuple[bytes, int]:
+    huffman = data[pos] & 0x80
+    length, pos = _integer(data, pos, 7)
+    end = pos + length
+    if end > len(data):
+        raise HpackError("string past the end of the header block")
+    raw = data[pos:end]
+    return (decode_huffman(raw) if huffman else raw), end
+
+
+class Decoder:
+    """One connection's decoding context (its dynamic table)."""
+
+    def __init__(self, max_size: int = 4096):
+        self.max_size = self.limit = max_size
+        self.table: deque[Header] = deque()
+        self.size = 0
+
+    def _entry(self, index: int) -> Header:
+        if 0 < index <= len(STATIC):
+            return STATIC[index - 1]
+        try:
+            return self.table[index - len(STATIC) - 1]
+        except IndexError:
+            raise HpackError(f"header index {index} is not in the table") from None
+
+    def _add(self, header: Header) -> None:
+        self.table.appendleft(header)
+        self.size += len(header[0]) + len(header[1]) + ENTRY_OVERHEAD
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.size > self.max_size and self.table:
+            name, value = self.table.pop()
+            self.size -= len(name) + len(value) + ENTRY_OVERHEAD
+
+    def decode(self, block: bytes) -> list[Header]:
+        headers: list[Header] = []
+        pos, end = 0, len(block)
+        try:
+            while pos < end:
+                byte = block[pos]
+                if byte & 0x80:  # indexed field
+                    index, pos = _integer(block, pos, 7)
+                    headers.append(self._entry(index))
+                    continue
+                if byte & 0xE0 == 0x20:  # dynamic table size update
+                    size, pos = _integer(block, pos, 5)
+                    if size > self.limit:
+                        raise HpackError(f"table size {size} over the agreed {self.limit}")
+                    self.max_size = size
+                    self._evict()
+                    continue
+                indexing = byte & 0xC0 == 0x40
+                index, pos = _integer(block, pos, 6 if indexing else 4)
+                if index:
+                    name = self._entry(index)[0]
+                else:
+                    name, pos = _string(block, pos)
+                value, pos = _string(block, pos)
+                headers.append((name, value))
+                if indexing:
+                    self._add((name, value))
+        except IndexError:
+            raise HpackError("truncated header block") from None
+        return headers
+
+
+def _encode_integer(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    mask = (1 << prefix_bits) - 1
+    if value < mask:
+        return bytes((first | value,))
+    out = bytearray((first | mask,))
+    value -= mask
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_cache: dict[Header, bytes] = {}
+
+
+def encode(headers: list[Header]) -> bytes:
+    """Literal fields without indexing, new names, no Huffman (RFC 7541 6.2.2)."""
+    out = []
+    for header in headers:
+        field = _cache.get(header)
+        if field is None:
+            name, value = header
+            field = b"\x00" + _encode_integer(len(name), 7) + name + _encode_integer(len(value), 7) + value
+            if len(_cache) < 4096 and len(value) < 128:  # the same few fields come back every call
+                _cache[header] = field
+        out.append(field)
+    return b"".join(out)
