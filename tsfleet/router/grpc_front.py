@@ -2,28 +2,31 @@
 
 Clients generated from TorchServe's own inference.proto call it unchanged (same service,
 messages, metadata and status codes); the chosen version comes back as initial metadata
-``x-model-version``.
+``x-model-version``. Messages pass through as bytes: the router reads a request's model
+name and appends the chosen ``model_version`` (protobuf keeps the last value of a field),
+and reads nothing of an answer but its status (and, for a shadow, its prediction).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Sequence
 
-import grpc
-from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError
 
 from tsfleet.router.compare import answers_agree
+from tsfleet.router.grpc_wire import (OK, UNAVAILABLE, UNIMPLEMENTED, ServerCall, ServerConnection, UpstreamCall,
+                                      UpstreamGone, UpstreamPool, decompress, frame_message, header,
+                                      split_messages, status_trailers)
+from tsfleet.router.hpack_codec import Header
 from tsfleet.router.proto import inference_pb2 as pb
-from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 from tsfleet.router.routing import RoutingTable
 
 log = logging.getLogger(__name__)
-Metadata = Sequence[tuple[str, str | bytes]]
-
-# Set by gRPC itself on every call; forwarding them would clash with the upstream call's own.
-NOT_FORWARDED = {"user-agent", "content-type", "te", "host"}
+SERVICE = b"/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
+PREDICT, STREAM, SEQUENCE, PING = (SERVICE + m for m in (b"Predictions", b"StreamPredictions",
+                                                         b"StreamPredictions2", b"Ping"))
+BUFFERED = {PREDICT, STREAM, PING}  # one request message: read whole, then routed
 # TorchServe's words for a request that never reached a worker or lost its worker: safe to
 # retry, since inference has no side effects. 0.12 sends "Worker died." after a kill, as
 # INTERNAL, or RESOURCE_EXHAUSTED once it has seen exit code 137; "has no worker" means the
@@ -33,174 +36,327 @@ DROPPED = ("Worker died", "Worker scaled down", "has no worker to serve inferenc
 FROM_TORCHSERVE = "org.pytorch.serve"
 # Answers that are the client's doing (REST's 4xx): counted as served, not as arm errors.
 NOT_FOUND = ("ModelNotFoundException", "ModelVersionNotFoundException")
-SERVER_SIDE = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN,
-               grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS}
-MAX_MESSAGE = 64 * 2**20  # TorchServe enforces its own max_request_size; don't undercut it
+SERVER_SIDE = {13, 14, 2, 4, 15}  # INTERNAL, UNAVAILABLE, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS
 SHADOW_BACKLOG = 256  # mirrors in flight beyond this are skipped: a shadow must never pile up
+STATUS_OK = (b":status", b"200")
+GRPC_TYPE = (b"content-type", b"application/grpc")
 
 
-def _unreachable(err: grpc.aio.AioRpcError) -> bool:
-    """The call never got an answer from TorchServe (refused, reset, closed)."""
-    return err.code() == grpc.StatusCode.UNAVAILABLE and FROM_TORCHSERVE not in (err.details() or "")
+def _retryable(code: int, message: str) -> bool:
+    return code != OK and (any(m in message for m in DROPPED)
+                           or (code == UNAVAILABLE and FROM_TORCHSERVE not in message))
 
 
-def _retryable(err: grpc.aio.AioRpcError) -> bool:
-    return _unreachable(err) or any(m in (err.details() or "") for m in DROPPED)
-
-
-def _server_side(err: grpc.aio.AioRpcError) -> bool:
-    details = err.details() or ""
+def _server_side(code: int, message: str) -> bool:
     # A dropped request is the arm's failure whatever the code (RESOURCE_EXHAUSTED after a SIGKILL).
-    return any(m in details for m in DROPPED) or (
-        err.code() in SERVER_SIDE and not any(m in details for m in NOT_FOUND))
+    return any(m in message for m in DROPPED) or (code in SERVER_SIDE and not any(m in message for m in NOT_FOUND))
 
 
-class GrpcRouter(pb_grpc.InferenceAPIsServiceServicer):
-    """Forwards every call to TorchServe's gRPC inference port at ``upstream``."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
-    def __init__(self, table: RoutingTable, upstream: str, sticky_key: str = "x-user-id",
-                 timeout_s: float = 130):
-        self.table, self.upstream, self.sticky_key, self.timeout_s = table, upstream, sticky_key.lower(), timeout_s
-        self.channel = grpc.aio.insecure_channel(upstream, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),
-            # Reconnect fast once TorchServe is back instead of gRPC's default backoff of up to 2 min.
-            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)])
-        self.stub = pb_grpc.InferenceAPIsServiceStub(self.channel)
+
+def _answer_headers(up: UpstreamCall, extra: list[Header]) -> tuple[list[Header], list[Header]]:
+    """(headers, trailers) for the client; a trailers-only answer is split in two so the
+    version still comes back as initial metadata."""
+    assert up.headers is not None
+    if up.trailers is up.headers:
+        return [STATUS_OK, GRPC_TYPE] + extra, [h for h in up.trailers if h[0][0] != 58 and h[0] != b"content-type"]
+    return [h for h in up.headers if h[0] == b":status" or h[0][0] != 58] + extra, \
+        [h for h in up.trailers if h[0][0] != 58]
+
+
+def _prediction(body: bytes) -> bytes | None:
+    messages = split_messages(bytearray(body))
+    if len(messages) != 1 or messages[0][0]:
+        return None
+    try:
+        return pb.PredictionResponse.FromString(messages[0][1]).prediction
+    except DecodeError:
+        return None
+
+
+class Relay:
+    """Passes an upstream answer on to the client as it comes (streams)."""
+
+    def __init__(self, conn: ServerConnection, stream: int, extra: list[Header]):
+        self.conn, self.stream, self.extra, self.started = conn, stream, extra, False
+
+    def on_headers(self, headers: list[Header], end: bool) -> None:
+        if self.started:
+            self.conn.send(self.stream, trailers=[h for h in headers if h[0][0] != 58])
+            return
+        self.started = True
+        if end:
+            self.conn.send(self.stream, [STATUS_OK, GRPC_TYPE] + self.extra,
+                           trailers=[h for h in headers if h[0][0] != 58 and h[0] != b"content-type"])
+        else:
+            self.conn.send(self.stream, [h for h in headers if h[0] == b":status" or h[0][0] != 58] + self.extra)
+
+    def on_data(self, data: bytes, end: bool) -> None:
+        self.started = True
+        self.conn.send(self.stream, data=data, end=end)
+
+    def fail(self, code: int, message: str) -> None:
+        head = None if self.started else [STATUS_OK, GRPC_TYPE] + self.extra
+        self.started = True
+        self.conn.send(self.stream, head, trailers=status_trailers(code, message))
+
+
+class GrpcRouter:
+    """Serves the routed service and forwards every call to TorchServe's gRPC port at ``upstream``."""
+
+    def __init__(self, table: RoutingTable, upstream: str, sticky_key: str = "x-user-id", timeout_s: float = 130):
+        self.table, self.upstream = table, upstream
+        host, _, port = upstream.rpartition(":")
+        self.pool = UpstreamPool(host or "127.0.0.1", int(port))
+        self.sticky = sticky_key.lower().encode()
+        self.default_timeout = f"{int(timeout_s)}S".encode()  # when the client sets no deadline
+        self.connections: set[ServerConnection] = set()
+        self.stopping = False
+        self.server: asyncio.base_events.Server | None = None
+        self._calls: set[asyncio.Task] = set()
         self._background: set[asyncio.Task] = set()
 
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: ServerConnection(self, self.connections), host, port)
+        return self.server.sockets[0].getsockname()[1]
+
+    # ------------------------------------------------------------ dispatch
+    def opened(self, conn: ServerConnection, call: ServerCall) -> None:
+        if call.path not in BUFFERED:
+            call.queue = asyncio.Queue()
+            self._spawn(self._relay(conn, call))
+
+    def ended(self, conn: ServerConnection, call: ServerCall) -> None:
+        self._spawn(self._answer(conn, call))
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.get_running_loop().create_task(coro)
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
     # ------------------------------------------------------------- helpers
-    def _metadata(self, context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]]:
-        """The client's metadata (the Authorization key above all), minus what gRPC sets itself."""
-        return [(m.key, m.value) for m in context.invocation_metadata() or ()
-                if not m.key.startswith((":", "grpc-")) and m.key not in NOT_FORWARDED]
-
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        """The client's own deadline if it set one, so an abandoned call stops upstream too."""
-        remaining = context.time_remaining()
-        return min(self.timeout_s, remaining) if remaining is not None else self.timeout_s
-
-    async def _fail(self, context: grpc.aio.ServicerContext, err: grpc.aio.AioRpcError) -> None:
-        """Answer with TorchServe's own status and details, or say TorchServe is unreachable."""
-        if _unreachable(err):
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"TorchServe is not reachable at {self.upstream}: {err.details()}")
-        trailing = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if not k.startswith("grpc-"))
-        await context.abort(err.code(), err.details() or "", trailing_metadata=trailing)
-
-    def _for(self, request: pb.PredictionsRequest, version: str | None) -> pb.PredictionsRequest:
-        out = pb.PredictionsRequest()
-        out.CopyFrom(request)  # keeps fields this proto does not know, too
-        out.model_version = self.table.upstream(request.model_name, version) or ""
+    def _headers(self, call: ServerCall, path: bytes, decompressed: bool = False) -> list[Header]:
+        """The upstream call's headers: the client's metadata (the Authorization key above all)."""
+        out = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", self.pool.authority)]
+        deadline = False
+        for name, value in call.headers:
+            if name[0] == 58 or (decompressed and name == b"grpc-encoding"):
+                continue
+            deadline = deadline or name == b"grpc-timeout"
+            out.append((name, value))
+        if not deadline:
+            out.append((b"grpc-timeout", self.default_timeout))
         return out
 
-    # ----------------------------------------------------------------- RPCs
-    async def Ping(self, request: empty_pb2.Empty, context: grpc.aio.ServicerContext) -> pb.TorchServeHealthResponse:
+    def _request(self, call: ServerCall, flag: int, payload: bytes) -> pb.PredictionsRequest | None:
+        """The request, readable; None when it is not (TorchServe then answers it as it is)."""
+        if flag:
+            payload = decompress(payload, header(call.headers, b"grpc-encoding") or b"identity")
+            if payload is None:
+                return None
         try:
-            return await self.stub.Ping(request, metadata=self._metadata(context), timeout=self._timeout(context))
-        except grpc.aio.AioRpcError as err:
-            await self._fail(context, err)
-            raise  # not reached: abort raises
+            return pb.PredictionsRequest.FromString(payload)
+        except DecodeError:
+            return None
 
-    async def Predictions(self, request: pb.PredictionsRequest, context: grpc.aio.ServicerContext) -> pb.PredictionResponse:
-        model, metadata = request.model_name, self._metadata(context)
-        choice = self.table.choose(model, request.model_version or None, dict(metadata).get(self.sticky_key))
+    def _for(self, model: str, payload: bytes, version: str | None) -> bytes:
+        """The request message, for ``version`` (appended: the last value of a field wins)."""
+        target = (self.table.upstream(model, version) or "").encode()
+        return frame_message(payload + b"\x12" + _varint(len(target)) + target)
+
+    async def _call(self, call: ServerCall, headers: list[Header], data: bytes, sink: Relay | None = None) -> UpstreamCall:
+        conn = await self.pool.connection()
+        up = conn.start(headers, data, True, sink)
+        call.upstream = (conn, up.id)
+        try:
+            await up.done
+        finally:
+            call.upstream = None
+        return up
+
+    def _unreachable(self, exc: Exception) -> str:
+        return f"TorchServe is not reachable at {self.upstream}: {exc}"
+
+    def _send(self, conn: ServerConnection, call: ServerCall, up: UpstreamCall | None, version: str | None,
+              error: str = "") -> None:
+        extra = [(b"x-model-version", version.encode())] if version else []
+        if up is None:
+            conn.send(call.id, [STATUS_OK, GRPC_TYPE] + extra, trailers=status_trailers(UNAVAILABLE, error))
+            return
+        head, trailers = _answer_headers(up, extra)
+        conn.send(call.id, head, bytes(up.body) if up.body else None, trailers)
+
+    # ---------------------------------------------------------------- calls
+    async def _answer(self, conn: ServerConnection, call: ServerCall) -> None:
+        """A call with one request message: Predictions, StreamPredictions, Ping."""
+        try:
+            raw = bytes(call.body)
+            messages = split_messages(call.body) if call.path != PING else []
+            request = self._request(call, *messages[0]) if len(messages) == 1 and not call.body else None
+            if request is None:  # Ping, or a request only TorchServe can judge
+                try:
+                    up = await self._call(call, self._headers(call, call.path), raw)
+                    self._send(conn, call, up, None)
+                except UpstreamGone as exc:
+                    self._send(conn, call, None, None, self._unreachable(exc))
+                return
+            decompressed = bool(messages[0][0])
+            payload = request.SerializeToString() if decompressed else messages[0][1]
+            route = self.table.routes.get(request.model_name)
+            if call.path == STREAM and (route is None or route.streaming):
+                await self._stream(conn, call, request, payload, decompressed)
+            else:
+                # TorchServe 0.12 kills the worker (failing its whole batch) when a handler that
+                # does not stream gets a stream; the answer of such a model is one message anyway.
+                await self._predict(conn, call, request, payload, decompressed)
+        finally:
+            conn.finish(call)
+
+    async def _predict(self, conn: ServerConnection, call: ServerCall, request: pb.PredictionsRequest,
+                       payload: bytes, decompressed: bool) -> None:
+        model, headers = request.model_name, self._headers(call, PREDICT, decompressed)
+        sticky = header(call.headers, self.sticky)
+        choice = self.table.choose(model, request.model_version or None, sticky.decode() if sticky else None)
         # A retry goes to the baseline, unless the client named the version itself.
         second = choice.version if choice.explicit else self.table.alternate(model, choice.version)
         version, retried, started = choice.version, False, time.perf_counter()
         while True:
+            up: UpstreamCall | None = None
             try:
-                reply = await self.stub.Predictions(self._for(request, version), metadata=metadata,
-                                                    timeout=self._timeout(context))
-                error = None
-            except grpc.aio.AioRpcError as err:
-                reply, error = None, err
-                if not retried and _retryable(err):
-                    # The client will not see this failure, but the arm's record must.
-                    self.table.record(model, version, False, time.perf_counter() - started)
-                    version, retried = second, True
-                    continue
+                up = await self._call(call, headers, self._for(model, payload, version))
+                code, message = up.status()
+            except UpstreamGone as exc:
+                code, message = UNAVAILABLE, self._unreachable(exc)
+            if call.cancelled:
+                return
+            if not retried and _retryable(code, message):
+                # The client will not see this failure, but the arm's record must.
+                self.table.record(model, version, False, time.perf_counter() - started)
+                version, retried = second, True
+                continue
             break
-        ok = error is None or not _server_side(error)
+        ok = code == OK or not _server_side(code, message)
         event = self.table.record(model, version, ok, time.perf_counter() - started, retried)
         if event:
             log.warning("rolled back %s %s: %s", model, event["version"], event["reason"])
-        if version:
-            await context.send_initial_metadata((("x-model-version", version),))
-        if error is not None:
-            await self._fail(context, error)
-        assert reply is not None
-        if choice.shadow:
-            self._mirror(model, choice.shadow, request, metadata, reply.prediction)
-        return reply
+        self._send(conn, call, up, version, message)
+        if choice.shadow and up is not None and code == OK:
+            self._mirror(model, choice.shadow, headers, payload, bytes(up.body))
 
-    async def StreamPredictions(self, request: pb.PredictionsRequest,
-                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PredictionResponse]:
-        model, metadata = request.model_name, self._metadata(context)
-        route = self.table.routes.get(model)
-        if route is not None and not route.streaming:
-            # TorchServe 0.12 kills the worker (failing its whole batch) when a handler that
-            # does not stream gets a stream. The answer of such a model is one message anyway.
-            yield await self.Predictions(request, context)
-            return
-        choice = self.table.choose(model, request.model_version or None, dict(metadata).get(self.sticky_key))
-        version, started, sent = choice.version, time.perf_counter(), 0
-        if version:
-            await context.send_initial_metadata((("x-model-version", version),))
+    async def _stream(self, conn: ServerConnection, call: ServerCall, request: pb.PredictionsRequest,
+                      payload: bytes, decompressed: bool) -> None:
+        model, headers = request.model_name, self._headers(call, STREAM, decompressed)
+        sticky = header(call.headers, self.sticky)
+        choice = self.table.choose(model, request.model_version or None, sticky.decode() if sticky else None)
+        version, started = choice.version, time.perf_counter()
+        relay = Relay(conn, call.id, [(b"x-model-version", version.encode())] if version else [])
         for attempt in (0, 1):
             try:
-                call = self.stub.StreamPredictions(self._for(request, version), metadata=metadata,
-                                                   timeout=self._timeout(context))
-                async for reply in call:
-                    sent += 1
-                    yield reply
-                self.table.record(model, version, True, time.perf_counter() - started, attempt > 0)
-                return
-            except grpc.aio.AioRpcError as err:
-                # Only a refused connection is retried: TorchServe 0.12 answers "Worker died."
-                # (and restarts the worker) when a handler does not stream, so retrying that
-                # would take down a second worker.
-                if attempt == 0 and sent == 0 and _unreachable(err):
+                up = await self._call(call, headers, self._for(model, payload, version), relay)
+            except UpstreamGone as exc:
+                if call.cancelled:
+                    return
+                # Only an unreachable TorchServe is retried, and only before any answer:
+                # 0.12 answers "Worker died." (and restarts the worker) when a handler does
+                # not stream, so retrying that would take down a second worker.
+                if attempt == 0 and not relay.started:
                     continue
-                self.table.record(model, version, not _server_side(err), time.perf_counter() - started, attempt > 0)
-                await self._fail(context, err)
-
-    async def StreamPredictions2(self, request_iterator: AsyncIterator[pb.PredictionsRequest],
-                                 context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PredictionResponse]:
-        """A sequence (stateful models): one version for the whole stream, no retries."""
-        metadata = self._metadata(context)
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
+                self.table.record(model, version, False, time.perf_counter() - started, attempt > 0)
+                relay.fail(UNAVAILABLE, self._unreachable(exc))
+                return
+            code, message = up.status()
+            self.table.record(model, version, code == OK or not _server_side(code, message),
+                              time.perf_counter() - started, attempt > 0)
             return
-        choice = self.table.choose(first.model_name, first.model_version or None, dict(metadata).get(self.sticky_key))
-        if choice.version:
-            await context.send_initial_metadata((("x-model-version", choice.version),))
 
-        async def requests() -> AsyncIterator[pb.PredictionsRequest]:
-            yield self._for(first, choice.version)
-            async for req in request_iterator:
-                yield self._for(req, choice.version)
-
+    async def _relay(self, conn: ServerConnection, call: ServerCall) -> None:
+        """A call that streams requests: StreamPredictions2 (one version for the whole
+        sequence, no retries), or a method the router does not know (passed through)."""
+        assert call.queue is not None
         try:
-            async for reply in self.stub.StreamPredictions2(requests(), metadata=metadata,
-                                                            timeout=self._timeout(context)):
-                yield reply
-        except grpc.aio.AioRpcError as err:
-            await self._fail(context, err)
+            rewrite, pending, version, model = call.path == SEQUENCE, bytearray(), None, ""
+            first: list[bytes] = []
+            if rewrite:
+                while not (messages := split_messages(pending)):
+                    chunk = await call.queue.get()
+                    if chunk is None:
+                        break
+                    pending += chunk
+                if call.cancelled:
+                    return
+                if not messages:  # the client ended the sequence before sending anything
+                    conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(OK, ""))
+                    return
+                requests = [self._request(call, f, p) for f, p in messages]
+                if any(r is None for r in requests):
+                    conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
+                        UNIMPLEMENTED, "the router cannot read this sequence's messages"))
+                    return
+                model = requests[0].model_name
+                sticky = header(call.headers, self.sticky)
+                version = self.table.choose(model, requests[0].model_version or None,
+                                            sticky.decode() if sticky else None).version
+                first = [self._for(model, r.SerializeToString(), version) for r in requests]
+            relay = Relay(conn, call.id, [(b"x-model-version", version.encode())] if version else [])
+            try:
+                upstream = await self.pool.connection()
+            except UpstreamGone as exc:
+                relay.fail(UNAVAILABLE, self._unreachable(exc))
+                return
+            up = upstream.start(self._headers(call, call.path, decompressed=rewrite),
+                                b"".join(first) or None, False, relay)
+            call.upstream = (upstream, up.id)
+            while (chunk := await call.queue.get()) is not None:
+                if rewrite:
+                    pending += chunk
+                    requests = [self._request(call, f, p) for f, p in split_messages(pending)]
+                    if any(r is None for r in requests):
+                        upstream.fail(up.id, UpstreamGone("unreadable message"), reset=True)
+                        relay.fail(UNIMPLEMENTED, "the router cannot read this sequence's messages")
+                        return
+                    chunk = b"".join(self._for(model, r.SerializeToString(), version) for r in requests)
+                if chunk:
+                    upstream.send(up.id, data=chunk)
+            if call.cancelled:
+                return
+            upstream.send(up.id, data=b"", end=True)
+            try:
+                await up.done
+            except UpstreamGone as exc:
+                relay.fail(UNAVAILABLE, self._unreachable(exc))
+        finally:
+            call.upstream = None
+            conn.finish(call)
 
     # --------------------------------------------------------------- shadow
-    def _mirror(self, model: str, version: str, request: pb.PredictionsRequest, metadata: Metadata,
-                primary: bytes) -> None:
+    def _mirror(self, model: str, version: str, headers: list[Header], payload: bytes, primary: bytes) -> None:
         """Send a copy to the shadow after the client has its answer; compare, count, drop."""
         if len(self._background) >= SHADOW_BACKLOG:
             return
 
         async def run() -> None:
             try:
-                reply = await self.stub.Predictions(self._for(request, version), metadata=metadata,
-                                                    timeout=self.timeout_s)
-                self.table.record_shadow(model, version, True, answers_agree(primary, reply.prediction))
-            except grpc.aio.AioRpcError as err:
-                self.table.record_shadow(model, version, not _server_side(err), None)
+                conn = await self.pool.connection()
+                up = conn.start(headers, self._for(model, payload, version), True)
+                await up.done
+            except UpstreamGone:
+                self.table.record_shadow(model, version, False, None)
+                return
+            code, message = up.status()
+            if code != OK:
+                self.table.record_shadow(model, version, not _server_side(code, message), None)
+                return
+            mine, theirs = _prediction(primary), _prediction(bytes(up.body))
+            agree = answers_agree(mine, theirs) if mine is not None and theirs is not None else None
+            self.table.record_shadow(model, version, True, agree)
 
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
@@ -213,39 +369,39 @@ class GrpcRouter(pb_grpc.InferenceAPIsServiceServicer):
         for task in list(self._background):
             task.cancel()
 
-    async def close(self) -> None:
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop accepting calls, let those in flight finish for ``grace`` s, then close."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.goaway(conn.last_stream)
+        if self._calls:
+            await asyncio.wait(set(self._calls), timeout=grace)
+        for task in list(self._calls):
+            task.cancel()
+        for conn in list(self.connections):
+            conn.close(last_stream=conn.last_stream)
         await self.drain()
-        await self.channel.close()
-
-
-_routers: dict[int, GrpcRouter] = {}
+        self.pool.close()
 
 
 async def start_grpc_router(table: RoutingTable, upstream: str, host: str = "127.0.0.1",
-                            port: int = 0, sticky_key: str = "x-user-id") -> tuple[grpc.aio.Server, int]:
+                            port: int = 0, sticky_key: str = "x-user-id") -> tuple[GrpcRouter, int]:
     """Serve the routed InferenceAPIsService on ``host:port`` (0: any free port); return the
-    server and the port it bound."""
+    router and the port it bound."""
     router = GrpcRouter(table, upstream, sticky_key)
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE),
-                                      ("grpc.max_receive_message_length", MAX_MESSAGE),
-                                      ("grpc.so_reuseport", 0)])  # a second router must not share the port
-    pb_grpc.add_InferenceAPIsServiceServicer_to_server(router, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if not bound:
-        raise OSError(f"cannot listen for gRPC on {host}:{port}")
-    await server.start()
-    _routers[id(server)] = router
-    return server, bound
+    try:
+        bound = await router.start(host, port)
+    except OSError as exc:
+        raise OSError(f"cannot listen for gRPC on {host}:{port}: {exc}") from exc
+    return router, bound
 
 
-async def stop_grpc_router(server: grpc.aio.Server, grace: float = 2.0) -> None:
-    """Stop accepting calls, let those in flight finish for ``grace`` s, then close upstream."""
-    await server.stop(grace)
-    router = _routers.pop(id(server), None)
-    if router is not None:
-        await router.close()
+async def stop_grpc_router(router: GrpcRouter, grace: float = 2.0) -> None:
+    await router.stop(grace)
 
 
-def router_of(server: grpc.aio.Server) -> GrpcRouter | None:
-    """The servicer behind a server from ``start_grpc_router`` (tests drain its mirrors)."""
-    return _routers.get(id(server))
+def router_of(router: GrpcRouter) -> GrpcRouter:
+    """Kept for callers written against the grpcio server, whose servicer was separate."""
+    return router

@@ -1,0 +1,223 @@
+"""The gRPC router's own HTTP/2 and HPACK, between real grpcio peers on loopback: a grpcio
+client calls the router, which forwards to a grpcio server standing in for TorchServe
+(TorchServe itself is in tests/integration/test_router_grpc.py)."""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+import hpack
+import pytest
+from google.protobuf import empty_pb2
+
+from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
+from tsfleet.router.hpack_codec import Decoder, HpackError, encode
+from tsfleet.router.proto import inference_pb2 as pb
+from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
+from tsfleet.router.routing import Route, RoutingTable
+
+BIG = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+KEY = (("authorization", "Bearer k"),)
+
+
+class Upstream(pb_grpc.InferenceAPIsServiceServicer):
+    """Echoes what reached it: model, version, key, input size; fails on request."""
+
+    def __init__(self) -> None:
+        self.started, self.cancelled = asyncio.Event(), asyncio.Event()
+
+    async def Ping(self, request, context):  # noqa: N802 (gRPC's method names)
+        return pb.TorchServeHealthResponse(health="Healthy")
+
+    async def Predictions(self, request, context):  # noqa: N802
+        if request.model_name == "missing":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "Model not found: missing, 100% sure ✓")
+        if request.model_name == "slow":
+            context.add_done_callback(lambda _: self.cancelled.set())
+            self.started.set()
+            await asyncio.sleep(30)
+        key = dict(context.invocation_metadata()).get("authorization")
+        reply = f"{request.model_name}|{request.model_version}|{key}|{len(request.input['data'])}"
+        return pb.PredictionResponse(prediction=reply.encode() + bytes(len(request.input["data"])))
+
+    async def StreamPredictions(self, request, context):  # noqa: N802
+        for i in range(3):
+            yield pb.PredictionResponse(prediction=f"{request.model_version}:{i}".encode())
+
+    async def StreamPredictions2(self, request_iterator, context):  # noqa: N802
+        async for req in request_iterator:
+            yield pb.PredictionResponse(prediction=f"{req.model_version}:{req.input['data'].decode()}".encode())
+
+
+@pytest.fixture
+def channel_box() -> list:
+    """Hands a test the client channel and the router's port that ``run`` makes."""
+    return []
+
+
+def run(test: Callable[[pb_grpc.InferenceAPIsServiceStub, Upstream, RoutingTable], Awaitable[None]],
+        compression: grpc.Compression | None = None, channel_box: list | None = None) -> None:
+    async def main() -> None:
+        upstream = Upstream()
+        server = grpc.aio.server(options=BIG)
+        pb_grpc.add_InferenceAPIsServiceServicer_to_server(upstream, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        table = RoutingTable({"m": Route("m", "1.0", {"1.0": 100.0}, streaming=True)})
+        router, router_port = await start_grpc_router(table, f"127.0.0.1:{port}")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}", options=BIG, compression=compression)
+        if channel_box is not None:
+            channel_box.extend([channel, router_port])
+        try:
+            await asyncio.wait_for(test(pb_grpc.InferenceAPIsServiceStub(channel), upstream, table), 20)
+        finally:
+            await channel.close()
+            await stop_grpc_router(router, grace=0.5)
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def req(model: str = "m", data: bytes = b"hi", version: str = "") -> pb.PredictionsRequest:
+    return pb.PredictionsRequest(model_name=model, model_version=version, input={"data": data})
+
+
+def test_a_call_is_routed_with_its_metadata_and_names_the_version() -> None:
+    async def test(stub, upstream, table) -> None:
+        call = stub.Predictions(req(), metadata=KEY)
+        assert (await call).prediction.startswith(b"m|1.0|Bearer k|2")
+        assert dict(await call.initial_metadata())["x-model-version"] == "1.0"
+        assert (await stub.Ping(empty_pb2.Empty())).health == "Healthy"
+        assert table.stats[("m", "1.0")].requests == 1
+
+    run(test)
+
+
+def test_messages_larger_than_every_window_cross_both_ways() -> None:
+    """8 MiB each way: more than HTTP/2's 64 KiB default windows and 16 KiB frames."""
+    async def test(stub, upstream, table) -> None:
+        replies = await asyncio.gather(*[stub.Predictions(req(data=bytes([i]) * (8 << 20))) for i in range(3)])
+        for reply in replies:
+            assert reply.prediction.startswith(b"m|1.0|None|8388608") and len(reply.prediction) > 8 << 20
+
+    run(test)
+
+
+def test_many_calls_at_once_on_one_connection_all_get_their_own_answer() -> None:
+    async def test(stub, upstream, table) -> None:
+        replies = await asyncio.gather(*[stub.Predictions(req(data=b"x" * i)) for i in range(300)])
+        assert [int(r.prediction.split(b"|")[3][:3].rstrip(b"\0")) for r in replies] == list(range(300))
+
+    run(test)
+
+
+def test_an_upstream_error_reaches_the_client_unchanged() -> None:
+    async def test(stub, upstream, table) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predictions(req(model="missing"))
+        assert (err.value.code(), err.value.details()) == (grpc.StatusCode.NOT_FOUND, "Model not found: missing, 100% sure ✓")
+
+    run(test)
+
+
+def test_streams_both_ways_carry_the_chosen_version() -> None:
+    async def test(stub, upstream, table) -> None:
+        table.set_weights("m", {"1.0": 0, "2.0": 100})
+        got = [r.prediction async for r in stub.StreamPredictions(req())]
+        assert got == [b"2.0:0", b"2.0:1", b"2.0:2"]
+
+        async def sequence() -> AsyncIterator[pb.PredictionsRequest]:
+            for word in ("a", "b", "c"):
+                yield req(data=word.encode())
+        assert [r.prediction async for r in stub.StreamPredictions2(sequence())] == [b"2.0:a", b"2.0:b", b"2.0:c"]
+
+    run(test)
+
+
+def test_a_compressed_request_is_still_routed() -> None:
+    async def test(stub, upstream, table) -> None:
+        table.set_weights("m", {"1.0": 0, "2.0": 100})
+        assert (await stub.Predictions(req(data=b"z" * 5000))).prediction.startswith(b"m|2.0|None|5000")
+
+    run(test, compression=grpc.Compression.Gzip)
+
+
+def test_a_client_that_gives_up_cancels_the_upstream_call() -> None:
+    async def test(stub, upstream, table) -> None:
+        call = stub.Predictions(req(model="slow"))  # no deadline: only the router can stop it
+        await asyncio.wait_for(upstream.started.wait(), 5)
+        call.cancel()
+        await asyncio.wait_for(upstream.cancelled.wait(), 5)
+        assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")  # the connection still serves
+
+    run(test)
+
+
+def test_an_unknown_method_is_answered_by_the_upstream(channel_box: list) -> None:
+    async def test(stub, upstream, table) -> None:
+        nope = channel_box[0].unary_unary("/org.pytorch.serve.grpc.inference.InferenceAPIsService/Nope",
+                                          request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await nope(b"")
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    run(test, channel_box=channel_box)
+
+
+def test_upstream_down_is_unavailable_and_recovers_when_it_returns() -> None:
+    async def main() -> None:
+        upstream_server = grpc.aio.server(options=BIG)
+        pb_grpc.add_InferenceAPIsServiceServicer_to_server(Upstream(), upstream_server)
+        port = upstream_server.add_insecure_port("127.0.0.1:0")
+        await upstream_server.start()
+        table = RoutingTable({})
+        router, router_port = await start_grpc_router(table, f"127.0.0.1:{port}")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}")
+        stub = pb_grpc.InferenceAPIsServiceStub(channel)
+        try:
+            assert (await stub.Predictions(req())).prediction.startswith(b"m|")
+            await upstream_server.stop(0)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Predictions(req())
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"TorchServe is not reachable at 127.0.0.1:{port}" in err.value.details()
+            upstream_server = grpc.aio.server(options=BIG)
+            pb_grpc.add_InferenceAPIsServiceServicer_to_server(Upstream(), upstream_server)
+            assert upstream_server.add_insecure_port(f"127.0.0.1:{port}") == port
+            await upstream_server.start()
+            assert (await stub.Predictions(req())).prediction.startswith(b"m|")
+        finally:
+            await channel.close()
+            await stop_grpc_router(router, grace=0.5)
+            await upstream_server.stop(0)
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_hpack_decoder_follows_the_peers_table_and_huffman_strings() -> None:
+    encoder, decoder = hpack.Encoder(), Decoder()
+    blocks = [[(":path", "/a"), ("x-user-id", "alice"), ("authorization", "Bearer " + "k" * 40)],
+              [(":path", "/a"), ("x-user-id", "bob"), ("authorization", "Bearer " + "k" * 40)]]
+    for headers in blocks * 3:
+        assert decoder.decode(encoder.encode(headers)) == [(k.encode(), v.encode()) for k, v in headers]
+    encoder.header_table_size = 64  # a size update, then evictions
+    for headers in blocks:
+        assert decoder.decode(encoder.encode(headers)) == [(k.encode(), v.encode()) for k, v in headers]
+    ours = [(b":status", b"200"), (b"x-model-version", b"1.0"), (b"grpc-message", b"x" * 300)]
+    assert hpack.Decoder().decode(encode(ours), raw=True) == ours
+    with pytest.raises(HpackError):
+        Decoder().decode(b"\xff\x80")  # index past every table
+
+
+def test_a_connection_that_does_not_speak_http2_is_closed_and_others_are_served() -> None:
+    async def test(stub, upstream, table) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", channel_box[1])
+        writer.write(b"GET /predictions/m HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await reader.read()  # until the router closes the connection
+        assert b"not an HTTP/2 connection preface" in answer  # in its GOAWAY
+        writer.close()
+        assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
+
+    channel_box: list = []
+    run(test, channel_box=channel_box)
