@@ -4,6 +4,7 @@ client calls the router, which forwards to a grpcio server standing in for Torch
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -26,6 +27,7 @@ class Upstream(pb_grpc.InferenceAPIsServiceServicer):
 
     def __init__(self) -> None:
         self.started, self.cancelled = asyncio.Event(), asyncio.Event()
+        self.lose_next = False  # never answer the next call, as TorchServe with a job its dead worker held
 
     async def Ping(self, request, context):  # noqa: N802 (gRPC's method names)
         return pb.TorchServeHealthResponse(health="Healthy")
@@ -33,6 +35,10 @@ class Upstream(pb_grpc.InferenceAPIsServiceServicer):
     async def Predictions(self, request, context):  # noqa: N802
         if request.model_name == "missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, "Model not found: missing, 100% sure ✓")
+        if self.lose_next:
+            self.lose_next = False
+            context.add_done_callback(lambda _: self.cancelled.set())
+            await asyncio.Event().wait()
         if request.model_name == "slow":
             context.add_done_callback(lambda _: self.cancelled.set())
             self.started.set()
@@ -65,7 +71,7 @@ def run(test: Callable[[pb_grpc.InferenceAPIsServiceStub, Upstream, RoutingTable
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         table = RoutingTable({"m": Route("m", "1.0", {"1.0": 100.0}, streaming=True)})
-        router, router_port = await start_grpc_router(table, f"127.0.0.1:{port}")
+        router, router_port = await start_grpc_router(table, f"127.0.0.1:{port}", min_attempt_s=0.2)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}", options=BIG, compression=compression)
         if channel_box is not None:
             channel_box.extend([channel, router_port])
@@ -150,6 +156,22 @@ def test_a_client_that_gives_up_cancels_the_upstream_call() -> None:
         call.cancel()
         await asyncio.wait_for(upstream.cancelled.wait(), 5)
         assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")  # the connection still serves
+
+    run(test)
+
+
+def test_a_call_never_answered_is_given_up_and_retried() -> None:
+    async def test(stub, upstream, table) -> None:
+        # Enough answers for the arm's p99, which the first attempt's deadline is made from.
+        deadline = time.monotonic() + 10
+        while table.attempt_timeout("m", "1.0", 130, 0.2) == 130 and time.monotonic() < deadline:
+            await stub.Predictions(req())
+        st = table.stats[("m", "1.0")]
+        before = st.requests
+        upstream.lose_next = True
+        assert (await stub.Predictions(req(), timeout=10)).prediction.startswith(b"m|1.0")
+        await asyncio.wait_for(upstream.cancelled.wait(), 5)  # the lost attempt was reset
+        assert (st.requests - before, st.errors, st.retries) == (2, 1, 1)
 
     run(test)
 

@@ -111,8 +111,10 @@ class Relay:
 class GrpcRouter:
     """Serves the routed service and forwards every call to TorchServe's gRPC port at ``upstream``."""
 
-    def __init__(self, table: RoutingTable, upstream: str, sticky_key: str = "x-user-id", timeout_s: float = 130):
+    def __init__(self, table: RoutingTable, upstream: str, sticky_key: str = "x-user-id", timeout_s: float = 130,
+                 min_attempt_s: float = 2.0, latency_factor: float = 10.0):
         self.table, self.upstream = table, upstream
+        self.timeout_s, self.min_attempt_s, self.latency_factor = timeout_s, min_attempt_s, latency_factor
         host, _, port = upstream.rpartition(":")
         self.pool = UpstreamPool(host or "127.0.0.1", int(port))
         self.sticky = sticky_key.lower().encode()
@@ -172,14 +174,20 @@ class GrpcRouter:
         target = (self.table.upstream(model, version) or "").encode()
         return frame_message(payload + b"\x12" + _varint(len(target)) + target)
 
-    async def _call(self, call: ServerCall, headers: list[Header], data: bytes, sink: Relay | None = None) -> UpstreamCall:
+    async def _call(self, call: ServerCall, headers: list[Header], data: bytes, sink: Relay | None = None,
+                    timeout: float | None = None) -> UpstreamCall:
+        """One upstream call; ``timeout``: give up on it (and reset it) after that long."""
         conn = await self.pool.connection()
         up = conn.start(headers, data, True, sink)
         call.upstream = (conn, up.id)
+        timer = None if timeout is None else asyncio.get_running_loop().call_later(
+            timeout, lambda: conn.fail(up.id, UpstreamGone(f"no answer within {timeout:.1f} s"), reset=True))
         try:
             await up.done
         finally:
             call.upstream = None
+            if timer is not None:
+                timer.cancel()
         return up
 
     def _unreachable(self, exc: Exception) -> str:
@@ -231,7 +239,11 @@ class GrpcRouter:
         while True:
             up: UpstreamCall | None = None
             try:
-                up = await self._call(call, headers, self._for(model, payload, version))
+                # A job lost with its worker is never answered: the first attempt is given
+                # up after many times the arm's p99 and retried (see RoutingTable).
+                timeout = None if retried else self.table.attempt_timeout(
+                    model, version, self.timeout_s, self.min_attempt_s, self.latency_factor)
+                up = await self._call(call, headers, self._for(model, payload, version), timeout=timeout)
                 code, message = up.status()
             except UpstreamGone as exc:
                 code, message = UNAVAILABLE, self._unreachable(exc)
@@ -387,10 +399,10 @@ class GrpcRouter:
 
 
 async def start_grpc_router(table: RoutingTable, upstream: str, host: str = "127.0.0.1",
-                            port: int = 0, sticky_key: str = "x-user-id") -> tuple[GrpcRouter, int]:
+                            port: int = 0, sticky_key: str = "x-user-id", **options: float) -> tuple[GrpcRouter, int]:
     """Serve the routed InferenceAPIsService on ``host:port`` (0: any free port); return the
-    router and the port it bound."""
-    router = GrpcRouter(table, upstream, sticky_key)
+    router and the port it bound. ``options``: GrpcRouter's timeouts."""
+    router = GrpcRouter(table, upstream, sticky_key, **options)
     try:
         bound = await router.start(host, port)
     except OSError as exc:

@@ -71,19 +71,8 @@ class RestRouter:
         return Response(status, data, resp_headers)
 
     def attempt_timeout(self, model: str | None, version: str | None) -> float:
-        """How long the first attempt may take before it is presumed lost.
-
-        TorchServe silently drops the jobs a worker had gathered for its next batch when the
-        worker dies; their clients would wait for ever. So a first attempt that takes far
-        longer than this arm's recent p99 is retried once (inference is idempotent).
-        """
-        st = self.table.stats.get((model, version)) if model and version else None
-        if st is None:
-            return self.timeout_s
-        samples, _, p99 = st.recent(60.0, time.monotonic())
-        if samples < 20:
-            return self.timeout_s
-        return min(self.timeout_s, max(self.min_attempt_s, self.latency_factor * p99))
+        """How long the first attempt may take before it is presumed lost (see RoutingTable)."""
+        return self.table.attempt_timeout(model, version, self.timeout_s, self.min_attempt_s, self.latency_factor)
 
     async def _call(self, method: str, path_for: str, query: str, body: bytes, headers: list[bytes],
                     first: str | None, second: str | None,

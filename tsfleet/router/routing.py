@@ -287,6 +287,22 @@ class RoutingTable:
         self.save()
         return route
 
+    def attempt_timeout(self, model: str | None, version: str | None, ceiling_s: float,
+                        floor_s: float = 2.0, factor: float = 10.0) -> float:
+        """How long a first attempt may take before it is presumed lost.
+
+        TorchServe silently drops the jobs a worker had gathered for its next batch when the
+        worker dies; their clients would wait for ever. So a first attempt that takes far
+        longer than this arm's recent p99 is retried once (inference is idempotent).
+        """
+        st = self.stats.get((model, version)) if model and version else None
+        if st is None:
+            return ceiling_s
+        samples, _, p99 = st.recent(60.0, time.monotonic())
+        if samples < 20:
+            return ceiling_s
+        return min(ceiling_s, max(floor_s, factor * p99))
+
     def upstream(self, model: str | None, version: str | None) -> str | None:
         """The TorchServe version that serves ``version`` of ``model`` right now."""
         route = self.routes.get(model) if model and version else None
