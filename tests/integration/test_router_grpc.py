@@ -21,7 +21,7 @@ from google.protobuf import empty_pb2
 from tests.integration.conftest import ROOT, free_ports
 from tests.integration.router_harness import LoopThread
 from tsfleet.router.compare import answers_agree
-from tsfleet.router.grpc_front import router_of, start_grpc_router, stop_grpc_router
+from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 from tsfleet.router.routing import RollbackRule, RoutingTable, routes_from_fleet
@@ -55,7 +55,7 @@ class Router:
         self.stub = pb_grpc.InferenceAPIsServiceStub(self.channel)
 
     def drain(self) -> None:
-        self.loop.run(router_of(self.server).drain(timeout=30))
+        self.loop.run(self.server.drain(timeout=30))
 
     def close(self) -> None:
         self.channel.close()

@@ -15,9 +15,9 @@ import time
 from google.protobuf.message import DecodeError
 
 from tsfleet.router.compare import answers_agree
-from tsfleet.router.grpc_wire import (OK, UNAVAILABLE, UNIMPLEMENTED, ServerCall, ServerConnection, UpstreamCall,
-                                      UpstreamGone, UpstreamPool, decompress, frame_message, header,
-                                      split_messages, status_trailers)
+from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED, Relay, ServerCall,
+                                      ServerConnection, UpstreamCall, UpstreamGone, UpstreamPool, answer_headers,
+                                      decompress, frame_message, header, split_messages, status_trailers)
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.routing import RoutingTable
@@ -38,8 +38,6 @@ FROM_TORCHSERVE = "org.pytorch.serve"
 NOT_FOUND = ("ModelNotFoundException", "ModelVersionNotFoundException")
 SERVER_SIDE = {13, 14, 2, 4, 15}  # INTERNAL, UNAVAILABLE, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS
 SHADOW_BACKLOG = 256  # mirrors in flight beyond this are skipped: a shadow must never pile up
-STATUS_OK = (b":status", b"200")
-GRPC_TYPE = (b"content-type", b"application/grpc")
 
 
 def _retryable(code: int, message: str) -> bool:
@@ -61,16 +59,6 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _answer_headers(up: UpstreamCall, extra: list[Header]) -> tuple[list[Header], list[Header]]:
-    """(headers, trailers) for the client; a trailers-only answer is split in two so the
-    version still comes back as initial metadata."""
-    assert up.headers is not None
-    if up.trailers is up.headers:
-        return [STATUS_OK, GRPC_TYPE] + extra, [h for h in up.trailers if h[0][0] != 58 and h[0] != b"content-type"]
-    return [h for h in up.headers if h[0] == b":status" or h[0][0] != 58] + extra, \
-        [h for h in up.trailers if h[0][0] != 58]
-
-
 def _prediction(body: bytes) -> bytes | None:
     messages = split_messages(bytearray(body))
     if len(messages) != 1 or messages[0][0]:
@@ -79,33 +67,6 @@ def _prediction(body: bytes) -> bytes | None:
         return pb.PredictionResponse.FromString(messages[0][1]).prediction
     except DecodeError:
         return None
-
-
-class Relay:
-    """Passes an upstream answer on to the client as it comes (streams)."""
-
-    def __init__(self, conn: ServerConnection, stream: int, extra: list[Header]):
-        self.conn, self.stream, self.extra, self.started = conn, stream, extra, False
-
-    def on_headers(self, headers: list[Header], end: bool) -> None:
-        if self.started:
-            self.conn.send(self.stream, trailers=[h for h in headers if h[0][0] != 58])
-            return
-        self.started = True
-        if end:
-            self.conn.send(self.stream, [STATUS_OK, GRPC_TYPE] + self.extra,
-                           trailers=[h for h in headers if h[0][0] != 58 and h[0] != b"content-type"])
-        else:
-            self.conn.send(self.stream, [h for h in headers if h[0] == b":status" or h[0][0] != 58] + self.extra)
-
-    def on_data(self, data: bytes, end: bool) -> None:
-        self.started = True
-        self.conn.send(self.stream, data=data, end=end)
-
-    def fail(self, code: int, message: str) -> None:
-        head = None if self.started else [STATUS_OK, GRPC_TYPE] + self.extra
-        self.started = True
-        self.conn.send(self.stream, head, trailers=status_trailers(code, message))
 
 
 class GrpcRouter:
@@ -199,7 +160,7 @@ class GrpcRouter:
         if up is None:
             conn.send(call.id, [STATUS_OK, GRPC_TYPE] + extra, trailers=status_trailers(UNAVAILABLE, error))
             return
-        head, trailers = _answer_headers(up, extra)
+        head, trailers = answer_headers(up, extra)
         conn.send(call.id, head, bytes(up.body) if up.body else None, trailers)
 
     # ---------------------------------------------------------------- calls
@@ -412,8 +373,3 @@ async def start_grpc_router(table: RoutingTable, upstream: str, host: str = "127
 
 async def stop_grpc_router(router: GrpcRouter, grace: float = 2.0) -> None:
     await router.stop(grace)
-
-
-def router_of(router: GrpcRouter) -> GrpcRouter:
-    """Kept for callers written against the grpcio server, whose servicer was separate."""
-    return router

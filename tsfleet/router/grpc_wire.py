@@ -17,6 +17,8 @@ from tsfleet.router.hpack_codec import Header
 
 CONNECT_TIMEOUT_S = 5.0
 OK, UNKNOWN, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 2, 12, 13, 14
+STATUS_OK = (b":status", b"200")
+GRPC_TYPE = (b"content-type", b"application/grpc")
 
 
 # ------------------------------------------------------------------ messages
@@ -307,3 +309,41 @@ class UpstreamPool:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+# ------------------------------------------------------------------ answers
+def answer_headers(up: UpstreamCall, extra: list[Header]) -> tuple[list[Header], list[Header]]:
+    """(headers, trailers) for the client; a trailers-only answer is split in two so the
+    version still comes back as initial metadata."""
+    assert up.headers is not None
+    if up.trailers is up.headers:
+        return [STATUS_OK, GRPC_TYPE] + extra, [h for h in up.trailers if h[0][0] != 58 and h[0] != b"content-type"]
+    return [h for h in up.headers if h[0] == b":status" or h[0][0] != 58] + extra, \
+        [h for h in up.trailers if h[0][0] != 58]
+
+
+class Relay:
+    """Passes an upstream answer on to the client as it comes (streams)."""
+
+    def __init__(self, conn: ServerConnection, stream: int, extra: list[Header]):
+        self.conn, self.stream, self.extra, self.started = conn, stream, extra, False
+
+    def on_headers(self, headers: list[Header], end: bool) -> None:
+        if self.started:
+            self.conn.send(self.stream, trailers=[h for h in headers if h[0][0] != 58])
+            return
+        self.started = True
+        if end:
+            self.conn.send(self.stream, [STATUS_OK, GRPC_TYPE] + self.extra,
+                           trailers=[h for h in headers if h[0][0] != 58 and h[0] != b"content-type"])
+        else:
+            self.conn.send(self.stream, [h for h in headers if h[0] == b":status" or h[0][0] != 58] + self.extra)
+
+    def on_data(self, data: bytes, end: bool) -> None:
+        self.started = True
+        self.conn.send(self.stream, data=data, end=end)
+
+    def fail(self, code: int, message: str) -> None:
+        head = None if self.started else [STATUS_OK, GRPC_TYPE] + self.extra
+        self.started = True
+        self.conn.send(self.stream, head, trailers=status_trailers(code, message))
