@@ -18,7 +18,8 @@ from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 from tsfleet.router.routing import Route, RoutingTable
 
-BIG = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+BIG = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
+       ("grpc.max_metadata_size", 1 << 20), ("grpc.absolute_max_metadata_size", 1 << 20)]
 KEY = (("authorization", "Bearer k"),)
 
 
@@ -44,6 +45,10 @@ class Upstream(pb_grpc.InferenceAPIsServiceServicer):
             self.started.set()
             await asyncio.sleep(30)
         key = dict(context.invocation_metadata()).get("authorization")
+        if request.model_name == "echo-metadata":
+            note = dict(context.invocation_metadata())["x-note"]
+            await context.send_initial_metadata((("x-note-back", note[::-1]),))
+            return pb.PredictionResponse(prediction=note.encode())
         reply = f"{request.model_name}|{request.model_version}|{key}|{len(request.input['data'])}"
         return pb.PredictionResponse(prediction=reply.encode() + bytes(len(request.input["data"])))
 
@@ -114,6 +119,17 @@ def test_many_calls_at_once_on_one_connection_all_get_their_own_answer() -> None
     async def test(stub, upstream, table) -> None:
         replies = await asyncio.gather(*[stub.Predictions(req(data=b"x" * i)) for i in range(300)])
         assert [int(r.prediction.split(b"|")[3][:3].rstrip(b"\0")) for r in replies] == list(range(300))
+
+    run(test)
+
+
+def test_header_blocks_larger_than_a_frame_are_split_and_joined() -> None:
+    """40 KB of metadata each way: HEADERS + CONTINUATION frames (a grpcio server takes 16 KB frames)."""
+    async def test(stub, upstream, table) -> None:
+        note = "".join(chr(0x61 + i % 26) for i in range(40_000))
+        call = stub.Predictions(req(model="echo-metadata"), metadata=(("x-note", note),))
+        assert (await call).prediction == note.encode()
+        assert dict(await call.initial_metadata())["x-note-back"] == note[::-1]
 
     run(test)
 

@@ -58,6 +58,8 @@ class Http2Connection(asyncio.Protocol):
     """Frame parsing, SETTINGS/PING/WINDOW_UPDATE handling and flow-controlled sending."""
 
     client_side = False
+    # What this end lets the peer send (class attributes so a test can make them small).
+    frame_in, stream_window_in, conn_window_in = RECV_FRAME, RECV_STREAM_WINDOW, RECV_CONN_WINDOW
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -78,8 +80,9 @@ class Http2Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         hello = settings_frame({S_ENABLE_PUSH: 0, S_MAX_CONCURRENT_STREAMS: 1000,
-                                S_INITIAL_WINDOW_SIZE: RECV_STREAM_WINDOW, S_MAX_FRAME_SIZE: RECV_FRAME})
-        hello += frame(WINDOW_UPDATE, 0, 0, (RECV_CONN_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))
+                                S_INITIAL_WINDOW_SIZE: self.stream_window_in, S_MAX_FRAME_SIZE: self.frame_in})
+        if self.conn_window_in > DEFAULT_WINDOW:
+            hello += frame(WINDOW_UPDATE, 0, 0, (self.conn_window_in - DEFAULT_WINDOW).to_bytes(4, "big"))
         self.transport.write((PREFACE if self.client_side else b"") + hello)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -112,7 +115,7 @@ class Http2Connection(asyncio.Protocol):
         try:
             while end - pos >= 9 and not self.closed:
                 length = int.from_bytes(buf[pos:pos + 3], "big")
-                if length > RECV_FRAME:
+                if length > self.frame_in:
                     raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 if end - pos - 9 < length:
                     break
@@ -193,14 +196,14 @@ class Http2Connection(asyncio.Protocol):
         """Give the window back once half of it is used: the router does not hold data back."""
         self.unacked += size
         update = b""
-        if self.unacked >= RECV_CONN_WINDOW // 2:
+        if self.unacked >= self.conn_window_in // 2:
             update = frame(WINDOW_UPDATE, 0, 0, self.unacked.to_bytes(4, "big"))
             self.unacked = 0
         if ended:
             self.stream_unacked.pop(stream, None)
         else:
             used = self.stream_unacked.get(stream, 0) + size
-            if used >= RECV_STREAM_WINDOW // 2:
+            if used >= self.stream_window_in // 2:
                 update += frame(WINDOW_UPDATE, 0, stream, used.to_bytes(4, "big"))
                 used = 0
             self.stream_unacked[stream] = used

@@ -1,0 +1,90 @@
+"""The router's HTTP/2 layer between two of its own connections on loopback, with the
+small frames and windows that HTTP/2 starts with: header blocks split into CONTINUATION
+frames, data held back until the peer's WINDOW_UPDATE, PING answered."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from tsfleet.router.http2 import DEFAULT_FRAME, DEFAULT_WINDOW, PING, Http2Connection, frame
+
+
+class Peer(Http2Connection):
+    frame_in, stream_window_in, conn_window_in = DEFAULT_FRAME, DEFAULT_WINDOW, DEFAULT_WINDOW
+
+    def __init__(self, client_side: bool):
+        self.client_side = client_side
+        super().__init__()
+        self.events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    def on_headers(self, stream: int, headers: list, end: bool) -> None:
+        self.events.put_nowait(("headers", stream, headers, end))
+
+    def on_data(self, stream: int, data: bytes, end: bool) -> None:
+        self.events.put_nowait(("data", stream, data, end))
+
+    def data_received(self, data: bytes) -> None:
+        if not self.client_side and b"\x00\x00\x08\x06\x01" in data:  # a PING ACK (8 bytes, type 6, ACK)
+            self.events.put_nowait(("pong",))
+        super().data_received(data)
+
+
+async def pair() -> tuple[Peer, Peer, asyncio.base_events.Server]:
+    loop = asyncio.get_running_loop()
+    servers: list[Peer] = []
+    server = await loop.create_server(lambda: servers.append(Peer(False)) or servers[-1], "127.0.0.1", 0)
+    _, client = await loop.create_connection(lambda: Peer(True), "127.0.0.1", server.sockets[0].getsockname()[1])
+    deadline = time.monotonic() + 5
+    while not servers and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)  # until the server side has accepted
+    return client, servers[0], server
+
+
+async def call_of(peer: Peer, stream: int) -> tuple[list, bytes, list | None]:
+    """The headers, the whole body and the trailers of ``stream`` as ``peer`` received them."""
+    kind, got_stream, headers, end = await asyncio.wait_for(peer.events.get(), 5)
+    assert (kind, got_stream) == ("headers", stream)
+    body, trailers = bytearray(), None
+    while not end:
+        kind, got_stream, data, end = await asyncio.wait_for(peer.events.get(), 5)
+        assert got_stream == stream
+        if kind == "headers":
+            assert end
+            trailers = data
+        else:
+            body += data
+    return headers, bytes(body), trailers
+
+
+def test_big_headers_and_a_body_over_the_window_arrive_whole_both_ways() -> None:
+    async def main() -> None:
+        client, server, listener = await pair()
+        try:
+            headers = [(b":path", b"/x"), (b"x-note", b"n" * 40_000), (b"x-more", b"m" * 20_000)]
+            body = bytes(range(256)) * 1200  # 300 KB: over 64 KB windows and 16 KB frames
+            client.open_stream(1)
+            client.send(1, headers, body, end=True)
+            assert await call_of(server, 1) == (headers, body, None)
+            server.open_stream(1)
+            server.send(1, [(b":status", b"200")] + headers[1:], body[::-1], [(b"grpc-status", b"0")])
+            assert await call_of(client, 1) == ([(b":status", b"200")] + headers[1:], body[::-1], [(b"grpc-status", b"0")])
+            assert not client.blocked and not server.blocked  # nothing left waiting for a window
+        finally:
+            client.close()
+            listener.close()
+
+    asyncio.run(main())
+
+
+def test_a_ping_is_answered() -> None:
+    async def main() -> None:
+        client, server, listener = await pair()
+        try:
+            server.transport.write(frame(PING, 0, 0, b"12345678"))
+            assert await asyncio.wait_for(server.events.get(), 5) == ("pong",)
+        finally:
+            client.close()
+            listener.close()
+
+    asyncio.run(main())
