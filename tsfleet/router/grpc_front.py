@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any, Coroutine
 
 from google.protobuf.message import DecodeError
 
@@ -19,6 +20,7 @@ from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, STATUS_OK, UNAVAILABLE, UNI
                                       ServerConnection, UpstreamCall, UpstreamGone, UpstreamPool, answer_headers,
                                       decompress, frame_message, header, split_messages, status_trailers)
 from tsfleet.router.hpack_codec import Header
+from tsfleet.router.http2 import INTERNAL_ERROR
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.routing import RoutingTable
 
@@ -95,15 +97,24 @@ class GrpcRouter:
     def opened(self, conn: ServerConnection, call: ServerCall) -> None:
         if call.path not in BUFFERED:
             call.queue = asyncio.Queue()
-            self._spawn(self._relay(conn, call))
+            self._spawn(conn, call, self._relay(conn, call))
 
     def ended(self, conn: ServerConnection, call: ServerCall) -> None:
-        self._spawn(self._answer(conn, call))
+        self._spawn(conn, call, self._answer(conn, call))
 
-    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, conn: ServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(self._guarded(conn, call, work))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
+
+    @staticmethod
+    async def _guarded(conn: ServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception:  # a bug of the router's must not leave the client waiting for its deadline
+            log.exception("gRPC call to %s failed in the router", call.path.decode(errors="replace"))
+            if call.id in conn.windows:  # not answered yet
+                conn.reset(call.id, INTERNAL_ERROR)
 
     # ------------------------------------------------------------- helpers
     def _headers(self, call: ServerCall, path: bytes, decompressed: bool = False) -> list[Header]:
