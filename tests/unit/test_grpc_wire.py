@@ -12,7 +12,7 @@ import hpack
 import pytest
 from google.protobuf import empty_pb2
 
-from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
+from tsfleet.router.grpc_front import GrpcRouter, start_grpc_router, stop_grpc_router
 from tsfleet.router.hpack_codec import Decoder, HpackError, encode
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
@@ -57,13 +57,15 @@ class Upstream(pb_grpc.InferenceAPIsServiceServicer):
             yield pb.PredictionResponse(prediction=f"{request.model_version}:{i}".encode())
 
     async def StreamPredictions2(self, request_iterator, context):  # noqa: N802
+        if context.invocation_metadata() and dict(context.invocation_metadata()).get("x-stall"):
+            await asyncio.Event().wait()  # never reads: its window closes
         async for req in request_iterator:
             yield pb.PredictionResponse(prediction=f"{req.model_version}:{req.input['data'].decode()}".encode())
 
 
 @pytest.fixture
 def channel_box() -> list:
-    """Hands a test the client channel and the router's port that ``run`` makes."""
+    """Hands a test the client channel, the router's port and the router that ``run`` makes."""
     return []
 
 
@@ -79,7 +81,7 @@ def run(test: Callable[[pb_grpc.InferenceAPIsServiceStub, Upstream, RoutingTable
         router, router_port = await start_grpc_router(table, f"127.0.0.1:{port}", min_attempt_s=0.2)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}", options=BIG, compression=compression)
         if channel_box is not None:
-            channel_box.extend([channel, router_port])
+            channel_box.extend([channel, router_port, router])
         try:
             await asyncio.wait_for(test(pb_grpc.InferenceAPIsServiceStub(channel), upstream, table), 20)
         finally:
@@ -277,3 +279,27 @@ def test_a_fault_in_the_router_fails_that_call_at_once_and_no_other() -> None:
         assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
 
     run(test)
+
+
+def test_a_request_stream_the_upstream_does_not_read_is_not_buffered_without_end() -> None:
+    async def test(stub, upstream, table) -> None:
+        call = stub.StreamPredictions2(metadata=(("x-stall", "1"),), timeout=15)
+        for _ in range(200):  # 200 MiB, far more than any window on the way holds
+            try:
+                await call.write(req(data=b"f" * (1 << 20)))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                break  # the call is over
+        # The router ends the call (RESOURCE_EXHAUSTED; grpcio may report its own failed
+        # write as INTERNAL instead) long before the deadline, and lets go of what it held.
+        assert await call.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
+        router = box[2]
+        assert router.pool.conn is not None and not router.pool.conn.blocked
+
+    box: list = []
+
+    original = GrpcRouter.max_held
+    GrpcRouter.max_held = 8 << 20
+    try:
+        run(test, channel_box=box)
+    finally:
+        GrpcRouter.max_held = original

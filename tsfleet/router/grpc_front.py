@@ -16,9 +16,10 @@ from typing import Any, Coroutine
 from google.protobuf.message import DecodeError
 
 from tsfleet.router.compare import answers_agree
-from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED, Relay, ServerCall,
-                                      ServerConnection, UpstreamCall, UpstreamGone, UpstreamPool, answer_headers,
-                                      decompress, frame_message, header, split_messages, status_trailers)
+from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
+                                      Relay, ServerCall, ServerConnection, UpstreamCall, UpstreamGone, UpstreamPool,
+                                      answer_headers, decompress, frame_message, header, split_messages,
+                                      status_trailers)
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.http2 import INTERNAL_ERROR
 from tsfleet.router.proto import inference_pb2 as pb
@@ -73,6 +74,8 @@ def _prediction(body: bytes) -> bytes | None:
 
 class GrpcRouter:
     """Serves the routed service and forwards every call to TorchServe's gRPC port at ``upstream``."""
+
+    max_held = 64 * 2**20  # of a request stream, waiting for TorchServe to read it
 
     def __init__(self, table: RoutingTable, upstream: str, sticky_key: str = "x-user-id", timeout_s: float = 130,
                  min_attempt_s: float = 2.0, latency_factor: float = 10.0):
@@ -309,6 +312,12 @@ class GrpcRouter:
                     chunk = b"".join(self._for(model, r.SerializeToString(), version) for r in requests)
                 if chunk:
                     upstream.send(up.id, data=chunk)
+                    if upstream.held(up.id) > self.max_held:
+                        upstream.fail(up.id, UpstreamGone("unread"), reset=True)
+                        up.done.exception()  # seen: nobody else waits for this call now
+                        relay.fail(RESOURCE_EXHAUSTED, f"TorchServe has not read the last {self.max_held >> 20} MiB "
+                                                       "of this stream; the router holds no more")
+                        return
             if call.cancelled:
                 return
             upstream.send(up.id, data=b"", end=True)

@@ -16,7 +16,7 @@ from tsfleet.router.http2 import CANCEL, PROTOCOL_ERROR, REFUSED_STREAM, Http2Co
 from tsfleet.router.hpack_codec import Header
 
 CONNECT_TIMEOUT_S = 5.0
-OK, UNKNOWN, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 2, 12, 13, 14
+OK, UNKNOWN, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 2, 8, 12, 13, 14
 STATUS_OK = (b":status", b"200")
 GRPC_TYPE = (b"content-type", b"application/grpc")
 

@@ -268,6 +268,10 @@ class Http2Connection(asyncio.Protocol):
         if end and queue is None:
             self._forget(stream)
 
+    def held(self, stream: int) -> int:
+        """Bytes of ``stream`` waiting for the peer's window."""
+        return sum(len(payload) for kind, payload, _ in self.blocked.get(stream, ()) if kind == DATA)
+
     def reset(self, stream: int, code: int = CANCEL) -> None:
         """End a stream the peer has not finished with (the caller knows it is open)."""
         if not self.closed:
