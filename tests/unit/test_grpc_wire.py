@@ -13,6 +13,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from tsfleet.router.grpc_front import GrpcRouter, start_grpc_router, stop_grpc_router
+from tsfleet.router.grpc_wire import Relay
 from tsfleet.router.hpack_codec import Decoder, HpackError, encode
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
@@ -28,6 +29,7 @@ class Upstream(pb_grpc.InferenceAPIsServiceServicer):
 
     def __init__(self) -> None:
         self.started, self.cancelled = asyncio.Event(), asyncio.Event()
+        self.streamed = 0
         self.lose_next = False  # never answer the next call, as TorchServe with a job its dead worker held
 
     async def Ping(self, request, context):  # noqa: N802 (gRPC's method names)
@@ -53,6 +55,11 @@ class Upstream(pb_grpc.InferenceAPIsServiceServicer):
         return pb.PredictionResponse(prediction=reply.encode() + bytes(len(request.input["data"])))
 
     async def StreamPredictions(self, request, context):  # noqa: N802
+        if request.model_name == "firehose":  # far more than a client that does not read takes
+            context.add_done_callback(lambda _: self.cancelled.set())
+            for _ in range(1000):
+                yield pb.PredictionResponse(prediction=b"w" * (1 << 20))
+                self.streamed += 1
         for i in range(3):
             yield pb.PredictionResponse(prediction=f"{request.model_version}:{i}".encode())
 
@@ -303,3 +310,24 @@ def test_a_request_stream_the_upstream_does_not_read_is_not_buffered_without_end
         run(test, channel_box=box)
     finally:
         GrpcRouter.max_held = original
+
+
+def test_an_answer_stream_the_client_does_not_read_is_dropped_not_held() -> None:
+    async def test(stub, upstream, table) -> None:
+        call = stub.StreamPredictions(req(model="firehose"), timeout=15)
+        # Nothing read: the router's share fills up, it gives the stream up and cancels upstream.
+        await asyncio.wait_for(upstream.cancelled.wait(), 10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert upstream.streamed < 100  # cancelled, not run to its end
+        assert not box[2].connections or all(not c.blocked for c in box[2].connections)
+
+    box: list = []
+    original = Relay.max_held
+    Relay.max_held = 8 << 20
+    try:
+        run(test, channel_box=box)
+    finally:
+        Relay.max_held = original

@@ -244,7 +244,7 @@ class GrpcRouter:
         sticky = header(call.headers, self.sticky)
         choice = self.table.choose(model, request.model_version or None, sticky.decode() if sticky else None)
         version, started = choice.version, time.perf_counter()
-        relay = Relay(conn, call.id, [(b"x-model-version", version.encode())] if version else [])
+        relay = Relay(conn, call, [(b"x-model-version", version.encode())] if version else [])
         for attempt in (0, 1):
             try:
                 up = await self._call(call, headers, self._for(model, payload, version), relay)
@@ -292,7 +292,7 @@ class GrpcRouter:
                 version = self.table.choose(model, requests[0].model_version or None,
                                             sticky.decode() if sticky else None).version
                 first = [self._for(model, r.SerializeToString(), version) for r in requests]
-            relay = Relay(conn, call.id, [(b"x-model-version", version.encode())] if version else [])
+            relay = Relay(conn, call, [(b"x-model-version", version.encode())] if version else [])
             try:
                 upstream = await self.pool.connection()
             except UpstreamGone as exc:

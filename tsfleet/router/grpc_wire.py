@@ -12,7 +12,8 @@ import zlib
 from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
-from tsfleet.router.http2 import CANCEL, PROTOCOL_ERROR, REFUSED_STREAM, Http2Connection, ProtocolError
+from tsfleet.router.http2 import (CANCEL, ENHANCE_YOUR_CALM, PROTOCOL_ERROR, REFUSED_STREAM, Http2Connection,
+                                  ProtocolError)
 from tsfleet.router.hpack_codec import Header
 
 CONNECT_TIMEOUT_S = 5.0
@@ -325,8 +326,10 @@ def answer_headers(up: UpstreamCall, extra: list[Header]) -> tuple[list[Header],
 class Relay:
     """Passes an upstream answer on to the client as it comes (streams)."""
 
-    def __init__(self, conn: ServerConnection, stream: int, extra: list[Header]):
-        self.conn, self.stream, self.extra, self.started = conn, stream, extra, False
+    max_held = 64 * 2**20  # of an answer, waiting for the client to read it
+
+    def __init__(self, conn: ServerConnection, call: ServerCall, extra: list[Header]):
+        self.conn, self.call, self.stream, self.extra, self.started = conn, call, call.id, extra, False
 
     def on_headers(self, headers: list[Header], end: bool) -> None:
         if self.started:
@@ -342,6 +345,11 @@ class Relay:
     def on_data(self, data: bytes, end: bool) -> None:
         self.started = True
         self.conn.send(self.stream, data=data, end=end)
+        if self.conn.held(self.stream) > self.max_held:
+            # A client that stops reading a stream: drop it rather than hold it without end
+            # (gRPC reads ENHANCE_YOUR_CALM as RESOURCE_EXHAUSTED).
+            self.conn.reset(self.stream, ENHANCE_YOUR_CALM)
+            self.call.cancel()
 
     def fail(self, code: int, message: str) -> None:
         head = None if self.started else [STATUS_OK, GRPC_TYPE] + self.extra
