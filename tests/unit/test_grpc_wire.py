@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from tsfleet.router.grpc_front import GrpcRouter, start_grpc_router, stop_grpc_router
-from tsfleet.router.grpc_wire import Relay
+from tsfleet.router.grpc_wire import Relay, ServerConnection
 from tsfleet.router.hpack_codec import Decoder, HpackError, encode
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
@@ -288,7 +288,7 @@ def test_a_fault_in_the_router_fails_that_call_at_once_and_no_other() -> None:
     run(test)
 
 
-def test_a_request_stream_the_upstream_does_not_read_is_not_buffered_without_end() -> None:
+def test_a_request_stream_the_upstream_does_not_read_is_not_buffered_without_end(monkeypatch) -> None:
     async def test(stub, upstream, table) -> None:
         call = stub.StreamPredictions2(metadata=(("x-stall", "1"),), timeout=15)
         for _ in range(200):  # 200 MiB, far more than any window on the way holds
@@ -303,16 +303,11 @@ def test_a_request_stream_the_upstream_does_not_read_is_not_buffered_without_end
         assert router.pool.conn is not None and not router.pool.conn.blocked
 
     box: list = []
-
-    original = GrpcRouter.max_held
-    GrpcRouter.max_held = 8 << 20
-    try:
-        run(test, channel_box=box)
-    finally:
-        GrpcRouter.max_held = original
+    monkeypatch.setattr(GrpcRouter, "max_held", 8 << 20)
+    run(test, channel_box=box)
 
 
-def test_an_answer_stream_the_client_does_not_read_is_dropped_not_held() -> None:
+def test_an_answer_stream_the_client_does_not_read_is_dropped_not_held(monkeypatch) -> None:
     async def test(stub, upstream, table) -> None:
         call = stub.StreamPredictions(req(model="firehose"), timeout=15)
         # Nothing read: the router's share fills up, it gives the stream up and cancels upstream.
@@ -325,9 +320,17 @@ def test_an_answer_stream_the_client_does_not_read_is_dropped_not_held() -> None
         assert not box[2].connections or all(not c.blocked for c in box[2].connections)
 
     box: list = []
-    original = Relay.max_held
-    Relay.max_held = 8 << 20
-    try:
-        run(test, channel_box=box)
-    finally:
-        Relay.max_held = original
+    monkeypatch.setattr(Relay, "max_held", 8 << 20)
+    run(test, channel_box=box)
+
+
+def test_a_request_over_the_size_limit_is_refused_and_the_connection_serves_on(monkeypatch) -> None:
+    async def test(stub, upstream, table) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predictions(req(data=b"x" * (3 << 20)), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than the router's 2 MiB" in err.value.details()
+        assert (await stub.Predictions(req(data=b"x" * (1 << 20)))).prediction.startswith(b"m|1.0")
+
+    monkeypatch.setattr(ServerConnection, "max_request", 2 << 20)
+    run(test)

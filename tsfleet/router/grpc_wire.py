@@ -12,8 +12,8 @@ import zlib
 from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
-from tsfleet.router.http2 import (CANCEL, ENHANCE_YOUR_CALM, PROTOCOL_ERROR, REFUSED_STREAM, Http2Connection,
-                                  ProtocolError)
+from tsfleet.router.http2 import (CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM,
+                                  Http2Connection, ProtocolError)
 from tsfleet.router.hpack_codec import Header
 
 CONNECT_TIMEOUT_S = 5.0
@@ -78,15 +78,15 @@ class Dispatcher(Protocol):
 
 
 class ServerCall:
-    """One call from a client: its headers, its request bytes so far, and whether it is over."""
+    """One call from a client: its headers, its request bytes so far, whether it was cancelled."""
 
-    __slots__ = ("id", "headers", "path", "body", "ended", "cancelled", "queue", "upstream")
+    __slots__ = ("id", "headers", "path", "body", "cancelled", "queue", "upstream")
 
     def __init__(self, stream: int, headers: list[Header]):
         self.id, self.headers = stream, headers
         self.path = header(headers, b":path") or b""
         self.body = bytearray()
-        self.ended = self.cancelled = False
+        self.cancelled = False
         self.queue: asyncio.Queue | None = None  # set by a dispatcher that wants DATA as it comes
         self.upstream: tuple[UpstreamConnection, int] | None = None  # to reset it if the client goes
 
@@ -101,6 +101,10 @@ class ServerCall:
 
 class ServerConnection(Http2Connection):
     """A client's connection: each new stream is a call handed to the dispatcher."""
+
+    # A request read whole (all but sequences) may be this big: TorchServe enforces its own
+    # max_request_size below it, so the router must not undercut it.
+    max_request = 64 * 2**20
 
     def __init__(self, dispatcher: Dispatcher, connections: set["ServerConnection"]):
         super().__init__()
@@ -135,11 +139,16 @@ class ServerConnection(Http2Connection):
             call.queue.put_nowait(data)
         else:
             call.body += data
+            if len(call.body) > self.max_request + 5:  # the message and its 5-byte prefix
+                self.calls.pop(stream)
+                self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
+                    RESOURCE_EXHAUSTED, f"request larger than the router's {self.max_request >> 20} MiB"))
+                self.reset(stream, NO_ERROR)  # read no more of it
+                return
         if end:
             self._end(call)
 
     def _end(self, call: ServerCall) -> None:
-        call.ended = True
         if call.queue is not None:
             call.queue.put_nowait(None)
         else:
