@@ -84,6 +84,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _stopping(signum: int, frame: object) -> None:
+    _say("still stopping the fleet; it takes a few seconds")
+
+
+def _finish_stopping() -> None:
+    """From here on a second Ctrl-C or SIGTERM (a supervisor repeating itself, `make` passing
+    it on) must not cut the stop short and leave the router or TorchServe running."""
+    signal.signal(signal.SIGINT, _stopping)
+    signal.signal(signal.SIGTERM, _stopping)
+
+
 def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
     if not args.no_build:
         cmd_build(args, fleet)
@@ -119,10 +130,12 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         _say("TorchServe was stopped (tsfleet down); the router and the recycler are stopped too")
         return 0
     except KeyboardInterrupt:
+        _finish_stopping()
         _say("\nstopping the router, the recycler and TorchServe")
         _stop_all(server)
         return 0
     except FleetError:
+        _finish_stopping()
         _stop_all(server)
         raise
 

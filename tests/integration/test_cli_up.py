@@ -95,12 +95,16 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
                              json={"text": "hello, good evening"}, headers=keys.header("inference"), timeout=30)
         assert resp.status_code == 200 and resp.json()["intent"] == "greeting"
 
+        pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
         up.proc.send_signal(signal.SIGINT)
+        up.wait_for("stopping the router, the recycler and TorchServe", 30)
+        up.proc.send_signal(signal.SIGTERM)  # a second signal (make passing one on) must not cut the stop short
         assert up.proc.wait(timeout=90) == 0
         deadline = time.monotonic() + 30
         while _port_open(up.ep.inference) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _port_open(up.ep.inference), "TorchServe still listening after Ctrl-C"
+        assert not [name for name, pid in pids.items() if _alive(pid)], "a companion outlived Ctrl-C"
 
 
 def test_up_says_so_and_stops_its_companions_when_torchserve_dies(fleet, model_store, tmp_path: Path) -> None:
