@@ -255,6 +255,8 @@ def test_hpack_decoder_follows_the_peers_table_and_huffman_strings() -> None:
     assert hpack.Decoder().decode(encode(ours), raw=True) == ours
     with pytest.raises(HpackError):
         Decoder().decode(b"\xff\x80")  # index past every table
+    with pytest.raises(HpackError):
+        Decoder().decode(b"\x00\x81\xff\x01a")  # a Huffman name that is all padding
 
 
 def test_a_connection_that_does_not_speak_http2_is_closed_and_others_are_served() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from hpack.exceptions import HPACKDecodingError
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
@@ -46,7 +47,12 @@ def _string(data: bytes, pos: int) -> tuple[bytes, int]:
     if end > len(data):
         raise HpackError("string past the end of the header block")
     raw = data[pos:end]
-    return (decode_huffman(raw) if huffman else raw), end
+    if not huffman:
+        return raw, end
+    try:
+        return decode_huffman(raw), end
+    except HPACKDecodingError as exc:
+        raise HpackError(f"bad Huffman string: {exc}") from None
 
 
 class Decoder:
