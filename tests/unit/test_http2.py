@@ -4,7 +4,6 @@ frames, data held back until the peer's WINDOW_UPDATE, PING answered."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from tsfleet.router.http2 import DEFAULT_FRAME, DEFAULT_WINDOW, PING, Http2Connection, frame
@@ -32,13 +31,17 @@ class Peer(Http2Connection):
 
 async def pair() -> tuple[Peer, Peer, asyncio.base_events.Server]:
     loop = asyncio.get_running_loop()
-    servers: list[Peer] = []
-    server = await loop.create_server(lambda: servers.append(Peer(False)) or servers[-1], "127.0.0.1", 0)
+    accepted: asyncio.Future[Peer] = loop.create_future()
+
+    def server_side() -> Peer:
+        peer = Peer(False)
+        if not accepted.done():
+            accepted.set_result(peer)
+        return peer
+
+    server = await loop.create_server(server_side, "127.0.0.1", 0)
     _, client = await loop.create_connection(lambda: Peer(True), "127.0.0.1", server.sockets[0].getsockname()[1])
-    deadline = time.monotonic() + 5
-    while not servers and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)  # until the server side has accepted
-    return client, servers[0], server
+    return client, await asyncio.wait_for(accepted, 5), server
 
 
 async def call_of(peer: Peer, stream: int) -> tuple[list, bytes, list | None]:
