@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, help="timed runs per figure")
     parser.add_argument("--seconds", type=float, help="length of each timed run")
     parser.add_argument("--concurrency", type=int, nargs="+", help="concurrent clients")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="serve the first sweep configuration (the usual winner) without sweeping")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary archives and logs")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg[key] = getattr(args, key)
     if args.scenarios:
         cfg["scenarios"] = set(args.scenarios)
+    if args.no_sweep:
+        cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}
     load = args.load or ("python" if mode == "smoke" else "auto")
     work = Path(tempfile.mkdtemp(prefix="tsfleet-bench-speed-"))
     opts = Options(models=args.models, batch1=Serve(1, 1, 2, 1), minimal=Serve(8, 5, 2, 1), load=load,

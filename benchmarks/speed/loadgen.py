@@ -8,6 +8,12 @@ and any CPU the router takes shows up as queueing, not as its own work).
 
 Every generator cycles through the same fixed bodies and returns one ``Sample``: requests,
 failures (non-2xx, socket errors, timeouts), throughput and latency percentiles.
+
+The ``*_side_by_side`` forms load two targets (direct and through the router) in the same
+window: the same batches, the same busy cores, the same slow second of a noisy machine land on
+both, so the difference between their latencies is the path's own cost and not the drift
+between two windows. wrk runs one process per target with half the connections each; the
+asyncio generators send each client's requests to the targets in turn.
 """
 from __future__ import annotations
 
@@ -55,8 +61,10 @@ def _lua_string(data: bytes) -> str:
     return '"' + "".join(f"\\{b:03d}" for b in data) + '"'
 
 
-def _lua_script(bodies: list[bytes], headers: dict[str, str], think_s: float = 0.0) -> str:
-    lines = ["local bodies = {" + ",\n".join(_lua_string(b) for b in bodies) + "}",
+def _lua_script(bodies: list[bytes], headers: dict[str, str], think_s: float = 0.0, seed: int = 1) -> str:
+    # Its own seed per wrk process: side by side, two processes must not think in lockstep.
+    lines = [f"math.randomseed({seed})",
+             "local bodies = {" + ",\n".join(_lua_string(b) for b in bodies) + "}",
              "local headers = {}"]
     lines += [f"headers[{_lua_string(k.encode())}] = {_lua_string(v.encode())}" for k, v in headers.items()]
     lines += ["local i = 0",
@@ -80,20 +88,22 @@ def _wrk_ms(out: str, label: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float,
-            think_s: float = 0.0) -> Sample:
-    """``wrk -t1 -c clients`` for ``seconds``: one thread, so it takes as little CPU as it can."""
-    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
-        script = Path(tmp) / "post.lua"
-        script.write_text(_lua_script(bodies, headers, think_s))
-        proc = subprocess.run(
-            ["wrk", "-t", "1", "-c", str(clients), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
-             "--latency", "-s", str(script), url],
-            capture_output=True, text=True, timeout=seconds + 90)
-    out = proc.stdout
+def _start_wrk(script: Path, url: str, clients: int, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["wrk", "-t", "1", "-c", str(clients), "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
+         "--latency", "-s", str(script), url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wrk_sample(proc: subprocess.Popen, seconds: float) -> Sample:
+    try:
+        out, err = proc.communicate(timeout=seconds + 90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
     total = re.search(r"(\d+) requests in ([\d.]+)(ms|s)", out)
     if proc.returncode != 0 or not total:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {out}{proc.stderr}")
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {out}{err}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     failed = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
@@ -101,80 +111,120 @@ def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], clients: int
     return Sample(int(total.group(1)), failed, rps, _wrk_ms(out, "50"), _wrk_ms(out, "99"))
 
 
-async def _closed_loop(call: Callable[[int], Awaitable[bool]], clients: int, seconds: float,
-                       think_s: float = 0.0) -> Sample:
-    """``clients`` coroutines, each awaiting ``call(i)`` (True: success) back to back (or
-    ``think_s`` apart on average) until ``seconds`` have passed; every latency recorded."""
-    latencies: list[float] = []
-    failed = 0
+def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float,
+            think_s: float = 0.0) -> Sample:
+    """``wrk -t1 -c clients`` for ``seconds``: one thread, so it takes as little CPU as it can."""
+    return run_wrk_side_by_side([url], bodies, headers, clients, seconds, think_s)[0]
+
+
+def run_wrk_side_by_side(urls: list[str], bodies: list[bytes], headers: dict[str, str], clients: int,
+                         seconds: float, think_s: float = 0.0) -> list[Sample]:
+    """One wrk per URL, all started together, ``clients`` connections shared out among them."""
+    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
+        procs = []
+        for n, url in enumerate(urls):
+            script = Path(tmp) / f"post-{n}.lua"
+            script.write_text(_lua_script(bodies, headers, think_s, seed=n + 1))
+            procs.append(_start_wrk(script, url, max(1, clients // len(urls)), seconds))
+        return [_wrk_sample(proc, seconds) for proc in procs]
+
+
+async def _closed_loop(calls: list[Callable[[int], Awaitable[bool]]], clients: int, seconds: float,
+                       think_s: float = 0.0) -> list[Sample]:
+    """``clients`` coroutines, each awaiting a call (True: success) back to back (or ``think_s``
+    apart on average) until ``seconds`` have passed; every latency recorded. With several
+    ``calls`` each client sends its requests to them in turn; one Sample per call."""
+    latencies: list[list[float]] = [[] for _ in calls]
+    failed = [0] * len(calls)
     deadline = time.perf_counter() + seconds
 
     async def client(offset: int) -> None:
-        nonlocal failed
         i = offset
         while time.perf_counter() < deadline:
+            which = i % len(calls)
             t0 = time.perf_counter()
-            ok = await call(i)
+            ok = await calls[which](i)
             i += 1
-            latencies.append(time.perf_counter() - t0)
-            failed += not ok
+            latencies[which].append(time.perf_counter() - t0)
+            failed[which] += not ok
             if think_s > 0:
                 await asyncio.sleep(random.expovariate(1 / think_s))
 
     started = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(clients)))
-    return _percentiles(latencies, len(latencies), failed, time.perf_counter() - started)
+    took = time.perf_counter() - started
+    return [_percentiles(lat, len(lat), bad, took) for lat, bad in zip(latencies, failed)]
 
 
-async def _http_loop(url: str, bodies: list[bytes], headers: dict[str, str], clients: int,
-                     seconds: float, think_s: float) -> Sample:
+async def _http_loop(urls: list[str], bodies: list[bytes], headers: dict[str, str], clients: int,
+                     seconds: float, think_s: float) -> list[Sample]:
     import aiohttp
 
-    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    connector = aiohttp.TCPConnector(limit=clients * len(urls), force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
 
-        async def call(i: int) -> bool:
-            try:
-                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as resp:
-                    await resp.read()
-                    return resp.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                return False
+        def caller(url: str) -> Callable[[int], Awaitable[bool]]:
+            async def call(i: int) -> bool:
+                try:
+                    async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as resp:
+                        await resp.read()
+                        return resp.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    return False
+            return call
 
-        return await _closed_loop(call, clients, seconds, think_s)
+        return await _closed_loop([caller(u) for u in urls], clients, seconds, think_s)
 
 
 def run_python(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float,
                think_s: float = 0.0) -> Sample:
     """The fallback HTTP generator: ``clients`` coroutines on one event loop."""
-    return asyncio.run(_http_loop(url, bodies, headers, clients, seconds, think_s))
+    return asyncio.run(_http_loop([url], bodies, headers, clients, seconds, think_s))[0]
 
 
-async def _grpc_loop(target: str, model: str, bodies: list[bytes], key: str, clients: int,
-                     seconds: float, think_s: float) -> Sample:
+def run_python_side_by_side(urls: list[str], bodies: list[bytes], headers: dict[str, str], clients: int,
+                            seconds: float, think_s: float = 0.0) -> list[Sample]:
+    """The fallback generator, each client's requests going to ``urls`` in turn."""
+    return asyncio.run(_http_loop(urls, bodies, headers, clients, seconds, think_s))
+
+
+async def _grpc_loop(targets: list[str], model: str, bodies: list[bytes], key: str, clients: int,
+                     seconds: float, think_s: float) -> list[Sample]:
     import grpc
 
     from tsfleet.router.proto import inference_pb2, inference_pb2_grpc
 
     metadata = (("authorization", f"Bearer {key}"),)
     requests = [inference_pb2.PredictionsRequest(model_name=model, input={"data": b}) for b in bodies]
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+    channels = [grpc.aio.insecure_channel(t) for t in targets]
+    try:
+        def caller(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[bool]]:
+            stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
 
-        async def call(i: int) -> bool:
-            try:
-                await stub.Predictions(requests[i % len(requests)], metadata=metadata, timeout=30)
-                return True
-            except grpc.aio.AioRpcError:
-                return False
+            async def call(i: int) -> bool:
+                try:
+                    await stub.Predictions(requests[i % len(requests)], metadata=metadata, timeout=30)
+                    return True
+                except grpc.aio.AioRpcError:
+                    return False
+            return call
 
-        return await _closed_loop(call, clients, seconds, think_s)
+        return await _closed_loop([caller(c) for c in channels], clients, seconds, think_s)
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 def run_grpc(target: str, model: str, bodies: list[bytes], key: str, clients: int, seconds: float,
              think_s: float = 0.0) -> Sample:
     """``clients`` concurrent gRPC Predictions calls in a closed loop for ``seconds``."""
-    return asyncio.run(_grpc_loop(target, model, bodies, key, clients, seconds, think_s))
+    return asyncio.run(_grpc_loop([target], model, bodies, key, clients, seconds, think_s))[0]
+
+
+def run_grpc_side_by_side(targets: list[str], model: str, bodies: list[bytes], key: str, clients: int,
+                          seconds: float, think_s: float = 0.0) -> list[Sample]:
+    """As run_grpc, each client's calls going to ``targets`` in turn (one channel each)."""
+    return asyncio.run(_grpc_loop(targets, model, bodies, key, clients, seconds, think_s))
 
 
 class HttpLoad:
@@ -189,3 +239,9 @@ class HttpLoad:
                  seconds: float, think_s: float = 0.0) -> Sample:
         run = run_wrk if self.tool == "wrk" else run_python
         return run(url, bodies, headers, clients, seconds, think_s)
+
+    def side_by_side(self, urls: list[str], bodies: list[bytes], headers: dict[str, str], clients: int,
+                     seconds: float, think_s: float = 0.0) -> list[Sample]:
+        """``clients`` in all, loading every URL in the same window; one Sample per URL."""
+        run = run_wrk_side_by_side if self.tool == "wrk" else run_python_side_by_side
+        return run(urls, bodies, headers, clients, seconds, think_s)

@@ -56,6 +56,12 @@ def bars(doc: dict) -> list[dict]:
                     added = r["p50_ms"] - d["p50_ms"]
                     add(f"router {proto} adds under 1 ms at p50, saturated (ms)", model, clients, added, "< 1.0",
                         added < 1.0)
+                    both = entry.get("side_by_side", {}).get(proto, {}).get(clients)
+                    for load, words in (("paced", "half load"), ("saturated", "saturated")):
+                        if both:
+                            added = both[load]["added_p50_ms"]
+                            add(f"router {proto} adds under 1 ms at p50, side by side, {words} (ms)", model, clients,
+                                added, "< 1.0", added < 1.0)
     cold = doc.get("cold_start")
     if cold:
         add("fleet ready after start (s)", "all", "-", cold["with_workflow_s"], "< 60", cold["with_workflow_s"] < 60)
@@ -141,6 +147,29 @@ def overhead_table(entry: dict) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def side_by_side_table(entry: dict) -> list[str]:
+    """Direct and routed clients loading the server in the same window, and the A/A control."""
+    rows = []
+    for proto, by_c in entry.get("side_by_side", {}).items():
+        for c, o in sorted(by_c.items(), key=lambda kv: int(kv[0])):
+            for load, words in (("paced", f"half (think {o['think_ms']:.0f} ms)"), ("saturated", "saturated")):
+                q = o[load]
+                rows.append(f"| {proto} | {c} | {words} | {q['a']['rps']:.0f} | {q['a']['p50_ms']:.2f} / "
+                            f"{q['a']['p99_ms']:.1f} | {q['b']['rps']:.0f} | {q['b']['p50_ms']:.2f} / "
+                            f"{q['b']['p99_ms']:.1f} | {q['added_p50_ms']:+.2f} | "
+                            + (f"{o['aa']['added_p50_ms']:+.2f} |" if load == "paced" else "|"))
+    if not rows:
+        return []
+    return ["The same, side by side: half the clients direct and half through the router, in the same "
+            "windows (wrk: one process per side; gRPC: each client's calls alternate), so both sides meet the "
+            "same batches, the same busy cores and the same slow seconds, and the difference is the router's "
+            "own path. A/A: the same paced run with both halves direct, the difference this method reads "
+            "with no router at all (its noise). Added = median over runs of router p50 minus direct p50:", "",
+            "| protocol | clients | load | direct req/s | direct p50 / p99 ms | router req/s | "
+            "router p50 / p99 ms | added p50 ms | A/A p50 ms |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def memory_table(doc: dict) -> list[str]:
     lines = ["| model | scenario | peak RSS per process (MiB) |", "|---|---|---|"]
     for model, entry in doc.get("models", {}).items():
@@ -220,7 +249,10 @@ def discussion(doc: dict, checks: list[dict]) -> list[str]:
         "its closed-loop rows measure. At saturation every client of a closed loop waits for a core, so the "
         "router's added p50 there is c / throughput through the router minus c / throughput direct: any "
         "throughput it costs, multiplied by the queue. Below saturation (the half-load table) the added "
-        "latency is the router's own work and its extra loopback hop.",
+        "latency is the router's own work and its extra loopback hop. Two separate windows of a batching "
+        "server differ by a millisecond or more on their own, so the side-by-side table loads direct and "
+        "routed clients in the same windows; its A/A column (both halves direct) is the resolution of that "
+        "method.",
         "- The FastAPI peer is written as its docs suggest: one uvicorn process, default torch threads, one "
         "forward pass per request. For MiniLM a plain `def` endpoint over sentence-transformers (FastAPI runs "
         "it in a thread pool, so concurrent requests run the model in parallel threads, each wanting every "
@@ -269,7 +301,7 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str]) -> str:
                     f"softmax), {entry['limit']['processes']} single-thread processes side by side:", ""]
             out += limit_table(entry["limit"], entry["unit"]) + [""]
         if entry.get("scenarios"):
-            out += scenario_table(entry) + [""] + cpu_table(entry) + overhead_table(entry)
+            out += scenario_table(entry) + [""] + cpu_table(entry) + overhead_table(entry) + side_by_side_table(entry)
         sweep = entry.get("sweep")
         if sweep:
             out += ["The sweep that chose the tuned configuration (one run per point; score = geometric mean "

@@ -18,7 +18,7 @@ from benchmarks.speed import fleets
 from benchmarks.speed.cpu import CpuMeter
 from benchmarks.speed.fleets import Serve, Variant
 from benchmarks.speed.limit import peak_rss_mb, run_limit
-from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc
+from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc, run_grpc_side_by_side
 from benchmarks.speed.peer import PeerProcess
 from benchmarks.speed.workload import WORKLOADS, Workload
 from tsfleet.properties import Endpoints
@@ -36,6 +36,8 @@ LABELS = {
     "minimal": "minimal hand-written handler",
 }
 Target = Callable[..., Sample]  # (clients, seconds, think_s=0.0) -> Sample
+# (clients, seconds, think_s=0.0) -> one Sample per side, all loaded in the same window
+PairTarget = Callable[..., "list[Sample]"]
 # Scenarios whose CPU per request is broken down by process (the router's cost, explained).
 METERED = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc", "compiled", "minimal")
 WARMUP_WINDOWS = 6
@@ -135,6 +137,37 @@ def measure_overhead(targets: dict[str, Target], figures: dict[str, dict], opts:
     return out
 
 
+def _paired(pairs: list[list[Sample]]) -> dict:
+    a, b = summarize([p[0] for p in pairs]), summarize([p[1] for p in pairs])
+    return {"a": a, "b": b,
+            "added_p50_ms": round(statistics.median(q[1].p50_ms - q[0].p50_ms for q in pairs), 2),
+            "added_p99_ms": round(statistics.median(q[1].p99_ms - q[0].p99_ms for q in pairs), 2)}
+
+
+def measure_side_by_side(pairs: dict[str, tuple[PairTarget, PairTarget]], figures: dict[str, dict],
+                         opts: Options, clients: int) -> dict[str, dict]:
+    """Direct and routed clients in the same window, half the clients each, paced (as in
+    measure_overhead) and saturated; and the same paced window with both halves direct (A/A),
+    whose difference is what this method reads when there is no router at all."""
+    out = {}
+    for proto, direct, _ in OVERHEAD_PAIRS:
+        if proto not in pairs or not figures.get(direct, {}).get("rps"):
+            continue
+        routed, same = pairs[proto]
+        think = clients / (PACED_SHARE * figures[direct]["rps"])
+        # Each side gets half the clients: twice the window for as many answers as a solo run.
+        seconds = opts.seconds if opts.mode == "smoke" else 2 * max(
+            opts.seconds, min(10.0, 600 / (PACED_SHARE * figures[direct]["rps"])))
+        row = {"think_ms": round(think * 1000, 2), "seconds": seconds}
+        for name, target, t, secs in (("paced", routed, think, seconds), ("aa", same, think, seconds),
+                                      ("saturated", routed, 0.0, opts.seconds)):
+            row[name] = _paired([target(clients, secs, t) for _ in range(opts.runs)])
+        out[proto] = row
+        opts.log(f"  side by side {proto:<4} c={clients:<3} added p50 paced {row['paced']['added_p50_ms']:+.2f} ms, "
+                 f"saturated {row['saturated']['added_p50_ms']:+.2f} ms; A/A {row['aa']['added_p50_ms']:+.2f} ms")
+    return out
+
+
 def model_entry(opts: Options, model: str) -> dict:
     return opts.results.setdefault("models", {}).setdefault(model, {})
 
@@ -155,6 +188,16 @@ def http_target(load: HttpLoad, url: str, w: Workload, headers: dict[str, str]) 
 
 def grpc_target(address: str, w: Workload, key: str) -> Target:
     return lambda clients, seconds, think_s=0.0: run_grpc(address, w.model, w.items, key, clients, seconds, think_s)
+
+
+def http_pair(load: HttpLoad, urls: list[str], w: Workload, headers: dict[str, str]) -> PairTarget:
+    hdrs = {**headers, "Content-Type": w.content_type}
+    return lambda clients, seconds, think_s=0.0: load.side_by_side(urls, w.items, hdrs, clients, seconds, think_s)
+
+
+def grpc_pair(addresses: list[str], w: Workload, key: str) -> PairTarget:
+    return lambda clients, seconds, think_s=0.0: run_grpc_side_by_side(addresses, w.model, w.items, key, clients,
+                                                                       seconds, think_s)
 
 
 def run_peer(opts: Options, load: HttpLoad, w: Workload) -> None:
@@ -245,13 +288,20 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                 "router": lambda: [router.proc.pid] if router else [],
             })
             for w in workloads:
-                targets: dict[str, Target] = {"toolkit-tuned": http_target(load, base + f"/predictions/{w.model}", w, auth)}
+                direct_url = base + f"/predictions/{w.model}"
+                targets: dict[str, Target] = {"toolkit-tuned": http_target(load, direct_url, w, auth)}
+                pairs: dict[str, tuple[PairTarget, PairTarget]] = {}
                 if router and "router-rest" in want:
-                    targets["router-rest"] = http_target(load, router.url + f"/predictions/{w.model}", w, auth)
+                    routed_url = router.url + f"/predictions/{w.model}"
+                    targets["router-rest"] = http_target(load, routed_url, w, auth)
+                    pairs["REST"] = (http_pair(load, [direct_url, routed_url], w, auth),
+                                     http_pair(load, [direct_url, direct_url], w, auth))
                 if "grpc-direct" in want:
                     targets["grpc-direct"] = grpc_target(grpc_direct, w, key)
                 if router and "router-grpc" in want:
                     targets["router-grpc"] = grpc_target(router.grpc, w, key)
+                    pairs["gRPC"] = (grpc_pair([grpc_direct, router.grpc], w, key),
+                                     grpc_pair([grpc_direct, grpc_direct], w, key))
                 if "compiled" in want:
                     targets["compiled"] = http_target(load, base + f"/predictions/{w.model}/3.0", w, auth)
                 if "minimal" in want:
@@ -274,6 +324,8 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                                 peak_rss_mb=fleets.worker_rss(ts, model, variant))
                     for proto, row in measure_overhead(targets, measured, opts, clients).items():
                         model_entry(opts, w.model).setdefault("overhead", {}).setdefault(proto, {})[str(clients)] = row
+                    for proto, row in measure_side_by_side(pairs, measured, opts, clients).items():
+                        model_entry(opts, w.model).setdefault("side_by_side", {}).setdefault(proto, {})[str(clients)] = row
                 if "compiled" in want:
                     dev = fleets.answers_deviation(base + f"/predictions/{w.model}/1.0",
                                                    base + f"/predictions/{w.model}/3.0", w.items,

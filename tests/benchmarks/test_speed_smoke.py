@@ -65,11 +65,21 @@ def test_json_has_every_figure_with_its_machine(smoke_run: Path) -> None:
             _check_figures(paced[side])
             assert paced[side]["rps"] < 0.8 * capacity, (side, paced[side]["rps"], capacity)
         assert math.isfinite(paced["added_p50_ms"])
+        # Side by side: direct and routed halves in the same windows, and the A/A control.
+        both = entry["side_by_side"]["REST"]["4"]
+        for load in ("paced", "aa", "saturated"):
+            for side in ("a", "b"):
+                _check_figures(both[load][side])
+            assert math.isfinite(both[load]["added_p50_ms"])
+        for side in ("a", "b"):  # paced: together they offer what one paced run offers
+            assert both["paced"][side]["rps"] < 0.6 * capacity, (side, both["paced"][side]["rps"], capacity)
     bars = {(b["bar"], b["model"]) for b in doc["bars"]}
     for model in MODELS:
         assert ("tuned >= 90% of the limit", model) in bars
         assert ("router REST throughput within 10% of direct", model) in bars
         assert ("router REST adds under 1 ms at p50, half load (ms)", model) in bars
+        assert ("router REST adds under 1 ms at p50, side by side, half load (ms)", model) in bars
+        assert ("router REST adds under 1 ms at p50, side by side, saturated (ms)", model) in bars
 
 
 def test_markdown_and_plots(smoke_run: Path) -> None:
@@ -81,6 +91,7 @@ def test_markdown_and_plots(smoke_run: Path) -> None:
     assert "TorchServe + toolkit, tuned" in text and "through the router (REST)" in text
     assert "Where the CPU goes" in text
     assert "added latency below saturation" in text
+    assert "side by side" in text and "A/A" in text
     assert "python" in text  # names the load generator it fell back to
     for model in MODELS:
         png = smoke_run / "docs" / f"bench_{model}.png"
