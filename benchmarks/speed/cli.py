@@ -23,6 +23,7 @@ SWEEP_FULL = {
     "text-embedder": [Serve(8, 5, 2, 1), Serve(16, 10, 2, 1), Serve(4, 2, 2, 1), Serve(16, 5, 1, 2)],
     "image-classifier": [Serve(8, 5, 2, 1), Serve(16, 5, 2, 1), Serve(32, 10, 2, 1), Serve(16, 5, 1, 2)],
 }
+SPLIT_SCENARIOS = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc")
 SWEEP_QUICK = {m: c[:2] for m, c in SWEEP_FULL.items()}
 SWEEP_SMOKE = {m: [Serve(4, 5, 1, 1)] for m in SWEEP_FULL}
 
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", help="concurrent clients")
     parser.add_argument("--no-sweep", action="store_true",
                         help="serve the first sweep configuration (the usual winner) without sweeping")
+    parser.add_argument("--split-cores", action="store_true",
+                        help="the model workers (one per CPU) on half the CPUs, TorchServe's frontend, the router "
+                             "and the load on the other half; the router rows only, no sweep; written as "
+                             "docs/benchmarks-split-cores.md")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary archives and logs")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -85,12 +90,14 @@ def main(argv: list[str] | None = None) -> None:
             cfg[key] = getattr(args, key)
     if args.scenarios:
         cfg["scenarios"] = set(args.scenarios)
-    if args.no_sweep:
+    if args.split_cores:
+        cfg["scenarios"] = set(args.scenarios or SPLIT_SCENARIOS)
+    if args.no_sweep or args.split_cores:
         cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}
     load = args.load or ("python" if mode == "smoke" else "auto")
     work = Path(tempfile.mkdtemp(prefix="tsfleet-bench-speed-"))
     opts = Options(models=args.models, batch1=Serve(1, 1, 2, 1), minimal=Serve(8, 5, 2, 1), load=load,
-                   work=work, mode=mode, log=lambda line: print(line, flush=True), **cfg)
+                   work=work, mode=mode, log=lambda line: print(line, flush=True), split_cores=args.split_cores, **cfg)
     started = time.monotonic()
     try:
         results = run_all(opts)
@@ -104,9 +111,10 @@ def main(argv: list[str] | None = None) -> None:
                     "settings": {k: cfg[k] for k in ("concurrency", "runs", "seconds", "warmup",
                                                      "limit_batches", "limit_seconds")},
                     "command": "python -m benchmarks.speed" + {"full": "", "quick": " --quick",
-                                                                "smoke": " --smoke"}[mode]},
+                                                                "smoke": " --smoke"}[mode]
+                    + (" --split-cores" if args.split_cores else "")},
            **results}
-    written = report.write_all(doc, args.out)
+    written = report.write_all(doc, args.out, "split-cores" if args.split_cores else None)
     for path in written:
         print(f"wrote {path}")
 

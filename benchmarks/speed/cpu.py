@@ -4,9 +4,10 @@ the model workers, TorchServe's Java frontend, the router (user = Python, system
 kernel's socket work), and the rest of the machine (mostly the load generator)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from benchmarks.speed.loadgen import Sample
 
@@ -74,3 +75,30 @@ class CpuMeter:
 
     def reset(self) -> None:
         self.totals.clear()
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Confine every thread of ``pid`` to ``cpus``; threads they start later inherit it."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+@contextlib.contextmanager
+def split_cores(workers: list[int], serving: list[int]) -> Iterator[dict[str, list[int]]]:
+    """The model workers on the first half of the CPUs, the serving path (``serving`` pids:
+    the frontend, the router) and this thread (the load generators it runs and starts) on
+    the other half: what a box with cores to spare for the serving path looks like."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise RuntimeError("--split-cores needs at least 2 CPUs")
+    layout = {"workers": cpus[:len(cpus) // 2], "serving": cpus[len(cpus) // 2:]}
+    for pid in workers:
+        pin(pid, set(layout["workers"]))
+    for pid in serving:
+        pin(pid, set(layout["serving"]))
+    os.sched_setaffinity(0, set(layout["serving"]))
+    try:
+        yield layout
+    finally:
+        os.sched_setaffinity(0, set(cpus))

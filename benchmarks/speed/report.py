@@ -267,12 +267,12 @@ def discussion(doc: dict, checks: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(doc: dict, checks: list[dict], plots: dict[str, str]) -> str:
+def markdown(doc: dict, checks: list[dict], plots: dict[str, str], data: str = "latest.json") -> str:
     meta = doc["meta"]
     s = meta["settings"]
     out = [
         "# Speed benchmarks", "",
-        f"Written by `{meta['command']}` (`make bench`) on {meta['date']}: {meta['cpu_count']} CPU cores "
+        f"Written by `{meta['command']}`{' (`make bench`)' if meta['command'] == 'python -m benchmarks.speed' else ''} on {meta['date']}: {meta['cpu_count']} CPU cores "
         f"({meta['cpu_model']}), {'GPU ' + meta['gpu_name'] if meta['gpu'] else 'no GPU'}, Python {meta['python']}, "
         f"torch {meta['torch']}, TorchServe {meta['torchserve']}, FastAPI {meta['fastapi']}, uvicorn {meta['uvicorn']}. "
         f"HTTP load from **{meta['load_tool']}**{' (one thread, a Lua script cycling the POST bodies)' if meta['load_tool'] == 'wrk' else ' (an asyncio aiohttp closed loop: wrk is not installed)'}; "
@@ -280,13 +280,20 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str]) -> str:
         f"Each figure is the median of {s['runs']} run(s) of {s['seconds']:.0f} s after a warm-up that lasts until "
         f"two {s['warmup']:.0f} s windows in a row agree within 15% (a compiled model must have compiled every shape), "
         f"± the spread (max - min); the whole run took {meta['duration_s'] / 60:.1f} minutes. "
-        "Every figure is in `benchmarks/results/latest.json`.", "",
+        f"Every figure is in `benchmarks/results/{data}`.", "",
+        *([f"**Split cores**: the model workers (one per CPU) ran on CPU(s) {doc['split_cores']['workers']} only, and TorchServe's "
+           f"frontend, the router and the load generators on CPU(s) {doc['split_cores']['serving']}, so that the router's "
+           "CPU is not taken from the workers: what a machine with cores to spare for the serving path shows. The "
+           "workers have half the machine, so compare the rows of this run with each other, not with "
+           "[benchmarks.md](benchmarks.md).", ""] if doc.get("split_cores") else []),
         "Requests: text-embedder gets the 50 short sentences of `data/intents/heldout.jsonl` (6-12 words, one per "
         "request); image-classifier 16 PNGs of the model's shapes (64 x 64) drawn from fixed seeds, as raw bodies.",
         "", "## How to reproduce", "",
         "```bash", "make bench                               # builds the archives first; about 17 minutes on 2 cores",
         ".venv/bin/python -m benchmarks.speed --quick   # one run per figure, smaller sweep",
-        ".venv/bin/python -m benchmarks.speed --smoke --out /tmp/bench   # what CI runs", "```", "",
+        ".venv/bin/python -m benchmarks.speed --smoke --out /tmp/bench   # what CI runs",
+        ".venv/bin/python -m benchmarks.speed --split-cores   # router rows, workers on half the cores",
+        "```", "",
         "Install `wrk` (`apt-get install wrk`) for the HTTP load; without it the suite falls back to a Python "
         "generator and says so above.", "",
         "## Checks against the bars", "",
@@ -331,8 +338,9 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_all(doc: dict, out_dir: Path) -> list[Path]:
-    """latest.json, the plots and benchmarks.md under ``out_dir``."""
+def write_all(doc: dict, out_dir: Path, variant: str | None = None) -> list[Path]:
+    """latest.json, the plots and benchmarks.md under ``out_dir``; a ``variant`` run (e.g.
+    split-cores) writes {variant}.json, bench-{variant}_*.png and benchmarks-{variant}.md."""
     docs, results = out_dir / "docs", out_dir / "benchmarks" / "results"
     docs.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
@@ -340,9 +348,11 @@ def write_all(doc: dict, out_dir: Path) -> list[Path]:
     plots, written = {}, []
     for model, entry in doc.get("models", {}).items():
         if entry.get("scenarios"):
-            path = plot_model(model, entry, docs / f"bench_{model}.png")
+            path = plot_model(model, entry, docs / (f"bench-{variant}_{model}.png" if variant else f"bench_{model}.png"))
             plots[model] = path.name
             written.append(path)
-    (results / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (docs / "benchmarks.md").write_text(markdown(doc, doc["bars"], plots))
-    return [results / "latest.json", docs / "benchmarks.md", *written]
+    data = results / (f"{variant}.json" if variant else "latest.json")
+    text = docs / (f"benchmarks-{variant}.md" if variant else "benchmarks.md")
+    data.write_text(json.dumps(doc, indent=2) + "\n")
+    text.write_text(markdown(doc, doc["bars"], plots, data.name))
+    return [data, text, *written]

@@ -5,17 +5,18 @@ a slow minute of a noisy machine lands on all of them rather than on one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from benchmarks.harness import RouterProcessRunner
 from benchmarks.speed import fleets
-from benchmarks.speed.cpu import CpuMeter
+from benchmarks.speed.cpu import CpuMeter, split_cores
 from benchmarks.speed.fleets import Serve, Variant
 from benchmarks.speed.limit import peak_rss_mb, run_limit
 from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc, run_grpc_side_by_side
@@ -67,6 +68,7 @@ class Options:
     mode: str
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
+    split_cores: bool = False  # workers on half the CPUs, the serving path on the rest
 
 
 def summarize(samples: list[Sample]) -> dict:
@@ -262,6 +264,9 @@ def run_sweep(opts: Options, load: HttpLoad, workloads: list[Workload]) -> dict[
 def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: dict[str, Serve]) -> None:
     """The tuned fleet: toolkit tuned, compiled, minimal handler; the router in front."""
     want = opts.scenarios
+    if opts.split_cores:
+        # One worker per worker core: two on one core take turns and thrash its cache.
+        tuned = {m: replace(s, workers=max(1, len(os.sched_getaffinity(0)) // 2)) for m, s in tuned.items()}
     variants = []
     for w in workloads:
         variants.append(Variant(w.model, "1.0", tuned[w.model]))
@@ -275,6 +280,7 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
     with fleets.serving(fleet, store, opts.work / "main" / "ts") as (ts, ready_s):
         opts.log(f"  ready in {ready_s:.1f} s")
         router = None
+        stack = contextlib.ExitStack()
         try:
             if {"router-rest", "router-grpc"} & want:
                 router = RouterProcessRunner(manifest, ts, opts.work / "main")
@@ -282,11 +288,16 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
             auth = ts.keys.header("inference")
             grpc_direct = f"127.0.0.1:{ts.ep.grpc_inference}"
             front = fleets.frontend_pid(ts)
+            worker_pids = lambda: [w.pid for vs in ts.client.state().values() for v in vs for w in v.workers if w.pid]  # noqa: E731
             meter = CpuMeter({
-                "workers": lambda: [w.pid for vs in ts.client.state().values() for v in vs for w in v.workers if w.pid],
+                "workers": worker_pids,
                 "frontend": lambda: [front] if front else [],
                 "router": lambda: [router.proc.pid] if router else [],
             })
+            if opts.split_cores:
+                layout = stack.enter_context(split_cores(worker_pids(), [p for p in (front, router and router.proc.pid) if p]))
+                opts.results["split_cores"] = layout
+                opts.log(f"  workers on CPUs {layout['workers']}; frontend, router and load on CPUs {layout['serving']}")
             for w in workloads:
                 direct_url = base + f"/predictions/{w.model}"
                 targets: dict[str, Target] = {"toolkit-tuned": http_target(load, direct_url, w, auth)}
@@ -336,6 +347,7 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
             if router:
                 opts.results["router_rss_mb"] = round(peak_rss_mb(router.proc.pid), 1)
         finally:
+            stack.close()
             if router:
                 router.stop()
 
