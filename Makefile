@@ -34,7 +34,7 @@ test: build
 test-fast: setup
 	$(PY) -m pytest tests/unit
 
-# The speed suite (about 17 minutes on 2 cores): docs/benchmarks.md, its plots, benchmarks/results/latest.json.
+# The speed suite (about 25 minutes on 2 cores): docs/benchmarks.md, its plots, benchmarks/results/latest.json.
 bench: build
 	$(PY) -m benchmarks.speed
 

@@ -289,7 +289,7 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str], data: str = "
         "Requests: text-embedder gets the 50 short sentences of `data/intents/heldout.jsonl` (6-12 words, one per "
         "request); image-classifier 16 PNGs of the model's shapes (64 x 64) drawn from fixed seeds, as raw bodies.",
         "", "## How to reproduce", "",
-        "```bash", "make bench                               # builds the archives first; about 17 minutes on 2 cores",
+        "```bash", "make bench                               # builds the archives first; about 25 minutes on 2 cores",
         ".venv/bin/python -m benchmarks.speed --quick   # one run per figure, smaller sweep",
         ".venv/bin/python -m benchmarks.speed --smoke --out /tmp/bench   # what CI runs",
         ".venv/bin/python -m benchmarks.speed --split-cores   # router rows, workers on half the cores",
