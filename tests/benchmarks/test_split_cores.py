@@ -3,9 +3,9 @@ own load on the other, and the benchmark's affinity given back afterwards."""
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -14,7 +14,9 @@ from benchmarks.speed.cpu import split_cores
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to split")
 
 # A child with a few threads, so that every thread of it must be moved, not just the first.
-THREADS = "import threading, time; [threading.Thread(target=time.sleep, args=(60,), daemon=True).start() for _ in range(3)]; time.sleep(60)"
+# It says so on stdout once they run, and then waits to be killed.
+THREADS = ("import threading, time; [threading.Thread(target=time.sleep, args=(60,), daemon=True).start() "
+           "for _ in range(3)]; print('started', flush=True); time.sleep(60)")
 
 
 def _affinities(pid: int) -> set[frozenset[int]]:
@@ -27,13 +29,12 @@ def _threads(pid: int) -> int:
 
 def test_every_thread_lands_on_its_half_and_the_caller_gets_its_cpus_back() -> None:
     before = os.sched_getaffinity(0)
-    worker = subprocess.Popen([sys.executable, "-c", THREADS])
-    frontend = subprocess.Popen([sys.executable, "-c", THREADS])
+    worker = subprocess.Popen([sys.executable, "-c", THREADS], stdout=subprocess.PIPE, text=True)
+    frontend = subprocess.Popen([sys.executable, "-c", THREADS], stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
         for proc in (worker, frontend):  # until each child has started its threads
-            while _threads(proc.pid) < 4 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            assert select.select([proc.stdout], [], [], 30)[0], "the child did not start its threads"
+            assert proc.stdout.readline().strip() == "started"
             assert _threads(proc.pid) >= 4
         with split_cores([worker.pid], [frontend.pid]) as layout:
             assert layout["workers"] and layout["serving"]
