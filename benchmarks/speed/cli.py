@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("runs", "seconds", "concurrency"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    if args.scenarios:
-        cfg["scenarios"] = set(args.scenarios)
-    if args.split_cores:
+    if args.scenarios or args.split_cores:
         cfg["scenarios"] = set(args.scenarios or SPLIT_SCENARIOS)
     if args.no_sweep or args.split_cores:
         cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}

@@ -288,7 +288,9 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
             auth = ts.keys.header("inference")
             grpc_direct = f"127.0.0.1:{ts.ep.grpc_inference}"
             front = fleets.frontend_pid(ts)
-            worker_pids = lambda: [w.pid for vs in ts.client.state().values() for v in vs for w in v.workers if w.pid]  # noqa: E731
+            def worker_pids() -> list[int]:
+                return [w.pid for vs in ts.client.state().values() for v in vs for w in v.workers if w.pid]
+
             meter = CpuMeter({
                 "workers": worker_pids,
                 "frontend": lambda: [front] if front else [],
