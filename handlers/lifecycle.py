@@ -1,11 +1,11 @@
-"""The worker's side of recycling: it reports its own counters, and retires when asked.
+"""The worker's side of recycling: it reports its own counters, and is replaced when asked.
 
 TorchServe exposes no per-worker request count and cannot retire a chosen worker, so each
-worker writes ``<report_dir>/<model>/<version>/<pid>.json`` (requests served, start time,
-RSS, CUDA memory) for the recycler to read. When the recycler drops a ``<pid>.retire``
-file beside it, the worker exits at its next idle moment: after its last answer was sent
-and while it waits for the next batch, so no request it accepted is lost. TorchServe then
-starts a fresh process in the same slot.
+worker writes ``<report_dir>/<model>/<version>/<pid>.json`` (requests served, when this
+process started, RSS, CUDA memory) for the recycler to read, ``pid`` being the one TorchServe
+shows for the worker. When the recycler drops a ``<pid>.retire`` file beside it, the worker
+starts a fresh process that takes over its connection once it has loaded the model
+(handlers/handover.py): nothing it accepted is lost and the worker count never drops.
 
 While a ``drain`` file exists in the version's folder (``tsfleet apply`` is about to
 unregister this version), each worker also writes ``<pid>.state``: whether it is idle right
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from handlers import handover
 from handlers.runtime import process_rss_mb
 
 log = logging.getLogger(__name__)
@@ -40,58 +41,72 @@ def default_report_dir() -> Path:
 
 def _idle_in_main_thread() -> bool:
     """True while TorchServe's worker loop waits for the first byte of the next message."""
+    if handover.GATE is not None:
+        return handover.GATE.idle
     frame = sys._current_frames().get(threading.main_thread().ident)
-    # The worker loop blocks in otf_message_handler._retrieve_buffer(conn, 1) between jobs.
+    # Without the gate (a worker loop we do not know): it blocks in _retrieve_buffer(conn, 1).
     return bool(frame and frame.f_code.co_name == "_retrieve_buffer"
                 and frame.f_locals.get("length") == 1 and not frame.f_locals.get("data"))
 
 
 class WorkerLifecycle:
-    """Writes this worker's report now and then; exits when idle once asked to retire."""
+    """Writes this worker's report now and then; hands over to a fresh process when asked."""
 
     def __init__(self, report_dir: str, model: str, version: str, device: torch.device):
         base = Path(report_dir) if report_dir else default_report_dir()
         self.dir = base / model / version
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.pid = os.getpid()
+        self.pid = handover.slot_pid()  # the pid TorchServe shows, which names the files
         self.path = self.dir / f"{self.pid}.json"
         self.retire_flag = self.dir / f"{self.pid}.retire"
+        self.state_path = self.dir / f"{self.pid}.state"
         self.device = device
         self.started = time.time()
         self.requests = 0
         self._last_report = 0.0
         self._retiring = False
+        self._handover_error = ""
+        if handover.is_successor():
+            # The old process still serves and reports: start once the connection is ours.
+            handover.TAKE_OVER.append(self._start)
+        else:
+            handover.install()
+            self._start()
+
+    def _start(self) -> None:
+        self.started = time.time()
         self.report()
         # A worker TorchServe stops (scale-down, shutdown) exits through sys.exit: leave no
         # stale report behind. A killed one leaves its file; readers skip dead pids.
         atexit.register(self.path.unlink, missing_ok=True)
-        self.state_path = self.dir / f"{self.pid}.state"
         atexit.register(self.state_path.unlink, missing_ok=True)
-        threading.Thread(target=self._watch_drain, name="drain-watch", daemon=True).start()
+        threading.Thread(target=self._watch, name="lifecycle-watch", daemon=True).start()
 
     def report(self) -> None:
-        doc = {"pid": self.pid, "requests": self.requests, "started": self.started,
+        doc = {"pid": self.pid, "process": os.getpid(), "requests": self.requests, "started": self.started,
                "rss_mb": process_rss_mb(), "updated": time.time(),
                "cuda_mb": torch.cuda.memory_reserved(self.device) / 2**20 if self.device.type == "cuda" else 0.0}
-        tmp = self.path.with_suffix(".tmp")
+        if self._handover_error:
+            doc["handover_error"] = self._handover_error
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.path)
         self._last_report = time.monotonic()
 
     def after_batch(self, n_requests: int) -> None:
-        """Count the batch; report at most every REPORT_EVERY_S; start retiring if asked."""
+        """Count the batch; report at most every REPORT_EVERY_S."""
         self.requests += n_requests
         if time.monotonic() - self._last_report >= REPORT_EVERY_S:
             self.report()
-        if not self._retiring and self.retire_flag.exists():
-            self._retiring = True
-            self.report()
-            threading.Thread(target=self._exit_when_idle, name="retire", daemon=True).start()
 
-    def _watch_drain(self) -> None:
-        """Report idleness often while the version drains; otherwise a cheap stat now and then."""
+    def _watch(self) -> None:
+        """Look for the retire flag (even while no request comes); while the version drains,
+        report idleness often."""
         flag, tmp = self.dir / DRAIN_FLAG, self.state_path.with_suffix(".state-tmp")
         while True:
+            if not self._retiring and self.retire_flag.exists():
+                self._retiring = True
+                threading.Thread(target=self._replace, name="retire", daemon=True).start()
             if flag.exists():
                 tmp.write_text(json.dumps({"idle": _idle_in_main_thread(), "requests": self.requests,
                                            "at": time.time()}))
@@ -100,12 +115,30 @@ class WorkerLifecycle:
             else:
                 time.sleep(DRAIN_POLL_S)
 
-    def _exit_when_idle(self) -> None:
-        while True:
-            if _idle_in_main_thread():
-                log.info("worker %d retiring after %d requests, as the recycler asked", self.pid, self.requests)
-                for path in (self.path, self.retire_flag):
-                    path.unlink(missing_ok=True)
-                logging.shutdown()
-                os._exit(0)
-            time.sleep(0.001)
+    def _replace(self) -> None:
+        gate, load = handover.GATE, handover.LOAD
+        if gate is None or load is None:
+            self._give_up("this worker was not started by TorchServe's worker loop")
+            return
+        log.info("worker %d: starting its successor, as the recycler asked", self.pid)
+        try:
+            successor = handover.Successor(gate, load)
+        except (OSError, RuntimeError) as exc:
+            self._give_up(f"its successor could not be started: {exc}")
+            return
+        why = successor.wait_ready(give_up=lambda: not self.retire_flag.exists())
+        if why:
+            self._give_up(why)
+            return
+        # The old process stops reporting at the handover: the successor's first report
+        # (a later start time) tells the recycler the replacement is done.
+        self.retire_flag.unlink(missing_ok=True)
+        gate.on_handover = successor.hand_over
+        gate.wake()
+
+    def _give_up(self, why: str) -> None:
+        log.warning("worker %d was not replaced: %s", self.pid, why)
+        self._handover_error = why
+        self.report()
+        self.retire_flag.unlink(missing_ok=True)
+        self._retiring = False
