@@ -39,7 +39,7 @@ class RecyclerThread:
     """The recycler ticking in the background, plus (optionally) a memory sampler."""
 
     def __init__(self, fleet: Fleet, ts, reports: Path, sample: list | None = None):
-        self.recycler = Recycler(fleet, ts.client, reports, progress=lambda line: None, grace_s=10)
+        self.recycler = Recycler(fleet, ts.client, reports, progress=lambda line: None)
         self.stop, self.reports = threading.Event(), reports
         self.started = time.monotonic()
         self.threads = [threading.Thread(target=self.tick)]

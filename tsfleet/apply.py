@@ -100,7 +100,7 @@ def current_plan(fleet: Fleet, client: ManagementClient) -> list[Step]:
 
 # Steps that change the workers of a version the recycler may be replacing one of.
 LOCKED = ("replace", "scale", "unregister")
-LOCK_WAIT_S = 300.0  # a replacement's own deadlines (ready timeout, grace) end before this
+LOCK_WAIT_S = 330.0  # a replacement's own deadline (its ready timeout, 300 s) ends before this
 
 
 def _run_step(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapper,

@@ -191,7 +191,7 @@ def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
     from tsfleet.recycle import Recycler
 
     recycler = Recycler(fleet, _client(args), Path(args.report_dir) if args.report_dir else default_report_dir(),
-                        _say, grace_s=args.grace)
+                        _say)
 
     class Metrics(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -292,7 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("apply", help="take the running server to the manifest")
     p = sub.add_parser("recycle", help="replace workers past their recycle policy, until stopped")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds a busy worker gets before SIGTERM")
     p.add_argument("--metrics-port", type=int, default=8083, help="Prometheus port (0: none)")
     p = sub.add_parser("route", help="run the A/B router in front of TorchServe, until stopped")
     p.add_argument("--port", type=int, default=8090, help="REST port clients use instead of 8080")

@@ -1,18 +1,19 @@
 """Worker recycling: replace a worker past its request, age or memory limit, losing nothing.
 
-TorchServe can neither recycle a worker nor retire a chosen one (scale-down removes the
-newest). So a replacement goes: scale up by one and wait until the newcomer is READY
-(capacity never drops), ask the old worker to exit at its next idle moment (it finishes
-what it accepted; SIGTERM only after a grace period), wait until TorchServe has restarted
-its slot with a fresh process, then scale back down, which removes the newcomer. One
-replacement at a time per model version; a failed one restores the worker count, is
-reported, and that version waits ``cooldown_s`` before the next try.
+TorchServe can neither recycle a worker nor retire a chosen one: a worker process that exits
+fails the batch the frontend has already taken for it, and scale-down removes the newest
+worker, busy or not. So the worker is replaced in place (handlers/handover.py): asked by a
+``<pid>.retire`` file, it starts a fresh process that loads the model while it goes on
+serving, then hands its connection over between two requests. TorchServe keeps seeing the
+same worker (its pid too), the worker count never drops and no accepted request fails. One
+replacement at a time per model version; a failed one (the fresh process could not load the
+model, or took longer than ``ready_timeout_s``) leaves the old process serving, is reported,
+and that version waits ``cooldown_s`` before the next try.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from tsfleet.client import ManagementClient, VersionState
-from tsfleet.errors import ApiError, FleetError, Unreachable
+from tsfleet.errors import FleetError, Unreachable
 from tsfleet.locks import report_dir_of, version_lock
 from tsfleet.manifest import Fleet, RecyclePolicy, VersionSpec
 
@@ -36,6 +37,7 @@ class Report:
     started: float
     rss_mb: float
     cuda_mb: float
+    process: int = 0  # the process serving now (not the pid after a replacement)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ def read_reports(report_dir: Path, model: str, version: str) -> dict[int, Report
             if not _alive(int(doc["pid"])):
                 continue
             reports[int(doc["pid"])] = Report(int(doc["pid"]), int(doc["requests"]), float(doc["started"]),
-                                              float(doc["rss_mb"]), float(doc.get("cuda_mb", 0.0)))
+                                              float(doc["rss_mb"]), float(doc.get("cuda_mb", 0.0)),
+                                              int(doc.get("process", doc["pid"])))
         except (OSError, ValueError, KeyError):
             continue  # being replaced right now
     return reports
@@ -127,10 +130,9 @@ class Recycler:
     """Watches every worker of the fleet's versions that have a policy, and replaces them."""
 
     def __init__(self, fleet: Fleet, client: ManagementClient, report_dir: Path,
-                 progress: Callable[[str], None] = print, grace_s: float = 30, ready_timeout_s: float = 300,
-                 cooldown_s: float = 60):
+                 progress: Callable[[str], None] = print, ready_timeout_s: float = 300, cooldown_s: float = 60):
         self.fleet, self.client, self.report_dir, self.progress = fleet, client, report_dir, progress
-        self.grace_s, self.ready_timeout_s, self.cooldown_s = grace_s, ready_timeout_s, cooldown_s
+        self.ready_timeout_s, self.cooldown_s = ready_timeout_s, cooldown_s
         self.events: list[Event] = []
         self._cooldown: dict[tuple[str, str], float] = {}
         self._seen: dict[int, tuple[float, Report]] = {}  # first sighting of each pid
@@ -139,15 +141,6 @@ class Recycler:
 
     def _state(self, spec: VersionSpec) -> VersionState | None:
         return next((v for v in self.client.describe(spec.model) if v.version == spec.version), None)
-
-    def _wait(self, spec: VersionSpec, done: Callable[[VersionState], bool], what: str) -> VersionState:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            state = self._state(spec)
-            if state and done(state):
-                return state
-            time.sleep(0.2)
-        raise FleetError(f"{spec.model} {spec.version}: {what} did not happen within {self.ready_timeout_s:.0f} s")
 
     def tick(self) -> list[Event]:
         """One look at every worker; replace those over a limit, one at a time per version."""
@@ -170,7 +163,7 @@ class Recycler:
                     with version_lock(report_dir_of(spec, self.report_dir), *key) as mine:
                         if mine:
                             self._deferred.discard(key)
-                            events.append(self.replace(spec, state, worker.pid, why))
+                            events.append(self.replace(spec, worker.pid, why))
                         elif key not in self._deferred:
                             self._deferred.add(key)
                             self.progress(f"recycling {spec.model} {spec.version} worker {worker.pid} deferred: "
@@ -187,45 +180,48 @@ class Recycler:
         return Trend(self._replace_s, max(0.0, (report.rss_mb - first.rss_mb) / elapsed),
                      max(0.0, (report.requests - first.requests) / elapsed))
 
-    def replace(self, spec: VersionSpec, state: VersionState, pid: int, why: str) -> Event:
-        """Replace worker ``pid`` of a version without dropping below its ready worker count."""
-        n, ceiling = state.min_workers, state.max_workers
-        started = time.monotonic()
+    def replace(self, spec: VersionSpec, pid: int, why: str) -> Event:
+        """Replace the process behind worker ``pid`` of a version, in place."""
+        folder = self.report_dir / spec.model / spec.version
+        old = read_reports(self.report_dir, spec.model, spec.version).get(pid)
+        flag = folder / f"{pid}.retire"
+        started, asked = time.monotonic(), time.time()
         self.progress(f"recycling {spec.model} {spec.version} worker {pid}: {why}")
+        flag.write_text(why)
         try:
-            self.client.scale(spec.model, spec.version, n + 1, max(ceiling, n + 1))
-            self._wait(spec, lambda s: s.ready_workers >= n + 1, "the extra worker becoming ready")
-            flag = self.report_dir / spec.model / spec.version / f"{pid}.retire"
-            flag.write_text(why)
-            deadline = time.monotonic() + self.grace_s
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                # Busy for the whole grace period: stop it; its in-flight batch fails once.
-                os.kill(pid, signal.SIGTERM)
-            retired_after = time.monotonic() - started
-            self._wait(spec, lambda s: s.ready_workers >= n + 1 and pid not in {w.pid for w in s.workers},
-                       "the replacement starting in the retired worker's slot")
-            self.client.scale(spec.model, spec.version, n, ceiling)
+            self._wait_replaced(folder, pid, old.process if old else pid, asked, flag)
             event = Event(spec.model, spec.version, pid, why, True)
-            # The lead for the next decision: how long an old worker goes on serving once
+            # The lead for the next decision: how long an old process goes on serving once
             # its replacement has begun (smoothed).
-            self._replace_s = 0.5 * self._replace_s + 0.5 * retired_after
+            self._replace_s = 0.5 * self._replace_s + 0.5 * (time.monotonic() - started)
             self._seen.pop(pid, None)
-        except (ApiError, Unreachable, FleetError, OSError) as exc:
+        except FleetError as exc:
+            flag.unlink(missing_ok=True)  # the worker stops its successor and goes on serving
             self._cooldown[(spec.model, spec.version)] = time.monotonic() + self.cooldown_s
-            try:
-                self.client.scale(spec.model, spec.version, max(n, 1), ceiling)
-            except (ApiError, Unreachable):
-                pass
             event = Event(spec.model, spec.version, pid, why, False, str(exc))
             self.progress(f"recycling {spec.model} {spec.version} worker {pid} FAILED: {exc}; "
-                          f"kept the old capacity, next try in {self.cooldown_s:.0f} s")
+                          f"the old process keeps serving, next try in {self.cooldown_s:.0f} s")
         self.events.append(event)
         self._log(event)
         if event.ok:
             self.progress(f"recycled {spec.model} {spec.version} worker {pid} ({why})")
         return event
+
+    def _wait_replaced(self, folder: Path, pid: int, old_process: int, asked: float, flag: Path) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                doc = json.loads((folder / f"{pid}.json").read_text())
+            except (OSError, ValueError):
+                doc = {}
+            if doc.get("process", old_process) != old_process and float(doc.get("started", 0)) >= asked:
+                return
+            if not flag.exists() and doc.get("handover_error") and float(doc.get("updated", 0)) >= asked:
+                raise FleetError(f"worker {pid} was not replaced: {doc['handover_error']}")
+            if not _alive(pid):
+                raise FleetError(f"worker {pid} died while being replaced (TorchServe restarts its slot)")
+            time.sleep(0.1)
+        raise FleetError(f"worker {pid}: no fresh process took over within {self.ready_timeout_s:.0f} s")
 
     def _log(self, event: Event) -> None:
         # Appended, one JSON line per recycle, so `tsfleet status` can say when and why.

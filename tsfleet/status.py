@@ -5,11 +5,14 @@ import json
 import re
 from pathlib import Path
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tsfleet.apply import is_private, plan
-from tsfleet.client import ManagementClient
+from tsfleet.client import ManagementClient, Worker
 from tsfleet.manifest import Fleet
+
+if TYPE_CHECKING:
+    from tsfleet.recycle import Report
 
 _SAMPLE = re.compile(r'^ts_inference_requests_total\{([^}]*)\}\s+(\S+)', re.M)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
@@ -43,6 +46,17 @@ def _age_s(start: str, now: datetime) -> float | None:
         return None
 
 
+def _worker(w: Worker, report: Report | None, now: datetime) -> dict[str, Any]:
+    # After an in-place replacement the pid TorchServe shows is a small waiter: memory and
+    # age are the serving process's, as its report says.
+    process = report.process if report and report.process else w.pid
+    fresh = report is not None and process != w.pid
+    return {"id": w.id, "pid": w.pid, "process": process, "status": w.status,
+            "requests": report.requests if report else None,
+            "rss_mb": _rss_mb(process) if process else None,
+            "age_s": now.timestamp() - report.started if fresh else _age_s(w.start_time, now)}
+
+
 def collect(fleet: Fleet, client: ManagementClient, report_dir: Path | None = None) -> dict[str, Any]:
     """Everything status shows, as plain data (what --json prints)."""
     from handlers.lifecycle import default_report_dir
@@ -65,11 +79,7 @@ def collect(fleet: Fleet, client: ManagementClient, report_dir: Path | None = No
                 # Requests sent without a version are counted under "default".
                 "requests": served.get((name, v.version), 0) + (served.get((name, "default"), 0) if v.is_default else 0),
                 "last_recycle": recycled.get((name, v.version)),
-                "workers": [{
-                    "id": w.id, "pid": w.pid, "status": w.status,
-                    "requests": getattr(reports.get(w.pid), "requests", None),
-                    "rss_mb": _rss_mb(w.pid), "age_s": _age_s(w.start_time, now),
-                } for w in v.workers],
+                "workers": [_worker(w, reports.get(w.pid or -1), now) for w in v.workers],
             })
     pending = [str(step) for step in plan(fleet, state, workflows)]
     return {"models": rows, "workflows": workflows, "in_sync": not pending, "pending": pending}
@@ -88,7 +98,8 @@ def render(doc: dict[str, Any]) -> str:
             rss = f"{w['rss_mb']:.0f}" if w["rss_mb"] is not None else "-"
             age = f"{w['age_s']:.0f}s" if w["age_s"] is not None else "-"
             served = "-" if w.get("requests") is None else str(w["requests"])
-            lines.append(f"{head}  {w['id']:<6} {str(w['pid'] or '-'):>7} {w['status']:<10} {served:>7} {rss:>7} {age:>8}")
+            lines.append(f"{head}  {w['id']:<6} {str(w['pid'] or '-'):>7} {w['status']:<10} {served:>7} {rss:>7} {age:>8}"
+                         + (f"  (serving process {w['process']})" if w.get("process") not in (None, w["pid"]) else ""))
             first = False
         if row.get("last_recycle"):
             e = row["last_recycle"]
