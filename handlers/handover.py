@@ -15,6 +15,11 @@ removes the newest worker, busy or not. So a recycled worker never leaves the fr
    so TorchServe still sees a worker die when the serving process dies, and restarts the slot.
    A serving process that is not the slot process simply exits; the waiter adopts its successor.
 
+It leans on TorchServe 0.12's worker (ts/model_service_worker.py, pinned in requirements.txt):
+its loop reads each message through a module-level ``retrieve_msg``, and its ``load_model``
+frame holds the load request. Should a later version differ, :func:`install` finds nothing,
+and a replacement fails with that reason while the old process keeps serving.
+
 This module imports the standard library only: the waiter runs it without torch.
 """
 from __future__ import annotations
