@@ -7,6 +7,7 @@ import io
 import math
 import random
 import threading
+import time
 from typing import Callable
 
 import pytest
@@ -72,8 +73,8 @@ def test_answers_stay_right_while_a_worker_is_replaced(server, client, fleet: Fl
     try:
         event = Recycler(fleet, server.client, server.report_dir, progress=lambda line: None,
                          ready_timeout_s=240).replace(spec, slot, "test: replace under load")
-        after = len(results)
-        while len(results) < after + 20 and all(c.is_alive() for c in clients):
+        after, deadline = len(results), time.monotonic() + 60
+        while len(results) < after + 20 and all(c.is_alive() for c in clients) and time.monotonic() < deadline:
             done.wait(0.05)  # some answers from the fresh process too
     finally:
         done.set()
