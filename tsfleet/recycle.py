@@ -48,6 +48,7 @@ class Event:
     reason: str
     ok: bool
     detail: str = ""
+    seconds: float = 0.0  # from the request to the fresh process serving (or the failure)
     at: float = field(default_factory=time.time)
 
 
@@ -190,21 +191,23 @@ class Recycler:
         flag.write_text(why)
         try:
             self._wait_replaced(folder, pid, old.process if old else pid, asked, flag)
-            event = Event(spec.model, spec.version, pid, why, True)
+            took = time.monotonic() - started
+            event = Event(spec.model, spec.version, pid, why, True, seconds=round(took, 2))
             # The lead for the next decision: how long an old process goes on serving once
             # its replacement has begun (smoothed).
-            self._replace_s = 0.5 * self._replace_s + 0.5 * (time.monotonic() - started)
+            self._replace_s = 0.5 * self._replace_s + 0.5 * took
             self._seen.pop(pid, None)
         except FleetError as exc:
             flag.unlink(missing_ok=True)  # the worker stops its successor and goes on serving
             self._cooldown[(spec.model, spec.version)] = time.monotonic() + self.cooldown_s
-            event = Event(spec.model, spec.version, pid, why, False, str(exc))
+            event = Event(spec.model, spec.version, pid, why, False, str(exc),
+                          round(time.monotonic() - started, 2))
             self.progress(f"recycling {spec.model} {spec.version} worker {pid} FAILED: {exc}; "
                           f"the old process keeps serving, next try in {self.cooldown_s:.0f} s")
         self.events.append(event)
         self._log(event)
         if event.ok:
-            self.progress(f"recycled {spec.model} {spec.version} worker {pid} ({why})")
+            self.progress(f"recycled {spec.model} {spec.version} worker {pid} in {event.seconds:.1f} s ({why})")
         return event
 
     def _wait_replaced(self, folder: Path, pid: int, old_process: int, asked: float, flag: Path) -> None:
