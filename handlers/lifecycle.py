@@ -116,6 +116,7 @@ class WorkerLifecycle:
                 time.sleep(DRAIN_POLL_S)
 
     def _replace(self) -> None:
+        self._handover_error = ""  # a new try: the last one's reason no longer holds
         gate, load = handover.GATE, handover.LOAD
         if gate is None or load is None:
             self._give_up("this worker was not started by TorchServe's worker loop")
