@@ -54,10 +54,15 @@ def test_json_has_every_figure_with_its_machine(smoke_run: Path) -> None:
             _check_figures(row["by_concurrency"]["4"])
         assert all(rss > 0 for rss in entry["scenarios"]["toolkit-tuned"]["peak_rss_mb"])
         # The CPU breakdown: the workers did the model's work; only the routed row used the router.
-        direct = entry["scenarios"]["toolkit-tuned"]["by_concurrency"]["4"]["cpu_ms_per_request"]
+        direct_row = entry["scenarios"]["toolkit-tuned"]["by_concurrency"]["4"]
+        direct = direct_row["cpu_ms_per_request"]
         routed = entry["scenarios"]["router-rest"]["by_concurrency"]["4"]["cpu_ms_per_request"]
         assert direct["workers_user_ms"] > 0 and routed["workers_user_ms"] > 0
-        assert direct["router_user_ms"] == 0 < routed["router_user_ms"] + routed["router_sys_ms"]
+        # While clients call TorchServe directly the router only keeps its timers: a clock
+        # tick or two (10 ms each) of CPU in the whole window, not a share of each request.
+        idle = direct["router_user_ms"] + direct["router_sys_ms"]
+        assert idle * direct_row["requests"] <= 30, (idle, direct_row["requests"])
+        assert routed["router_user_ms"] + routed["router_sys_ms"] > idle
         # The paced comparison: both sides under the same offered load, below direct's capacity.
         paced = entry["overhead"]["REST"]["4"]
         capacity = entry["scenarios"]["toolkit-tuned"]["by_concurrency"]["4"]["rps"]
