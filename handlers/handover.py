@@ -245,14 +245,15 @@ def _exit_with_slot(slot: int) -> threading.Event:
                 for fd in ready:  # the old process handed over and exited, as it should
                     del fds[fd]
         except OSError:
-            while _alive(slot) and (serving.is_set() or _alive(parent)):
+            while pid_alive(slot) and (serving.is_set() or pid_alive(parent)):
                 time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=watch, name="slot-watch", daemon=True).start()
     return serving
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (someone else's counts)."""
     try:
         os.kill(pid, 0)
         return True

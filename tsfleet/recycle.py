@@ -13,13 +13,13 @@ and that version waits ``cooldown_s`` before the next try.
 from __future__ import annotations
 
 import json
-import os
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from handlers.handover import pid_alive
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import FleetError, Unreachable
 from tsfleet.locks import report_dir_of, version_lock
@@ -58,7 +58,7 @@ def read_reports(report_dir: Path, model: str, version: str) -> dict[int, Report
     for path in (report_dir / model / version).glob("*.json"):
         try:
             doc = json.loads(path.read_text())
-            if not _alive(int(doc["pid"])):
+            if not pid_alive(int(doc["pid"])):
                 continue
             reports[int(doc["pid"])] = Report(int(doc["pid"]), int(doc["requests"]), float(doc["started"]),
                                               float(doc["rss_mb"]), float(doc.get("cuda_mb", 0.0)),
@@ -115,16 +115,6 @@ def over_limit(policy: RecyclePolicy, report: Report, now: float, trend: Trend =
     if policy.max_gpu_memory_mb and report.cuda_mb >= policy.max_gpu_memory_mb:
         return f"max_gpu_memory: {report.cuda_mb:.0f} MB, limit {policy.max_gpu_memory_mb} MB"
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 class Recycler:
@@ -221,7 +211,7 @@ class Recycler:
                 return
             if not flag.exists() and doc.get("handover_error") and float(doc.get("updated", 0)) >= asked:
                 raise FleetError(f"worker {pid} was not replaced: {doc['handover_error']}")
-            if not _alive(pid):
+            if not pid_alive(pid):
                 raise FleetError(f"worker {pid} died while being replaced (TorchServe restarts its slot)")
             time.sleep(0.1)
         raise FleetError(f"worker {pid}: no fresh process took over within {self.ready_timeout_s:.0f} s")

@@ -56,8 +56,11 @@ WAITER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from handlers.handover import waiter_main
     if os.fork() == 0:                      # the first serving process
+        first = os.getpid()
         if os.fork() == 0:                  # its successor, which outlives it
-            time.sleep(0.5)
+            deadline = time.monotonic() + 20
+            while os.getppid() == first and time.monotonic() < deadline:
+                time.sleep(0.01)            # until the waiter has adopted it
             os.kill(os.getpid(), signal.SIGKILL)
         os._exit(0)                         # handed over: exits cleanly
     waiter_main()
