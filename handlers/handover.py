@@ -94,7 +94,8 @@ class Gate:
                 self.idle = False
             if self._wake_r in ready:
                 os.read(self._wake_r, 64)
-                continue
+            if self._wake_r in ready or self.on_handover is not None:
+                continue  # a due handover goes first: what has arrived is the successor's
             return self.read(sock)
 
 
@@ -137,6 +138,8 @@ class Successor:
     def __init__(self, gate: Gate, load: dict[str, Any]):
         if gate.sock is None:
             raise RuntimeError("the worker has not begun serving yet")
+        if os.getpid() == slot_pid():
+            become_subreaper()
         ready_r, ready_w = os.pipe()
         go_r, self._go_w = os.pipe()
         fd = gate.sock.fileno()
@@ -274,12 +277,17 @@ def _children() -> list[int]:
     return pids
 
 
+def become_subreaper() -> None:
+    """Adopt orphaned descendants (a successor whose parent handed over and exited). Kept
+    across exec, so the slot process sets it before its first successor exists."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
 def waiter_main() -> None:
     """What the slot process becomes after its first handover: it adopts every later serving
     process (child subreaper), passes on the signals TorchServe sends, and exits as the
     serving process exits, with its status (137 after SIGKILL, as TorchServe expects)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    become_subreaper()
 
     def forward(signum: int, _frame: Any) -> None:
         for pid in _children():

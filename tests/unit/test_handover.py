@@ -18,12 +18,12 @@ class HandedOver(Exception):
     pass
 
 
-def test_the_gate_hands_over_between_messages_without_reading_the_next() -> None:
+def _waiting_gate() -> tuple[Gate, socket.socket, socket.socket, threading.Thread, list[object]]:
+    """A gate that has served one message and now waits for the next, in a thread."""
     ours, frontend = socket.socketpair()
     gate = Gate(lambda sock: (b"I", sock.recv(1)))
     frontend.sendall(b"1")
     assert gate.next_message(ours) == (b"I", b"1")
-
     outcome: list[object] = []
 
     def loop() -> None:
@@ -35,16 +35,28 @@ def test_the_gate_hands_over_between_messages_without_reading_the_next() -> None
     worker = threading.Thread(target=loop)
     worker.start()
     deadline = time.monotonic() + 10
-    while not gate.idle:  # waiting for the next message
+    while not gate.idle:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    return gate, ours, frontend, worker, outcome
 
-    def hand_over(sock: socket.socket) -> None:
-        raise HandedOver
 
+def hand_over(sock: socket.socket) -> None:
+    raise HandedOver
+
+
+def test_an_idle_worker_hands_over_when_woken() -> None:
+    gate, ours, _, worker, outcome = _waiting_gate()
     gate.on_handover = hand_over
-    frontend.sendall(b"2")  # arrives while the handover is due: it is the successor's to read
     gate.wake()
+    worker.join(10)
+    assert outcome == ["handed over"]
+
+
+def test_a_due_handover_goes_before_the_message_that_arrives() -> None:
+    gate, ours, frontend, worker, outcome = _waiting_gate()
+    gate.on_handover = hand_over
+    frontend.sendall(b"2")  # wakes the gate, not the pipe: the request is the successor's to read
     worker.join(10)
     assert outcome == ["handed over"]
     ours.setblocking(False)
@@ -54,7 +66,8 @@ def test_the_gate_hands_over_between_messages_without_reading_the_next() -> None
 WAITER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, sys.argv[1])
-    from handlers.handover import waiter_main
+    from handlers.handover import become_subreaper, waiter_main
+    become_subreaper()                      # as the slot process does before its first successor
     if os.fork() == 0:                      # the first serving process
         first = os.getpid()
         if os.fork() == 0:                  # its successor, which outlives it
