@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from tsfleet import companions
 from tsfleet.errors import FleetError
@@ -21,7 +21,10 @@ if TYPE_CHECKING:  # imported lazily below: `tsfleet --help` should not pay for 
 
 
 def _say(line: str) -> None:
-    print(line, flush=True)
+    try:
+        print(line, flush=True)
+    except OSError:
+        pass  # the terminal went away (a dropped SSH session): the logs still say it all
 
 
 def cmd_build(args: argparse.Namespace, fleet: Fleet) -> int:
@@ -88,11 +91,19 @@ def _stopping(signum: int, frame: object) -> None:
     _say("still stopping the fleet; it takes a few seconds")
 
 
+def _on_stop_signals(handler: Callable[[int, object], None]) -> None:
+    """Ctrl-C, SIGTERM, and the terminal hanging up (unless started under nohup) all stop the
+    fleet: its TorchServe, router and recycler run apart and would be left behind."""
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
+
+
 def _finish_stopping() -> None:
     """From here on a second Ctrl-C or SIGTERM (a supervisor repeating itself, `make` passing
     it on) must not cut the stop short and leave the router or TorchServe running."""
-    signal.signal(signal.SIGINT, _stopping)
-    signal.signal(signal.SIGTERM, _stopping)
+    _on_stop_signals(_stopping)
 
 
 def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
@@ -102,7 +113,7 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
     started = time.monotonic()
     _say("starting TorchServe")
     server.start()
-    signal.signal(signal.SIGTERM, _interrupt)
+    _on_stop_signals(_interrupt)
     try:
         server.wait_ready(fleet, timeout=args.timeout, progress=_say)
         server.register_workflows(fleet)

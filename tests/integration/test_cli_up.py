@@ -107,6 +107,17 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
         assert not [name for name, pid in pids.items() if _alive(pid)], "a companion outlived Ctrl-C"
 
 
+def test_up_stops_everything_when_its_terminal_hangs_up(fleet, model_store, tmp_path: Path) -> None:
+    # A dropped SSH session. TorchServe, the router and the recycler run apart from `up`;
+    # they must not be left behind. (That `up` then cannot print is a unit test's matter.)
+    with running_up(fleet, model_store, tmp_path) as up:
+        pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
+        up.proc.send_signal(signal.SIGHUP)
+        assert up.proc.wait(timeout=90) == 0
+        assert not _port_open(up.ep.inference), "TorchServe still listening after the hang-up"
+        assert not [name for name, pid in pids.items() if _alive(pid)], "a companion outlived the hang-up"
+
+
 def test_up_says_so_and_stops_its_companions_when_torchserve_dies(fleet, model_store, tmp_path: Path) -> None:
     with running_up(fleet, model_store, tmp_path) as up:
         pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
