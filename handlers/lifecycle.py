@@ -64,6 +64,8 @@ class WorkerLifecycle:
         self.started = time.time()
         self.requests = 0
         self._last_report = 0.0
+        self._reported = 0  # the request count the report on disk holds
+        self._report_lock = threading.Lock()  # the main thread and the watch thread both report
         self._retiring = False
         self._handover_error = ""
         if handover.is_successor():
@@ -88,10 +90,11 @@ class WorkerLifecycle:
                "cuda_mb": torch.cuda.memory_reserved(self.device) / 2**20 if self.device.type == "cuda" else 0.0}
         if self._handover_error:
             doc["handover_error"] = self._handover_error
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, self.path)
-        self._last_report = time.monotonic()
+        with self._report_lock:
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self.path)
+            self._last_report, self._reported = time.monotonic(), doc["requests"]
 
     def after_batch(self, n_requests: int) -> None:
         """Count the batch; report at most every REPORT_EVERY_S."""
@@ -100,10 +103,12 @@ class WorkerLifecycle:
             self.report()
 
     def _watch(self) -> None:
-        """Look for the retire flag (even while no request comes); while the version drains,
-        report idleness often."""
+        """Bring a stale report up to date and look for the retire flag, even while no request
+        comes; while the version drains, report idleness often."""
         flag, tmp = self.dir / DRAIN_FLAG, self.state_path.with_suffix(".state-tmp")
         while True:
+            if self.requests != self._reported and time.monotonic() - self._last_report >= REPORT_EVERY_S:
+                self.report()  # the last requests before a quiet spell, which no batch will report
             if not self._retiring and self.retire_flag.exists():
                 self._retiring = True
                 threading.Thread(target=self._replace, name="retire", daemon=True).start()

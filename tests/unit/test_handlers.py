@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import os
 import random
 import tempfile
@@ -169,6 +170,19 @@ def test_worker_reports_its_counters_for_the_recycler(embedder_dir) -> None:
     doc = json.loads(handler.lifecycle.path.read_text())
     assert doc["requests"] >= 3 and doc["rss_mb"] > 50 and doc["pid"] == os.getpid()
     assert handler.lifecycle.path.parent == Path(REPORTS) / "text-embedder" / "1.0"
+
+
+def test_the_last_requests_before_a_quiet_spell_reach_the_report(embedder_dir) -> None:
+    # A batch reports at most twice a second; the requests after the last such report must
+    # reach the recycler all the same, though no further batch comes to write them.
+    handler, ctx = load(TextEmbedder, "text-embedder", embedder_dir)
+    handler.lifecycle.report()
+    run(handler, ctx, [({"text": "a"}, "application/json")] * 2)
+    served = handler.lifecycle.requests
+    deadline = time.monotonic() + 10
+    while json.loads(handler.lifecycle.path.read_text())["requests"] != served:
+        assert time.monotonic() < deadline, "the report kept an old request count"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("cls,model", [(TextEmbedder, "text-embedder"), (IntentClassifier, "intent-classifier"),
