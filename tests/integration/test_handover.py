@@ -95,11 +95,16 @@ def test_a_replaced_worker_keeps_its_pid_and_slot_and_frees_its_memory(leaky) ->
     assert (worker["pid"], worker["process"]) == (slot, fresh) and worker["rss_mb"] > 150, worker
 
 
-def test_killing_the_serving_process_restarts_the_slot(leaky) -> None:
-    ts, reports = leaky
+def replaced_worker(ts: TorchServe, reports: Path) -> tuple[int, int]:
+    """Replace the one worker's process: (the slot pid TorchServe shows, the serving process)."""
     [slot] = ready_pids(ts)
     assert replace(ts, reports, slot).ok
-    fresh = serving(reports, slot)
+    return slot, serving(reports, slot)
+
+
+def test_killing_the_serving_process_restarts_the_slot(leaky) -> None:
+    ts, reports = leaky
+    slot, fresh = replaced_worker(ts, reports)
     os.kill(fresh, signal.SIGKILL)
     # TorchServe sees its worker die, as without a handover, and starts the slot afresh.
     wait_for("the slot restarted", lambda: ready_pids(ts) not in ([], [slot]))
@@ -109,9 +114,7 @@ def test_killing_the_serving_process_restarts_the_slot(leaky) -> None:
 
 def test_killing_the_slot_process_takes_its_successor_down(leaky) -> None:
     ts, reports = leaky
-    [slot] = ready_pids(ts)
-    assert replace(ts, reports, slot).ok
-    fresh = serving(reports, slot)
+    slot, fresh = replaced_worker(ts, reports)
     os.kill(slot, signal.SIGKILL)
     wait_for("the serving process exiting", lambda: not alive(fresh), timeout=10)
     wait_for("the slot restarted", lambda: ready_pids(ts) not in ([], [slot]))
