@@ -44,7 +44,12 @@ def test_cleanup_every_n_requests_frees_cached_memory() -> None:
     reqs = [(t, "application/json") for t in TEXTS]
     run(handler, ctx, reqs)
     assert handler.cleanup.count == 1
-    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < 32 * 2**20
+    # The batch's activations were cached; the cleanup gave back all the cache could release.
+    # What stays reserved beyond the allocations is free space inside segments that still hold
+    # the weights, which no empty_cache releases.
+    reserved = torch.cuda.memory_reserved()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == reserved
     names = {name for name, _, _ in ctx.metrics.calls}
     assert {"HandlerCudaAllocatedMB", "HandlerCudaReservedMB", "HandlerCudaCleanups"} <= names
 
