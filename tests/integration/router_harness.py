@@ -31,15 +31,16 @@ class LoopThread:
 class RunningRouter:
     """A started RouterProcess plus small HTTP helpers."""
 
-    def __init__(self, fleet: Fleet, workdir: Path, upstream_rest: str, upstream_grpc: str):
+    def __init__(self, fleet: Fleet, workdir: Path, upstream_rest: str, upstream_grpc: str, processes: int = 1):
         self.loop = LoopThread()
         config = RouterConfig(upstream_rest=upstream_rest, upstream_grpc=upstream_grpc, port=0, admin_port=0,
                               grpc_port=0, state_file=workdir / "router_state.json",
-                              key_file=workdir / "router_key.json")
+                              key_file=workdir / "router_key.json", processes=processes)
         self.process = RouterProcess(fleet, config)
         self.loop.run(self.process.start())
         self.table = self.process.table
         self.url = f"http://127.0.0.1:{self.process.ports['rest']}"
+        self.grpc_target = f"127.0.0.1:{self.process.ports['grpc']}"
         self.admin_url = f"http://127.0.0.1:{self.process.ports['admin']}"
         self.admin_headers = {"Authorization": f"Bearer {self.process.admin.key}"}
         self.session = requests.Session()

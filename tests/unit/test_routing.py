@@ -116,3 +116,28 @@ def test_answers_agree_on_the_decision_or_on_close_numbers() -> None:
     assert answers_agree(b'{"embedding": [0.1, 0.2]}', b'{"embedding": [0.1004, 0.2]}')
     assert not answers_agree(b'{"embedding": [0.1, 0.2]}', b'{"embedding": [0.12, 0.2]}')
     assert answers_agree(b"\x89PNG", b"\x89PNG") and not answers_agree(b"a", b"b")
+
+
+def test_a_front_collects_answers_for_its_leader_and_never_rolls_back_itself() -> None:
+    leader, front = table(v1_0=50, v1_1=50), table(v1_0=50, v1_1=50)
+    front.sink, front.shadow_sink, front.decides = [], [], False
+    for i in range(30):
+        assert front.record("m", "1.0", True, 0.01, now=i) is None
+        assert front.record("m", "1.1", False, 0.01, now=i) is None  # worse than the rule allows
+    front.record_shadow("m", "1.1", True, False)
+    assert front.routes["m"].weights["1.1"] == 50 and front.routes["m"].rolled_back is None
+    assert len(front.sink) == 60 and front.shadow_sink == [("m", "1.1", True, False)]
+    events = [leader.record(*answer, now=i / 2) for i, answer in enumerate(front.sink)]  # as the leader takes them
+    assert any(events) and leader.routes["m"].weights["1.1"] == 0
+
+
+def test_a_front_takes_the_leader_s_routes_and_tells_of_changes() -> None:
+    leader, front = table(v1_0=100), table(v1_0=100)
+    changes = []
+    leader.on_change = lambda: changes.append(leader.state())
+    leader.set_weights("m", {"1.0": 80, "1.1": 20})
+    leader.set_shadow("m", "1.1", 0.5)
+    assert len(changes) == 2
+    front.apply_state(changes[-1])
+    assert front.routes["m"].weights == {"1.0": 80, "1.1": 20}
+    assert (front.routes["m"].shadow, front.routes["m"].shadow_share) == ("1.1", 0.5)

@@ -9,7 +9,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -37,6 +37,8 @@ class AdminApi:
 
     def __init__(self, table: RoutingTable, key: str):
         self.table, self.key = table, key
+        # With several router processes: wait until every one routes by a change made here.
+        self.settled: Callable[[], Awaitable[None]] | None = None
         self.app = web.Application(middlewares=[self._auth])
         self.app.add_routes([
             web.get("/routes", self.list_routes),
@@ -79,6 +81,8 @@ class AdminApi:
                 self.table.set_aliases(model, doc["aliases"])
         except (ValueError, TypeError) as exc:
             return _error(400, f"{model}: {exc}")
+        if self.settled is not None:
+            await self.settled()
         return web.json_response(self.table.snapshot()[model])
 
     async def rollback(self, request: web.Request) -> web.Response:
@@ -89,4 +93,6 @@ class AdminApi:
         candidates = [v for v, w in route.weights.items() if v != route.baseline and w > 0]
         for version in candidates:
             self.table.roll_back(model, version, "rolled back by hand")
+        if self.settled is not None:
+            await self.settled()
         return web.json_response(self.table.snapshot()[model])

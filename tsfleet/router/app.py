@@ -26,6 +26,7 @@ class RouterConfig:
     grpc_port: int = 7090
     state_file: Path = Path("router_state.json")
     key_file: Path = Path("router_key.json")
+    processes: int = 1  # more than 1: the leader and fronts on the same ports (router/processes.py)
 
 
 class RouterProcess:
@@ -38,10 +39,12 @@ class RouterProcess:
         self.admin = AdminApi(self.table, admin_key(config.key_file))
         self._runners: list[web.AppRunner] = []
         self._grpc = None
+        self.fronts = None
         self.ports: dict[str, int] = {}
 
     async def start(self) -> None:
-        self.ports["rest"] = await self.rest.start(self.config.host, self.config.port)
+        many = self.config.processes > 1
+        self.ports["rest"] = await self.rest.start(self.config.host, self.config.port, reuse_port=many)
         runner = web.AppRunner(self.admin.app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.config.host, self.config.admin_port).start()
@@ -50,11 +53,22 @@ class RouterProcess:
         try:
             from tsfleet.router.grpc_front import start_grpc_router
         except ImportError:
-            return
-        self._grpc, self.ports["grpc"] = await start_grpc_router(
-            self.table, self.config.upstream_grpc, self.config.host, self.config.grpc_port)
+            start_grpc_router = None
+        if start_grpc_router is not None:
+            self._grpc, self.ports["grpc"] = await start_grpc_router(
+                self.table, self.config.upstream_grpc, self.config.host, self.config.grpc_port, reuse_port=many)
+        if many:
+            from tsfleet.router.processes import Fronts
+
+            self.fronts = Fronts(self.table, self.config.processes - 1, {
+                "upstream_rest": self.config.upstream_rest, "upstream_grpc": self.config.upstream_grpc,
+                "host": self.config.host, "port": self.ports["rest"], "grpc_port": self.ports.get("grpc", 0)})
+            await self.fronts.start()
+            self.admin.settled = self.fronts.settled
 
     async def stop(self) -> None:
+        if self.fronts is not None:
+            await self.fronts.stop()
         if self._grpc is not None:
             from tsfleet.router.grpc_front import stop_grpc_router
 
@@ -73,7 +87,8 @@ def serve(fleet: Fleet, config: RouterConfig, say: Callable[[str], None] = print
         router = RouterProcess(fleet, config)
         await router.start()
         say(f"router: REST http://{config.host}:{router.ports['rest']}  admin http://{config.host}:"
-            f"{router.ports['admin']}" + (f"  gRPC {config.host}:{router.ports['grpc']}" if "grpc" in router.ports else ""))
+            f"{router.ports['admin']}" + (f"  gRPC {config.host}:{router.ports['grpc']}" if "grpc" in router.ports else "")
+            + (f"  ({config.processes} processes)" if config.processes > 1 else ""))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

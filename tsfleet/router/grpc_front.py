@@ -91,9 +91,10 @@ class GrpcRouter:
         self._calls: set[asyncio.Task] = set()
         self._background: set[asyncio.Task] = set()
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: ServerConnection(self, self.connections), host, port)
+        self.server = await loop.create_server(lambda: ServerConnection(self, self.connections), host, port,
+                                               reuse_port=reuse_port or None)
         return self.server.sockets[0].getsockname()[1]
 
     # ------------------------------------------------------------ dispatch
@@ -380,12 +381,13 @@ class GrpcRouter:
 
 
 async def start_grpc_router(table: RoutingTable, upstream: str, host: str = "127.0.0.1",
-                            port: int = 0, sticky_key: str = "x-user-id", **options: float) -> tuple[GrpcRouter, int]:
+                            port: int = 0, sticky_key: str = "x-user-id", reuse_port: bool = False,
+                            **options: float) -> tuple[GrpcRouter, int]:
     """Serve the routed InferenceAPIsService on ``host:port`` (0: any free port); return the
     router and the port it bound. ``options``: GrpcRouter's timeouts."""
     router = GrpcRouter(table, upstream, sticky_key, **options)
     try:
-        bound = await router.start(host, port)
+        bound = await router.start(host, port, reuse_port)
     except OSError as exc:
         raise OSError(f"cannot listen for gRPC on {host}:{port}: {exc}") from exc
     return router, bound

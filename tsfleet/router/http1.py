@@ -265,10 +265,12 @@ class Listener:
     def _connection(self) -> ServerConnection:
         return ServerConnection(self.handler, self.max_body, self.connections)
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on host:port (0: any free port); returns the port."""
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """Listen on host:port (0: any free port); returns the port. ``reuse_port``: share
+        the port with other router processes (SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._connection, host, port, backlog=1024)
+        self.server = await loop.create_server(self._connection, host, port, backlog=1024,
+                                               reuse_port=reuse_port or None)
         self._sweep()
         return self.server.sockets[0].getsockname()[1]
 

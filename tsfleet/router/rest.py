@@ -10,6 +10,7 @@ import json
 import logging
 import ssl
 import time
+from typing import Awaitable, Callable
 from urllib.parse import quote, unquote, urlsplit
 
 from tsfleet.router.compare import answers_agree
@@ -36,7 +37,7 @@ class RestRouter:
 
     def __init__(self, table: RoutingTable, upstream: str, sticky_header: str = "X-User-Id",
                  timeout_s: float = 130, min_attempt_s: float = 2.0, latency_factor: float = 10.0,
-                 max_body: int = 16 * 2**20):
+                 max_body: int = 16 * 2**20, metrics: Callable[[], Awaitable[str]] | None = None):
         self.table, self.upstream = table, upstream.rstrip("/")
         self.sticky = sticky_header.lower().encode()
         self.timeout_s, self.min_attempt_s, self.latency_factor = timeout_s, min_attempt_s, latency_factor
@@ -45,11 +46,13 @@ class RestRouter:
         self.pool = UpstreamPool(url.hostname or "127.0.0.1", url.port or (443 if secure else 80),
                                  ssl=ssl.create_default_context() if secure else None)
         self.listener = Listener(self.handle, max_body)
+        # A front of a router of several processes asks the leader, which counts for all.
+        self.metrics = metrics
         self._background: set[asyncio.Task] = set()
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen; returns the port (useful when ``port`` is 0)."""
-        return await self.listener.start(host, port)
+        return await self.listener.start(host, port, reuse_port)
 
     async def stop(self) -> None:
         self.listener.close()
@@ -64,7 +67,8 @@ class RestRouter:
             if 1 <= len(parts) <= 2 and all(parts):
                 return await self.predict(request, unquote(parts[0]), unquote(parts[1]) if len(parts) == 2 else None)
         if path == "/metrics" and request.method == "GET":
-            return Response(200, self.table.prometheus().encode(), [b"Content-Type: text/plain; charset=utf-8"])
+            text = await self.metrics() if self.metrics is not None else self.table.prometheus()
+            return Response(200, text.encode(), [b"Content-Type: text/plain; charset=utf-8"])
         # /ping, /wfpredict/..., anything else: TorchServe answers it, errors included.
         status, data, resp_headers, _, _ = await self._call(
             request.method, request.target, "", request.body, request.forward, None, None)

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REFRESH_S = 0.25
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -131,13 +131,23 @@ class RoutingTable:
         self._swrr: dict[str, dict[str, float]] = {}
         self._shadow_acc: dict[str, float] = {}
         self._lock = threading.Lock()
+        # Set for a router of several processes (tsfleet/router/processes.py): the leader
+        # hears of every change, a front collects what it saw for the leader and never
+        # decides a rollback itself.
+        self.on_change: Callable[[], None] | None = None
+        self.sink: list[tuple] | None = None
+        self.shadow_sink: list[tuple] | None = None
+        self.decides = True
         self._load_state()
 
     # --------------------------------------------------------------- state
     def _load_state(self) -> None:
         if not self.state_path or not self.state_path.is_file():
             return
-        doc = json.loads(self.state_path.read_text())
+        self.apply_state(json.loads(self.state_path.read_text()))
+
+    def apply_state(self, doc: dict[str, Any]) -> None:
+        """Take the live parts of each route (weights, baseline, shadow...) from a saved state."""
         for model, saved in doc.get("routes", {}).items():
             if model in self.routes:
                 route = self.routes[model]
@@ -150,13 +160,19 @@ class RoutingTable:
 
     def save(self) -> None:
         """Write the live routes atomically (rename), so a crash never leaves half a file."""
+        if self.on_change is not None:
+            self.on_change()
         if not self.state_path:
             return
-        doc = {"routes": {m: {k: v for k, v in asdict(r).items() if k not in ("model", "rollback", "streaming")}
-                          for m, r in self.routes.items()}}
+        doc = self.state()
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
         os.replace(tmp, self.state_path)
+
+    def state(self) -> dict[str, Any]:
+        """The live parts of every route, as saved and as apply_state takes them."""
+        return {"routes": {m: {k: v for k, v in asdict(r).items() if k not in ("model", "rollback", "streaming")}
+                           for m, r in self.routes.items()}}
 
     # ------------------------------------------------------------ choosing
     def choose(self, model: str, explicit: str | None = None, sticky_key: str | None = None) -> Choice:
@@ -225,13 +241,17 @@ class RoutingTable:
         st = self._stats(model, version)
         st.add(ok, latency, now)
         st.retries += retried
-        return self._check_rollback(model, version, now)
+        if self.sink is not None:
+            self.sink.append((model, version, ok, latency, retried))
+        return self._check_rollback(model, version, now) if self.decides else None
 
     def record_shadow(self, model: str, version: str, ok: bool, agree: bool | None) -> None:
         st = self._stats(model, version)
         st.shadow_requests += 1
         st.shadow_errors += not ok
         st.shadow_disagreements += agree is False
+        if self.shadow_sink is not None:
+            self.shadow_sink.append((model, version, ok, agree))
 
     def _check_rollback(self, model: str, version: str, now: float) -> dict[str, Any] | None:
         route = self.routes.get(model)

@@ -1,0 +1,166 @@
+"""A router of several processes (tsfleet/router/processes.py) in front of a real TorchServe:
+fronts share the ports, route with the leader's routes, and their answers count in the
+leader's statistics, metrics and rollbacks; a dead front is replaced, and no front outlives
+its leader."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+import psutil
+import pytest
+import requests
+
+from tests.integration.conftest import ROOT, free_ports
+from tests.integration.router_harness import RunningRouter
+from tsfleet.router.proto import inference_pb2 as pb
+from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
+from tsfleet.router.routing import RollbackRule
+from tsfleet.server import TorchServe
+
+pytestmark = pytest.mark.slow
+INTENT = "intent-classifier"
+NEVER = RollbackRule(max_error_rate_increase=1.0, max_p99_ratio=0)
+TEXTS = ["book me a flight to Rome", "my invoice is wrong", "will it rain tomorrow?", "cancel my order"]
+
+
+@pytest.fixture(scope="module")
+def router(fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRouter]:
+    r = RunningRouter(fleet, tmp_path_factory.mktemp("router3"), server.ep.url("inference"),
+                      f"127.0.0.1:{server.ep.grpc_inference}", processes=3)
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture
+def headers(server: TorchServe) -> dict[str, str]:
+    return {**server.keys.header("inference"), "Content-Type": "application/json"}
+
+
+@pytest.fixture(autouse=True)
+def reset_routes(router: RunningRouter) -> Iterator[None]:
+    router.table.stats.clear()
+    router.table.routes[INTENT].rollback = NEVER
+    yield
+    router.table.set_weights(INTENT, {"1.0": 100}, baseline="1.0")
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def fresh(router: RunningRouter, text: str, headers: dict[str, str]) -> requests.Response:
+    """One request on a new connection: the kernel picks the process that takes it."""
+    return requests.post(f"{router.url}/predictions/{INTENT}", data=json.dumps({"text": text}), headers=headers,
+                         timeout=60)
+
+
+def counted(router: RunningRouter) -> int:
+    metrics = requests.get(router.url + "/metrics", timeout=10).text  # answered by any process
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in metrics.splitlines()
+               if line.startswith(f'tsfleet_router_requests_total{{model="{INTENT}"'))
+
+
+def test_fronts_share_the_ports_and_the_leader_counts_every_answer(router, client, headers) -> None:
+    router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 50, "1.1": 50}}).raise_for_status()
+    expected = {(t, v): client.predict(INTENT, {"text": t}, version=v).json() for t in TEXTS for v in ("1.0", "1.1")}
+    sessions = [requests.Session() for _ in range(24)]
+    channels = [grpc.insecure_channel(router.grpc_target) for _ in range(6)]
+    try:
+        got = [(t, s.post(f"{router.url}/predictions/{INTENT}", data=json.dumps({"text": t}), headers=headers,
+                          timeout=60)) for s in sessions for t in TEXTS]
+        # Which processes hold the server side of those connections right now?
+        port = int(router.url.rsplit(":", 1)[1])
+        holders = {pid for pid in [os.getpid(), *router.process.fronts.pids()]
+                   for c in psutil.Process(pid).net_connections("tcp")
+                   if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port}
+        meta = [("authorization", headers["Authorization"])]
+        replies = [pb_grpc.InferenceAPIsServiceStub(ch).Predictions(
+            pb.PredictionsRequest(model_name=INTENT, input={"data": json.dumps({"text": t}).encode()}),
+            metadata=meta, timeout=60) for ch in channels for t in TEXTS]
+    finally:
+        for s in sessions:
+            s.close()
+        for ch in channels:
+            ch.close()
+    assert len(holders) >= 2, f"all 24 connections went to one process: {holders}"
+    assert all(r.status_code == 200 for _, r in got), [r.text for _, r in got if r.status_code != 200][:3]
+    wrong = [(t, r.headers["X-Model-Version"]) for t, r in got if r.json() != expected[(t, r.headers["X-Model-Version"])]]
+    assert wrong == []
+    assert set(r.headers["X-Model-Version"] for _, r in got) == {"1.0", "1.1"}
+    assert all(json.loads(reply.prediction)["intent"] == expected[(t, "1.0")]["intent"]
+               for reply, t in zip(replies, TEXTS * len(channels)))
+    total = len(got) + len(replies)
+    wait_for(lambda: counted(router) == total, 10, f"the leader to count all {total} answers")
+    arms = router.admin("GET", "/routes").json()[INTENT]["arms"]
+    assert sum(a["requests"] for a in arms.values()) == total
+
+
+def test_weight_changes_and_rollbacks_reach_every_front(router, server, headers) -> None:
+    router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 0, "1.1": 100}}).raise_for_status()
+    assert Counter(fresh(router, f"hi {i}", headers).headers["X-Model-Version"] for i in range(40)) == {"1.1": 40}
+    # An automatic rollback is the leader's decision, from the answers of every process.
+    router.table.routes[INTENT].rollback = RollbackRule(window_s=60, min_samples=15, max_error_rate_increase=0.05,
+                                                        max_p99_ratio=0)
+    router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 50, "1.1": 50}}).raise_for_status()
+    server.client.scale(INTENT, "1.1", 0)  # the candidate can no longer answer
+    try:
+        got = [fresh(router, f"hi {i}", headers) for i in range(120)]
+        route = wait_for(lambda: (r := router.admin("GET", "/routes").json()[INTENT])["rolled_back"] and r, 10,
+                         "the rollback")
+        assert route["weights"]["1.1"] == 0 and "error rate" in route["rolled_back"]["reason"]
+        assert all(r.status_code == 200 for r in got if r.headers.get("X-Model-Version") == "1.0")
+        after = [fresh(router, f"after {i}", headers) for i in range(40)]
+        assert [(r.status_code, r.headers["X-Model-Version"]) for r in after] == [(200, "1.0")] * 40
+    finally:
+        server.client.scale(INTENT, "1.1", 1)
+
+
+def test_a_dead_front_is_started_again(fleet, server, headers, tmp_path: Path) -> None:
+    r = RunningRouter(fleet, tmp_path, server.ep.url("inference"), f"127.0.0.1:{server.ep.grpc_inference}",
+                      processes=3)
+    try:
+        victim = r.process.fronts.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in r.process.fronts.pids() and r.process.fronts.fronts[0].ready.is_set(), 20,
+                 "a new front")
+        assert all(psutil.pid_exists(p) for p in r.process.fronts.pids())
+        assert [fresh(r, f"hi {i}", headers).status_code for i in range(40)] == [200] * 40
+        pids = r.process.fronts.pids()
+    finally:
+        r.stop()
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 10, "the fronts to exit with the router")
+
+
+def test_no_front_outlives_a_killed_leader(server, tmp_path: Path) -> None:
+    rest, admin, grpc_port = free_ports(3)
+    leader = subprocess.Popen(
+        [sys.executable, "-m", "tsfleet", "--config", str(server.config), "route", "--processes", "3",
+         "--port", str(rest), "--admin-port", str(admin), "--grpc-port", str(grpc_port),
+         "--state-file", str(tmp_path / "state.json")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    try:
+        line = wait_for(lambda: leader.stdout.readline(), 60, "the router's banner")
+        assert f"REST http://127.0.0.1:{rest}" in line and "(3 processes)" in line, line
+        fronts = [p.pid for p in psutil.Process(leader.pid).children()]
+        assert len(fronts) == 2
+    finally:
+        leader.kill()
+        leader.wait()
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                             for p in fronts), 10, "the fronts to exit after their leader")

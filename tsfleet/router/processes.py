@@ -1,0 +1,270 @@
+"""A router of several processes: the leader (the ``tsfleet route`` process) and its fronts.
+
+One Python process proxies on one core. On a box with a GPU and cores to spare, TorchServe
+answered ~9,900 requests a second that one router process could pass only ~7,200 of
+(docs/gpu-box.md). With ``--processes N`` the leader starts N-1 front processes that listen
+on the same REST and gRPC ports (SO_REUSEPORT: the kernel spreads connections over all N).
+
+The leader stays the one place that decides, so nothing a user sees depends on which
+process a connection landed on:
+
+- A front routes with a copy of the leader's routes, sent at its start and after every
+  change (admin API, rollback), and never decides a rollback itself.
+- A front sends the leader what it saw (each answer's arm, outcome and latency; shadow
+  results) every ``FLUSH_S``. The leader adds them to its own statistics, so automatic
+  rollbacks, ``/metrics``, the admin API and ``tsfleet rollout status`` count every process.
+- ``/metrics`` on a front is answered from the leader's statistics.
+- A front exits when the leader goes away (its channel closes); the leader starts a front
+  again if one dies.
+
+The channel is a socket pair carrying one JSON document per line.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tsfleet.router.rest import RestRouter
+from tsfleet.router.routing import Route, RoutingTable
+
+log = logging.getLogger(__name__)
+FLUSH_S = 0.2
+READY_TIMEOUT_S = 30.0
+RESTART_BACKOFF_S = 1.0
+LINE_LIMIT = 64 * 2**20  # a busy front's FLUSH_S of answers is one line
+
+
+def _encode(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
+def _routes_message(table: RoutingTable) -> dict[str, Any]:
+    return {"t": "routes", **table.state(), "streaming": {m: r.streaming for m, r in table.routes.items()}}
+
+
+@dataclass
+class _Front:
+    proc: subprocess.Popen
+    writer: asyncio.StreamWriter
+    reader: asyncio.StreamReader
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    applied: int = 0  # the last routes change it has taken
+    task: asyncio.Task | None = None
+
+
+class Fronts:
+    """The leader's side: starts, feeds, hears and restarts the front processes."""
+
+    def __init__(self, table: RoutingTable, count: int, options: dict[str, Any]):
+        self.table, self.count, self.options = table, count, options
+        self.fronts: list[_Front] = []
+        self._stopping = False
+        self._supervisor: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seq = 0  # routes changes sent so far
+        table.on_change = self.broadcast
+
+    async def start(self) -> None:
+        """Start every front and wait until each listens."""
+        self._loop = asyncio.get_running_loop()
+        self.fronts = [await self._spawn() for _ in range(self.count)]
+        await self._wait_ready(self.fronts)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    def pids(self) -> list[int]:
+        return [f.proc.pid for f in self.fronts]
+
+    async def _spawn(self) -> _Front:
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, "-m", "tsfleet.router.processes", json.dumps(self.options),
+                                 str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
+        front = _Front(proc, writer, reader, applied=self._seq)
+        writer.write(_encode({**_routes_message(self.table), "seq": self._seq}))
+        front.task = asyncio.get_running_loop().create_task(self._hear(front))
+        return front
+
+    async def _wait_ready(self, fronts: list[_Front]) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(f.ready.wait() for f in fronts)), READY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"a router front did not start listening within {READY_TIMEOUT_S:.0f} s "
+                               f"(front pids {[f.proc.pid for f in fronts]})") from None
+
+    async def _hear(self, front: _Front) -> None:
+        while line := await front.reader.readline():
+            msg = json.loads(line)
+            kind = msg["t"]
+            if kind == "seen":
+                self._take(msg)
+            elif kind == "metrics":
+                front.writer.write(_encode({"t": "metrics", "id": msg["id"], "text": self.table.prometheus()}))
+            elif kind == "applied":
+                front.applied = max(front.applied, msg["seq"])
+            elif kind == "ready":
+                front.ready.set()
+
+    def _take(self, msg: dict[str, Any]) -> None:
+        now = time.monotonic()
+        for model, version, ok, latency, retried in msg["answers"]:
+            event = self.table.record(model, version, ok, latency, retried, now=now)
+            if event:
+                log.warning("rolled back %s %s: %s", model, event["version"], event["reason"])
+        for model, version, ok, agree in msg["shadow"]:
+            self.table.record_shadow(model, version, ok, agree)
+
+    def broadcast(self) -> None:
+        """Send every front the routes as they are now (from any thread: transports are the loop's)."""
+        self._seq += 1
+        data = _encode({**_routes_message(self.table), "seq": self._seq})
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if self._loop is not None and here is not self._loop:
+            self._loop.call_soon_threadsafe(self._send_all, data)
+        else:
+            self._send_all(data)
+
+    def _send_all(self, data: bytes) -> None:
+        for front in self.fronts:
+            if not front.writer.is_closing():
+                front.writer.write(data)
+
+    async def settled(self, timeout_s: float = 2.0) -> None:
+        """Wait until every live front routes by the latest change, so that a change the
+        admin API answered for is in force on every process."""
+        want, deadline = self._seq, time.monotonic() + timeout_s
+        while any(f.applied < want and f.proc.poll() is None for f in self.fronts):
+            if time.monotonic() > deadline:
+                log.warning("a router front has not taken routes change %d after %.0f s", want, timeout_s)
+                return
+            await asyncio.sleep(0.005)
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(RESTART_BACKOFF_S)
+            for i, front in enumerate(self.fronts):
+                code = front.proc.poll()
+                if code is None or self._stopping:
+                    continue
+                log.warning("router front %d exited with status %s; starting it again", front.proc.pid, code)
+                front.writer.close()
+                fresh = await self._spawn()
+                self.fronts[i] = fresh
+                try:
+                    await self._wait_ready([fresh])
+                except RuntimeError as exc:
+                    log.error("%s", exc)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop every front: close its channel (it stops listening and exits), then wait."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        for front in self.fronts:
+            front.writer.close()
+        deadline = time.monotonic() + grace_s
+        for front in self.fronts:
+            while front.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if front.proc.poll() is None:
+                front.proc.kill()
+                front.proc.wait()
+            if front.task is not None:
+                front.task.cancel()
+
+
+# ---------------------------------------------------------------------- a front process
+class _Leader:
+    """A front's side of the channel."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, table: RoutingTable):
+        self.reader, self.writer, self.table = reader, writer, table
+        self._asked: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
+
+    async def metrics(self) -> str:
+        n = next(self._ids)
+        fut = self._asked[n] = asyncio.get_running_loop().create_future()
+        self.writer.write(_encode({"t": "metrics", "id": n}))
+        try:
+            return await asyncio.wait_for(fut, 10)
+        finally:
+            self._asked.pop(n, None)
+
+    async def hear(self) -> None:
+        """Apply the leader's route changes until the channel closes."""
+        while line := await self.reader.readline():
+            msg = json.loads(line)
+            if msg["t"] == "routes":
+                self.table.apply_state(msg)
+                self.writer.write(_encode({"t": "applied", "seq": msg["seq"]}))
+            elif msg["t"] == "metrics" and msg["id"] in self._asked:
+                self._asked[msg["id"]].set_result(msg["text"])
+
+    async def flush(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            if self.table.sink or self.table.shadow_sink:
+                answers, shadow = self.table.sink, self.table.shadow_sink
+                self.table.sink, self.table.shadow_sink = [], []
+                self.writer.write(_encode({"t": "seen", "answers": answers, "shadow": shadow}))
+
+
+async def _front(options: dict[str, Any], fd: int) -> None:
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd), limit=LINE_LIMIT)
+    first = json.loads(await reader.readline())
+    routes = {m: Route(m, saved["baseline"], dict(saved["weights"]), streaming=first["streaming"][m])
+              for m, saved in first["routes"].items()}
+    table = RoutingTable(routes)  # no state file: the leader keeps it
+    table.apply_state(first)
+    table.sink, table.shadow_sink, table.decides = [], [], False
+    leader = _Leader(reader, writer, table)
+    rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics)
+    await rest.start(options["host"], options["port"], reuse_port=True)
+    grpc = None
+    if options.get("grpc_port"):
+        from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
+
+        grpc, _ = await start_grpc_router(table, options["upstream_grpc"], options["host"], options["grpc_port"],
+                                          reuse_port=True)
+    writer.write(_encode({"t": "ready"}))
+    loop = asyncio.get_running_loop()
+    flusher = loop.create_task(leader.flush())
+    hearing = loop.create_task(leader.hear())
+    loop.add_signal_handler(signal.SIGTERM, hearing.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await hearing
+    flusher.cancel()
+    if grpc is not None:
+        await stop_grpc_router(grpc, grace=2)
+    await rest.stop()
+
+
+def main(argv: list[str]) -> None:
+    """``python -m tsfleet.router.processes OPTIONS_JSON FD``: one front, run by the leader."""
+    # Ctrl-C reaches the whole process group: the leader stops the fronts in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s front %(process)d: %(message)s")
+    options, fd = json.loads(argv[0]), int(argv[1])
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    (uvloop.run if uvloop else asyncio.run)(_front(options, fd))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
