@@ -123,7 +123,10 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
                   "--key-file", str(server.workdir / "key_file.json")]
         companions.start(server.workdir, "recycle", [*common, "recycle", "--metrics-port", str(args.recycler_port)])
         _say(f"recycler started (log: logs/recycle.log, metrics: http://127.0.0.1:{args.recycler_port}/metrics)")
-        companions.start(server.workdir, "route", [*common, "route"])
+        router = companions.start(server.workdir, "route",
+                                  [*common, "route", "--processes", str(args.router_processes)])
+        if not companions.wait_listening(router, 8090):
+            raise FleetError("the router did not start listening on 8090; see logs/route.log")
         _say("router started: clients use http://127.0.0.1:8090 and gRPC 127.0.0.1:7090 like TorchServe's "
              "8080/7070, with the same keys (log: logs/route.log)")
         print_endpoints(server, fleet)
@@ -241,7 +244,8 @@ def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
     ep = Endpoints.from_properties(Path(args.config)) if Path(args.config).is_file() else Endpoints()
     serve(fleet, RouterConfig(upstream_rest=ep.url("inference"), upstream_grpc=f"{ep.host}:{ep.grpc_inference}",
                               port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port,
-                              state_file=Path(args.state_file), key_file=Path(args.router_key_file)), _say)
+                              state_file=Path(args.state_file), key_file=Path(args.router_key_file),
+                              processes=max(1, args.processes)), _say)
     return 0
 
 
@@ -298,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detach", action="store_true", help="leave the fleet running and return")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for ready workers")
     p.add_argument("--recycler-port", type=int, default=8083, help="the recycler's Prometheus port")
+    p.add_argument("--router-processes", type=int, default=1,
+                   help="router processes sharing its ports (see `route --processes`)")
     sub.add_parser("down", help="stop a running fleet")
     sub.add_parser("plan", help="show what apply would change on the running server")
     sub.add_parser("apply", help="take the running server to the manifest")
@@ -309,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin-port", type=int, default=8091)
     p.add_argument("--grpc-port", type=int, default=7090, help="gRPC port clients use instead of 7070")
     p.add_argument("--state-file", default="router_state.json")
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes sharing the router's ports: one proxies on one core, so give it "
+                        "more where TorchServe answers faster than one core can pass on")
     p = sub.add_parser("rollout", help="canary, promote or roll back a version through the router")
     p.add_argument("action", choices=["start", "set-weight", "promote", "rollback", "status"])
     p.add_argument("model", nargs="?")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,19 @@ def start(workdir: Path, name: str, args: list[str]) -> subprocess.Popen:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     _pid_file(workdir, name).write_text(str(proc.pid))
     return proc
+
+
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 60) -> bool:
+    """Wait until something accepts on 127.0.0.1:``port``; False if ``proc`` exits first or
+    ``timeout`` passes, so a caller never announces an address that refuses connections."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
 
 
 def stop(workdir: Path, name: str, timeout: float = 15) -> bool:
