@@ -2,7 +2,7 @@
 and a bounded closed-loop load generator that records every answer."""
 from __future__ import annotations
 
-import socket
+import os
 import statistics
 import subprocess
 import sys
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import requests
 
 from tsfleet.manifest import Fleet
@@ -35,26 +36,31 @@ class RouterProcessRunner:
     """``tsfleet route`` as its own process, as in production: a router sharing the load
     generator's interpreter would share its GIL and measure that instead."""
 
-    def __init__(self, manifest: Path, ts: TorchServe, workdir: Path):
+    def __init__(self, manifest: Path, ts: TorchServe, workdir: Path, processes: int = 1):
         free = Endpoints.on_free_ports()
         port, admin, grpc_port = free.inference, free.management, free.metrics
         self.url = f"http://127.0.0.1:{port}"
         self.grpc = f"127.0.0.1:{grpc_port}"
-        self.log = open(workdir / "router.log", "ab")  # noqa: SIM115 - closed in stop()
+        log_path = workdir / "router.log"
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(ts.config),
              "--router-key-file", str(workdir / "router_key.json"), "route", "--port", str(port),
              "--admin-port", str(admin), "--grpc-port", str(grpc_port),
-             "--state-file", str(workdir / "router_state.json")],
-            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT)
+             "--state-file", str(workdir / "router_state.json"), "--processes", str(processes)],
+            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            # The banner comes once every process listens.
+            if b"router: REST" in log_path.read_bytes():
+                return
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("the router did not start")
+
+    def pids(self) -> list[int]:
+        """The router's processes: the leader and its fronts."""
+        return [self.proc.pid, *(p.pid for p in psutil.Process(self.proc.pid).children())]
 
     def stop(self) -> None:
         self.proc.terminate()

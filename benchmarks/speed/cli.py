@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the model workers (one per CPU) on half the CPUs, TorchServe's frontend, the router "
                              "and the load on the other half; the router rows only, no sweep; written as "
                              "docs/benchmarks-split-cores.md")
+    parser.add_argument("--router-processes", type=int, default=1, help="processes of the router (route --processes)")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary archives and logs")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     load = args.load or ("python" if mode == "smoke" else "auto")
     work = Path(tempfile.mkdtemp(prefix="tsfleet-bench-speed-"))
     opts = Options(models=args.models, batch1=Serve(1, 1, 2, 1), minimal=Serve(8, 5, 2, 1), load=load,
-                   work=work, mode=mode, log=lambda line: print(line, flush=True), split_cores=args.split_cores, **cfg)
+                   work=work, mode=mode, log=lambda line: print(line, flush=True), split_cores=args.split_cores,
+                   router_processes=max(1, args.router_processes), **cfg)
     started = time.monotonic()
     try:
         results = run_all(opts)
@@ -105,12 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     doc = {"meta": {**metadata(mode), "load_tool": results.pop("load_tool"),
-                    "duration_s": round(time.monotonic() - started, 1),
+                    "duration_s": round(time.monotonic() - started, 1), "router_processes": opts.router_processes,
                     "settings": {k: cfg[k] for k in ("concurrency", "runs", "seconds", "warmup",
                                                      "limit_batches", "limit_seconds")},
                     "command": "python -m benchmarks.speed" + {"full": "", "quick": " --quick",
                                                                 "smoke": " --smoke"}[mode]
-                    + (" --split-cores" if args.split_cores else "")},
+                    + (" --split-cores" if args.split_cores else "")
+                    + (f" --router-processes {opts.router_processes}" if opts.router_processes > 1 else "")},
            **results}
     written = report.write_all(doc, args.out, "split-cores" if args.split_cores else None)
     for path in written:

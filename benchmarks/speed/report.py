@@ -277,7 +277,8 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str], data: str = "
         f"torch {meta['torch']}, TorchServe {meta['torchserve']}, FastAPI {meta['fastapi']}, uvicorn {meta['uvicorn']}. "
         f"HTTP load from **{meta['load_tool']}**{' (one thread, a Lua script cycling the POST bodies)' if meta['load_tool'] == 'wrk' else ' (an asyncio aiohttp closed loop: wrk is not installed)'}; "
         "gRPC load from an asyncio client over the router's generated stubs. "
-        f"Each figure is the median of {s['runs']} run(s) of {s['seconds']:.0f} s after a warm-up that lasts until "
+        + (f"The router ran as {meta['router_processes']} processes. " if meta.get("router_processes", 1) > 1 else "")
+        + f"Each figure is the median of {s['runs']} run(s) of {s['seconds']:.0f} s after a warm-up that lasts until "
         f"two {s['warmup']:.0f} s windows in a row agree within 15% (a compiled model must have compiled every shape), "
         f"± the spread (max - min); the whole run took {meta['duration_s'] / 60:.1f} minutes. "
         f"Every figure is in `benchmarks/results/{data}`.", "",

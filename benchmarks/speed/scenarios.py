@@ -69,6 +69,7 @@ class Options:
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
     split_cores: bool = False  # workers on half the CPUs, the serving path on the rest
+    router_processes: int = 1
 
 
 def summarize(samples: list[Sample]) -> dict:
@@ -283,7 +284,7 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
         stack = contextlib.ExitStack()
         try:
             if {"router-rest", "router-grpc"} & want:
-                router = RouterProcessRunner(manifest, ts, opts.work / "main")
+                router = RouterProcessRunner(manifest, ts, opts.work / "main", opts.router_processes)
             base, key = ts.ep.url("inference"), ts.keys.inference
             auth = ts.keys.header("inference")
             grpc_direct = f"127.0.0.1:{ts.ep.grpc_inference}"
@@ -294,10 +295,10 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
             meter = CpuMeter({
                 "workers": worker_pids,
                 "frontend": lambda: [front] if front else [],
-                "router": lambda: [router.proc.pid] if router else [],
+                "router": lambda: router.pids() if router else [],
             })
             if opts.split_cores:
-                layout = stack.enter_context(split_cores(worker_pids(), [p for p in (front, router and router.proc.pid) if p]))
+                layout = stack.enter_context(split_cores(worker_pids(), [p for p in (front, *(router.pids() if router else [])) if p]))
                 opts.results["split_cores"] = layout
                 opts.log(f"  workers on CPUs {layout['workers']}; frontend, router and load on CPUs {layout['serving']}")
             for w in workloads:
