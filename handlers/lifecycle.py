@@ -72,8 +72,17 @@ class WorkerLifecycle:
             # The old process still serves and reports: start once the connection is ours.
             handover.TAKE_OVER.append(self._start)
         else:
+            self._sweep_dead()
             handover.install()
             self._start()
+
+    def _sweep_dead(self) -> None:
+        """Remove the files of this version's killed workers (an exiting one removes its own):
+        readers skip them, but a pid used again by an unrelated process would revive one."""
+        for path in self.dir.iterdir():
+            pid = path.name.split(".", 1)[0]
+            if pid.isdigit() and int(pid) != self.pid and not handover.pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
 
     def _start(self) -> None:
         self.started = time.time()

@@ -6,6 +6,8 @@ import json
 import time
 import os
 import random
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from ts.context import Context, RequestProcessor
 from handlers.config import RuntimeSettings, parse_settings
 from handlers.image_classifier import ImageClassifier
 from handlers.intent_classifier import IntentClassifier
+from handlers.lifecycle import WorkerLifecycle
 from handlers.runtime import CudaCleanup
 from handlers.shapes import draw_shape
 from handlers.text_embedder import TextEmbedder
@@ -183,6 +186,20 @@ def test_the_last_requests_before_a_quiet_spell_reach_the_report(embedder_dir) -
     while json.loads(handler.lifecycle.path.read_text())["requests"] != served:
         assert time.monotonic() < deadline, "the report kept an old request count"
         time.sleep(0.05)
+
+
+def test_a_starting_worker_removes_what_killed_workers_left(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    version_dir = tmp_path / "m" / "1.0"
+    version_dir.mkdir(parents=True)
+    dead = [version_dir / f"{gone.pid}{suffix}" for suffix in (".json", ".state", ".retire", ".77.tmp")]
+    alive = version_dir / f"{os.getppid()}.json"  # another live worker's report stays
+    for path in (*dead, alive):
+        path.write_text("{}")
+    lifecycle = WorkerLifecycle(str(tmp_path), "m", "1.0", torch.device("cpu"))
+    assert not any(p.exists() for p in dead)
+    assert alive.exists() and lifecycle.path.exists()
 
 
 @pytest.mark.parametrize("cls,model", [(TextEmbedder, "text-embedder"), (IntentClassifier, "intent-classifier"),
