@@ -1,4 +1,4 @@
-"""Routing decisions and per-arm statistics: protocol-free, so REST and gRPC share them.
+"""Routing decisions, and each arm's statistics (stats.py): protocol-free, so REST and gRPC share them.
 
 Weighted split: smooth weighted round robin (exact shares, no randomness). Sticky users: a
 hash of the key picks a point in [0, 1); arms own consecutive ranges with candidates first
@@ -7,19 +7,17 @@ and the baseline last, so raising a candidate from 10 to 20 moves only the users
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-REFRESH_S = 0.25
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+from tsfleet.router.stats import BUCKETS, ArmStats
+
 
 
 @dataclass
@@ -63,56 +61,6 @@ class Choice:
     version: str | None  # None: no route, let TorchServe pick its default
     shadow: str | None
     explicit: bool
-
-
-class ArmStats:
-    """Counts, a latency histogram and a sliding window for one (model, version)."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.errors = 0
-        self.retries = 0
-        self.buckets = [0] * (len(BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.window: deque[tuple[float, bool, float]] = deque()
-        self.shadow_requests = 0
-        self.shadow_errors = 0
-        self.shadow_disagreements = 0
-        self._recent: tuple[float, float, tuple[int, float, float]] | None = None
-
-    def add(self, ok: bool, latency: float, now: float) -> None:
-        self.requests += 1
-        self.errors += not ok
-        self.latency_sum += latency
-        self.buckets[bisect.bisect_left(BUCKETS, latency)] += 1
-        self.window.append((now, ok, latency))
-
-    def recent(self, window_s: float, now: float) -> tuple[int, float, float]:
-        """(samples, error rate, p99 latency) over the last ``window_s``.
-
-        Sorting the window costs O(n log n) with n in the tens of thousands, so the answer
-        is reused for REFRESH_S: it feeds retry deadlines and rollback checks on every
-        request, which need it fresh to the second, not to the request.
-        """
-        cached = self._recent
-        if cached and cached[0] == window_s and now - cached[1] < REFRESH_S:
-            return cached[2]
-        while self.window and self.window[0][0] < now - window_s:
-            self.window.popleft()
-        n = len(self.window)
-        if not n:
-            result = (0, 0.0, 0.0)
-        else:
-            errors = sum(not ok for _, ok, _ in self.window)
-            lat = sorted(latency for _, _, latency in self.window)
-            result = (n, errors / n, lat[min(n - 1, int(0.99 * n))])
-        self._recent = (window_s, now, result)
-        return result
-
-    def percentile(self, q: float, window_s: float, now: float) -> float:
-        self.recent(window_s, now)
-        lat = sorted(latency for _, _, latency in self.window)
-        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0
 
 
 def sticky_point(model: str, key: str) -> float:
