@@ -97,3 +97,9 @@ def server(fleet: Fleet, model_store: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def client(server: TorchServe, fleet: Fleet) -> Client:
     return Client(server, fleet)
+
+
+@pytest.fixture
+def headers(server: TorchServe) -> dict[str, str]:
+    """The inference key and a JSON body's content type, for tests that post by hand."""
+    return {**server.keys.header("inference"), "Content-Type": "application/json"}

@@ -33,11 +33,6 @@ def router(fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) 
         r.stop()
 
 
-@pytest.fixture
-def headers(server: TorchServe) -> dict[str, str]:
-    return {**server.keys.header("inference"), "Content-Type": "application/json"}
-
-
 @pytest.fixture(autouse=True)
 def reset_routes(router: RunningRouter, server: TorchServe) -> Iterator[None]:
     # Other tests kill and scale workers of the session's server: start from ready versions.
