@@ -4,13 +4,13 @@ process, then gives the old process's GPU memory back. Skipped cleanly without C
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 
 from handlers.text_embedder import TextEmbedder
 from tests.integration.test_handover_models import IMAGES, worker_pids
+from tests.polling import wait_for
 from tests.unit.test_handlers import artifacts, load, run
 from tsfleet.manifest import Fleet
 from tsfleet.recycle import Recycler, read_reports
@@ -30,16 +30,6 @@ def gpu_used_mb() -> float:
     return (total - free) / 2**20
 
 
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            assert value, f"timed out after {timeout} s waiting for {what}"
-            return value
-        time.sleep(0.1)
-
-
 def test_every_model_version_serves_from_the_gpu(server, client, fleet: Fleet) -> None:
     for spec in fleet.versions():
         if spec.model == "image-classifier":
@@ -53,7 +43,7 @@ def test_every_model_version_serves_from_the_gpu(server, client, fleet: Fleet) -
         return bool(reports) and all(r.cuda_mb > 0 for r in reports.values())
 
     for spec in fleet.versions():
-        wait_for(lambda: on_gpu(spec), 30, f"{spec.model} {spec.version} to report CUDA memory")
+        wait_for(f"{spec.model} {spec.version} reporting CUDA memory", lambda: on_gpu(spec), 30)
 
 
 def test_gpu_embedding_under_amp_agrees_with_fp32_on_cpu(client) -> None:
@@ -90,11 +80,11 @@ def test_replacement_loads_beside_the_old_process_then_frees_its_gpu_memory(serv
     rise = max(peak) - before
     assert rise > 256, f"GPU use rose only {rise:.0f} MiB during the replacement"
     # ...and once it serves, the old process (now the slot's waiter) holds none.
-    wait_for(lambda: gpu_used_mb() < before + rise / 2, 30,
-             f"GPU use to fall back near {before:.0f} MiB (peak {max(peak):.0f} MiB)")
+    wait_for(f"GPU use falling back near {before:.0f} MiB (peak {max(peak):.0f} MiB)",
+             lambda: gpu_used_mb() < before + rise / 2, 30)
     report = read_reports(server.report_dir, "text-embedder", "1.0")[slot]
     assert report.process != old
     again = client.predict("text-embedder", {"text": TEXTS[1]}).json()["embedding"]
     assert torch.nn.functional.cosine_similarity(torch.tensor([expected]), torch.tensor([again])).item() > 0.9999
-    wait_for(lambda: read_reports(server.report_dir, "text-embedder", "1.0")[slot].cuda_mb > 0, 30,
-             "the fresh process to report CUDA memory")
+    wait_for("the fresh process reporting CUDA memory",
+             lambda: read_reports(server.report_dir, "text-embedder", "1.0")[slot].cuda_mb > 0, 30)

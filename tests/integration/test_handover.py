@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import requests
 
 from tests.fixtures.leaky_handler import FAIL_SUCCESSOR
 from tests.integration.leaky_server import LEAK_MB, Load, leaky, leaky_fleet  # noqa: F401 (fixture)
+from tests.polling import wait_for
 from tsfleet.recycle import Event, Recycler, read_reports
 from tsfleet.server import TorchServe
 from tsfleet.status import collect
@@ -34,13 +34,6 @@ def rss_mb(pid: int) -> float:
 
 def ready_pids(ts: TorchServe) -> list[int]:
     return [w.pid for w in ts.client.describe("leaky")[0].workers if w.status == "READY" and w.pid]
-
-
-def wait_for(what: str, done, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.1)
 
 
 def replace(ts: TorchServe, reports: Path, slot: int) -> Event:

@@ -9,10 +9,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import grpc
 import psutil
@@ -21,6 +20,7 @@ import requests
 
 from tests.integration.conftest import ROOT, free_ports
 from tests.integration.router_harness import RunningRouter
+from tests.polling import wait_for
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 from tsfleet.router.routing import RollbackRule
@@ -48,14 +48,6 @@ def reset_routes(router: RunningRouter) -> Iterator[None]:
     router.table.routes[INTENT].rollback = NEVER
     yield
     router.table.set_weights(INTENT, {"1.0": 100}, baseline="1.0")
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def fresh(router: RunningRouter, text: str, headers: dict[str, str]) -> requests.Response:
@@ -100,7 +92,7 @@ def test_fronts_share_the_ports_and_the_leader_counts_every_answer(router, clien
     assert all(json.loads(reply.prediction)["intent"] == expected[(t, "1.0")]["intent"]
                for reply, t in zip(replies, TEXTS * len(channels)))
     total = len(got) + len(replies)
-    wait_for(lambda: counted(router) == total, 10, f"the leader to count all {total} answers")
+    wait_for(f"the leader counting all {total} answers", lambda: counted(router) == total, 10)
     arms = router.admin("GET", "/routes").json()[INTENT]["arms"]
     assert sum(a["requests"] for a in arms.values()) == total
 
@@ -115,8 +107,8 @@ def test_weight_changes_and_rollbacks_reach_every_front(router, server, headers)
     server.client.scale(INTENT, "1.1", 0)  # the candidate can no longer answer
     try:
         got = [fresh(router, f"hi {i}", headers) for i in range(120)]
-        route = wait_for(lambda: (r := router.admin("GET", "/routes").json()[INTENT])["rolled_back"] and r, 10,
-                         "the rollback")
+        route = wait_for("the rollback",
+                         lambda: (r := router.admin("GET", "/routes").json()[INTENT])["rolled_back"] and r, 10)
         assert route["weights"]["1.1"] == 0 and "error rate" in route["rolled_back"]["reason"]
         assert all(r.status_code == 200 for r in got if r.headers.get("X-Model-Version") == "1.0")
         after = [fresh(router, f"after {i}", headers) for i in range(40)]
@@ -131,14 +123,14 @@ def test_a_dead_front_is_started_again(fleet, server, headers, tmp_path: Path) -
     try:
         victim = r.process.fronts.pids()[0]
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: victim not in r.process.fronts.pids() and r.process.fronts.fronts[0].ready.is_set(), 20,
-                 "a new front")
+        wait_for("a new front",
+                 lambda: victim not in r.process.fronts.pids() and r.process.fronts.fronts[0].ready.is_set(), 20)
         assert all(psutil.pid_exists(p) for p in r.process.fronts.pids())
         assert [fresh(r, f"hi {i}", headers).status_code for i in range(40)] == [200] * 40
         pids = r.process.fronts.pids()
     finally:
         r.stop()
-    wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 10, "the fronts to exit with the router")
+    wait_for("the fronts exiting with the router", lambda: not any(psutil.pid_exists(p) for p in pids), 10)
 
 
 def test_no_front_outlives_a_killed_leader(server, tmp_path: Path) -> None:
@@ -150,12 +142,13 @@ def test_no_front_outlives_a_killed_leader(server, tmp_path: Path) -> None:
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     try:
-        line = wait_for(lambda: leader.stdout.readline(), 60, "the router's banner")
+        line = wait_for("the router's banner", lambda: leader.stdout.readline(), 60)
         assert f"REST http://127.0.0.1:{rest}" in line and "(3 processes)" in line, line
         fronts = [p.pid for p in psutil.Process(leader.pid).children()]
         assert len(fronts) == 2
     finally:
         leader.kill()
         leader.wait()
-    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                             for p in fronts), 10, "the fronts to exit after their leader")
+    wait_for("the fronts exiting after their leader",
+             lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                             for p in fronts), 10)
