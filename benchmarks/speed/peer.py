@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tsfleet.companions import wait_listening
 
 MODEL = os.environ.get("BENCH_PEER_MODEL", "")
 app = None
@@ -71,17 +71,12 @@ class PeerProcess:
             [sys.executable, "-m", "uvicorn", "benchmarks.speed.peer:app", "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "warning", "--no-access-log"],
             cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"the FastAPI peer exited with {self.proc.returncode}; see {log}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.2)
+        if wait_listening(self.proc, port, timeout):
+            return
+        exited = self.proc.poll()
         self.stop()
-        raise RuntimeError(f"the FastAPI peer did not listen within {timeout:.0f} s; see {log}")
+        why = f"exited with {exited}" if exited is not None else f"did not listen within {timeout:.0f} s"
+        raise RuntimeError(f"the FastAPI peer {why}; see {log}")
 
     @property
     def pid(self) -> int:
