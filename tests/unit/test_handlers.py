@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import os
 import random
 import subprocess
@@ -24,6 +23,7 @@ from handlers.lifecycle import WorkerLifecycle
 from handlers.runtime import CudaCleanup
 from handlers.shapes import draw_shape
 from handlers.text_embedder import TextEmbedder
+from tests.polling import wait_for
 from tsfleet.manifest import load_fleet
 from tsfleet.recipes import RECIPES, ensure
 
@@ -182,10 +182,8 @@ def test_the_last_requests_before_a_quiet_spell_reach_the_report(embedder_dir) -
     handler.lifecycle.report()
     run(handler, ctx, [({"text": "a"}, "application/json")] * 2)
     served = handler.lifecycle.requests
-    deadline = time.monotonic() + 10
-    while json.loads(handler.lifecycle.path.read_text())["requests"] != served:
-        assert time.monotonic() < deadline, "the report kept an old request count"
-        time.sleep(0.05)
+    wait_for("the report's request count catching up",
+             lambda: json.loads(handler.lifecycle.path.read_text())["requests"] == served, 10)
 
 
 def test_a_starting_worker_removes_what_killed_workers_left(tmp_path: Path) -> None:
