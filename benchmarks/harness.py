@@ -43,6 +43,7 @@ class RouterProcessRunner:
         self.grpc = f"127.0.0.1:{grpc_port}"
         log_path = workdir / "router.log"
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        earlier = self.log.tell()  # a router started here before left its own banner
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(ts.config),
              "--router-key-file", str(workdir / "router_key.json"), "route", "--port", str(port),
@@ -52,7 +53,7 @@ class RouterProcessRunner:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.proc.poll() is None:
             # The banner comes once every process listens.
-            if b"router: REST" in log_path.read_bytes():
+            if b"router: REST" in log_path.read_bytes()[earlier:]:
                 return
             time.sleep(0.1)
         self.stop()
