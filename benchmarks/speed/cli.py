@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.speed import report
+from benchmarks.speed import processes, report
 from benchmarks.speed.fleets import Serve
+from benchmarks.speed.processes import run_processes
 from benchmarks.speed.scenarios import ALL, Options, run_all
 from benchmarks.speed.workload import ROOT
 
@@ -23,6 +24,7 @@ SWEEP_FULL = {
     "text-embedder": [Serve(8, 5, 2, 1), Serve(16, 10, 2, 1), Serve(4, 2, 2, 1), Serve(16, 5, 1, 2)],
     "image-classifier": [Serve(8, 5, 2, 1), Serve(16, 5, 2, 1), Serve(32, 10, 2, 1), Serve(16, 5, 1, 2)],
 }
+DEFAULT_MODELS = ["text-embedder", "image-classifier"]
 SPLIT_SCENARIOS = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc")
 SWEEP_QUICK = {m: c[:2] for m, c in SWEEP_FULL.items()}
 SWEEP_SMOKE = {m: [Serve(4, 5, 1, 1)] for m in SWEEP_FULL}
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT, help="write docs/ and benchmarks/results/ under here")
     parser.add_argument("--load", choices=("auto", "wrk", "python"), default=None,
                         help="HTTP load generator (default: wrk when on PATH; python in --smoke)")
-    parser.add_argument("--models", nargs="+", default=["text-embedder", "image-classifier"])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--scenarios", nargs="+", choices=ALL, help="a subset of the scenarios")
     parser.add_argument("--runs", type=int, help="timed runs per figure")
     parser.add_argument("--seconds", type=float, help="length of each timed run")
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the model workers (one per CPU) on half the CPUs, TorchServe's frontend, the router "
                              "and the load on the other half; the router rows only, no sweep; written as "
                              "docs/benchmarks-split-cores.md")
-    parser.add_argument("--router-processes", type=int, default=1, help="processes of the router (route --processes)")
+    parser.add_argument("--router-processes", type=int, nargs="+", default=[1],
+                        help="processes of the router (route --processes); several counts (e.g. 1 2 3) run only "
+                             "the direct and routed rows for each, written as docs/benchmarks-router-processes.md")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary archives and logs")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -94,31 +98,39 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_sweep or args.split_cores:
         cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}
     load = args.load or ("python" if mode == "smoke" else "auto")
+    counts = sorted({max(1, n) for n in args.router_processes})
+    sweep_processes = len(counts) > 1
+    if sweep_processes:
+        cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}
     work = Path(tempfile.mkdtemp(prefix="tsfleet-bench-speed-"))
     opts = Options(models=args.models, batch1=Serve(1, 1, 2, 1), minimal=Serve(8, 5, 2, 1), load=load,
                    work=work, mode=mode, log=lambda line: print(line, flush=True), split_cores=args.split_cores,
-                   router_processes=max(1, args.router_processes), **cfg)
+                   router_processes=counts[0], **cfg)
     started = time.monotonic()
     try:
-        results = run_all(opts)
+        results = run_processes(opts, counts) if sweep_processes else run_all(opts)
     finally:
         if args.keep_work:
             print(f"work files kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
     doc = {"meta": {**metadata(mode), "load_tool": results.pop("load_tool"),
-                    "duration_s": round(time.monotonic() - started, 1), "router_processes": opts.router_processes,
+                    "duration_s": round(time.monotonic() - started, 1), "router_processes": counts,
                     "settings": {k: cfg[k] for k in ("concurrency", "runs", "seconds", "warmup",
                                                      "limit_batches", "limit_seconds")},
                     "command": "python -m benchmarks.speed" + {"full": "", "quick": " --quick",
                                                                 "smoke": " --smoke"}[mode]
+                    + (" --models " + " ".join(args.models) if args.models != DEFAULT_MODELS else "")
                     + (" --split-cores" if args.split_cores else "")
-                    + (f" --router-processes {opts.router_processes}" if opts.router_processes > 1 else "")},
+                    + (" --router-processes " + " ".join(map(str, counts)) if counts != [1] else "")},
            **results}
-    written = report.write_all(doc, args.out, "split-cores" if args.split_cores else None)
+    if sweep_processes:
+        written = processes.write(doc, args.out)
+    else:
+        doc["meta"]["router_processes"] = counts[0]
+        written = report.write_all(doc, args.out, "split-cores" if args.split_cores else None)
     for path in written:
         print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -62,10 +62,10 @@ class Variant:
         return f"/predictions/{self.name}/{self.version}"
 
 
-def ensure_artifacts() -> None:
-    """Make sure the repo's recipe outputs exist (``make build`` leaves them in build/)."""
+def ensure_artifacts(models: list[str]) -> None:
+    """Make sure the repo's recipe outputs for ``models`` exist (``make build`` leaves them in build/)."""
     real = load_fleet(ROOT / "fleet.yaml")
-    for model in ("text-embedder", "image-classifier"):
+    for model in models:
         spec = real.models[model].versions["1.0"]
         ensure(RECIPES[spec.recipe], spec.params, ARTIFACTS / f"{model}-1.0", lambda line: None, ARTIFACTS)
 

@@ -360,7 +360,7 @@ def run_all(opts: Options) -> dict:
     started = time.monotonic()
     load = HttpLoad(opts.load)
     opts.log(f"HTTP load from {load.tool}; {os.cpu_count()} CPUs; mode {opts.mode}")
-    fleets.ensure_artifacts()
+    fleets.ensure_artifacts(opts.models)
     workloads = [WORKLOADS[m]() for m in opts.models]
     for w in workloads:
         entry = model_entry(opts, w.model)

@@ -1,0 +1,131 @@
+"""How the router's throughput grows with its processes (``--router-processes 1 2 3``).
+
+One TorchServe serves the tuned fleet; a router with each process count in turn stands in
+front of it. At every concurrency, direct and routed REST and gRPC are measured interleaved
+(so a slow minute lands on both), and the router's CPU per request comes with each row.
+Written as benchmarks/results/router-processes.json and docs/benchmarks-router-processes.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.harness import RouterProcessRunner
+from benchmarks.speed import fleets
+from benchmarks.speed.cpu import CpuMeter, split_cores
+from benchmarks.speed.fleets import Serve, Variant
+from benchmarks.speed.loadgen import HttpLoad
+from benchmarks.speed.scenarios import Options, grpc_target, http_target, measure
+from benchmarks.speed.workload import WORKLOADS, Workload
+
+BAR = 0.9  # routed throughput at least this share of direct
+
+
+def run_processes(opts: Options, counts: list[int]) -> dict:
+    """The whole run: the models' first serving configuration, a router of each count."""
+    load = HttpLoad(opts.load)
+    opts.log(f"HTTP load from {load.tool}; {os.cpu_count()} CPUs; router processes {counts}")
+    fleets.ensure_artifacts(opts.models)
+    workloads = [WORKLOADS[m]() for m in opts.models]
+    tuned = {w.model: opts.sweep[w.model][0] for w in workloads}
+    return {**run_process_sweep(opts, load, workloads, tuned, counts), "load_tool": load.tool}
+
+
+def run_process_sweep(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: dict[str, Serve],
+                      counts: list[int]) -> dict:
+    """Direct against a router of each process count in ``counts``; returns the rows."""
+    if opts.split_cores:
+        tuned = {m: replace(s, workers=max(1, len(os.sched_getaffinity(0)) // 2)) for m, s in tuned.items()}
+    variants = [Variant(w.model, "1.0", tuned[w.model]) for w in workloads]
+    fleet, store, manifest = fleets.build(variants, opts.work / "main")
+    out: dict = {"counts": counts, "models": {}}
+    with fleets.serving(fleet, store, opts.work / "main" / "ts") as (ts, ready_s), contextlib.ExitStack() as stack:
+        opts.log(f"  ready in {ready_s:.1f} s")
+        front = fleets.frontend_pid(ts)
+        workers = [w.pid for vs in ts.client.state().values() for v in vs for w in v.workers if w.pid]
+        if opts.split_cores:
+            # Routers started later inherit this process's CPUs: the serving half.
+            out["split_cores"] = stack.enter_context(split_cores(workers, [front] if front else []))
+            opts.log(f"  workers on CPUs {out['split_cores']['workers']}; "
+                     f"frontend, routers and load on CPUs {out['split_cores']['serving']}")
+        base, key, auth = ts.ep.url("inference"), ts.keys.inference, ts.keys.header("inference")
+        direct_grpc = f"127.0.0.1:{ts.ep.grpc_inference}"
+        for count in counts:
+            router = RouterProcessRunner(manifest, ts, opts.work / "main", count)
+            try:
+                meter = CpuMeter({"router": router.pids})
+                for w in workloads:
+                    targets = {
+                        "rest-direct": http_target(load, base + f"/predictions/{w.model}", w, auth),
+                        "rest-router": meter.wrap("rest-router", http_target(
+                            load, router.url + f"/predictions/{w.model}", w, auth)),
+                        "grpc-direct": grpc_target(direct_grpc, w, key),
+                        "grpc-router": meter.wrap("grpc-router", grpc_target(router.grpc, w, key)),
+                    }
+                    for clients in opts.concurrency:
+                        figures = measure(targets, opts, clients, on_warm=meter.reset)
+                        row = {}
+                        for proto in ("rest", "grpc"):
+                            d, r = figures[f"{proto}-direct"], figures[f"{proto}-router"]
+                            cpu = meter.per_request(f"{proto}-router")
+                            row[proto] = {"direct": d, "router": r,
+                                          "ratio": round(r["rps"] / d["rps"], 3) if d["rps"] else 0.0,
+                                          "router_cpu_ms_per_request": round(
+                                              cpu.get("router_user_ms", 0) + cpu.get("router_sys_ms", 0), 3)}
+                            opts.log(f"  {w.model:<16} {count} router process(es) {proto:<4} c={clients:<3} direct "
+                                     f"{d['rps']:8.1f} req/s | router {r['rps']:8.1f} req/s | ratio "
+                                     f"{row[proto]['ratio']:.3f}, router CPU {row[proto]['router_cpu_ms_per_request']:.3f} ms/request")
+                        out["models"].setdefault(w.model, {}).setdefault(str(count), {})[str(clients)] = row
+            finally:
+                router.stop()
+    return out
+
+
+def table(doc: dict) -> list[str]:
+    """One markdown row per model, concurrency and protocol; a column per process count."""
+    counts = doc["counts"]
+    lines = ["| model | clients | protocol | direct req/s | "
+             + " | ".join(f"{n} process{'es' if n > 1 else ''}: router req/s (ratio), CPU/request" for n in counts) + " |",
+             "|---|---:|---|---:|" + "---:|" * len(counts)]
+    for model, by_count in doc["models"].items():
+        clients_seen = list(next(iter(by_count.values())))
+        for clients in clients_seen:
+            for proto in ("rest", "grpc"):
+                rows = [by_count[str(n)][clients][proto] for n in counts]
+                # Direct was measured once per process count; its median across them is the fair column.
+                direct = sorted(r["direct"]["rps"] for r in rows)[len(rows) // 2]
+                cells = [f"{r['router']['rps']:.0f} ({r['ratio']:.2f}{'' if r['ratio'] >= BAR else ' miss'}), "
+                         f"{r['router_cpu_ms_per_request']:.2f} ms CPU" for r in rows]
+                lines.append(f"| {model} | {clients} | {proto.upper() if proto == 'rest' else 'gRPC'} | "
+                             f"{direct:.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write(doc: dict, out_dir: Path) -> list[Path]:
+    """router-processes.json and benchmarks-router-processes.md under ``out_dir``."""
+    docs, results = out_dir / "docs", out_dir / "benchmarks" / "results"
+    docs.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    data, text = results / "router-processes.json", docs / "benchmarks-router-processes.md"
+    data.write_text(json.dumps(doc, indent=2) + "\n")
+    meta = doc["meta"]
+    layout = doc.get("split_cores")
+    text.write_text("\n".join([
+        "# Router throughput by its number of processes",
+        "",
+        f"`{meta['command']}` on {meta['cpu_count']} CPUs ({meta['cpu_model']}), "
+        f"{'GPU ' + str(meta['gpu_name']) if meta.get('gpu') else 'no GPU'}, load from {meta['load_tool']}, "
+        f"{meta['date']}.",
+        "",
+        *([f"The model workers ran on CPU(s) {layout['workers']}; TorchServe's frontend, the router and the load "
+           f"generator on CPU(s) {layout['serving']}.", ""] if layout else []),
+        "Each cell is the routed throughput and its ratio to direct, measured in the same interleaved runs "
+        f"(the bar is {BAR:.2f}). Data: [router-processes.json](../benchmarks/results/router-processes.json).",
+        "",
+        *table(doc),
+        "",
+    ]))
+    return [data, text]
