@@ -188,6 +188,9 @@ def run_python_side_by_side(urls: list[str], bodies: list[bytes], headers: dict[
     return asyncio.run(_http_loop(urls, bodies, headers, clients, seconds, think_s))
 
 
+GRPC_CONNECTIONS = 4  # per target: the connections several client processes would open
+
+
 async def _grpc_loop(targets: list[str], model: str, bodies: list[bytes], key: str, clients: int,
                      seconds: float, think_s: float) -> list[Sample]:
     import grpc
@@ -196,23 +199,28 @@ async def _grpc_loop(targets: list[str], model: str, bodies: list[bytes], key: s
 
     metadata = (("authorization", f"Bearer {key}"),)
     requests = [inference_pb2.PredictionsRequest(model_name=model, input={"data": b}) for b in bodies]
-    channels = [grpc.aio.insecure_channel(t) for t in targets]
+    # Each channel its own TCP connection (grpc would otherwise share one per target), so the
+    # load reaches every process of a server that spreads connections (route --processes).
+    per_target = [[grpc.aio.insecure_channel(t, options=[("grpc.use_local_subchannel_pool", 1)])
+                   for _ in range(GRPC_CONNECTIONS)] for t in targets]
     try:
-        def caller(channel: grpc.aio.Channel) -> Callable[[int], Awaitable[bool]]:
-            stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        def caller(channels: list[grpc.aio.Channel]) -> Callable[[int], Awaitable[bool]]:
+            stubs = [inference_pb2_grpc.InferenceAPIsServiceStub(c) for c in channels]
 
             async def call(i: int) -> bool:
                 try:
-                    await stub.Predictions(requests[i % len(requests)], metadata=metadata, timeout=30)
+                    await stubs[(i // len(targets)) % len(stubs)].Predictions(
+                        requests[i % len(requests)], metadata=metadata, timeout=30)
                     return True
                 except grpc.aio.AioRpcError:
                     return False
             return call
 
-        return await _closed_loop([caller(c) for c in channels], clients, seconds, think_s)
+        return await _closed_loop([caller(c) for c in per_target], clients, seconds, think_s)
     finally:
-        for channel in channels:
-            await channel.close()
+        for channels in per_target:
+            for channel in channels:
+                await channel.close()
 
 
 def run_grpc(target: str, model: str, bodies: list[bytes], key: str, clients: int, seconds: float,
@@ -223,7 +231,7 @@ def run_grpc(target: str, model: str, bodies: list[bytes], key: str, clients: in
 
 def run_grpc_side_by_side(targets: list[str], model: str, bodies: list[bytes], key: str, clients: int,
                           seconds: float, think_s: float = 0.0) -> list[Sample]:
-    """As run_grpc, each client's calls going to ``targets`` in turn (one channel each)."""
+    """As run_grpc, each client's calls going to ``targets`` in turn."""
     return asyncio.run(_grpc_loop(targets, model, bodies, key, clients, seconds, think_s))
 
 
