@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -30,6 +31,43 @@ def machine_busy() -> float:
         values = [int(v) for v in fh.readline().split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     return (sum(values[:8]) - idle) / TICK
+
+
+def cpus_busy(cpus: set[int]) -> float:
+    """CPU seconds ``cpus`` have spent not idle so far."""
+    total = 0
+    with open("/proc/stat") as fh:
+        for line in fh:
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                ticks = [int(v) for v in values[:8]]
+                total += sum(ticks) - ticks[3] - ticks[4]
+    return total / TICK
+
+
+@dataclass
+class BusyMeter:
+    """How busy a set of CPUs was during the calls of wrapped targets (1.0: every one, all the time)."""
+
+    cpus: set[int]
+    totals: dict[str, list[float]] = field(default_factory=dict)  # name: [busy CPU seconds, wall seconds]
+
+    def wrap(self, name: str, target: Callable[..., Sample]) -> Callable[..., Sample]:
+        def run(clients: int, seconds: float, think_s: float = 0.0) -> Sample:
+            busy, wall = cpus_busy(self.cpus), time.monotonic()
+            sample = target(clients, seconds, think_s)
+            acc = self.totals.setdefault(name, [0.0, 0.0])
+            acc[0] += cpus_busy(self.cpus) - busy
+            acc[1] += time.monotonic() - wall
+            return sample
+        return run
+
+    def share(self, name: str) -> float | None:
+        busy, wall = self.totals.get(name, (0.0, 0.0))
+        return round(busy / (wall * len(self.cpus)), 3) if wall and self.cpus else None
+
+    def reset(self) -> None:
+        self.totals.clear()
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from benchmarks.harness import RouterProcessRunner
 from benchmarks.speed import fleets
-from benchmarks.speed.cpu import CpuMeter, split_cores
+from benchmarks.speed.cpu import BusyMeter, CpuMeter, split_cores
 from benchmarks.speed.fleets import Serve, Variant
 from benchmarks.speed.loadgen import HttpLoad
 from benchmarks.speed.scenarios import Options, grpc_target, http_target, measure
@@ -51,6 +51,8 @@ def run_process_sweep(opts: Options, load: HttpLoad, workloads: list[Workload], 
             out["split_cores"] = stack.enter_context(split_cores(workers, [front] if front else []))
             opts.log(f"  workers on CPUs {out['split_cores']['workers']}; "
                      f"frontend, routers and load on CPUs {out['split_cores']['serving']}")
+        # Whether the serving path's CPUs were all busy says if a router process more could help.
+        busy = BusyMeter(set(out["split_cores"]["serving"]) if opts.split_cores else os.sched_getaffinity(0))
         base, key, auth = ts.ep.url("inference"), ts.keys.inference, ts.keys.header("inference")
         direct_grpc = f"127.0.0.1:{ts.ep.grpc_inference}"
         for count in counts:
@@ -65,8 +67,9 @@ def run_process_sweep(opts: Options, load: HttpLoad, workloads: list[Workload], 
                         "grpc-direct": grpc_target(direct_grpc, w, key),
                         "grpc-router": meter.wrap("grpc-router", grpc_target(router.grpc, w, key)),
                     }
+                    targets = {name: busy.wrap(name, t) for name, t in targets.items()}
                     for clients in opts.concurrency:
-                        figures = measure(targets, opts, clients, on_warm=meter.reset)
+                        figures = measure(targets, opts, clients, on_warm=lambda: (meter.reset(), busy.reset()))
                         row = {}
                         for proto in ("rest", "grpc"):
                             d, r = figures[f"{proto}-direct"], figures[f"{proto}-router"]
@@ -74,21 +77,29 @@ def run_process_sweep(opts: Options, load: HttpLoad, workloads: list[Workload], 
                             row[proto] = {"direct": d, "router": r,
                                           "ratio": round(r["rps"] / d["rps"], 3) if d["rps"] else 0.0,
                                           "router_cpu_ms_per_request": round(
-                                              cpu.get("router_user_ms", 0) + cpu.get("router_sys_ms", 0), 3)}
+                                              cpu.get("router_user_ms", 0) + cpu.get("router_sys_ms", 0), 3),
+                                          "serving_cpus_busy": {"direct": busy.share(f"{proto}-direct"),
+                                                                "router": busy.share(f"{proto}-router")}}
                             opts.log(f"  {w.model:<16} {count} router process(es) {proto:<4} c={clients:<3} direct "
                                      f"{d['rps']:8.1f} req/s | router {r['rps']:8.1f} req/s | ratio "
-                                     f"{row[proto]['ratio']:.3f}, router CPU {row[proto]['router_cpu_ms_per_request']:.3f} ms/request")
+                                     f"{row[proto]['ratio']:.3f}, router CPU {row[proto]['router_cpu_ms_per_request']:.3f} ms/request; "
+                                     f"serving CPUs busy {_pct(row[proto]['serving_cpus_busy']['direct'])} direct, "
+                                     f"{_pct(row[proto]['serving_cpus_busy']['router'])} routed")
                         out["models"].setdefault(w.model, {}).setdefault(str(count), {})[str(clients)] = row
             finally:
                 router.stop()
     return out
 
 
+def _pct(share: float | None) -> str:
+    return "?" if share is None else f"{share:.0%}"
+
+
 def table(doc: dict) -> list[str]:
     """One markdown row per model, concurrency and protocol; a column per process count."""
     counts = doc["counts"]
-    lines = ["| model | clients | protocol | direct req/s | "
-             + " | ".join(f"{n} process{'es' if n > 1 else ''}: router req/s (ratio), CPU/request" for n in counts) + " |",
+    lines = ["| model | clients | protocol | direct | "
+             + " | ".join(f"{n} process{'es' if n > 1 else ''}" for n in counts) + " |",
              "|---|---:|---|---:|" + "---:|" * len(counts)]
     for model, by_count in doc["models"].items():
         clients_seen = list(next(iter(by_count.values())))
@@ -96,11 +107,13 @@ def table(doc: dict) -> list[str]:
             for proto in ("rest", "grpc"):
                 rows = [by_count[str(n)][clients][proto] for n in counts]
                 # Direct was measured once per process count; its median across them is the fair column.
-                direct = sorted(r["direct"]["rps"] for r in rows)[len(rows) // 2]
+                mid = sorted(range(len(rows)), key=lambda i: rows[i]["direct"]["rps"])[len(rows) // 2]
+                direct = f"{rows[mid]['direct']['rps']:.0f}, {_pct(rows[mid]['serving_cpus_busy']['direct'])}"
                 cells = [f"{r['router']['rps']:.0f} ({r['ratio']:.2f}{'' if r['ratio'] >= BAR else ' miss'}), "
-                         f"{r['router_cpu_ms_per_request']:.2f} ms CPU" for r in rows]
+                         f"{r['router_cpu_ms_per_request']:.2f} ms, {_pct(r['serving_cpus_busy']['router'])}"
+                         for r in rows]
                 lines.append(f"| {model} | {clients} | {proto.upper() if proto == 'rest' else 'gRPC'} | "
-                             f"{direct:.0f} | " + " | ".join(cells) + " |")
+                             f"{direct} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -122,8 +135,12 @@ def write(doc: dict, out_dir: Path) -> list[Path]:
         "",
         *([f"The model workers ran on CPU(s) {layout['workers']}; TorchServe's frontend, the router and the load "
            f"generator on CPU(s) {layout['serving']}.", ""] if layout else []),
-        "Each cell is the routed throughput and its ratio to direct, measured in the same interleaved runs "
-        f"(the bar is {BAR:.2f}). Data: [router-processes.json](../benchmarks/results/router-processes.json).",
+        "Direct: requests per second straight to TorchServe, and how busy the serving path's CPUs were. "
+        "Each router cell: requests per second through a router of that many processes, its ratio to direct "
+        f"in the same interleaved runs (the bar is {BAR:.2f}), the router's CPU per request (all its processes), "
+        "and how busy the serving path's CPUs were. A miss with those CPUs all busy is the router's cost "
+        "competing with TorchServe's frontend for the same cores; one with CPUs to spare is the router's own "
+        "limit. Data: [router-processes.json](../benchmarks/results/router-processes.json).",
         "",
         *table(doc),
         "",
