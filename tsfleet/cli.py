@@ -124,7 +124,7 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         companions.start(server.workdir, "recycle", [*common, "recycle", "--metrics-port", str(args.recycler_port)])
         _say(f"recycler started (log: logs/recycle.log, metrics: http://127.0.0.1:{args.recycler_port}/metrics)")
         router = companions.start(server.workdir, "route",
-                                  [*common, "route", "--processes", str(args.router_processes)])
+                                  [*common, "route", "--processes", args.router_processes])
         if not companions.wait_listening(router, 8090):
             raise FleetError("the router did not start listening on 8090; see logs/route.log")
         _say("router started: clients use http://127.0.0.1:8090 and gRPC 127.0.0.1:7090 like TorchServe's "
@@ -238,6 +238,19 @@ def _admin(args: argparse.Namespace) -> "RouterAdmin":
     return RouterAdmin(args.router_admin, Path(args.router_key_file))
 
 
+def _processes_arg(text: str) -> str:
+    """``auto`` or a count of at least 1, checked when the command line is read."""
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected auto or a count of at least 1, got {text!r}")
+    return text
+
+
+def _process_count(text: str) -> int:
+    from tsfleet.router.processes import auto_processes
+
+    return auto_processes() if text == "auto" else int(text)
+
+
 def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
     from tsfleet.router.app import RouterConfig, serve
 
@@ -245,7 +258,7 @@ def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
     serve(fleet, RouterConfig(upstream_rest=ep.url("inference"), upstream_grpc=f"{ep.host}:{ep.grpc_inference}",
                               port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port,
                               state_file=Path(args.state_file), key_file=Path(args.router_key_file),
-                              processes=max(1, args.processes)), _say)
+                              processes=_process_count(args.processes)), _say)
     return 0
 
 
@@ -302,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detach", action="store_true", help="leave the fleet running and return")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for ready workers")
     p.add_argument("--recycler-port", type=int, default=8083, help="the recycler's Prometheus port")
-    p.add_argument("--router-processes", type=int, default=1,
-                   help="router processes sharing its ports (see `route --processes`)")
+    p.add_argument("--router-processes", type=_processes_arg, default="auto",
+                   help="router processes sharing its ports, or auto (see `route --processes`)")
     sub.add_parser("down", help="stop a running fleet")
     sub.add_parser("plan", help="show what apply would change on the running server")
     sub.add_parser("apply", help="take the running server to the manifest")
@@ -315,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin-port", type=int, default=8091)
     p.add_argument("--grpc-port", type=int, default=7090, help="gRPC port clients use instead of 7070")
     p.add_argument("--state-file", default="router_state.json")
-    p.add_argument("--processes", type=int, default=1,
+    p.add_argument("--processes", type=_processes_arg, default="auto",
                    help="processes sharing the router's ports: one proxies on one core, so give it "
-                        "more where TorchServe answers faster than one core can pass on")
+                        "more where TorchServe answers faster than one core can pass on; auto (the "
+                        "default): one per four usable CPUs, at most four")
     p = sub.add_parser("rollout", help="canary, promote or roll back a version through the router")
     p.add_argument("action", choices=["start", "set-weight", "promote", "rollback", "status"])
     p.add_argument("model", nargs="?")

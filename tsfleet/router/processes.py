@@ -1,9 +1,11 @@
 """A router of several processes: the leader (the ``tsfleet route`` process) and its fronts.
 
 One Python process proxies on one core. On a box with a GPU and cores to spare, TorchServe
-answered ~9,900 requests a second that one router process could pass only ~7,200 of
-(docs/gpu-box.md). With ``--processes N`` the leader starts N-1 front processes that listen
-on the same REST and gRPC ports (SO_REUSEPORT: the kernel spreads connections over all N).
+answered ~11,000 image requests a second with 64 clients, and one router process passed
+0.76-0.79 of that; four passed 0.87-0.96 (docs/gpu-box.md). With ``--processes N`` the leader
+starts N-1 front processes that listen on the same REST and gRPC ports (SO_REUSEPORT: the
+kernel spreads connections, not requests, over all N; a gRPC channel is one connection).
+The default, ``auto``, is one process per four usable CPUs, at most four (auto_processes).
 
 The leader stays the one place that decides, so nothing a user sees depends on which
 process a connection landed on:
@@ -26,12 +28,15 @@ import contextlib
 import itertools
 import json
 import logging
+import math
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tsfleet.router.rest import RestRouter
@@ -42,6 +47,28 @@ FLUSH_S = 0.2
 READY_TIMEOUT_S = 30.0
 RESTART_BACKOFF_S = 1.0
 LINE_LIMIT = 64 * 2**20  # a busy front's FLUSH_S of answers is one line
+# Past four, more processes gained nothing on a 16-CPU box (docs/gpu-box.md).
+AUTO_MAX = 4
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may run on: its affinity, capped by a cgroup CPU quota (a container's
+    CPU limit, which the affinity does not show)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU controller here: the affinity is the limit
+    return cpus
+
+
+def auto_processes(cpus: int | None = None) -> int:
+    """``--processes auto``: one per four CPUs, at most AUTO_MAX. A small box keeps one
+    process, whose core TorchServe's workers need more."""
+    return max(1, min(AUTO_MAX, (usable_cpus() if cpus is None else cpus) // 4))
 
 
 def _encode(msg: dict[str, Any]) -> bytes:
