@@ -56,6 +56,13 @@ def fresh(router: RunningRouter, text: str, headers: dict[str, str]) -> requests
                          timeout=60)
 
 
+def holding(router: RunningRouter, port: int) -> set[int]:
+    """The router processes that hold the server side of a connection to ``port`` now."""
+    return {pid for pid in [os.getpid(), *router.process.fronts.pids()]
+            for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port}
+
+
 def counted(router: RunningRouter) -> int:
     metrics = requests.get(router.url + "/metrics", timeout=10).text  # answered by any process
     return sum(int(float(line.rsplit(" ", 1)[1])) for line in metrics.splitlines()
@@ -66,25 +73,25 @@ def test_fronts_share_the_ports_and_the_leader_counts_every_answer(router, clien
     router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 50, "1.1": 50}}).raise_for_status()
     expected = {(t, v): client.predict(INTENT, {"text": t}, version=v).json() for t in TEXTS for v in ("1.0", "1.1")}
     sessions = [requests.Session() for _ in range(24)]
-    channels = [grpc.insecure_channel(router.grpc_target) for _ in range(6)]
+    # Each channel its own connection (grpc shares one per target otherwise), as separate clients' would be.
+    channels = [grpc.insecure_channel(router.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(6)]
     try:
         got = [(t, s.post(f"{router.url}/predictions/{INTENT}", data=json.dumps({"text": t}), headers=headers,
                           timeout=60)) for s in sessions for t in TEXTS]
-        # Which processes hold the server side of those connections right now?
-        port = int(router.url.rsplit(":", 1)[1])
-        holders = {pid for pid in [os.getpid(), *router.process.fronts.pids()]
-                   for c in psutil.Process(pid).net_connections("tcp")
-                   if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port}
+        holders = holding(router, int(router.url.rsplit(":", 1)[1]))
         meta = [("authorization", headers["Authorization"])]
         replies = [pb_grpc.InferenceAPIsServiceStub(ch).Predictions(
             pb.PredictionsRequest(model_name=INTENT, input={"data": json.dumps({"text": t}).encode()}),
             metadata=meta, timeout=60) for ch in channels for t in TEXTS]
+        grpc_holders = holding(router, int(router.grpc_target.rsplit(":", 1)[1]))
     finally:
         for s in sessions:
             s.close()
         for ch in channels:
             ch.close()
     assert len(holders) >= 2, f"all 24 connections went to one process: {holders}"
+    assert len(grpc_holders) >= 2, f"all 6 gRPC connections went to one process: {grpc_holders}"
     assert all(r.status_code == 200 for _, r in got), [r.text for _, r in got if r.status_code != 200][:3]
     wrong = [(t, r.headers["X-Model-Version"]) for t, r in got if r.json() != expected[(t, r.headers["X-Model-Version"])]]
     assert wrong == []
