@@ -2,7 +2,7 @@
 
 One Python process proxies on one core. On a box with a GPU and cores to spare, TorchServe
 answered ~11,000 image requests a second with 64 clients, and one router process passed
-0.76-0.79 of that; four passed 0.87-0.96 (docs/gpu-box.md). With ``--processes N`` the leader
+0.76-0.81 of that; four passed 0.81-0.96 (docs/gpu-box.md). With ``--processes N`` the leader
 starts N-1 front processes that listen on the same REST and gRPC ports (SO_REUSEPORT: the
 kernel spreads connections, not requests, over all N; a gRPC channel is one connection).
 The default, ``auto``, is one process per four usable CPUs, at most four (auto_processes).
