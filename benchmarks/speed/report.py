@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks.speed.loadgen import GRPC_CONNECTIONS
 from benchmarks.speed.plots import plot_model
 
 ORDER = ("peer", "toolkit-b1", "toolkit-tuned", "router-rest", "grpc-direct", "router-grpc", "compiled", "minimal")
@@ -276,7 +277,7 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str], data: str = "
         f"({meta['cpu_model']}), {'GPU ' + meta['gpu_name'] if meta['gpu'] else 'no GPU'}, Python {meta['python']}, "
         f"torch {meta['torch']}, TorchServe {meta['torchserve']}, FastAPI {meta['fastapi']}, uvicorn {meta['uvicorn']}. "
         f"HTTP load from **{meta['load_tool']}**{' (one thread, a Lua script cycling the POST bodies)' if meta['load_tool'] == 'wrk' else ' (an asyncio aiohttp closed loop: wrk is not installed)'}; "
-        "gRPC load from an asyncio client over the router's generated stubs. "
+        f"gRPC load from an asyncio client over the router's generated stubs, {GRPC_CONNECTIONS} connections per target. "
         + (f"The router ran as {meta['router_processes']} processes. " if meta.get("router_processes", 1) > 1 else "")
         + f"Each figure is the median of {s['runs']} run(s) of {s['seconds']:.0f} s after a warm-up that lasts until "
         f"two {s['warmup']:.0f} s windows in a row agree within 15% (a compiled model must have compiled every shape), "
@@ -294,6 +295,7 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str], data: str = "
         ".venv/bin/python -m benchmarks.speed --quick   # one run per figure, smaller sweep",
         ".venv/bin/python -m benchmarks.speed --smoke --out /tmp/bench   # what CI runs",
         ".venv/bin/python -m benchmarks.speed --split-cores   # router rows, workers on half the cores",
+        ".venv/bin/python -m benchmarks.speed --split-cores --router-processes 1 2 4   # the router's gain per process",
         "```", "",
         "Install `wrk` (`apt-get install wrk`) for the HTTP load; without it the suite falls back to a Python "
         "generator and says so above.", "",
