@@ -19,6 +19,7 @@ from benchmarks.speed.fleets import Serve
 from benchmarks.speed.processes import run_processes
 from benchmarks.speed.scenarios import ALL, Options, run_all
 from benchmarks.speed.workload import ROOT
+from tsfleet.router.processes import auto_processes
 
 SWEEP_FULL = {
     "text-embedder": [Serve(8, 5, 2, 1), Serve(16, 10, 2, 1), Serve(4, 2, 2, 1), Serve(16, 5, 1, 2)],
@@ -83,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="the model workers (one per CPU) on half the CPUs, TorchServe's frontend, the router "
                              "and the load on the other half; the router rows only, no sweep; written as "
                              "docs/benchmarks-split-cores.md")
-    parser.add_argument("--router-processes", type=int, nargs="+", default=[1],
-                        help="processes of the router (route --processes); several counts (e.g. 1 2 3) run only "
-                             "the direct and routed rows for each, written as docs/benchmarks-router-processes.md")
+    parser.add_argument("--router-processes", nargs="+", default=["auto"],
+                        help="processes of the router, or auto (route --processes; the default, as `tsfleet up` "
+                             "runs it); several counts (e.g. 1 2 4) run only the direct and routed rows for each, "
+                             "written as docs/benchmarks-router-processes.md")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary archives and logs")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -98,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_sweep or args.split_cores:
         cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}
     load = args.load or ("python" if mode == "smoke" else "auto")
-    counts = sorted({max(1, n) for n in args.router_processes})
+    try:
+        counts = sorted({auto_processes() if n == "auto" else max(1, int(n)) for n in args.router_processes})
+    except ValueError:
+        parser.error(f"--router-processes: expected auto or counts, got {' '.join(args.router_processes)}")
     sweep_processes = len(counts) > 1
     if sweep_processes:
         cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}
