@@ -137,5 +137,6 @@ def main(argv: list[str] | None = None) -> None:
     for path in written:
         print(f"wrote {path}")
 
+
 if __name__ == "__main__":
     sys.exit(main())
