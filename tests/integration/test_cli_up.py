@@ -17,6 +17,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from tsfleet import companions
 from tsfleet.properties import Endpoints, render_properties
 from tsfleet.server import Keys
 
@@ -70,6 +71,8 @@ def running_up(fleet, model_store: Path, tmp_path: Path) -> Iterator[Up]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tsfleet", "--config", str(config), "--model-store", str(model_store), "up", "--no-build"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # As from a terminal: a test run under nohup would otherwise pass on its ignored SIGHUP.
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     try:
         up = Up(proc, ep, _lines(proc), [])
@@ -78,6 +81,8 @@ def running_up(fleet, model_store: Path, tmp_path: Path) -> Iterator[Up]:
     finally:
         if proc.poll() is None:
             proc.kill()
+        for name in ("route", "recycle"):  # what a failed test's `up` left running
+            companions.stop(tmp_path, name)
         subprocess.run([str(Path(sys.executable).with_name("torchserve")), "--stop"], env=env,
                        capture_output=True, timeout=60)
 
