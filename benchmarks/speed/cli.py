@@ -97,16 +97,14 @@ def main(argv: list[str] | None = None) -> None:
             cfg[key] = getattr(args, key)
     if args.scenarios or args.split_cores:
         cfg["scenarios"] = set(args.scenarios or SPLIT_SCENARIOS)
-    if args.no_sweep or args.split_cores:
-        cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}
-    load = args.load or ("python" if mode == "smoke" else "auto")
     try:
         counts = sorted({auto_processes() if n == "auto" else max(1, int(n)) for n in args.router_processes})
     except ValueError:
         parser.error(f"--router-processes: expected auto or counts, got {' '.join(args.router_processes)}")
     sweep_processes = len(counts) > 1
-    if sweep_processes:
+    if args.no_sweep or args.split_cores or sweep_processes:
         cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}
+    load = args.load or ("python" if mode == "smoke" else "auto")
     work = Path(tempfile.mkdtemp(prefix="tsfleet-bench-speed-"))
     opts = Options(models=args.models, batch1=Serve(1, 1, 2, 1), minimal=Serve(8, 5, 2, 1), load=load,
                    work=work, mode=mode, log=lambda line: print(line, flush=True), split_cores=args.split_cores,

@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -129,6 +130,17 @@ def frontend_pid(ts: TorchServe) -> int | None:
         return int((ts.workdir / "tmp" / ".model_server.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def worker_pids(ts: TorchServe) -> list[int]:
+    """The pids of every model worker TorchServe lists now."""
+    return [w.pid for vs in ts.client.state().values() for v in vs for w in v.workers if w.pid]
+
+
+def one_worker_per_cpu_of_half(tuned: dict[str, Serve]) -> dict[str, Serve]:
+    """--split-cores: one worker per CPU of the workers' half; two on one core take turns
+    and thrash its cache."""
+    return {m: replace(s, workers=max(1, len(os.sched_getaffinity(0)) // 2)) for m, s in tuned.items()}
 
 
 def worker_rss(ts: TorchServe, model: str, version: str) -> list[float]:

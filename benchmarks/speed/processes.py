@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.harness import RouterProcessRunner
@@ -38,14 +37,14 @@ def run_process_sweep(opts: Options, load: HttpLoad, workloads: list[Workload], 
                       counts: list[int]) -> dict:
     """Direct against a router of each process count in ``counts``; returns the rows."""
     if opts.split_cores:
-        tuned = {m: replace(s, workers=max(1, len(os.sched_getaffinity(0)) // 2)) for m, s in tuned.items()}
+        tuned = fleets.one_worker_per_cpu_of_half(tuned)
     variants = [Variant(w.model, "1.0", tuned[w.model]) for w in workloads]
     fleet, store, manifest = fleets.build(variants, opts.work / "main")
     out: dict = {"counts": counts, "models": {}}
     with fleets.serving(fleet, store, opts.work / "main" / "ts") as (ts, ready_s), contextlib.ExitStack() as stack:
         opts.log(f"  ready in {ready_s:.1f} s")
         front = fleets.frontend_pid(ts)
-        workers = [w.pid for vs in ts.client.state().values() for v in vs for w in v.workers if w.pid]
+        workers = fleets.worker_pids(ts)
         if opts.split_cores:
             # Routers started later inherit this process's CPUs: the serving half.
             out["split_cores"] = stack.enter_context(split_cores(workers, [front] if front else []))

@@ -10,7 +10,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -266,8 +266,7 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
     """The tuned fleet: toolkit tuned, compiled, minimal handler; the router in front."""
     want = opts.scenarios
     if opts.split_cores:
-        # One worker per worker core: two on one core take turns and thrash its cache.
-        tuned = {m: replace(s, workers=max(1, len(os.sched_getaffinity(0)) // 2)) for m, s in tuned.items()}
+        tuned = fleets.one_worker_per_cpu_of_half(tuned)
     variants = []
     for w in workloads:
         variants.append(Variant(w.model, "1.0", tuned[w.model]))
@@ -289,16 +288,13 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
             auth = ts.keys.header("inference")
             grpc_direct = f"127.0.0.1:{ts.ep.grpc_inference}"
             front = fleets.frontend_pid(ts)
-            def worker_pids() -> list[int]:
-                return [w.pid for vs in ts.client.state().values() for v in vs for w in v.workers if w.pid]
-
             meter = CpuMeter({
-                "workers": worker_pids,
+                "workers": lambda: fleets.worker_pids(ts),
                 "frontend": lambda: [front] if front else [],
                 "router": lambda: router.pids() if router else [],
             })
             if opts.split_cores:
-                layout = stack.enter_context(split_cores(worker_pids(), [p for p in (front, *(router.pids() if router else [])) if p]))
+                layout = stack.enter_context(split_cores(fleets.worker_pids(ts), [p for p in (front, *(router.pids() if router else [])) if p]))
                 opts.results["split_cores"] = layout
                 opts.log(f"  workers on CPUs {layout['workers']}; frontend, router and load on CPUs {layout['serving']}")
             for w in workloads:
