@@ -7,7 +7,8 @@ from typing import Awaitable, Callable
 
 import pytest
 
-from tsfleet.router.http1 import Listener, Request, Response, UpstreamError, UpstreamPool
+from tsfleet.router.http1 import Listener, Request, Response
+from tsfleet.router.upstream import UpstreamError, UpstreamPool
 
 
 async def echo(request: Request) -> Response:
@@ -110,6 +111,39 @@ def test_a_handler_error_is_a_500_and_the_connection_keeps_serving() -> None:
     run(test, flaky)
 
 
+def test_a_fast_hook_answers_later_and_once_and_a_failing_one_is_a_500() -> None:
+    def fast(request: Request, reply: Callable[[Request, Response], None]) -> bool:
+        if request.target == "/boom":
+            raise RuntimeError("boom")
+        if request.target != "/fast":
+            return False  # left to the async handler
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, reply, request, Response(200, b"fast", []))
+        loop.call_later(0.1, reply, request, Response(200, b"again", []))  # must not reach the client
+        return True
+
+    async def test(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /fast HTTP/1.1\r\n\r\nGET /boom HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\n\r\n")
+        assert (await read_answer(reader))[::2] == (200, b"fast")
+        assert (await read_answer(reader))[0] == 500
+        assert json.loads((await read_answer(reader))[2])["target"] == "/x"
+        writer.write(b"GET /fast HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\n\r\n")
+        assert (await read_answer(reader))[::2] == (200, b"fast")
+        assert json.loads((await read_answer(reader))[2])["target"] == "/y"  # not the second reply
+        writer.close()
+
+    async def main() -> None:
+        listener = Listener(echo, max_body=1000, fast=fast)
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            await asyncio.wait_for(test(port), 10)
+        finally:
+            listener.close()
+
+    asyncio.run(main())
+
+
 def test_a_connection_idle_past_the_timeout_is_closed_but_a_busy_one_is_not() -> None:
     async def slow(request: Request) -> Response:
         await asyncio.sleep(1.0)
@@ -210,3 +244,46 @@ def test_pool_gives_up_after_the_timeout_and_a_dropped_request_is_an_error() -> 
     upstream = Upstream([])
     upstream.handle = slow_then_drop  # type: ignore[method-assign]
     pool_test(upstream, test)
+
+
+def test_pool_answers_only_from_the_loop_and_keeps_a_connection_whose_waiter_gave_up() -> None:
+    release = asyncio.Event()
+    connections = []
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        for n, body in enumerate((b"a", b"b", b"c")):
+            await reader.readuntil(b"\r\n\r\n")
+            if n == 2:
+                await release.wait()  # the third answer comes only after its waiter gave up
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + body)
+        await reader.read()
+
+    async def test(pool: UpstreamPool) -> None:
+        assert (await pool.request("GET", "/", [], b"")).body == b"a"  # one kept connection now
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        def on_done(resp: Response | None, exc: BaseException | None) -> None:
+            got.append(resp.body if resp else repr(exc).encode())
+            done.set()
+
+        pool.start("GET", "/", [], b"", 5, on_done)
+        assert got == []  # never from inside start(), even on a kept connection
+        await done.wait()
+        assert got == [b"b"]
+        waiter = asyncio.ensure_future(pool.request("GET", "/", [], b""))
+        await asyncio.wait_for(_until(lambda: not pool._idle), 5)  # under way on the kept connection
+        waiter.cancel()
+        release.set()
+        await asyncio.wait_for(_until(lambda: pool._idle), 5)  # answered, and free again
+
+    upstream = Upstream([])
+    upstream.handle = answers  # type: ignore[method-assign]
+    pool_test(upstream, test)
+    assert len(connections) == 1
+
+
+async def _until(condition: Callable[[], object]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)

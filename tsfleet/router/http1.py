@@ -1,4 +1,4 @@
-"""Just enough HTTP/1.1 for the router's hot path: a server and a pooled upstream client.
+"""Just enough HTTP/1.1 for the router's hot path: the server side (upstream.py: the client).
 
 Every request through the router is paid for in CPU that, on a small box, comes out of the
 model's own throughput. A general framework spends ~0.3 ms per proxied call building
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl as ssl_module
+import re
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Awaitable, Callable
@@ -30,10 +30,6 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-class UpstreamError(ConnectionError):
-    """The upstream closed or refused the connection before a whole answer came back."""
 
 
 @dataclass(slots=True)
@@ -58,21 +54,29 @@ class Response:
     keep_alive: bool = True
 
 
+# A header line that is not "name: value" with a name of no outer white space. One search
+# over the whole head instead of checks per line: this runs twice per proxied request.
+_BAD_LINE = re.compile(rb"\r\n(?![^\s:]([^:\r\n]*[^\s:])?:)")
+
+
 def _parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes], list[bytes]]:
     """(first line's parts, headers by lower-case name, forwardable header lines)."""
+    bad = _BAD_LINE.search(head)
+    if bad is not None:
+        line = head[bad.end():].split(b"\r\n", 1)[0]
+        raise HttpError(400, f"malformed header line {line[:60]!r}")
     lines = head.split(b"\r\n")
     headers: dict[bytes, bytes] = {}
     forward: list[bytes] = []
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or line[:1] in b" \t":
-            raise HttpError(400, f"malformed header line {line[:60]!r}")
+        name, _, value = line.partition(b":")
         key, value = name.lower(), value.strip()
-        if key == b"content-length" and headers.get(key, value) != value:
-            raise HttpError(400, "conflicting Content-Length headers")
-        headers[key] = value
-        if key not in HOP_BY_HOP:
+        if key in HOP_BY_HOP:
+            if key == b"content-length" and headers.get(key, value) != value:
+                raise HttpError(400, "conflicting Content-Length headers")
+        else:
             forward.append(line)
+        headers[key] = value
     return lines[0].split(b" ", 2), headers, forward
 
 
@@ -152,17 +156,24 @@ def encode_response(resp: Response, keep_alive: bool, head_only: bool = False) -
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+Reply = Callable[[Request, Response], None]
+# Takes a request it can answer without a task (True) and answers it later through the
+# reply callback; False leaves the request to the (async) handler.
+Fast = Callable[[Request, Reply], bool]
+ROUTER_ERROR = Response(500, b'{"code": 500, "type": "InternalServerError", "message": "router error"}',
+                        [b"Content-Type: application/json"])
 
 
 class ServerConnection(asyncio.Protocol):
     """One client connection: requests are answered in order, one at a time (pipelining safe)."""
 
-    def __init__(self, handler: Handler, max_body: int, registry: set[ServerConnection]):
-        self.handler, self.max_body, self.registry = handler, max_body, registry
+    def __init__(self, handler: Handler, max_body: int, registry: set[ServerConnection], fast: Fast | None = None):
+        self.handler, self.max_body, self.registry, self.fast = handler, max_body, registry, fast
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.pending: tuple[bytes, str, dict, list, bool, _Body] | None = None
         self.busy = False
+        self.current: Request | None = None  # the request being answered
         self.last_active = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -190,9 +201,18 @@ class ServerConnection(asyncio.Protocol):
         except HttpError as exc:
             self._fail(exc.status, str(exc))
             return
-        if request is not None:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._answer(request))
+        if request is None:
+            return
+        self.busy, self.current = True, request
+        if self.fast is not None:
+            try:
+                if self.fast(request, self.reply):
+                    return
+            except Exception:  # noqa: BLE001 - one bad request must not take the connection's others
+                log.exception("router: unhandled error for %s %s", request.method, request.target)
+                self.reply(request, ROUTER_ERROR)
+                return
+        asyncio.get_running_loop().create_task(self._answer(request))
 
     def _parse(self) -> Request | None:
         buf = self.buf
@@ -226,8 +246,14 @@ class ServerConnection(asyncio.Protocol):
             resp = await self.handler(request)
         except Exception:  # noqa: BLE001 - one bad request must not take the connection's others
             log.exception("router: unhandled error for %s %s", request.method, request.target)
-            resp = Response(500, b'{"code": 500, "type": "InternalServerError", "message": "router error"}',
-                            [b"Content-Type: application/json"])
+            resp = ROUTER_ERROR
+        self.reply(request, resp)
+
+    def reply(self, request: Request, resp: Response) -> None:
+        """Send the answer to ``request`` and go on to the next one (once per request)."""
+        if request is not self.current:
+            return
+        self.current = None
         keep = request.keep_alive and resp.keep_alive
         if self.transport is None:
             return
@@ -256,14 +282,14 @@ class Listener:
     so clients that vanish without closing do not pile up open sockets.
     """
 
-    def __init__(self, handler: Handler, max_body: int, idle_timeout: float = 75.0):
-        self.handler, self.max_body, self.idle_timeout = handler, max_body, idle_timeout
+    def __init__(self, handler: Handler, max_body: int, idle_timeout: float = 75.0, fast: Fast | None = None):
+        self.handler, self.max_body, self.idle_timeout, self.fast = handler, max_body, idle_timeout, fast
         self.connections: set[ServerConnection] = set()
         self.server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     def _connection(self) -> ServerConnection:
-        return ServerConnection(self.handler, self.max_body, self.connections)
+        return ServerConnection(self.handler, self.max_body, self.connections, self.fast)
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen on host:port (0: any free port); returns the port. ``reuse_port``: share
@@ -292,147 +318,3 @@ class Listener:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
-
-
-class _UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("transport", "buf", "waiter", "head", "body", "received", "closed", "head_only")
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.waiter: asyncio.Future | None = None
-        self.head: tuple[int, list[bytes], bool] | None = None
-        self.body: _Body | None = None
-        self.received = False
-        self.closed = False
-        self.head_only = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            if self.head is not None and self.body is not None and self.body.length == -1:
-                self._finish(bytes(self.buf))  # a body that runs to the end of the connection
-            else:
-                self.waiter.set_exception(UpstreamError(f"connection closed by upstream ({exc or 'EOF'})"))
-
-    def send(self, data: bytes, head_only: bool) -> asyncio.Future:
-        self.buf.clear()
-        self.head = self.body = None
-        self.received, self.head_only = False, head_only
-        self.waiter = asyncio.get_running_loop().create_future()
-        assert self.transport is not None
-        self.transport.write(data)
-        return self.waiter
-
-    def data_received(self, data: bytes) -> None:
-        self.received = True
-        self.buf += data
-        if self.waiter is None or self.waiter.done():
-            return
-        try:
-            self._parse()
-        except HttpError as exc:
-            self.waiter.set_exception(UpstreamError(f"unreadable answer from upstream: {exc}"))
-            self.transport.close()  # type: ignore[union-attr]
-
-    def _parse(self) -> None:
-        buf = self.buf
-        if self.head is None:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            first, headers, forward = _parse_head(bytes(buf[:end]))
-            del buf[:end + 4]
-            status = int(first[1])
-            if 100 <= status < 200:  # an interim answer; the real one follows
-                if buf:
-                    self._parse()
-                return
-            keep = b"close" not in headers.get(b"connection", b"").lower() and first[0] == b"HTTP/1.1"
-            self.head = (status, forward, keep)
-            if self.head_only or status in (204, 304):
-                self.body = _Body(0, 2**31)
-            elif b"transfer-encoding" in headers or b"content-length" in headers:
-                self.body = _Body(_body_mode(headers), 2**31)
-            else:
-                self.body = _Body(None, 2**31)
-                self.body.length = -1  # read until the upstream closes
-                self.head = (status, forward, False)
-                return
-        assert self.body is not None
-        if self.body.length == -1:
-            return
-        data = self.body.take(buf)
-        if data is not None:
-            self._finish(data)
-
-    def _finish(self, body: bytes) -> None:
-        status, forward, keep = self.head  # type: ignore[misc]
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(Response(status, body, forward, keep))
-
-
-class UpstreamPool:
-    """Keep-alive connections to one HTTP server, reused one request at a time each."""
-
-    def __init__(self, host: str, port: int, max_idle: int = 256, ssl: ssl_module.SSLContext | None = None):
-        self.host, self.port, self.max_idle, self.ssl = host, port, max_idle, ssl
-        self.host_line = b"Host: %s:%d" % (host.encode(), port)
-        self._idle: list[_UpstreamConnection] = []
-
-    async def _connect(self) -> _UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            _, conn = await loop.create_connection(_UpstreamConnection, self.host, self.port, ssl=self.ssl)
-        except OSError as exc:
-            raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
-        return conn
-
-    async def request(self, method: str, target: str, headers: list[bytes], body: bytes,
-                      timeout: float | None = None) -> Response:
-        """One exchange. Raises UpstreamError (connection) or asyncio.TimeoutError."""
-        head = b"\r\n".join([b"%s %s HTTP/1.1" % (method.encode(), target.encode("latin-1")), self.host_line,
-                             *headers, b"Content-Length: %d" % len(body)]) + b"\r\n\r\n"
-        message = head + body
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout if timeout else None
-        while True:
-            reused = bool(self._idle)
-            conn = self._idle.pop() if reused else await self._connect()
-            if conn.closed:
-                continue
-            waiter = conn.send(message, method == "HEAD")
-            timer = loop.call_at(deadline, _expire, waiter) if deadline else None
-            try:
-                resp = await waiter
-            except UpstreamError:
-                conn.transport.close()  # type: ignore[union-attr]
-                if reused and not conn.received:
-                    continue  # the server had closed an idle connection: not this request's fault
-                raise
-            except BaseException:
-                conn.transport.close()  # type: ignore[union-attr]  # its answer may still come: unusable
-                raise
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            if resp.keep_alive and not conn.closed and len(self._idle) < self.max_idle:
-                conn.waiter = None
-                self._idle.append(conn)
-            else:
-                conn.transport.close()  # type: ignore[union-attr]
-            return resp
-
-    def close(self) -> None:
-        for conn in self._idle:
-            if conn.transport is not None:
-                conn.transport.close()
-        self._idle.clear()
-
-
-def _expire(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(asyncio.TimeoutError())

@@ -6,16 +6,18 @@ codes); the answer says which version served it in ``X-Model-Version``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import ssl
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 from urllib.parse import quote, unquote, urlsplit
 
 from tsfleet.router.compare import answers_agree
-from tsfleet.router.http1 import Listener, Request, Response, UpstreamError, UpstreamPool
-from tsfleet.router.routing import RoutingTable
+from tsfleet.router.http1 import ROUTER_ERROR, Listener, Reply, Request, Response
+from tsfleet.router.routing import Choice, RoutingTable
+from tsfleet.router.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 # TorchServe's words for a request that a dying or retiring worker dropped: safe to retry,
@@ -26,6 +28,16 @@ JSON = [b"Content-Type: application/json"]
 
 def _retryable(status: int, body: bytes) -> bool:
     return status in (500, 503, 507) and any(marker in body for marker in DROPPED)
+
+
+@functools.lru_cache(maxsize=4096)
+def _quoted(name: str) -> str:
+    """A model or version name as one path segment (cached: it is the same few names all day)."""
+    return quote(name, safe="")
+
+
+def _path(path_for: str, version: str | None, query: str) -> str:
+    return path_for + "/" + _quoted(version) + query if version else path_for + query
 
 
 def _body(status: int, kind: str, message: str) -> bytes:
@@ -45,7 +57,7 @@ class RestRouter:
         secure = url.scheme == "https"  # TorchServe configured with its own certificate
         self.pool = UpstreamPool(url.hostname or "127.0.0.1", url.port or (443 if secure else 80),
                                  ssl=ssl.create_default_context() if secure else None)
-        self.listener = Listener(self.handle, max_body)
+        self.listener = Listener(self.handle, max_body, fast=self.route)
         # A front of a router of several processes asks the leader, which counts for all.
         self.metrics = metrics
         self._background: set[asyncio.Task] = set()
@@ -60,85 +72,114 @@ class RestRouter:
             task.cancel()
         self.pool.close()
 
+    def route(self, request: Request, reply: Reply) -> bool:
+        """Take an inference call (``/predictions/{model}[/{version}]``) without a task of its
+        own; anything else is left to ``handle``."""
+        target = request.target
+        if not target.startswith("/predictions/"):
+            return False
+        path, mark, query = target.partition("?")
+        parts = path[len("/predictions/"):].split("/")
+        if not (1 <= len(parts) <= 2 and all(parts)):
+            return False
+        self.predict(request, unquote(parts[0]), unquote(parts[1]) if len(parts) == 2 else None, mark + query, reply)
+        return True
+
     async def handle(self, request: Request) -> Response:
-        path = request.path
-        if path.startswith("/predictions/"):
-            parts = path[len("/predictions/"):].split("/")
-            if 1 <= len(parts) <= 2 and all(parts):
-                return await self.predict(request, unquote(parts[0]), unquote(parts[1]) if len(parts) == 2 else None)
-        if path == "/metrics" and request.method == "GET":
+        if request.path == "/metrics" and request.method == "GET":
             text = await self.metrics() if self.metrics is not None else self.table.prometheus()
             return Response(200, text.encode(), [b"Content-Type: text/plain; charset=utf-8"])
         # /ping, /wfpredict/..., anything else: TorchServe answers it, errors included.
-        status, data, resp_headers, _, _ = await self._call(
-            request.method, request.target, "", request.body, request.forward, None, None)
+        status, data, resp_headers = await self._call(request.method, request.target, request.body, request.forward)
         return Response(status, data, resp_headers)
 
     def attempt_timeout(self, model: str | None, version: str | None) -> float:
         """How long the first attempt may take before it is presumed lost (see RoutingTable)."""
         return self.table.attempt_timeout(model, version, self.timeout_s, self.min_attempt_s, self.latency_factor)
 
-    async def _call(self, method: str, path_for: str, query: str, body: bytes, headers: list[bytes],
-                    first: str | None, second: str | None,
-                    model: str | None = None) -> tuple[int, bytes, list[bytes], str | None, bool]:
-        """One call, and one retry for a dropped request, a refused connection or a lost job."""
-        version, retried = first, False
+    async def _call(self, method: str, target: str, body: bytes, headers: list[bytes]) -> tuple[int, bytes, list[bytes]]:
+        """A call that names no model (/ping, workflows...), retried once like an inference call."""
         for attempt in (0, 1):
-            target = self.table.upstream(model, version)
-            path = path_for + (f"/{quote(target, safe='')}" if target else "") + query
-            t0 = time.perf_counter()
             try:
-                timeout = self.attempt_timeout(model, version) if attempt == 0 else self.timeout_s
-                resp = await self.pool.request(method, path, headers, body, timeout)
+                resp = await self.pool.request(method, target, headers, body, self.timeout_s)
             except (UpstreamError, asyncio.TimeoutError) as exc:
                 if attempt == 0:
-                    if model:
-                        self.table.record(model, version, False, time.perf_counter() - t0)
-                    version, retried = second, True
                     continue
-                if isinstance(exc, asyncio.TimeoutError):
-                    return 504, _body(504, "GatewayTimeout", f"no answer from TorchServe within {self.timeout_s:.0f} s"), \
-                        JSON, version, retried
-                return 503, _body(503, "ServiceUnavailable", f"TorchServe is not reachable at {self.upstream}: {exc}"), \
-                    JSON, version, retried
+                return self._unreachable(exc)
             if attempt == 0 and _retryable(resp.status, resp.body):
-                if model:
-                    # The client will not see this failure, but the arm's record must.
-                    self.table.record(model, version, False, time.perf_counter() - t0)
-                version, retried = second, True
                 continue
-            return resp.status, resp.body, resp.headers, version, retried
+            return resp.status, resp.body, resp.headers
         raise AssertionError("unreachable")
 
-    async def predict(self, request: Request, model: str, explicit: str | None) -> Response:
+    def _unreachable(self, exc: BaseException) -> tuple[int, bytes, list[bytes]]:
+        if isinstance(exc, asyncio.TimeoutError):
+            return 504, _body(504, "GatewayTimeout", f"no answer from TorchServe within {self.timeout_s:.0f} s"), JSON
+        return 503, _body(503, "ServiceUnavailable", f"TorchServe is not reachable at {self.upstream}: {exc}"), JSON
+
+    def predict(self, request: Request, model: str, explicit: str | None, query: str, reply: Reply) -> None:
+        """Route one inference call; its first attempt is all callbacks (upstream.py says why),
+        a retry is a task: it is rare."""
         sticky = request.headers.get(self.sticky)
         choice = self.table.choose(model, explicit, sticky.decode("latin-1") if sticky is not None else None)
-        second = self.table.alternate(model, choice.version) if not choice.explicit else choice.version
-        query = request.target[len(request.path):]
+        path_for = "/predictions/" + _quoted(model)
+        target = self.table.upstream(model, choice.version)
         started = time.perf_counter()
-        status, data, resp_headers, version, retried = await self._call(
-            request.method, f"/predictions/{quote(model, safe='')}", query, request.body, request.forward,
-            choice.version, second, model)
+
+        def first_done(resp: Response | None, exc: BaseException | None) -> None:
+            try:
+                if resp is not None and not _retryable(resp.status, resp.body):
+                    self._answered(request, reply, model, choice, choice.version, resp.status, resp.body,
+                                   resp.headers, started, False)
+                    return
+                # The client will not see this failure, but the arm's record must.
+                self.table.record(model, choice.version, False, time.perf_counter() - started)
+                second = self.table.alternate(model, choice.version) if not choice.explicit else choice.version
+                self._spawn(self._retry(request, reply, model, choice, second, path_for, query, started))
+            except Exception:  # noqa: BLE001 - the client must get an answer whatever went wrong
+                log.exception("router: unhandled error for %s %s", request.method, request.target)
+                reply(request, ROUTER_ERROR)
+
+        self.pool.start(request.method, _path(path_for, target, query), request.forward, request.body,
+                        self.attempt_timeout(model, choice.version), first_done)
+
+    async def _retry(self, request: Request, reply: Reply, model: str, choice: Choice, version: str | None,
+                     path_for: str, query: str, started: float) -> None:
+        try:
+            target = self.table.upstream(model, version)
+            try:
+                resp = await self.pool.request(request.method, _path(path_for, target, query), request.forward,
+                                               request.body, self.timeout_s)
+                status, data, headers = resp.status, resp.body, resp.headers
+            except (UpstreamError, asyncio.TimeoutError) as exc:
+                status, data, headers = self._unreachable(exc)
+            self._answered(request, reply, model, choice, version, status, data, headers, started, True)
+        except Exception:  # noqa: BLE001 - the client must get an answer whatever went wrong
+            log.exception("router: unhandled error for %s %s", request.method, request.target)
+            reply(request, ROUTER_ERROR)
+
+    def _answered(self, request: Request, reply: Reply, model: str, choice: Choice, version: str | None,
+                  status: int, data: bytes, headers: list[bytes], started: float, retried: bool) -> None:
         event = self.table.record(model, version, status < 500, time.perf_counter() - started, retried)
         if event:
             log.warning("rolled back %s %s: %s", model, event["version"], event["reason"])
         if choice.shadow and status < 500:
             self._mirror(request, model, choice.shadow, data)
         if version:
-            resp_headers = [*resp_headers, b"X-Model-Version: " + version.encode()]
-        return Response(status, data, resp_headers)
+            headers = [*headers, b"X-Model-Version: " + version.encode()]
+        reply(request, Response(status, data, headers))
 
     def _mirror(self, request: Request, model: str, version: str, primary: bytes) -> None:
-        async def run() -> None:
-            try:
-                resp = await self.pool.request(request.method, f"/predictions/{quote(model, safe='')}/{quote(version, safe='')}",
-                                               request.forward, request.body, self.timeout_s)
-            except (UpstreamError, asyncio.TimeoutError):
+        def done(resp: Response | None, exc: BaseException | None) -> None:
+            if resp is None:
                 self.table.record_shadow(model, version, False, None)
                 return
             ok = resp.status < 500
             self.table.record_shadow(model, version, ok, answers_agree(primary, resp.body) if ok and resp.status < 400 else None)
 
-        task = asyncio.get_running_loop().create_task(run())
+        self.pool.start(request.method, _path("/predictions/" + _quoted(model), version, ""), request.forward,
+                        request.body, self.timeout_s, done)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
