@@ -45,6 +45,17 @@ def test_explicit_version_wins_over_weights_and_stickiness() -> None:
     assert t.choose("unknown-model").version is None
 
 
+def test_a_split_follows_weights_changed_in_place_and_by_a_state_from_the_leader() -> None:
+    t = table(v1_0=90, v1_1=10)
+    assert {t.choose("m").version for _ in range(100)} == {"1.0", "1.1"}
+    t.routes["m"].weights["1.1"] = 0.0  # as a rollback does: the dict itself changes
+    assert {t.choose("m").version for _ in range(100)} == {"1.0"}
+    t.apply_state({"routes": {"m": {"baseline": "1.1", "weights": {"1.0": 0, "1.1": 100}}}})
+    assert {t.choose("m", sticky_key=f"user-{u}").version for u in range(100)} == {"1.1"}
+    t.apply_state({"routes": {"m": {"baseline": "1.0", "weights": {"1.0": 50, "1.1": 50}}}})
+    assert Counter(t.choose("m").version for _ in range(100)) == {"1.0": 50, "1.1": 50}
+
+
 def test_shadow_share_is_exact() -> None:
     t = table(v1_0=100)
     t.set_shadow("m", "1.1", 0.25)

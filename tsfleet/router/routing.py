@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from tsfleet.router.stats import BUCKETS, ArmStats
 
@@ -56,11 +56,13 @@ class Route:
         return live
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):  # a tuple: built on every request, and a frozen dataclass costs ~1 us
     version: str | None  # None: no route, let TorchServe pick its default
     shadow: str | None
     explicit: bool
+
+
+NO_ROUTE = Choice(None, None, False)
 
 
 def sticky_point(model: str, key: str) -> float:
@@ -77,6 +79,7 @@ class RoutingTable:
         self.stats: dict[tuple[str, str], ArmStats] = {}
         self.rollbacks_total: dict[tuple[str, str], int] = {}
         self._swrr: dict[str, dict[str, float]] = {}
+        self._arms: dict[str, tuple[tuple, list[tuple[str, float]], float]] = {}
         self._shadow_acc: dict[str, float] = {}
         self._lock = threading.Lock()
         # Set for a router of several processes (tsfleet/router/processes.py): the leader
@@ -124,16 +127,18 @@ class RoutingTable:
 
     # ------------------------------------------------------------ choosing
     def choose(self, model: str, explicit: str | None = None, sticky_key: str | None = None) -> Choice:
-        route = self.routes.get(model)
         if explicit:
             return Choice(explicit, None, True)
+        route = self.routes.get(model)
         if route is None:
-            return Choice(None, None, False)
-        arms = route.arms()
+            return NO_ROUTE
+        arms, total = self._live_arms(route)
         if not arms:
             return Choice(route.baseline, None, False)
-        if sticky_key:
-            point, total, acc = sticky_point(model, sticky_key), sum(w for _, w in arms), 0.0
+        if len(arms) == 1:
+            version = arms[0][0]
+        elif sticky_key:
+            point, acc = sticky_point(model, sticky_key), 0.0
             version = arms[-1][0]
             for v, w in arms:
                 acc += w / total
@@ -141,7 +146,7 @@ class RoutingTable:
                     version = v
                     break
         else:
-            version = self._next_swrr(model, arms)
+            version = self._next_swrr(model, arms, total)
         shadow = None
         if route.shadow and route.shadow != version and route.shadow_share > 0:
             # An exact share without randomness: mirror each time the accumulator passes 1.
@@ -153,16 +158,30 @@ class RoutingTable:
                 self._shadow_acc[model] = acc
         return Choice(version, shadow, False)
 
-    def _next_swrr(self, model: str, arms: list[tuple[str, float]]) -> str:
+    def _live_arms(self, route: Route) -> tuple[list[tuple[str, float]], float]:
+        """``route.arms()`` and their total weight, worked out again only when the weights or
+        the baseline change (however they were changed): this runs on every request."""
+        key = (route.baseline, *route.weights.items())
+        cached = self._arms.get(route.model)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        arms = route.arms()
+        total = sum(w for _, w in arms)
+        self._arms[route.model] = (key, arms, total)
+        return arms, total
+
+    def _next_swrr(self, model: str, arms: list[tuple[str, float]], total: float) -> str:
         with self._lock:
             current = self._swrr.setdefault(model, {})
-            total = sum(w for _, w in arms)
+            best, best_score = arms[0][0], float("-inf")
             for v, w in arms:
-                current[v] = current.get(v, 0.0) + w
-            best = max(arms, key=lambda a: (current[a[0]], a[0]))[0]
+                score = current[v] = current.get(v, 0.0) + w
+                if score > best_score or (score == best_score and v > best):
+                    best, best_score = v, score
             current[best] -= total
-            for v in list(current):
-                if v not in dict(arms):
+            if len(current) > len(arms):
+                live = {v for v, _ in arms}
+                for v in [v for v in current if v not in live]:
                     del current[v]
             return best
 
@@ -186,7 +205,7 @@ class RoutingTable:
         if version is None:
             return None
         now = time.monotonic() if now is None else now
-        st = self._stats(model, version)
+        st = self.stats.get((model, version)) or self._stats(model, version)
         st.add(ok, latency, now)
         st.retries += retried
         if self.sink is not None:

@@ -40,15 +40,17 @@ class ArmStats:
         self.errors += not ok
         self.latency_sum += latency
         self.buckets[bisect.bisect_left(BUCKETS, latency)] += 1
+        slots = self.slots
         second = math.floor(now)
-        if not self.slots or second > self.slots[-1][0]:
-            self.slots.append([second, 0, 0, {}])
+        if not slots or second > slots[-1][0]:
+            slots.append([second, 0, 0, {}])
             self._prune(now)
-        slot = self.slots[-1]
+        slot = slots[-1]
         slot[1] += 1
         slot[2] += not ok
-        b = _bin(latency)
-        slot[3][b] = slot[3].get(b, 0) + 1
+        b = 0 if latency <= MIN_LATENCY_S else int(math.log(latency / MIN_LATENCY_S) / _LOG_GROWTH) + 1  # _bin
+        hist = slot[3]
+        hist[b] = hist.get(b, 0) + 1
 
     def _prune(self, now: float) -> None:
         while self.slots and self.slots[0][0] + 1 <= now - self.keep_s:
