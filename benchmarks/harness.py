@@ -36,7 +36,8 @@ class RouterProcessRunner:
     """``tsfleet route`` as its own process, as in production: a router sharing the load
     generator's interpreter would share its GIL and measure that instead."""
 
-    def __init__(self, manifest: Path, ts: TorchServe, workdir: Path, processes: int = 1):
+    def __init__(self, manifest: Path, config: Path, workdir: Path, processes: int = 1):
+        """``config``: the config.properties of the TorchServe (or stand-in) to route to."""
         free = Endpoints.on_free_ports()
         port, admin, grpc_port = free.inference, free.management, free.metrics
         self.url = f"http://127.0.0.1:{port}"
@@ -45,7 +46,7 @@ class RouterProcessRunner:
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         earlier = self.log.tell()  # a router started here before left its own banner
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(ts.config),
+            [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(config),
              "--router-key-file", str(workdir / "router_key.json"), "route", "--port", str(port),
              "--admin-port", str(admin), "--grpc-port", str(grpc_port),
              "--state-file", str(workdir / "router_state.json"), "--processes", str(processes)],

@@ -88,7 +88,7 @@ def main() -> None:
     ts = start_torchserve(base, work / "store", work / "ts")
     manifest = work / "fleet.yaml"
     manifest.write_text(yaml.safe_dump(leaky_manifest(reports, LEAK_KB, 2)))
-    router = RouterProcessRunner(manifest, ts, work)
+    router = RouterProcessRunner(manifest, ts.config, work)
     headers = {**ts.keys.header("inference"), "Content-Type": "application/json"}
     body = b'{"ping": 1}'
     rows: dict[str, dict] = {}

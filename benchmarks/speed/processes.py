@@ -55,7 +55,7 @@ def run_process_sweep(opts: Options, load: HttpLoad, workloads: list[Workload], 
         base, key, auth = ts.ep.url("inference"), ts.keys.inference, ts.keys.header("inference")
         direct_grpc = f"127.0.0.1:{ts.ep.grpc_inference}"
         for count in counts:
-            router = RouterProcessRunner(manifest, ts, opts.work / "main", count)
+            router = RouterProcessRunner(manifest, ts.config, opts.work / "main", count)
             try:
                 meter = CpuMeter({"router": router.pids})
                 for w in workloads:

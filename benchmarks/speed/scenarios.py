@@ -283,7 +283,7 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
         stack = contextlib.ExitStack()
         try:
             if {"router-rest", "router-grpc"} & want:
-                router = RouterProcessRunner(manifest, ts, opts.work / "main", opts.router_processes)
+                router = RouterProcessRunner(manifest, ts.config, opts.work / "main", opts.router_processes)
             base, key = ts.ep.url("inference"), ts.keys.inference
             auth = ts.keys.header("inference")
             grpc_direct = f"127.0.0.1:{ts.ep.grpc_inference}"

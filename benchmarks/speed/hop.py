@@ -1,0 +1,177 @@
+"""The router's own cost per request, with no model behind it: ``python -m benchmarks.speed.hop``.
+
+Behind a real TorchServe, what the router adds is a fraction of a millisecond inside
+answers of several milliseconds that vary by more than that from run to run. Here a
+stand-in (standin.py) answers in place of TorchServe, at once or in batches as a GPU
+does, and direct and routed runs alternate, so the router's added latency, its share of
+direct's throughput and its CPU per request stand out. The stand-in and the load run on
+one half of the CPUs, the router on the other. Written as benchmarks/results/router-hop.json
+and docs/benchmarks-router-hop.md (with --out DIR, under DIR).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import RouterProcessRunner
+from benchmarks.speed.cli import metadata
+from benchmarks.speed.cpu import pin, process_cpu
+from benchmarks.speed.loadgen import HttpLoad
+from benchmarks.speed.scenarios import summarize
+from benchmarks.speed.workload import ROOT
+from tsfleet.manifest import load_fleet
+from tsfleet.properties import Endpoints
+from tsfleet.router.processes import auto_processes
+
+BODY = b'{"text": "book me a flight to Rome"}'
+HEADERS = {"Content-Type": "application/json"}
+
+
+def _standin(port: int, batch_ms: float, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.speed.standin", str(port), str(batch_ms)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True)  # noqa: SIM115
+    if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"the stand-in upstream did not start (see {log})")
+    return proc
+
+
+def _cpu(pids: list[int]) -> float:
+    return sum(sum(process_cpu(pid)) for pid in pids)
+
+
+def measure(args: argparse.Namespace, work: Path, log=print) -> list[dict]:
+    """Every (upstream batch, router processes, clients) row: direct and routed, interleaved."""
+    load = HttpLoad(args.load)
+    cpus = sorted(os.sched_getaffinity(0))
+    near, far = (set(cpus[:len(cpus) // 2]), set(cpus[len(cpus) // 2:])) if len(cpus) > 1 else (set(cpus),) * 2
+    pin(os.getpid(), near)  # this process and the load it starts: beside the stand-in
+    model = next(iter(load_fleet(ROOT / "fleet.yaml").models))
+    rows = []
+    for batch_ms in args.batch_ms:
+        ep = Endpoints.on_free_ports()
+        config = work / f"config-{batch_ms}.properties"
+        config.write_text(f"inference_address=http://127.0.0.1:{ep.inference}\nmanagement_address="
+                          f"http://127.0.0.1:{ep.management}\nmetrics_address=http://127.0.0.1:{ep.metrics}\n"
+                          f"grpc_inference_port={ep.grpc_inference}\ngrpc_management_port={ep.grpc_management}\n")
+        standin = _standin(ep.inference, batch_ms, work / "standin.log")
+        try:
+            for processes in args.processes:
+                router = RouterProcessRunner(ROOT / "fleet.yaml", config, work, processes)
+                try:
+                    pids = router.pids()
+                    for pid in pids:
+                        pin(pid, far)
+                    urls = {"direct": f"http://127.0.0.1:{ep.inference}/predictions/{model}",
+                            "routed": f"{router.url}/predictions/{model}"}
+                    for clients in args.clients:
+                        rows.append(_row(load, urls, pids, clients, args, batch_ms, processes, log))
+                finally:
+                    router.stop()
+        finally:
+            standin.kill()
+            standin.wait()
+    return rows
+
+
+def _row(load: HttpLoad, urls: dict[str, str], pids: list[int], clients: int, args: argparse.Namespace,
+         batch_ms: float, processes: int, log) -> dict:
+    for url in urls.values():
+        load(url, [BODY], HEADERS, clients, args.warmup)
+    samples: dict[str, list] = {"direct": [], "routed": []}
+    cpu = requests = 0.0
+    for run in range(args.runs):
+        for name in ("direct", "routed") if run % 2 == 0 else ("routed", "direct"):
+            before = _cpu(pids)
+            sample = load(urls[name], [BODY], HEADERS, clients, args.seconds)
+            samples[name].append(sample)
+            if name == "routed":
+                cpu += _cpu(pids) - before
+                requests += sample.requests
+    direct, routed = summarize(samples["direct"]), summarize(samples["routed"])
+    row = {"batch_ms": batch_ms, "processes": processes, "clients": clients, "direct": direct, "routed": routed,
+           "ratio": round(routed["rps"] / direct["rps"], 3) if direct["rps"] else None,
+           "added_p50_ms": round(routed["p50_ms"] - direct["p50_ms"], 3),
+           "router_cpu_us_per_request": round(cpu / requests * 1e6, 1) if requests else None}
+    log(f"  batch {batch_ms:g} ms, {processes} process(es), c={clients:<3} direct {direct['rps']:8.0f} req/s "
+        f"p50 {direct['p50_ms']:6.2f} | routed {routed['rps']:8.0f} req/s p50 {routed['p50_ms']:6.2f} | "
+        f"ratio {row['ratio']} | router {row['router_cpu_us_per_request']} us/request")
+    return row
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| upstream | router processes | clients | direct req/s | routed req/s | ratio | direct p50 ms "
+             "| routed p50 ms | added p50 ms | router CPU us/request | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        upstream = "answers at once" if not r["batch_ms"] else f"batches every {r['batch_ms']:g} ms"
+        lines.append(f"| {upstream} | {r['processes']} | {r['clients']} | {r['direct']['rps']:.0f} | "
+                     f"{r['routed']['rps']:.0f} | {r['ratio']:.2f} | {r['direct']['p50_ms']:.2f} | "
+                     f"{r['routed']['p50_ms']:.2f} | {r['added_p50_ms']:+.2f} | {r['router_cpu_us_per_request']} | "
+                     f"{r['direct']['failed'] + r['routed']['failed']} |")
+    return lines
+
+
+def write(doc: dict, out: Path) -> list[Path]:
+    data = out / "benchmarks" / "results" / "router-hop.json"
+    text = out / "docs" / "benchmarks-router-hop.md"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    text.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text(json.dumps(doc, indent=1) + "\n")
+    meta = doc["meta"]
+    text.write_text("\n".join([
+        "# The router's own cost per request", "",
+        f"Written by `{meta['command']}` on {meta['date']}: {meta['cpu_count']} CPUs ({meta['cpu_model']}), "
+        f"Python {meta['python']}, HTTP load from **{meta['load_tool']}**, {meta['runs']} run(s) of "
+        f"{meta['seconds']:g} s per figure (medians), direct and routed runs alternating. Data: "
+        "`benchmarks/results/router-hop.json`.", "",
+        "A stand-in (`benchmarks/speed/standin.py`) answers in place of TorchServe with TorchServe's headers "
+        "and no model work: at once, or in batches as TorchServe on a GPU does (every request waiting when a "
+        "batch window ends is answered at once). The stand-in and the load run on one half of the CPUs, the "
+        "router on the other. Behind batches, each answer waits for the router to pass on the ones before it, "
+        "so the router's CPU per request, times the batch, is what it adds.", "",
+        *table(doc["rows"]), ""]))
+    return [data, text]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed.hop", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--batch-ms", type=float, nargs="+", default=[0, 4],
+                        help="the stand-in's batch window; 0 answers at once")
+    parser.add_argument("--processes", nargs="+", default=["auto"], help="router process counts, or auto")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds in all, for CI")
+    parser.add_argument("--out", type=Path, default=ROOT, help="write docs/ and benchmarks/results/ under here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.clients, args.batch_ms, args.runs, args.seconds, args.warmup = [4], [0, 2], 1, 0.5, 0.3
+    asked = args.processes
+    try:
+        args.processes = sorted({auto_processes() if n == "auto" else max(1, int(n)) for n in args.processes})
+    except ValueError:
+        parser.error(f"--processes: expected auto or counts, got {' '.join(args.processes)}")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tsfleet-bench-hop-") as tmp:
+        rows = measure(args, Path(tmp), log=lambda line: print(line, flush=True))
+    command = "python -m benchmarks.speed.hop" + (" --smoke" if args.smoke else "") + (
+        " --processes " + " ".join(asked) if asked != ["auto"] else "")
+    doc = {"meta": {**metadata("hop"), "load_tool": HttpLoad(args.load).tool, "runs": args.runs,
+                    "seconds": args.seconds, "duration_s": round(time.monotonic() - started, 1), "command": command},
+           "rows": rows}
+    for path in write(doc, args.out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
