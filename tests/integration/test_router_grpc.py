@@ -184,6 +184,8 @@ def test_errors_pass_through_unchanged(router, direct, auth, case: str) -> None:
         with pytest.raises(grpc.RpcError) as r:
             list(router.stub.StreamPredictions(req, metadata=md, timeout=30))
         assert (r.value.code(), r.value.details()) == (d.value.code(), d.value.details())
+    # A made-up model or version is not an arm: no series of its own in /metrics.
+    assert all(m != "no-such-model" and v != "9.9" for m, v in router.table.stats)
 
 
 def test_a_stream_to_a_model_that_does_not_stream_is_one_answer_and_kills_no_worker(router, auth, server) -> None:

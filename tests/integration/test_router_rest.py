@@ -116,6 +116,8 @@ def test_malformed_requests_get_the_same_4xx_as_torchserve(router, client, serve
     routed = router.post(path, payload, hdrs)
     assert 400 <= direct.status_code < 500
     assert (routed.status_code, routed.json()) == (direct.status_code, direct.json())
+    metrics = requests.get(router.url + "/metrics", timeout=10).text
+    assert 'model="no-such-model"' not in metrics and 'version="9.9"' not in metrics  # made-up names: no series
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/no-such-path"), ("POST", "/predictions"),

@@ -48,9 +48,13 @@ def _retryable(code: int, message: str) -> bool:
                            or (code == UNAVAILABLE and FROM_TORCHSERVE not in message))
 
 
+def _not_found(message: str) -> bool:  # not an arm: recorded, it would add a /metrics series per made-up name
+    return any(m in message for m in NOT_FOUND)
+
+
 def _server_side(code: int, message: str) -> bool:
     # A dropped request is the arm's failure whatever the code (RESOURCE_EXHAUSTED after a SIGKILL).
-    return any(m in message for m in DROPPED) or (code in SERVER_SIDE and not any(m in message for m in NOT_FOUND))
+    return any(m in message for m in DROPPED) or (code in SERVER_SIDE and not _not_found(message))
 
 
 def _varint(n: int) -> bytes:
@@ -232,7 +236,8 @@ class GrpcRouter:
                 continue
             break
         ok = code == OK or not _server_side(code, message)
-        event = self.table.record(model, version, ok, time.perf_counter() - started, retried)
+        event = None if _not_found(message) else self.table.record(model, version, ok,
+                                                                   time.perf_counter() - started, retried)
         if event:
             log.warning("rolled back %s %s: %s", model, event["version"], event["reason"])
         self._send(conn, call, up, version, message)
@@ -261,8 +266,9 @@ class GrpcRouter:
                 relay.fail(UNAVAILABLE, self._unreachable(exc))
                 return
             code, message = up.status()
-            self.table.record(model, version, code == OK or not _server_side(code, message),
-                              time.perf_counter() - started, attempt > 0)
+            if not _not_found(message):
+                self.table.record(model, version, code == OK or not _server_side(code, message),
+                                  time.perf_counter() - started, attempt > 0)
             return
 
     async def _relay(self, conn: ServerConnection, call: ServerCall) -> None:

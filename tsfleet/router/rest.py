@@ -159,7 +159,10 @@ class RestRouter:
 
     def _answered(self, request: Request, reply: Reply, model: str, choice: Choice, version: str | None,
                   status: int, data: bytes, headers: list[bytes], started: float, retried: bool) -> None:
-        event = self.table.record(model, version, status < 500, time.perf_counter() - started, retried)
+        # TorchServe's 404 is no such model or version: not an arm. Counting it would give
+        # /metrics a new series for every name a client makes up.
+        event = self.table.record(model, version, status < 500, time.perf_counter() - started,
+                                  retried) if status != 404 else None
         if event:
             log.warning("rolled back %s %s: %s", model, event["version"], event["reason"])
         if choice.shadow and status < 500:
