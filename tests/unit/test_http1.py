@@ -204,6 +204,7 @@ def test_pool_reads_length_chunked_and_until_close_answers_and_reuses_connection
     async def test(pool: UpstreamPool) -> None:
         first = await pool.request("POST", "/a", [], b"xyz")
         assert (first.status, first.body, first.headers) == (200, b"ok", [b"X-A: 1"])
+        assert [conn.message for conn in pool._idle] == [b""]  # a kept connection holds no old request
         assert (await pool.request("GET", "/b", [], b"")).body == b"{}abc"
         last = await pool.request("GET", "/c", [], b"")
         assert (last.status, last.body, last.keep_alive) == (404, b"rest of it", False)

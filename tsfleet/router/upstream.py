@@ -183,6 +183,7 @@ class UpstreamPool:
                 return
             _call(done, None, exc)
             return
+        conn.message = b""  # kept only for a resend; an idle connection must not hold a 16 MiB body
         if resp.keep_alive and not conn.closed and len(self._idle) < self.max_idle:  # type: ignore[union-attr]
             self._idle.append(conn)
         elif conn.transport is not None:
