@@ -160,14 +160,14 @@ class GrpcRouter:
         conn = await self.pool.connection()
         up = conn.start(headers, data, True, sink)
         call.upstream = (conn, up.id)
-        timer = None if timeout is None else asyncio.get_running_loop().call_later(
-            timeout, lambda: conn.fail(up.id, UpstreamGone(f"no answer within {timeout:.1f} s"), reset=True))
+        if timeout is not None:
+            self.pool.expire_after(conn, up.id, timeout)
         try:
             await up.done
         finally:
             call.upstream = None
-            if timer is not None:
-                timer.cancel()
+            if timeout is not None:
+                self.pool.settled(conn, up.id)
         return up
 
     def _unreachable(self, exc: Exception) -> str:
