@@ -197,7 +197,7 @@ class UpstreamPool:
         for conn in timed:
             if conn.deadline <= now:  # type: ignore[operator]
                 conn.fail(asyncio.TimeoutError())
-        if any(conn.deadline is not None for conn in self._busy):
+        if self._sweeper is None and any(conn.deadline is not None for conn in self._busy):
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
 
     def close(self) -> None:
