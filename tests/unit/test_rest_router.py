@@ -1,0 +1,99 @@
+"""The REST router's retries over real loopback sockets, against a scripted upstream: a job
+TorchServe silently lost (never answered) and a request a dying worker dropped are each
+retried once, and the client sees only the answer. TorchServe itself is in
+tests/integration/test_router_rest.py."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tsfleet.router.rest import RestRouter
+from tsfleet.router.routing import Route, RoutingTable
+
+DIED = b'{"code": 500, "type": "InternalServerError", "message": "Worker died."}'
+
+
+class Upstream:
+    """Answers each request with its path, unless told to lose or fail the next one."""
+
+    def __init__(self) -> None:
+        self.plan: list[str] = []  # "lose" or "die", for the next requests in turn
+        self.paths: list[str] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length")), 0)
+            await reader.readexactly(length)
+            path = head.split(b" ")[1].decode()
+            self.paths.append(path)
+            action = self.plan.pop(0) if self.plan else "answer"
+            if action == "lose":
+                continue  # as TorchServe with a job its dead worker held: no answer, ever
+            status, body = (b"500 Internal Server Error", DIED) if action == "die" else (b"200 OK", path.encode())
+            writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+        writer.close()
+
+
+async def _post(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST %s HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}" % path.encode())
+    head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+    body = await reader.readexactly(int(headers["content-length"]))
+    writer.close()
+    return int(head[0].split()[1]), headers, body
+
+
+def run(test) -> None:
+    async def main() -> None:
+        upstream = Upstream()
+        server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+        table = RoutingTable({"m": Route("m", "1.0", {"1.0": 90.0, "1.1": 10.0})})
+        router = RestRouter(table, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", min_attempt_s=0.3)
+        port = await router.start("127.0.0.1", 0)
+        try:
+            await asyncio.wait_for(test(router, port, upstream, table), 20)
+        finally:
+            await router.stop()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_a_lost_job_is_retried_after_many_times_the_arm_s_p99() -> None:
+    async def test(router: RestRouter, port: int, upstream: Upstream, table: RoutingTable) -> None:
+        for _ in range(30):  # enough answers for a p99 (of about a millisecond)
+            assert (await _post(port, "/predictions/m/1.0"))[0] == 200
+        deadline = time.monotonic() + 5
+        while router.attempt_timeout("m", "1.0") > 0.3:  # the window's figures are a quarter second old at most
+            assert time.monotonic() < deadline, "the attempt timeout never came down to its floor"
+            await asyncio.sleep(0.05)
+        upstream.plan = ["lose"]
+        started = time.monotonic()
+        status, headers, body = await _post(port, "/predictions/m/1.0")
+        waited = time.monotonic() - started
+        assert (status, body, headers["x-model-version"]) == (200, b"/predictions/m/1.0", "1.0")
+        assert 0.3 <= waited < 5  # given up on at its deadline, then answered by the retry
+        assert table.stats[("m", "1.0")].retries == 1
+        assert upstream.paths[-2:] == ["/predictions/m/1.0"] * 2
+
+    run(test)
+
+
+def test_a_dropped_request_on_the_candidate_is_retried_on_the_baseline() -> None:
+    async def test(router: RestRouter, port: int, upstream: Upstream, table: RoutingTable) -> None:
+        table.set_weights("m", {"1.0": 50, "1.1": 50})  # round robin starts on the candidate (ties: 1.1)
+        upstream.plan = ["die"]
+        status, headers, body = await _post(port, "/predictions/m")
+        assert (status, body, headers["x-model-version"]) == (200, b"/predictions/m/1.0", "1.0")
+        assert upstream.paths == ["/predictions/m/1.1", "/predictions/m/1.0"]
+        assert (table.stats[("m", "1.1")].errors, table.stats[("m", "1.0")].retries) == (1, 1)
+        following = [await _post(port, "/predictions/m") for _ in range(2)]  # and the split goes on
+        assert {(status, headers["x-model-version"]) for status, headers, _ in following} == {(200, "1.0"), (200, "1.1")}
+
+    run(test)
