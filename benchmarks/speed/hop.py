@@ -23,6 +23,7 @@ from benchmarks.harness import RouterProcessRunner
 from benchmarks.speed.cli import metadata
 from benchmarks.speed.cpu import pin, process_cpu
 from benchmarks.speed.loadgen import HttpLoad
+from benchmarks.speed.plots import plot_hop
 from benchmarks.speed.scenarios import summarize
 from benchmarks.speed.workload import ROOT
 from tsfleet.manifest import load_fleet
@@ -121,6 +122,7 @@ def table(rows: list[dict]) -> list[str]:
 def write(doc: dict, out: Path) -> list[Path]:
     data = out / "benchmarks" / "results" / "router-hop.json"
     text = out / "docs" / "benchmarks-router-hop.md"
+    plot = plot_hop(doc["rows"], out / "docs" / "bench_router_hop.png")
     data.parent.mkdir(parents=True, exist_ok=True)
     text.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps(doc, indent=1) + "\n")
@@ -136,8 +138,8 @@ def write(doc: dict, out: Path) -> list[Path]:
         "batch window ends is answered at once). The stand-in and the load run on one half of the CPUs, the "
         "router on the other. Behind batches, each answer waits for the router to pass on the ones before it, "
         "so the router's CPU per request, times the batch, is what it adds.", "",
-        *table(doc["rows"]), ""]))
-    return [data, text]
+        *table(doc["rows"]), "", f"![router hop]({plot.name})", ""]))
+    return [data, text, plot]
 
 
 def main(argv: list[str] | None = None) -> None:

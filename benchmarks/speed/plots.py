@@ -34,3 +34,31 @@ def plot_model(model: str, entry: dict, path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_hop(rows: list[dict], path: Path) -> Path:
+    """The router hop benchmark: share of direct's throughput, added p50 and router CPU per
+    request against concurrency, one line per (upstream, process count)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    lines: dict[tuple[float, int], list[dict]] = {}
+    for row in rows:
+        lines.setdefault((row["batch_ms"], row["processes"]), []).append(row)
+    for (batch_ms, processes), points in sorted(lines.items()):
+        points.sort(key=lambda r: r["clients"])
+        label = ("answers at once" if not batch_ms else f"batches every {batch_ms:g} ms") + f", {processes} process(es)"
+        xs = [r["clients"] for r in points]
+        for ax, key in zip(axes, ("ratio", "added_p50_ms", "router_cpu_us_per_request")):
+            ax.plot(xs, [r[key] for r in points], marker="o", label=label)
+    axes[0].axhline(0.9, color="black", linestyle="--", label="the bar: 0.9 of direct")
+    for ax, title in zip(axes, ("routed / direct throughput", "added p50 (ms)", "router CPU per request (us)")):
+        ax.set_title(title)
+        ax.set_xlabel("concurrent clients")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7, loc="center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

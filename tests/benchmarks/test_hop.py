@@ -29,4 +29,6 @@ def test_smoke_run_measures_both_upstreams_and_writes_the_table(tmp_path: Path) 
     assert batched["direct"]["p50_ms"] >= 1.5  # the stand-in really held answers for its 2 ms window
     text = (tmp_path / "docs" / "benchmarks-router-hop.md").read_text()
     assert "| answers at once | 1 | 4 |" in text and "| batches every 2 ms | 1 | 4 |" in text
+    assert "![router hop](bench_router_hop.png)" in text
+    assert (tmp_path / "docs" / "bench_router_hop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert doc["meta"]["command"] == "python -m benchmarks.speed.hop --smoke --processes 1"
