@@ -100,7 +100,9 @@ class WorkerLifecycle:
         if self._handover_error:
             doc["handover_error"] = self._handover_error
         with self._report_lock:
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            # Per thread, not only per process: two handlers in one process (as in the unit
+            # tests) each hold their own lock, and a shared temp file made one's rename fail.
+            tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(doc))
             os.replace(tmp, self.path)
             self._last_report, self._reported = time.monotonic(), doc["requests"]
