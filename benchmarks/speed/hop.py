@@ -18,11 +18,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.harness import RouterProcessRunner
 from benchmarks.speed.cli import metadata
 from benchmarks.speed.cpu import pin, process_cpu
-from benchmarks.speed.loadgen import HttpLoad
+from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc
 from benchmarks.speed.plots import plot_hop
 from benchmarks.speed.scenarios import summarize
 from benchmarks.speed.workload import ROOT
@@ -34,8 +35,8 @@ BODY = b'{"text": "book me a flight to Rome"}'
 HEADERS = {"Content-Type": "application/json"}
 
 
-def _standin(port: int, batch_ms: float, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.speed.standin", str(port), str(batch_ms)],
+def _standin(port: int, batch_ms: float, grpc_port: int, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.speed.standin", str(port), str(batch_ms), str(grpc_port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True)  # noqa: SIM115
     if proc.stdout is None or proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -47,8 +48,8 @@ def _cpu(pids: list[int]) -> float:
     return sum(sum(process_cpu(pid)) for pid in pids)
 
 
-def measure(args: argparse.Namespace, work: Path, log=print) -> list[dict]:
-    """Every (upstream batch, router processes, clients) row: direct and routed, interleaved."""
+def measure(args: argparse.Namespace, work: Path, log: Callable[[str], None] = print) -> list[dict]:
+    """Every (upstream batch, router processes, protocol, clients) row: direct and routed, interleaved."""
     load = HttpLoad(args.load)
     cpus = sorted(os.sched_getaffinity(0))
     near, far = (set(cpus[:len(cpus) // 2]), set(cpus[len(cpus) // 2:])) if len(cpus) > 1 else (set(cpus),) * 2
@@ -61,7 +62,7 @@ def measure(args: argparse.Namespace, work: Path, log=print) -> list[dict]:
         config.write_text(f"inference_address=http://127.0.0.1:{ep.inference}\nmanagement_address="
                           f"http://127.0.0.1:{ep.management}\nmetrics_address=http://127.0.0.1:{ep.metrics}\n"
                           f"grpc_inference_port={ep.grpc_inference}\ngrpc_management_port={ep.grpc_management}\n")
-        standin = _standin(ep.inference, batch_ms, work / "standin.log")
+        standin = _standin(ep.inference, batch_ms, ep.grpc_inference, work / "standin.log")
         try:
             for processes in args.processes:
                 router = RouterProcessRunner(ROOT / "fleet.yaml", config, work, processes)
@@ -69,10 +70,19 @@ def measure(args: argparse.Namespace, work: Path, log=print) -> list[dict]:
                     pids = router.pids()
                     for pid in pids:
                         pin(pid, far)
-                    urls = {"direct": f"http://127.0.0.1:{ep.inference}/predictions/{model}",
-                            "routed": f"{router.url}/predictions/{model}"}
-                    for clients in args.clients:
-                        rows.append(_row(load, urls, pids, clients, args, batch_ms, processes, log))
+                    targets = {
+                        "REST": ({"direct": f"http://127.0.0.1:{ep.inference}/predictions/{model}",
+                                  "routed": f"{router.url}/predictions/{model}"},
+                                 lambda url, c, secs: load(url, [BODY], HEADERS, c, secs)),
+                        "gRPC": ({"direct": f"127.0.0.1:{ep.grpc_inference}", "routed": router.grpc},
+                                 lambda target, c, secs: run_grpc(target, model, [BODY], "-", c, secs)),
+                    }
+                    for protocol in args.protocols:
+                        urls, run = targets[protocol]
+                        for clients in args.clients:
+                            rows.append({"protocol": protocol, "batch_ms": batch_ms, "processes": processes,
+                                         **_row(run, urls, pids, clients, args)})
+                            log(f"  {protocol:<4} batch {batch_ms:g} ms, {processes} process(es), " + _line(rows[-1]))
                 finally:
                     router.stop()
         finally:
@@ -81,38 +91,41 @@ def measure(args: argparse.Namespace, work: Path, log=print) -> list[dict]:
     return rows
 
 
-def _row(load: HttpLoad, urls: dict[str, str], pids: list[int], clients: int, args: argparse.Namespace,
-         batch_ms: float, processes: int, log) -> dict:
+def _row(run: Callable[[str, int, float], Sample], urls: dict[str, str], pids: list[int], clients: int,
+         args: argparse.Namespace) -> dict:
     for url in urls.values():
-        load(url, [BODY], HEADERS, clients, args.warmup)
+        run(url, clients, args.warmup)
     samples: dict[str, list] = {"direct": [], "routed": []}
     cpu = requests = 0.0
-    for run in range(args.runs):
-        for name in ("direct", "routed") if run % 2 == 0 else ("routed", "direct"):
+    for n in range(args.runs):
+        for name in ("direct", "routed") if n % 2 == 0 else ("routed", "direct"):
             before = _cpu(pids)
-            sample = load(urls[name], [BODY], HEADERS, clients, args.seconds)
+            sample = run(urls[name], clients, args.seconds)
             samples[name].append(sample)
             if name == "routed":
                 cpu += _cpu(pids) - before
                 requests += sample.requests
     direct, routed = summarize(samples["direct"]), summarize(samples["routed"])
-    row = {"batch_ms": batch_ms, "processes": processes, "clients": clients, "direct": direct, "routed": routed,
-           "ratio": round(routed["rps"] / direct["rps"], 3) if direct["rps"] else None,
-           "added_p50_ms": round(routed["p50_ms"] - direct["p50_ms"], 3),
-           "router_cpu_us_per_request": round(cpu / requests * 1e6, 1) if requests else None}
-    log(f"  batch {batch_ms:g} ms, {processes} process(es), c={clients:<3} direct {direct['rps']:8.0f} req/s "
-        f"p50 {direct['p50_ms']:6.2f} | routed {routed['rps']:8.0f} req/s p50 {routed['p50_ms']:6.2f} | "
-        f"ratio {row['ratio']} | router {row['router_cpu_us_per_request']} us/request")
-    return row
+    return {"clients": clients, "direct": direct, "routed": routed,
+            "ratio": round(routed["rps"] / direct["rps"], 3) if direct["rps"] else None,
+            "added_p50_ms": round(routed["p50_ms"] - direct["p50_ms"], 3),
+            "router_cpu_us_per_request": round(cpu / requests * 1e6, 1) if requests else None}
+
+
+def _line(row: dict) -> str:
+    direct, routed = row["direct"], row["routed"]
+    return (f"c={row['clients']:<3} direct {direct['rps']:8.0f} req/s p50 {direct['p50_ms']:6.2f} | routed "
+            f"{routed['rps']:8.0f} req/s p50 {routed['p50_ms']:6.2f} | ratio {row['ratio']} | router "
+            f"{row['router_cpu_us_per_request']} us/request")
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| upstream | router processes | clients | direct req/s | routed req/s | ratio | direct p50 ms "
-             "| routed p50 ms | added p50 ms | router CPU us/request | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| protocol | upstream | router processes | clients | direct req/s | routed req/s | ratio "
+             "| direct p50 ms | routed p50 ms | added p50 ms | router CPU us/request | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         upstream = "answers at once" if not r["batch_ms"] else f"batches every {r['batch_ms']:g} ms"
-        lines.append(f"| {upstream} | {r['processes']} | {r['clients']} | {r['direct']['rps']:.0f} | "
+        lines.append(f"| {r['protocol']} | {upstream} | {r['processes']} | {r['clients']} | {r['direct']['rps']:.0f} | "
                      f"{r['routed']['rps']:.0f} | {r['ratio']:.2f} | {r['direct']['p50_ms']:.2f} | "
                      f"{r['routed']['p50_ms']:.2f} | {r['added_p50_ms']:+.2f} | {r['router_cpu_us_per_request']} | "
                      f"{r['direct']['failed'] + r['routed']['failed']} |")
@@ -130,11 +143,12 @@ def write(doc: dict, out: Path) -> list[Path]:
     text.write_text("\n".join([
         "# The router's own cost per request", "",
         f"Written by `{meta['command']}` on {meta['date']}: {meta['cpu_count']} CPUs ({meta['cpu_model']}), "
-        f"Python {meta['python']}, HTTP load from **{meta['load_tool']}**, {meta['runs']} run(s) of "
+        f"Python {meta['python']}, REST load from **{meta['load_tool']}**, gRPC load from an asyncio client "
+        f"(4 connections per target), {meta['runs']} run(s) of "
         f"{meta['seconds']:g} s per figure (medians), direct and routed runs alternating. Data: "
         "`benchmarks/results/router-hop.json`.", "",
-        "A stand-in (`benchmarks/speed/standin.py`) answers in place of TorchServe with TorchServe's headers "
-        "and no model work: at once, or in batches as TorchServe on a GPU does (every request waiting when a "
+        "A stand-in (`benchmarks/speed/standin.py`) answers in place of TorchServe, REST with TorchServe's "
+        "headers and gRPC over the router's own HTTP/2, with no model work: at once, or in batches as TorchServe on a GPU does (every request waiting when a "
         "batch window ends is answered at once). The stand-in and the load run on one half of the CPUs, the "
         "router on the other. Behind batches, each answer waits for the router to pass on the ones before it, "
         "so the router's CPU per request, times the batch, is what it adds.", "",
@@ -149,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-ms", type=float, nargs="+", default=[0, 4],
                         help="the stand-in's batch window; 0 answers at once")
     parser.add_argument("--processes", nargs="+", default=["auto"], help="router process counts, or auto")
+    parser.add_argument("--protocols", nargs="+", choices=("REST", "gRPC"), default=["REST", "gRPC"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=1.0)

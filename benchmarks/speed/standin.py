@@ -1,19 +1,26 @@
-"""A stand-in for TorchServe's inference port that does no model work, so that the router's
+"""A stand-in for TorchServe's inference ports that does no model work, so that the router's
 own cost per request can be measured (benchmarks/speed/hop.py).
 
-It answers every request with a small JSON body under TorchServe's usual headers. With
-``batch_ms`` 0 it answers at once; otherwise as TorchServe on a GPU does: the first waiting
-request starts a ``batch_ms`` timer, and when it ends every waiting request is answered at
-once. That burst is what makes the router's cost per answer add up (each answer waits for
-the ones before it).
+It answers every REST request with a small JSON body under TorchServe's usual headers, and
+every gRPC call (over the router's own HTTP/2, tsfleet/router/grpc_wire.py) with a small
+PredictionResponse. With ``batch_ms`` 0 it answers at once; otherwise as TorchServe on a
+GPU does: the first waiting request starts a ``batch_ms`` timer, and when it ends every
+waiting request is answered at once. That burst is what makes the router's cost per
+answer add up (each answer waits for the ones before it).
 
-``python -m benchmarks.speed.standin PORT BATCH_MS``: prints "ready" once it listens.
+``python -m benchmarks.speed.standin PORT BATCH_MS [GRPC_PORT]``: prints "ready" once it
+listens.
 """
 from __future__ import annotations
 
 import asyncio
 import sys
 import uuid
+from typing import Callable
+
+from tsfleet.router.grpc_wire import GRPC_TYPE, OK, STATUS_OK, ServerCall, ServerConnection, frame_message, \
+    status_trailers
+from tsfleet.router.proto import inference_pb2 as pb
 
 BODY = b'{"label": "triangle", "score": 0.97}'
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: %s\r\nPragma: no-cache\r\n"
@@ -24,29 +31,44 @@ HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: %s\
 class StandIn:
     """Answers requests, at once or in batches of whatever is waiting every ``batch_s``."""
 
+    stopping = False  # as a gRPC dispatcher: never refuses a call
+    grpc_answer = frame_message(pb.PredictionResponse(prediction=BODY).SerializeToString())
+
     def __init__(self, batch_s: float):
         self.batch_s = batch_s
-        self.waiting: list[asyncio.Transport] = []
+        self.waiting: list[Callable[[], None]] = []
         self.timer: asyncio.TimerHandle | None = None
 
-    def answer(self, transport: asyncio.Transport) -> None:
+    def answer(self, send: Callable[[], None]) -> None:
         if self.batch_s <= 0:
-            transport.write(self._answer())
+            send()
             return
-        self.waiting.append(transport)
+        self.waiting.append(send)
         if self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(self.batch_s, self._flush)
 
     def _flush(self) -> None:
         self.timer = None
         waiting, self.waiting = self.waiting, []
-        for transport in waiting:
-            if not transport.is_closing():
-                transport.write(self._answer())
+        for send in waiting:
+            send()
 
-    @staticmethod
-    def _answer() -> bytes:
-        return HEAD % (str(uuid.uuid4()).encode(), len(BODY)) + BODY
+    def answer_rest(self, transport: asyncio.Transport) -> None:
+        def send() -> None:
+            if not transport.is_closing():
+                transport.write(HEAD % (str(uuid.uuid4()).encode(), len(BODY)) + BODY)
+        self.answer(send)
+
+    # gRPC: a Dispatcher of grpc_wire.ServerConnection
+    def opened(self, conn: ServerConnection, call: ServerCall) -> None:
+        pass
+
+    def ended(self, conn: ServerConnection, call: ServerCall) -> None:
+        def send() -> None:
+            if not conn.closed and not call.cancelled:
+                conn.send(call.id, [STATUS_OK, GRPC_TYPE], self.grpc_answer, status_trailers(OK, ""))
+            conn.finish(call)
+        self.answer(send)
 
 
 class _Connection(asyncio.Protocol):
@@ -66,26 +88,30 @@ class _Connection(asyncio.Protocol):
             if len(self.buf) < end + 4 + length:
                 return
             del self.buf[:end + 4 + length]
-            self.server.answer(self.transport)  # type: ignore[arg-type]
+            self.server.answer_rest(self.transport)  # type: ignore[arg-type]
 
 
-async def serve(port: int, batch_ms: float) -> None:
+async def serve(port: int, batch_ms: float, grpc_port: int | None = None) -> None:
     server = StandIn(batch_ms / 1000)
-    listener = await asyncio.get_running_loop().create_server(lambda: _Connection(server), "127.0.0.1", port,
-                                                              backlog=1024)
+    loop = asyncio.get_running_loop()
+    listeners = [await loop.create_server(lambda: _Connection(server), "127.0.0.1", port, backlog=1024)]
+    if grpc_port is not None:
+        calls: set[ServerConnection] = set()
+        listeners.append(await loop.create_server(lambda: ServerConnection(server, calls), "127.0.0.1", grpc_port,
+                                                  backlog=1024))
     print("ready", flush=True)
-    async with listener:
-        await listener.serve_forever()
+    await asyncio.gather(*(listener.serve_forever() for listener in listeners))
 
 
 def main(argv: list[str]) -> None:
     port, batch_ms = int(argv[0]), float(argv[1])
+    grpc_port = int(argv[2]) if len(argv) > 2 else None
     try:
         import uvloop  # as fast as the router's own loop, so the stand-in is never the bottleneck
     except ImportError:
-        asyncio.run(serve(port, batch_ms))
+        asyncio.run(serve(port, batch_ms, grpc_port))
     else:
-        uvloop.run(serve(port, batch_ms))
+        uvloop.run(serve(port, batch_ms, grpc_port))
 
 
 if __name__ == "__main__":
