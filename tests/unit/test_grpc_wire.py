@@ -259,6 +259,19 @@ def test_hpack_decoder_follows_the_peers_table_and_huffman_strings() -> None:
         Decoder().decode(b"\x00\x81\xff\x01a")  # a Huffman name that is all padding
 
 
+def test_a_remembered_header_block_is_decoded_again_once_the_table_changes() -> None:
+    decoder, first_dynamic = Decoder(), b"\xbe"  # index 62: the newest entry of the dynamic table
+    assert decoder.decode(b"\x40\x03x-a\x011") == [(b"x-a", b"1")]  # a literal added to the table
+    for _ in range(3):  # the same bytes again: from memory while the table stands still
+        assert decoder.decode(first_dynamic) == [(b"x-a", b"1")]
+    assert decoder.decode(b"\x40\x03x-b\x012") == [(b"x-b", b"2")]  # a new entry moves the old one to 63
+    assert decoder.decode(first_dynamic) == [(b"x-b", b"2")]
+    assert decoder.decode(b"\xbf") == [(b"x-a", b"1")]
+    assert decoder.decode(b"\x3f\x00") == []  # a table size update to 31 bytes: both entries evicted
+    with pytest.raises(HpackError):
+        decoder.decode(first_dynamic)
+
+
 def test_a_connection_that_does_not_speak_http2_is_closed_and_others_are_served() -> None:
     async def test(stub, upstream, table) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", channel_box[1])
