@@ -22,13 +22,18 @@ def plot_model(model: str, entry: dict, path: Path) -> Path:
         axes[0].axhline(limit["ceiling"], color="black", linestyle="--",
                         label=f"limit ({limit['processes']} processes x 1 thread, batch {limit['ceiling_batch']})")
     titles = (f"{model}: throughput ({entry.get('unit', 'items')}/s)", "p50 latency (ms)", "p99 latency (ms)")
+    axes[0].set_ylim(bottom=0)
+    return _save(fig, axes, titles, "lower right", path)
+
+
+def _save(fig: plt.Figure, axes: list, titles: tuple[str, ...], legend: str, path: Path) -> Path:
+    """Title each panel (concurrency on a log axis), put the legend on the first, write the PNG."""
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("concurrent clients")
         ax.set_xscale("log", base=2)
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylim(bottom=0)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc=legend)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -51,15 +56,7 @@ def plot_hop(rows: list[dict], path: Path) -> Path:
         for ax, key in zip(axes, ("ratio", "added_p50_ms", "router_cpu_us_per_request")):
             ax.plot(xs, [r[key] for r in points], marker="o", label=label)
     axes[0].axhline(0.9, color="black", linestyle="--", label="the bar: 0.9 of direct")
-    for ax, title in zip(axes, ("routed / direct throughput", "added p50 (ms)", "router CPU per request (us)")):
-        ax.set_title(title)
-        ax.set_xlabel("concurrent clients")
-        ax.set_xscale("log", base=2)
+    for ax in axes:
         ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7, loc="center")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, ("routed / direct throughput", "added p50 (ms)", "router CPU per request (us)"),
+                 "center", path)

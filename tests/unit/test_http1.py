@@ -17,9 +17,9 @@ async def echo(request: Request) -> Response:
     return Response(200, json.dumps(doc).encode(), [b"Content-Type: application/json"])
 
 
-def run(test: Callable[[int], Awaitable[None]], handler=echo, idle_timeout: float = 75.0) -> None:
+def run(test: Callable[[int], Awaitable[None]], handler=echo, idle_timeout: float = 75.0, fast=None) -> None:
     async def main() -> None:
-        listener = Listener(handler, max_body=1000, idle_timeout=idle_timeout)
+        listener = Listener(handler, max_body=1000, idle_timeout=idle_timeout, fast=fast)
         port = await listener.start("127.0.0.1", 0)
         try:
             await asyncio.wait_for(test(port), 10)
@@ -133,15 +133,7 @@ def test_a_fast_hook_answers_later_and_once_and_a_failing_one_is_a_500() -> None
         assert json.loads((await read_answer(reader))[2])["target"] == "/y"  # not the second reply
         writer.close()
 
-    async def main() -> None:
-        listener = Listener(echo, max_body=1000, fast=fast)
-        port = await listener.start("127.0.0.1", 0)
-        try:
-            await asyncio.wait_for(test(port), 10)
-        finally:
-            listener.close()
-
-    asyncio.run(main())
+    run(test, fast=fast)
 
 
 def test_a_connection_idle_past_the_timeout_is_closed_but_a_busy_one_is_not() -> None:
