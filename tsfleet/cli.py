@@ -239,26 +239,26 @@ def _admin(args: argparse.Namespace) -> "RouterAdmin":
 
 
 def _processes_arg(text: str) -> str:
-    """``auto`` or a count of at least 1, checked when the command line is read."""
-    if text != "auto" and not (text.isdigit() and int(text) >= 1):
-        raise argparse.ArgumentTypeError(f"expected auto or a count of at least 1, got {text!r}")
+    """``auto`` or a count of at least 1, checked when the command line is read (and passed
+    on as given: ``up`` hands it to ``route``)."""
+    from tsfleet.router.processes import process_count
+
+    try:
+        process_count(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
-
-
-def _process_count(text: str) -> int:
-    from tsfleet.router.processes import auto_processes
-
-    return auto_processes() if text == "auto" else int(text)
 
 
 def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
     from tsfleet.router.app import RouterConfig, serve
+    from tsfleet.router.processes import process_count
 
     ep = Endpoints.from_properties(Path(args.config)) if Path(args.config).is_file() else Endpoints()
     serve(fleet, RouterConfig(upstream_rest=ep.url("inference"), upstream_grpc=f"{ep.host}:{ep.grpc_inference}",
                               port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port,
                               state_file=Path(args.state_file), key_file=Path(args.router_key_file),
-                              processes=_process_count(args.processes)), _say)
+                              processes=process_count(args.processes)), _say)
     return 0
 
 

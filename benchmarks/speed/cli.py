@@ -19,7 +19,7 @@ from benchmarks.speed.fleets import Serve
 from benchmarks.speed.processes import run_processes
 from benchmarks.speed.scenarios import ALL, Options, run_all
 from benchmarks.speed.workload import ROOT
-from tsfleet.router.processes import auto_processes
+from tsfleet.router.processes import process_count
 
 SWEEP_FULL = {
     "text-embedder": [Serve(8, 5, 2, 1), Serve(16, 10, 2, 1), Serve(4, 2, 2, 1), Serve(16, 5, 1, 2)],
@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.scenarios or args.split_cores:
         cfg["scenarios"] = set(args.scenarios or SPLIT_SCENARIOS)
     try:
-        counts = sorted({auto_processes() if n == "auto" else max(1, int(n)) for n in args.router_processes})
-    except ValueError:
-        parser.error(f"--router-processes: expected auto or counts, got {' '.join(args.router_processes)}")
+        counts = sorted({process_count(n) for n in args.router_processes})
+    except ValueError as exc:
+        parser.error(f"--router-processes: {exc}")
     sweep_processes = len(counts) > 1
     if args.no_sweep or args.split_cores or sweep_processes:
         cfg["sweep"] = {m: c[:1] for m, c in cfg["sweep"].items()}

@@ -29,7 +29,7 @@ from benchmarks.speed.scenarios import summarize
 from benchmarks.speed.workload import ROOT
 from tsfleet.manifest import load_fleet
 from tsfleet.properties import Endpoints
-from tsfleet.router.processes import auto_processes
+from tsfleet.router.processes import process_count
 
 BODY = b'{"text": "book me a flight to Rome"}'
 HEADERS = {"Content-Type": "application/json"}
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         args.clients, args.batch_ms, args.runs, args.seconds, args.warmup = [4], [0, 2], 1, 0.5, 0.3
     asked = args.processes
     try:
-        args.processes = sorted({auto_processes() if n == "auto" else max(1, int(n)) for n in args.processes})
-    except ValueError:
-        parser.error(f"--processes: expected auto or counts, got {' '.join(args.processes)}")
+        args.processes = sorted({process_count(n) for n in args.processes})
+    except ValueError as exc:
+        parser.error(f"--processes: {exc}")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tsfleet-bench-hop-") as tmp:
         rows = measure(args, Path(tmp), log=lambda line: print(line, flush=True))

@@ -71,6 +71,15 @@ def auto_processes(cpus: int | None = None) -> int:
     return max(1, min(AUTO_MAX, (usable_cpus() if cpus is None else cpus) // 4))
 
 
+def process_count(text: str) -> int:
+    """``--processes`` as given: ``auto`` (auto_processes) or a count of at least 1."""
+    if text == "auto":
+        return auto_processes()
+    if not (text.isdigit() and int(text) >= 1):
+        raise ValueError(f"expected auto or a count of at least 1, got {text!r}")
+    return int(text)
+
+
 def _encode(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
