@@ -12,12 +12,12 @@ import zlib
 from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
+from tsfleet.router.deadlines import Deadlines
 from tsfleet.router.http2 import (CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM,
                                   Http2Connection, ProtocolError)
 from tsfleet.router.hpack_codec import Header
 
 CONNECT_TIMEOUT_S = 5.0
-SWEEP_S = 0.05  # how often calls past their deadline are looked for
 OK, UNKNOWN, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 2, 8, 12, 13, 14
 STATUS_OK = (b":status", b"200")
 GRPC_TYPE = (b"content-type", b"application/grpc")
@@ -291,29 +291,15 @@ class UpstreamPool:
         self.authority = f"{host}:{port}".encode()
         self.conn: UpstreamConnection | None = None
         self._connecting: asyncio.Task | None = None
-        self._deadlines: dict[tuple[UpstreamConnection, int], tuple[float, float]] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines: Deadlines[tuple[UpstreamConnection, int]] = Deadlines(
+            lambda call: call[0].fail(call[1], UpstreamGone("no answer within the attempt's deadline"), reset=True))
 
     def expire_after(self, conn: UpstreamConnection, stream: int, timeout: float) -> None:
-        """Fail (and reset) call ``stream`` of ``conn`` unless ``settled`` within ``timeout`` s.
-        One sweep every SWEEP_S serves every call: a timer each cost ~6 us to arm and cancel."""
-        loop = asyncio.get_running_loop()
-        self._deadlines[(conn, stream)] = (loop.time() + timeout, timeout)
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(SWEEP_S, self._sweep)
+        """Fail (and reset) call ``stream`` of ``conn`` unless ``settled`` within ``timeout`` s."""
+        self._deadlines.add((conn, stream), asyncio.get_running_loop().time() + timeout)
 
     def settled(self, conn: UpstreamConnection, stream: int) -> None:
-        self._deadlines.pop((conn, stream), None)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        now = asyncio.get_running_loop().time()
-        for (conn, stream), (deadline, timeout) in list(self._deadlines.items()):
-            if deadline <= now:
-                del self._deadlines[(conn, stream)]
-                conn.fail(stream, UpstreamGone(f"no answer within {timeout:.1f} s"), reset=True)
-        if self._deadlines:
-            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+        self._deadlines.discard((conn, stream))
 
     async def connection(self) -> UpstreamConnection:
         conn = self.conn
@@ -340,9 +326,7 @@ class UpstreamPool:
             self.conn = None
 
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self._deadlines.close()
         if self.conn is not None:
             self.conn.close()
             self.conn = None

@@ -3,9 +3,9 @@
 TorchServe on a GPU answers a whole batch at once, and the router then passes those
 answers on one after another: every microsecond it spends per answer is paid again by
 each answer behind it in the batch. So an exchange here costs no task, future or timer of
-its own: the answer is parsed and handed on in the same callback that read it, and one
-sweep every ``SWEEP_S`` ends the exchanges that ran past their deadline (a timer per
-request cost ~6 us to arm and cancel). ``request`` wraps it for code that awaits.
+its own: the answer is parsed and handed on in the same callback that read it, and
+deadlines.py ends the exchanges that ran past their deadline. ``request`` wraps it for
+code that awaits.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import logging
 import ssl as ssl_module
 from typing import Callable
 
+from tsfleet.router.deadlines import Deadlines
 from tsfleet.router.http1 import HttpError, Response, _Body, _body_mode, _parse_head
 
 log = logging.getLogger(__name__)
-SWEEP_S = 0.05
 # done(answer, None) or done(None, error): UpstreamError, or asyncio.TimeoutError.
 Done = Callable[[Response | None, BaseException | None], None]
 
@@ -125,7 +125,7 @@ class UpstreamPool:
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self._tasks: set[asyncio.Task] = set()
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines: Deadlines[_Connection] = Deadlines(lambda conn: conn.fail(asyncio.TimeoutError()))
 
     def start(self, method: str, target: str, headers: list[bytes], body: bytes, timeout: float | None,
               done: Done) -> None:
@@ -171,11 +171,12 @@ class UpstreamPool:
     def _begin(self, conn: _Connection, message: bytes, head_only: bool, deadline: float | None, done: Done) -> None:
         self._busy.add(conn)
         conn.begin(message, head_only, deadline, done)
-        if deadline is not None and self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
+        if deadline is not None:
+            self._deadlines.add(conn, deadline)
 
     def _finished(self, conn: _Connection, resp: Response | None, exc: BaseException | None, done: Done) -> None:
         self._busy.discard(conn)
+        self._deadlines.discard(conn)
         if exc is not None:
             if isinstance(exc, UpstreamError) and conn.reused and not conn.received:
                 # The server had closed an idle connection: not this request's fault.
@@ -190,20 +191,8 @@ class UpstreamPool:
             conn.transport.close()
         _call(done, resp, None)
 
-    def _sweep(self) -> None:
-        self._sweeper = None
-        now = asyncio.get_running_loop().time()
-        timed = [conn for conn in self._busy if conn.deadline is not None]
-        for conn in timed:
-            if conn.deadline <= now:  # type: ignore[operator]
-                conn.fail(asyncio.TimeoutError())
-        if self._sweeper is None and any(conn.deadline is not None for conn in self._busy):
-            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_S, self._sweep)
-
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self._deadlines.close()
         for task in self._tasks:
             task.cancel()
         for conn in [*self._idle, *self._busy]:

@@ -1,0 +1,32 @@
+"""The shared deadline sweep of the router's upstream pools (tsfleet/router/deadlines.py)."""
+from __future__ import annotations
+
+import asyncio
+
+from tsfleet.router.deadlines import SWEEP_S, Deadlines
+
+
+def test_each_key_expires_once_after_its_time_and_a_discarded_one_never() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        expired: list[str] = []
+
+        def expire(key: str) -> None:
+            expired.append(key)
+            if key == "a":  # an expiry that starts another watch (a retry) re-arms the sweep
+                deadlines.add("retry", loop.time() + 0.1)
+
+        deadlines: Deadlines[str] = Deadlines(expire)
+        now = loop.time()
+        deadlines.add("a", now + 0.1)
+        deadlines.add("b", now + 0.1)
+        deadlines.add("later", now + 60)
+        deadlines.discard("b")
+        deadline = now + 5
+        while "retry" not in expired:
+            assert loop.time() < deadline, f"expired so far: {expired}"
+            await asyncio.sleep(SWEEP_S)
+        assert expired == ["a", "retry"]  # b was discarded; later is not due
+        deadlines.close()
+
+    asyncio.run(main())
