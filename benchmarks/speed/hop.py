@@ -36,8 +36,9 @@ HEADERS = {"Content-Type": "application/json"}
 
 
 def _standin(port: int, batch_ms: float, grpc_port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.speed.standin", str(port), str(batch_ms), str(grpc_port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True)  # noqa: SIM115
+    with open(log, "ab") as errors:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.speed.standin", str(port), str(batch_ms),
+                                 str(grpc_port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, text=True)
     if proc.stdout is None or proc.stdout.readline().strip() != "ready":
         proc.kill()
         raise RuntimeError(f"the stand-in upstream did not start (see {log})")
@@ -48,9 +49,8 @@ def _cpu(pids: list[int]) -> float:
     return sum(sum(process_cpu(pid)) for pid in pids)
 
 
-def measure(args: argparse.Namespace, work: Path, log: Callable[[str], None] = print) -> list[dict]:
+def measure(args: argparse.Namespace, load: HttpLoad, work: Path, log: Callable[[str], None] = print) -> list[dict]:
     """Every (upstream batch, router processes, protocol, clients) row: direct and routed, interleaved."""
-    load = HttpLoad(args.load)
     cpus = sorted(os.sched_getaffinity(0))
     near, far = (set(cpus[:len(cpus) // 2]), set(cpus[len(cpus) // 2:])) if len(cpus) > 1 else (set(cpus),) * 2
     pin(os.getpid(), near)  # this process and the load it starts: beside the stand-in
@@ -178,12 +178,13 @@ def main(argv: list[str] | None = None) -> None:
         args.processes = sorted({process_count(n) for n in args.processes})
     except ValueError as exc:
         parser.error(f"--processes: {exc}")
+    load = HttpLoad(args.load)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tsfleet-bench-hop-") as tmp:
-        rows = measure(args, Path(tmp), log=lambda line: print(line, flush=True))
+        rows = measure(args, load, Path(tmp), log=lambda line: print(line, flush=True))
     command = "python -m benchmarks.speed.hop" + (" --smoke" if args.smoke else "") + (
         " --processes " + " ".join(asked) if asked != ["auto"] else "")
-    doc = {"meta": {**metadata("hop"), "load_tool": HttpLoad(args.load).tool, "runs": args.runs,
+    doc = {"meta": {**metadata("hop"), "load_tool": load.tool, "runs": args.runs,
                     "seconds": args.seconds, "duration_s": round(time.monotonic() - started, 1), "command": command},
            "rows": rows}
     for path in write(doc, args.out):
