@@ -7,6 +7,7 @@ from typing import Awaitable, Callable
 
 import pytest
 
+from tests.polling import until
 from tsfleet.router.http1 import Listener, Request, Response
 from tsfleet.router.upstream import UpstreamError, UpstreamPool
 
@@ -211,7 +212,7 @@ def test_pool_reconnects_when_an_idle_connection_was_closed_but_fails_a_refused_
 
     async def test(pool: UpstreamPool) -> None:
         assert (await pool.request("GET", "/", [], b"")).body == b"a"
-        await asyncio.sleep(0.1)  # the upstream has closed the kept connection by now
+        await until("the upstream closing the kept connection", lambda: pool._idle and pool._idle[0].closed)
         assert (await pool.request("GET", "/", [], b"")).body == b"b"
         pool.port = 1
         with pytest.raises(UpstreamError, match="cannot connect"):
@@ -266,17 +267,13 @@ def test_pool_answers_only_from_the_loop_and_keeps_a_connection_whose_waiter_gav
         await done.wait()
         assert got == [b"b"]
         waiter = asyncio.ensure_future(pool.request("GET", "/", [], b""))
-        await asyncio.wait_for(_until(lambda: not pool._idle), 5)  # under way on the kept connection
+        await until("the call under way on the kept connection", lambda: not pool._idle)
         waiter.cancel()
         release.set()
-        await asyncio.wait_for(_until(lambda: pool._idle), 5)  # answered, and free again
+        await until("the connection answered and free again", lambda: pool._idle)
 
     upstream = Upstream([])
     upstream.handle = answers  # type: ignore[method-assign]
     pool_test(upstream, test)
     assert len(connections) == 1
 
-
-async def _until(condition: Callable[[], object]) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from tests.polling import until
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import Route, RoutingTable
 
@@ -69,10 +70,8 @@ def test_a_lost_job_is_retried_after_many_times_the_arm_s_p99() -> None:
     async def test(router: RestRouter, port: int, upstream: Upstream, table: RoutingTable) -> None:
         for _ in range(30):  # enough answers for a p99 (of about a millisecond)
             assert (await _post(port, "/predictions/m/1.0"))[0] == 200
-        deadline = time.monotonic() + 5
-        while router.attempt_timeout("m", "1.0") > 0.3:  # the window's figures are a quarter second old at most
-            assert time.monotonic() < deadline, "the attempt timeout never came down to its floor"
-            await asyncio.sleep(0.05)
+        # The window's figures are a quarter second old at most.
+        await until("the attempt timeout down to its floor", lambda: router.attempt_timeout("m", "1.0") <= 0.3)
         upstream.plan = ["lose"]
         started = time.monotonic()
         status, headers, body = await _post(port, "/predictions/m/1.0")
