@@ -46,6 +46,9 @@ class Upstream(pb_grpc.InferenceAPIsServiceServicer):
             context.add_done_callback(lambda _: self.cancelled.set())
             self.started.set()
             await asyncio.sleep(30)
+        if request.model_name == "unhurried":  # answers a while after the router is told to stop
+            self.started.set()
+            await asyncio.sleep(0.5)
         key = dict(context.invocation_metadata()).get("authorization")
         if request.model_name == "echo-metadata":
             note = dict(context.invocation_metadata())["x-note"]
@@ -301,6 +304,38 @@ def test_a_fault_in_the_router_fails_that_call_at_once_and_no_other() -> None:
         assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
 
     run(test)
+
+
+def test_a_fault_while_answering_fails_that_call_at_once_and_no_other() -> None:
+    async def test(stub, upstream, table) -> None:
+        real = table.record
+
+        def broken(model: str, *args: object, **kwargs: object):
+            if model == "boom":
+                raise RuntimeError("a bug")
+            return real(model, *args, **kwargs)
+
+        table.record = broken
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predictions(req(model="boom"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INTERNAL  # not the client's deadline
+        # Both connections, the client's and TorchServe's, serve on.
+        assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
+
+    run(test)
+
+
+def test_a_prediction_in_flight_is_answered_when_the_router_stops(channel_box: list) -> None:
+    async def test(stub, upstream, table) -> None:
+        call = asyncio.ensure_future(stub.Predictions(req(model="unhurried"), timeout=10))
+        await asyncio.wait_for(upstream.started.wait(), 5)
+        await stop_grpc_router(channel_box[2], grace=5)
+        assert (await call).prediction.startswith(b"unhurried|")
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # and a new call finds no router
+            await stub.Predictions(req(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    run(test, channel_box=channel_box)
 
 
 def test_a_request_stream_the_upstream_does_not_read_is_not_buffered_without_end(monkeypatch) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Coroutine
 from google.protobuf.message import DecodeError
 
 from tsfleet.router.compare import answers_agree
+from tsfleet.router.grpc_predict import Prediction, not_found, server_side
 from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
                                       Relay, ServerCall, ServerConnection, UpstreamCall, UpstreamGone, UpstreamPool,
                                       answer_headers, decompress, frame_message, header, split_messages,
@@ -30,31 +31,7 @@ SERVICE = b"/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
 PREDICT, STREAM, SEQUENCE, PING = (SERVICE + m for m in (b"Predictions", b"StreamPredictions",
                                                          b"StreamPredictions2", b"Ping"))
 BUFFERED = {PREDICT, STREAM, PING}  # one request message: read whole, then routed
-# TorchServe's words for a request that never reached a worker or lost its worker: safe to
-# retry, since inference has no side effects. 0.12 sends "Worker died." after a kill, as
-# INTERNAL, or RESOURCE_EXHAUSTED once it has seen exit code 137; "has no worker" means the
-# request never reached one; "Worker scaled down" keeps parity with the REST side.
-DROPPED = ("Worker died", "Worker scaled down", "has no worker to serve inference request")
-# TorchServe appends its exception class to every error it sends; transport errors lack it.
-FROM_TORCHSERVE = "org.pytorch.serve"
-# Answers that are the client's doing (REST's 4xx): counted as served, not as arm errors.
-NOT_FOUND = ("ModelNotFoundException", "ModelVersionNotFoundException")
-SERVER_SIDE = {13, 14, 2, 4, 15}  # INTERNAL, UNAVAILABLE, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS
 SHADOW_BACKLOG = 256  # mirrors in flight beyond this are skipped: a shadow must never pile up
-
-
-def _retryable(code: int, message: str) -> bool:
-    return code != OK and (any(m in message for m in DROPPED)
-                           or (code == UNAVAILABLE and FROM_TORCHSERVE not in message))
-
-
-def _not_found(message: str) -> bool:  # not an arm: recorded, it would add a /metrics series per made-up name
-    return any(m in message for m in NOT_FOUND)
-
-
-def _server_side(code: int, message: str) -> bool:
-    # A dropped request is the arm's failure whatever the code (RESOURCE_EXHAUSTED after a SIGKILL).
-    return any(m in message for m in DROPPED) or (code in SERVER_SIDE and not _not_found(message))
 
 
 def _varint(n: int) -> bytes:
@@ -105,12 +82,31 @@ class GrpcRouter:
     def opened(self, conn: ServerConnection, call: ServerCall) -> None:
         if call.path not in BUFFERED:
             call.queue = asyncio.Queue()
-            self._spawn(conn, call, self._relay(conn, call))
+            self.spawn(conn, call, self._relay(conn, call))
 
     def ended(self, conn: ServerConnection, call: ServerCall) -> None:
-        self._spawn(conn, call, self._answer(conn, call))
+        """A call with one request message (Predictions, StreamPredictions, Ping) is whole."""
+        try:
+            readable = self._readable(call) if call.path != PING else None
+            if readable is None:  # Ping, or a request only TorchServe can judge
+                self.spawn(conn, call, self._pass(conn, call))
+                return
+            request, payload, decompressed = readable
+            route = self.table.routes.get(request.model_name)
+            if call.path == STREAM and (route is None or route.streaming):
+                self.spawn(conn, call, self._stream(conn, call, request, payload, decompressed))
+                return
+            # TorchServe 0.12 kills the worker (failing its whole batch) when a handler that
+            # does not stream gets a stream; the answer of such a model is one message anyway.
+            model, sticky = request.model_name, header(call.headers, self.sticky)
+            choice = self.table.choose(model, request.model_version or None, sticky.decode() if sticky else None)
+            Prediction(self, conn, call, model, choice, self._headers(call, PREDICT, decompressed), payload).attempt()
+        except Exception:  # a bug of the router's must not take the client's connection down
+            log.exception("gRPC call to %s failed in the router", call.path.decode(errors="replace"))
+            self._abort(conn, call)
 
-    def _spawn(self, conn: ServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, conn: ServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` for ``call`` as a task; a router bug in it resets the call."""
         task = asyncio.get_running_loop().create_task(self._guarded(conn, call, work))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
@@ -121,8 +117,13 @@ class GrpcRouter:
             await work
         except Exception:  # a bug of the router's must not leave the client waiting for its deadline
             log.exception("gRPC call to %s failed in the router", call.path.decode(errors="replace"))
-            if call.id in conn.windows:  # not answered yet
-                conn.reset(call.id, INTERNAL_ERROR)
+            GrpcRouter._abort(conn, call)
+
+    @staticmethod
+    def _abort(conn: ServerConnection, call: ServerCall) -> None:
+        if call.id in conn.windows:  # not answered yet
+            conn.reset(call.id, INTERNAL_ERROR)
+        conn.finish(call)
 
     # ------------------------------------------------------------- helpers
     def _headers(self, call: ServerCall, path: bytes, decompressed: bool = False) -> list[Header]:
@@ -149,32 +150,40 @@ class GrpcRouter:
         except DecodeError:
             return None
 
-    def _for(self, model: str, payload: bytes, version: str | None) -> bytes:
+    def _readable(self, call: ServerCall) -> tuple[pb.PredictionsRequest, bytes, bool] | None:
+        """(request, its serialized bytes, whether they were decompressed) when the call's
+        body is exactly one message the router can read."""
+        body = call.body
+        if len(body) < 5 or len(body) != 5 + int.from_bytes(body[1:5], "big"):
+            return None
+        payload = bytes(body[5:])
+        request = self._request(call, body[0], payload)
+        if request is None:
+            return None
+        return request, request.SerializeToString() if body[0] else payload, bool(body[0])
+
+    def message_for(self, model: str, payload: bytes, version: str | None) -> bytes:
         """The request message, for ``version`` (appended: the last value of a field wins)."""
         target = (self.table.upstream(model, version) or "").encode()
         return frame_message(payload + b"\x12" + _varint(len(target)) + target)
 
-    async def _call(self, call: ServerCall, headers: list[Header], data: bytes, sink: Relay | None = None,
-                    timeout: float | None = None) -> UpstreamCall:
-        """One upstream call; ``timeout``: give up on it (and reset it) after that long."""
+    async def _call(self, call: ServerCall, headers: list[Header], data: bytes, sink: Relay | None = None) -> UpstreamCall:
+        """One upstream call, awaited (Ping, streams)."""
         conn = await self.pool.connection()
         up = conn.start(headers, data, True, sink)
         call.upstream = (conn, up.id)
-        if timeout is not None:
-            self.pool.expire_after(conn, up.id, timeout)
         try:
             await up.done
         finally:
             call.upstream = None
-            if timeout is not None:
-                self.pool.settled(conn, up.id)
         return up
 
-    def _unreachable(self, exc: Exception) -> str:
+    def unreachable(self, exc: Exception | None) -> str:
         return f"TorchServe is not reachable at {self.upstream}: {exc}"
 
-    def _send(self, conn: ServerConnection, call: ServerCall, up: UpstreamCall | None, version: str | None,
-              error: str = "") -> None:
+    def send(self, conn: ServerConnection, call: ServerCall, up: UpstreamCall | None, version: str | None,
+             error: str = "") -> None:
+        """Answer ``call`` with TorchServe's answer ``up``, or (None) UNAVAILABLE and ``error``."""
         extra = [(b"x-model-version", version.encode())] if version else []
         if up is None:
             conn.send(call.id, [STATUS_OK, GRPC_TYPE] + extra, trailers=status_trailers(UNAVAILABLE, error))
@@ -183,66 +192,16 @@ class GrpcRouter:
         conn.send(call.id, head, bytes(up.body) if up.body else None, trailers)
 
     # ---------------------------------------------------------------- calls
-    async def _answer(self, conn: ServerConnection, call: ServerCall) -> None:
-        """A call with one request message: Predictions, StreamPredictions, Ping."""
+    async def _pass(self, conn: ServerConnection, call: ServerCall) -> None:
+        """Ping, or a request the router cannot read: passed to TorchServe as it is."""
         try:
-            raw = bytes(call.body)
-            messages = split_messages(call.body) if call.path != PING else []
-            request = self._request(call, *messages[0]) if len(messages) == 1 and not call.body else None
-            if request is None:  # Ping, or a request only TorchServe can judge
-                try:
-                    up = await self._call(call, self._headers(call, call.path), raw)
-                    self._send(conn, call, up, None)
-                except UpstreamGone as exc:
-                    self._send(conn, call, None, None, self._unreachable(exc))
-                return
-            decompressed = bool(messages[0][0])
-            payload = request.SerializeToString() if decompressed else messages[0][1]
-            route = self.table.routes.get(request.model_name)
-            if call.path == STREAM and (route is None or route.streaming):
-                await self._stream(conn, call, request, payload, decompressed)
-            else:
-                # TorchServe 0.12 kills the worker (failing its whole batch) when a handler that
-                # does not stream gets a stream; the answer of such a model is one message anyway.
-                await self._predict(conn, call, request, payload, decompressed)
+            try:
+                up = await self._call(call, self._headers(call, call.path), bytes(call.body))
+                self.send(conn, call, up, None)
+            except UpstreamGone as exc:
+                self.send(conn, call, None, None, self.unreachable(exc))
         finally:
             conn.finish(call)
-
-    async def _predict(self, conn: ServerConnection, call: ServerCall, request: pb.PredictionsRequest,
-                       payload: bytes, decompressed: bool) -> None:
-        model, headers = request.model_name, self._headers(call, PREDICT, decompressed)
-        sticky = header(call.headers, self.sticky)
-        choice = self.table.choose(model, request.model_version or None, sticky.decode() if sticky else None)
-        # A retry goes to the baseline, unless the client named the version itself.
-        second = choice.version if choice.explicit else self.table.alternate(model, choice.version)
-        version, retried, started = choice.version, False, time.perf_counter()
-        while True:
-            up: UpstreamCall | None = None
-            try:
-                # A job lost with its worker is never answered: the first attempt is given
-                # up after many times the arm's p99 and retried (see RoutingTable).
-                timeout = None if retried else self.table.attempt_timeout(
-                    model, version, self.timeout_s, self.min_attempt_s, self.latency_factor)
-                up = await self._call(call, headers, self._for(model, payload, version), timeout=timeout)
-                code, message = up.status()
-            except UpstreamGone as exc:
-                code, message = UNAVAILABLE, self._unreachable(exc)
-            if call.cancelled:
-                return
-            if not retried and _retryable(code, message):
-                # The client will not see this failure, but the arm's record must.
-                self.table.record(model, version, False, time.perf_counter() - started)
-                version, retried = second, True
-                continue
-            break
-        ok = code == OK or not _server_side(code, message)
-        event = None if _not_found(message) else self.table.record(model, version, ok,
-                                                                   time.perf_counter() - started, retried)
-        if event:
-            log.warning("rolled back %s %s: %s", model, event["version"], event["reason"])
-        self._send(conn, call, up, version, message)
-        if choice.shadow and up is not None and code == OK:
-            self._mirror(model, choice.shadow, headers, payload, bytes(up.body))
 
     async def _stream(self, conn: ServerConnection, call: ServerCall, request: pb.PredictionsRequest,
                       payload: bytes, decompressed: bool) -> None:
@@ -251,25 +210,28 @@ class GrpcRouter:
         choice = self.table.choose(model, request.model_version or None, sticky.decode() if sticky else None)
         version, started = choice.version, time.perf_counter()
         relay = Relay(conn, call, [(b"x-model-version", version.encode())] if version else [])
-        for attempt in (0, 1):
-            try:
-                up = await self._call(call, headers, self._for(model, payload, version), relay)
-            except UpstreamGone as exc:
-                if call.cancelled:
+        try:
+            for attempt in (0, 1):
+                try:
+                    up = await self._call(call, headers, self.message_for(model, payload, version), relay)
+                except UpstreamGone as exc:
+                    if call.cancelled:
+                        return
+                    # Only an unreachable TorchServe is retried, and only before any answer:
+                    # 0.12 answers "Worker died." (and restarts the worker) when a handler does
+                    # not stream, so retrying that would take down a second worker.
+                    if attempt == 0 and not relay.started:
+                        continue
+                    self.table.record(model, version, False, time.perf_counter() - started, attempt > 0)
+                    relay.fail(UNAVAILABLE, self.unreachable(exc))
                     return
-                # Only an unreachable TorchServe is retried, and only before any answer:
-                # 0.12 answers "Worker died." (and restarts the worker) when a handler does
-                # not stream, so retrying that would take down a second worker.
-                if attempt == 0 and not relay.started:
-                    continue
-                self.table.record(model, version, False, time.perf_counter() - started, attempt > 0)
-                relay.fail(UNAVAILABLE, self._unreachable(exc))
+                code, message = up.status()
+                if not not_found(message):
+                    self.table.record(model, version, code == OK or not server_side(code, message),
+                                      time.perf_counter() - started, attempt > 0)
                 return
-            code, message = up.status()
-            if not _not_found(message):
-                self.table.record(model, version, code == OK or not _server_side(code, message),
-                                  time.perf_counter() - started, attempt > 0)
-            return
+        finally:
+            conn.finish(call)
 
     async def _relay(self, conn: ServerConnection, call: ServerCall) -> None:
         """A call that streams requests: StreamPredictions2 (one version for the whole
@@ -298,12 +260,12 @@ class GrpcRouter:
                 sticky = header(call.headers, self.sticky)
                 version = self.table.choose(model, requests[0].model_version or None,
                                             sticky.decode() if sticky else None).version
-                first = [self._for(model, r.SerializeToString(), version) for r in requests]
+                first = [self.message_for(model, r.SerializeToString(), version) for r in requests]
             relay = Relay(conn, call, [(b"x-model-version", version.encode())] if version else [])
             try:
                 upstream = await self.pool.connection()
             except UpstreamGone as exc:
-                relay.fail(UNAVAILABLE, self._unreachable(exc))
+                relay.fail(UNAVAILABLE, self.unreachable(exc))
                 return
             up = upstream.start(self._headers(call, call.path, decompressed=rewrite),
                                 b"".join(first) or None, False, relay)
@@ -316,7 +278,7 @@ class GrpcRouter:
                         upstream.fail(up.id, UpstreamGone("unreadable message"), reset=True)
                         relay.fail(UNIMPLEMENTED, "the router cannot read this sequence's messages")
                         return
-                    chunk = b"".join(self._for(model, r.SerializeToString(), version) for r in requests)
+                    chunk = b"".join(self.message_for(model, r.SerializeToString(), version) for r in requests)
                 if chunk:
                     upstream.send(up.id, data=chunk)
                     if upstream.held(up.id) > self.max_held:
@@ -331,13 +293,13 @@ class GrpcRouter:
             try:
                 await up.done
             except UpstreamGone as exc:
-                relay.fail(UNAVAILABLE, self._unreachable(exc))
+                relay.fail(UNAVAILABLE, self.unreachable(exc))
         finally:
             call.upstream = None
             conn.finish(call)
 
     # --------------------------------------------------------------- shadow
-    def _mirror(self, model: str, version: str, headers: list[Header], payload: bytes, primary: bytes) -> None:
+    def mirror(self, model: str, version: str, headers: list[Header], payload: bytes, primary: bytes) -> None:
         """Send a copy to the shadow after the client has its answer; compare, count, drop."""
         if len(self._background) >= SHADOW_BACKLOG:
             return
@@ -345,14 +307,14 @@ class GrpcRouter:
         async def run() -> None:
             try:
                 conn = await self.pool.connection()
-                up = conn.start(headers, self._for(model, payload, version), True)
+                up = conn.start(headers, self.message_for(model, payload, version), True)
                 await up.done
             except UpstreamGone:
                 self.table.record_shadow(model, version, False, None)
                 return
             code, message = up.status()
             if code != OK:
-                self.table.record_shadow(model, version, not _server_side(code, message), None)
+                self.table.record_shadow(model, version, not server_side(code, message), None)
                 return
             mine, theirs = _prediction(primary), _prediction(bytes(up.body))
             agree = answers_agree(mine, theirs) if mine is not None and theirs is not None else None
@@ -376,8 +338,13 @@ class GrpcRouter:
             self.server.close()
         for conn in list(self.connections):
             conn.goaway(conn.last_stream)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
         if self._calls:
             await asyncio.wait(set(self._calls), timeout=grace)
+        # Predictions are callbacks, not tasks: wait for the calls still open on connections.
+        while any(conn.calls for conn in self.connections) and loop.time() < end:
+            await asyncio.sleep(0.02)
         for task in list(self._calls):
             task.cancel()
         for conn in list(self.connections):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import zlib
-from typing import Protocol
+from typing import Callable, Protocol
 from urllib.parse import unquote_to_bytes
 
 from tsfleet.router.deadlines import Deadlines
@@ -17,6 +18,7 @@ from tsfleet.router.http2 import (CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_
                                   Http2Connection, ProtocolError)
 from tsfleet.router.hpack_codec import Header
 
+log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 OK, UNKNOWN, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 2, 8, 12, 13, 14
 STATUS_OK = (b":status", b"200")
@@ -184,13 +186,19 @@ class Sink(Protocol):
     def on_data(self, data: bytes, end: bool) -> None: ...
 
 
+# then(call, None) once the answer is whole, or then(call, error): called from the event loop.
+Then = Callable[["UpstreamCall", "UpstreamGone | None"], None]
+
+
 class UpstreamCall:
-    """One call to TorchServe: its answer, collected, or passed on to a sink as it comes."""
+    """One call to TorchServe: its answer, collected, or passed on to a sink as it comes.
+    ``done`` is settled when it ends, unless it was started with a ``then`` callback instead
+    (a prediction: no future per call, see grpc_predict.py)."""
 
-    __slots__ = ("id", "headers", "body", "trailers", "done", "sink")
+    __slots__ = ("id", "headers", "body", "trailers", "done", "sink", "then")
 
-    def __init__(self, stream: int, done: asyncio.Future, sink: Sink | None):
-        self.id, self.done, self.sink = stream, done, sink
+    def __init__(self, stream: int, done: asyncio.Future | None, sink: Sink | None, then: Then | None = None):
+        self.id, self.done, self.sink, self.then = stream, done, sink, then
         self.headers: list[Header] | None = None
         self.trailers: list[Header] = []
         self.body = bytearray()
@@ -215,12 +223,15 @@ class UpstreamConnection(Http2Connection):
         self.next_stream = 1
         self.draining = False
 
-    def start(self, headers: list[Header], data: bytes | None, end: bool, sink: Sink | None = None) -> UpstreamCall:
+    def start(self, headers: list[Header], data: bytes | None, end: bool, sink: Sink | None = None,
+              then: Then | None = None) -> UpstreamCall:
+        """Open a call; its end settles the returned call's ``done``, or is passed to ``then``."""
         stream, self.next_stream = self.next_stream, self.next_stream + 2
         if self.next_stream >= 1 << 31:  # stream ids are spent: the next call opens a new connection
             self.draining = True
             self.pool.forget(self)
-        call = self.calls[stream] = UpstreamCall(stream, asyncio.get_running_loop().create_future(), sink)
+        done = None if then is not None else self.loop.create_future()
+        call = self.calls[stream] = UpstreamCall(stream, done, sink, then)
         self.open_stream(stream)
         self.send(stream, headers, data, end=end)
         return call
@@ -254,17 +265,27 @@ class UpstreamConnection(Http2Connection):
     def _done(self, call: UpstreamCall) -> None:
         self.calls.pop(call.id, None)
         self._forget(call.id)  # an answer that ends early: what was left to send is moot
-        if not call.done.done():
-            call.done.set_result(None)
+        self._settle(call, None)
         if self.draining and not self.calls:
             self.close()
 
     def fail(self, stream: int, error: UpstreamGone, reset: bool = False) -> None:
         call = self.calls.pop(stream, None)
-        if reset and call is not None:
-            self.reset(stream, CANCEL)
-        if call is not None and not call.done.done():
-            call.done.set_exception(error)
+        if call is not None:
+            if reset:
+                self.reset(stream, CANCEL)
+            self._settle(call, error)
+
+    @staticmethod
+    def _settle(call: UpstreamCall, error: UpstreamGone | None) -> None:
+        if call.then is not None:
+            then, call.then = call.then, None
+            try:
+                then(call, error)
+            except Exception:  # noqa: BLE001 - a faulty callback must not take the connection down
+                log.exception("router: error while handing on a gRPC answer")
+        elif call.done is not None and not call.done.done():
+            call.done.set_result(None) if error is None else call.done.set_exception(error)
 
     def on_reset(self, stream: int, code: int) -> None:
         self.fail(stream, UpstreamGone(f"TorchServe reset the call (HTTP/2 error {code})"))
@@ -301,9 +322,14 @@ class UpstreamPool:
     def settled(self, conn: UpstreamConnection, stream: int) -> None:
         self._deadlines.discard((conn, stream))
 
-    async def connection(self) -> UpstreamConnection:
+    def ready(self) -> UpstreamConnection | None:
+        """The open connection, if there is one (else ``connection`` makes one)."""
         conn = self.conn
-        if conn is not None and not conn.closed and not conn.draining:
+        return conn if conn is not None and not conn.closed and not conn.draining else None
+
+    async def connection(self) -> UpstreamConnection:
+        conn = self.ready()
+        if conn is not None:
             return conn
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
