@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tsfleet.router.http2 import DEFAULT_FRAME, DEFAULT_WINDOW, PING, Http2Connection, frame
+from tsfleet.router.http2 import (DATA, DEFAULT_FRAME, DEFAULT_WINDOW, FRAME_SIZE_ERROR, GOAWAY, PING, PREFACE,
+                                  Http2Connection, frame, settings_frame)
 
 
 class Peer(Http2Connection):
@@ -89,5 +90,64 @@ def test_a_ping_is_answered() -> None:
         finally:
             client.close()
             listener.close()
+
+    asyncio.run(main())
+
+
+class Wire:
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.written, self.closed = bytearray(), False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def _received(chunk: int, data: bytes) -> list[tuple[Any, ...]]:
+    """What a server-side peer makes of ``data`` read ``chunk`` bytes at a time."""
+    async def main() -> list[tuple[Any, ...]]:
+        peer = Peer(False)
+        peer.connection_made(Wire())  # type: ignore[arg-type]
+        for i in range(0, len(data), chunk):
+            peer.data_received(data[i:i + chunk])
+        return [peer.events.get_nowait() for _ in range(peer.events.qsize())]
+
+    return asyncio.run(main())
+
+
+def test_frames_cut_anywhere_by_the_socket_are_read_the_same() -> None:
+    sender = Peer(True)
+    sender.open_stream(1)
+    out: list[bytes] = []
+    sender._header_frames(out, 1, [(b":path", b"/x"), (b"x-note", b"n" * 300)], False)
+    body = bytes(range(256)) * 50
+    sender._data_frames(out, 1, body, True)
+    data = PREFACE + settings_frame({}) + b"".join(out)
+    whole = _received(len(data), data)
+    assert whole[0] == ("headers", 1, [(b":path", b"/x"), (b"x-note", b"n" * 300)], False)
+    assert b"".join(event[2] for event in whole[1:]) == body and whole[-1][3]
+    for chunk in (1, 7, 9, 100, 4096):
+        assert _received(chunk, data) == whole, chunk
+
+
+def test_a_frame_over_the_agreed_size_closes_the_connection_before_its_payload_comes() -> None:
+    async def main() -> None:
+        peer = Peer(False)
+        wire = Wire()
+        peer.connection_made(wire)  # type: ignore[arg-type]
+        peer.data_received(PREFACE + settings_frame({}))
+        header = frame(DATA, 0, 1, bytes(DEFAULT_FRAME + 1))[:9]  # the header only: the payload never comes
+        for i in range(9):  # as the socket may cut it
+            peer.data_received(header[i:i + 1])
+        assert wire.closed
+        # type GOAWAY, no flags, stream 0; last stream 0, FRAME_SIZE_ERROR
+        assert bytes([GOAWAY, 0]) + bytes(8) + FRAME_SIZE_ERROR.to_bytes(4, "big") in wire.written
 
     asyncio.run(main())

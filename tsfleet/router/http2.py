@@ -118,33 +118,41 @@ class Http2Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
-        buf += data
+        if buf or self.preface_pending:
+            buf += data
+            if not self.preface_pending and len(buf) >= 9:
+                if len(buf) < 9 + int.from_bytes(buf[:3], "big") <= 9 + self.frame_in:
+                    return  # the frame is not whole yet: no copy of a large one per read
+            data = bytes(buf)  # frames are cut from bytes: one copy, not two per payload
+            buf.clear()
         pos = 0
         if self.preface_pending:
-            if len(buf) < len(PREFACE):
+            if len(data) < len(PREFACE):
+                buf += data
                 return
-            if buf[:len(PREFACE)] != PREFACE:
+            if data[:len(PREFACE)] != PREFACE:
                 self.close(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
                 return
             self.preface_pending, pos = False, len(PREFACE)
-        end = len(buf)
+        end = len(data)
+        unpack = _head.unpack_from
         try:
             while end - pos >= 9 and not self.closed:
-                length = int.from_bytes(buf[pos:pos + 3], "big")
+                length_type, flags, stream = unpack(data, pos)
+                length = length_type >> 8
                 if length > self.frame_in:
                     raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 if end - pos - 9 < length:
                     break
-                ftype, flags = buf[pos + 3], buf[pos + 4]
-                stream = int.from_bytes(buf[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-                payload = bytes(buf[pos + 9:pos + 9 + length])
-                pos += 9 + length
-                self._frame(ftype, flags, stream, payload)
+                start, pos = pos + 9, pos + 9 + length
+                self._frame(length_type & 0xFF, flags, stream & 0x7FFFFFFF, data[start:pos])
         except (ProtocolError, HpackError) as exc:
             code = exc.code if isinstance(exc, ProtocolError) else COMPRESSION_ERROR
             log.info("closing an HTTP/2 connection: %s", exc)
             self.close(code, str(exc))
-        del buf[:pos]
+            return
+        if pos < end:
+            buf += data[pos:]
 
     # --------------------------------------------------------------- frames
     def _frame(self, ftype: int, flags: int, stream: int, payload: bytes) -> None:
