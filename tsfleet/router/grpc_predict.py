@@ -84,7 +84,8 @@ class Prediction:
         except UpstreamGone as exc:
             self.answered(None, exc)
             return
-        self.attempt()
+        if not self.call.cancelled:  # the client may have given up while the connection was made
+            self.attempt()
 
     def answered(self, up: UpstreamCall | None, error: UpstreamGone | None) -> None:
         try:
