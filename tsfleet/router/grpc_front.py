@@ -19,7 +19,7 @@ from tsfleet.router.compare import answers_agree
 from tsfleet.router.grpc_predict import Prediction, not_found, server_side
 from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
                                       Relay, ServerCall, ServerConnection, UpstreamCall, UpstreamGone, UpstreamPool,
-                                      answer_headers, decompress, frame_message, header, split_messages,
+                                      answer_headers, decompress, header, split_messages,
                                       status_trailers)
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.http2 import INTERNAL_ERROR
@@ -139,7 +139,7 @@ class GrpcRouter:
             out.append((b"grpc-timeout", self.default_timeout))
         return out
 
-    def _request(self, call: ServerCall, flag: int, payload: bytes) -> pb.PredictionsRequest | None:
+    def _request(self, call: ServerCall, flag: int, payload: bytes | memoryview) -> pb.PredictionsRequest | None:
         """The request, readable; None when it is not (TorchServe then answers it as it is)."""
         if flag:
             payload = decompress(payload, header(call.headers, b"grpc-encoding") or b"identity")
@@ -156,16 +156,19 @@ class GrpcRouter:
         body = call.body
         if len(body) < 5 or len(body) != 5 + int.from_bytes(body[1:5], "big"):
             return None
-        payload = bytes(body[5:])
-        request = self._request(call, body[0], payload)
+        data = bytes(body)  # the one copy of the request: what follows are views of it
+        payload = memoryview(data)[5:]
+        request = self._request(call, data[0], payload)
         if request is None:
             return None
-        return request, request.SerializeToString() if body[0] else payload, bool(body[0])
+        return request, request.SerializeToString() if data[0] else payload, bool(data[0])
 
-    def message_for(self, model: str, payload: bytes, version: str | None) -> bytes:
-        """The request message, for ``version`` (appended: the last value of a field wins)."""
+    def message_for(self, model: str, payload: bytes | memoryview, version: str | None) -> bytes:
+        """The request message, for ``version`` (appended: the last value of a field wins),
+        made with one copy of ``payload``: an image's bytes are most of a call's cost."""
         target = (self.table.upstream(model, version) or "").encode()
-        return frame_message(payload + b"\x12" + _varint(len(target)) + target)
+        suffix = b"\x12" + _varint(len(target)) + target
+        return b"".join((b"\x00", (len(payload) + len(suffix)).to_bytes(4, "big"), payload, suffix))
 
     async def _call(self, call: ServerCall, headers: list[Header], data: bytes, sink: Relay | None = None) -> UpstreamCall:
         """One upstream call, awaited (Ping, streams)."""
@@ -204,7 +207,7 @@ class GrpcRouter:
             conn.finish(call)
 
     async def _stream(self, conn: ServerConnection, call: ServerCall, request: pb.PredictionsRequest,
-                      payload: bytes, decompressed: bool) -> None:
+                      payload: bytes | memoryview, decompressed: bool) -> None:
         model, headers = request.model_name, self._headers(call, STREAM, decompressed)
         sticky = header(call.headers, self.sticky)
         choice = self.table.choose(model, request.model_version or None, sticky.decode() if sticky else None)
@@ -299,7 +302,7 @@ class GrpcRouter:
             conn.finish(call)
 
     # --------------------------------------------------------------- shadow
-    def mirror(self, model: str, version: str, headers: list[Header], payload: bytes, primary: bytes) -> None:
+    def mirror(self, model: str, version: str, headers: list[Header], payload: bytes | memoryview, primary: bytes) -> None:
         """Send a copy to the shadow after the client has its answer; compare, count, drop."""
         if len(self._background) >= SHADOW_BACKLOG:
             return

@@ -56,7 +56,7 @@ class Prediction:
                  "retried", "upstream")
 
     def __init__(self, router: GrpcRouter, conn: ServerConnection, call: ServerCall, model: str, choice: Choice,
-                 headers: list[Header], payload: bytes):
+                 headers: list[Header], payload: bytes | memoryview):
         self.router, self.conn, self.call, self.model, self.choice = router, conn, call, model, choice
         self.version, self.headers, self.payload = choice.version, headers, payload
         self.started, self.retried = time.perf_counter(), False

@@ -43,7 +43,7 @@ def split_messages(buffer: bytearray) -> list[tuple[int, bytes]]:
     return out
 
 
-def decompress(payload: bytes, encoding: bytes) -> bytes | None:
+def decompress(payload: bytes | memoryview, encoding: bytes) -> bytes | None:
     """A compressed message's bytes; None for an encoding the router cannot read."""
     if encoding == b"gzip":
         return gzip.decompress(payload)
@@ -134,7 +134,7 @@ class ServerConnection(Http2Connection):
         if end:
             self._end(call)
 
-    def on_data(self, stream: int, data: bytes, end: bool) -> None:
+    def on_data(self, stream: int, data: bytes | memoryview, end: bool) -> None:
         call = self.calls.get(stream)
         if call is None:
             return  # a call already answered or reset
@@ -183,7 +183,7 @@ class Sink(Protocol):
 
     def on_headers(self, headers: list[Header], end: bool) -> None: ...
 
-    def on_data(self, data: bytes, end: bool) -> None: ...
+    def on_data(self, data: bytes | memoryview, end: bool) -> None: ...
 
 
 # then(call, None) once the answer is whole, or then(call, error): called from the event loop.
@@ -251,7 +251,7 @@ class UpstreamConnection(Http2Connection):
         if end:
             self._done(call)
 
-    def on_data(self, stream: int, data: bytes, end: bool) -> None:
+    def on_data(self, stream: int, data: bytes | memoryview, end: bool) -> None:
         call = self.calls.get(stream)
         if call is None:
             return
@@ -388,7 +388,7 @@ class Relay:
         else:
             self.conn.send(self.stream, [h for h in headers if h[0] == b":status" or h[0][0] != 58] + self.extra)
 
-    def on_data(self, data: bytes, end: bool) -> None:
+    def on_data(self, data: bytes | memoryview, end: bool) -> None:
         self.started = True
         self.conn.send(self.stream, data=data, end=end)
         if self.conn.held(self.stream) > self.max_held:

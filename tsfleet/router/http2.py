@@ -38,6 +38,7 @@ RECV_FRAME = 1 << 20
 RECV_STREAM_WINDOW = 1 << 24
 RECV_CONN_WINDOW = 1 << 26
 _head = struct.Struct(">IBI")  # length << 8 | type, flags, stream
+LARGE = 4096  # DATA payloads over this are handed on as views of the bytes read, not copies
 
 
 def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -74,7 +75,7 @@ class Http2Connection(asyncio.Protocol):
         self.unacked = 0  # received on the connection and not yet credited back
         self.stream_unacked: dict[int, int] = {}
         self.continuing: tuple[int, int, bytearray] | None = None
-        self.outgoing: list[bytes] = []
+        self.outgoing: list[bytes | memoryview] = []
         self.closed = False
 
     # ---------------------------------------------------------------- wiring
@@ -85,6 +86,13 @@ class Http2Connection(asyncio.Protocol):
         if not self.outgoing:
             self.loop.call_soon(self._flush)
         self.outgoing.append(data)
+
+    def _write_pieces(self, pieces: list[bytes | memoryview]) -> None:
+        """As ``_write``, for frames in pieces (frame headers, views of payloads): they are
+        joined once, in ``_flush``, so a large message is copied once on its way out."""
+        if not self.outgoing:
+            self.loop.call_soon(self._flush)
+        self.outgoing += pieces
 
     def _flush(self) -> None:
         if self.outgoing and self.transport is not None and not self.transport.is_closing():
@@ -136,6 +144,7 @@ class Http2Connection(asyncio.Protocol):
             self.preface_pending, pos = False, len(PREFACE)
         end = len(data)
         unpack = _head.unpack_from
+        view: memoryview | None = None
         try:
             while end - pos >= 9 and not self.closed:
                 length_type, flags, stream = unpack(data, pos)
@@ -145,7 +154,12 @@ class Http2Connection(asyncio.Protocol):
                 if end - pos - 9 < length:
                     break
                 start, pos = pos + 9, pos + 9 + length
-                self._frame(length_type & 0xFF, flags, stream & 0x7FFFFFFF, data[start:pos])
+                ftype = length_type & 0xFF
+                if ftype == DATA and length > LARGE:  # a view: the receiver copies it where it keeps it
+                    view = view or memoryview(data)
+                    self._frame(ftype, flags, stream & 0x7FFFFFFF, view[start:pos])
+                else:
+                    self._frame(ftype, flags, stream & 0x7FFFFFFF, data[start:pos])
         except (ProtocolError, HpackError) as exc:
             code = exc.code if isinstance(exc, ProtocolError) else COMPRESSION_ERROR
             log.info("closing an HTTP/2 connection: %s", exc)
@@ -155,7 +169,7 @@ class Http2Connection(asyncio.Protocol):
             buf += data[pos:]
 
     # --------------------------------------------------------------- frames
-    def _frame(self, ftype: int, flags: int, stream: int, payload: bytes) -> None:
+    def _frame(self, ftype: int, flags: int, stream: int, payload: bytes | memoryview) -> None:
         if self.continuing is not None and ftype != CONTINUATION:
             raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
         if ftype == DATA:
@@ -243,13 +257,14 @@ class Http2Connection(asyncio.Protocol):
         self.blocked.pop(stream, None)
         self.stream_unacked.pop(stream, None)
 
-    def send(self, stream: int, headers: list[Header] | None = None, data: bytes | None = None,
+    def send(self, stream: int, headers: list[Header] | None = None, data: bytes | memoryview | None = None,
              trailers: list[Header] | None = None, end: bool = False) -> None:
         """Headers, then data, then trailers, any of them; the last one sent ends the stream
-        when ``end`` (trailers always end it). One write when the windows allow."""
+        when ``end`` (trailers always end it). One write when the windows allow. ``data``
+        must not change afterwards: it is sent from a view of it, later in this loop turn."""
         if self.closed or stream not in self.windows:
             return  # the stream was reset or the connection is gone: nothing to say
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         queue = self.blocked.get(stream)
         if headers is not None:
             last = end and data is None and trailers is None
@@ -272,7 +287,7 @@ class Http2Connection(asyncio.Protocol):
                 queue.append((HEADERS, trailers, True))
             end = True
         if out:
-            self._write(b"".join(out))
+            self._write_pieces(out)
         if end and queue is None:
             self._forget(stream)
 
@@ -286,7 +301,7 @@ class Http2Connection(asyncio.Protocol):
             self._write(frame(RST_STREAM, 0, stream, code.to_bytes(4, "big")))
         self._forget(stream)
 
-    def _header_frames(self, out: list[bytes], stream: int, headers: list[Header], end: bool) -> None:
+    def _header_frames(self, out: list[bytes | memoryview], stream: int, headers: list[Header], end: bool) -> None:
         block = hpack_codec.encode(headers)
         step = self.peer_frame
         flags = END_STREAM if end else 0
@@ -297,19 +312,23 @@ class Http2Connection(asyncio.Protocol):
         for i in range(step, len(block), step):
             out.append(frame(CONTINUATION, END_HEADERS if i + step >= len(block) else 0, stream, block[i:i + step]))
 
-    def _data_frames(self, out: list[bytes], stream: int, data: bytes, end: bool) -> bytes | None:
-        """Frames for as much of ``data`` as the windows allow; returns what is left (None: all sent)."""
+    def _data_frames(self, out: list[bytes | memoryview], stream: int, data: bytes | memoryview,
+                     end: bool) -> bytes | memoryview | None:
+        """Frames for as much of ``data`` as the windows allow, as a header and a view of the
+        payload each; returns what is left (None: all sent)."""
         window = min(self.conn_window, self.windows[stream])
         pos, size, step = 0, len(data), self.peer_frame
+        view = data if size <= step or isinstance(data, memoryview) else memoryview(data)
         while pos < size and window > 0:
             n = min(step, window, size - pos)
-            out.append(frame(DATA, END_STREAM if end and pos + n == size else 0, stream, data[pos:pos + n]))
+            out.append(_head.pack(n << 8 | DATA, END_STREAM if end and pos + n == size else 0, stream))
+            out.append(view if n == size else view[pos:pos + n])
             pos += n
             window -= n
             self.conn_window -= n
             self.windows[stream] -= n
         if pos < size:
-            return data[pos:]
+            return view[pos:]
         if size == 0:
             out.append(frame(DATA, END_STREAM if end else 0, stream))
         return None
@@ -317,7 +336,7 @@ class Http2Connection(asyncio.Protocol):
     def _unblock(self) -> None:
         if not self.blocked:
             return
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         for stream in list(self.blocked):
             queue = self.blocked[stream]
             while queue:
@@ -338,13 +357,13 @@ class Http2Connection(asyncio.Protocol):
             if self.conn_window <= 0:
                 break
         if out:
-            self._write(b"".join(out))
+            self._write_pieces(out)
 
     # ----------------------------------------------------- for subclasses
     def on_headers(self, stream: int, headers: list[Header], end: bool) -> None:
         raise NotImplementedError
 
-    def on_data(self, stream: int, data: bytes, end: bool) -> None:
+    def on_data(self, stream: int, data: bytes | memoryview, end: bool) -> None:
         raise NotImplementedError
 
     def on_reset(self, stream: int, code: int) -> None:
