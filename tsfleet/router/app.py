@@ -12,6 +12,7 @@ from aiohttp import web
 
 from tsfleet.manifest import Fleet
 from tsfleet.router.admin import AdminApi, admin_key
+from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import RoutingTable, routes_from_fleet
 
@@ -97,6 +98,7 @@ def serve(fleet: Fleet, config: RouterConfig, say: Callable[[str], None] = print
         await router.stop()
         say("router stopped")
 
+    keep_freed_memory()  # large bodies reuse the heap instead of faulting in fresh pages
     try:
         import uvloop  # libuv's event loop: the router's per-request CPU cost roughly halves
 

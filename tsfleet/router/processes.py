@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import Route, RoutingTable
 
@@ -295,6 +296,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s front %(process)d: %(message)s")
     options, fd = json.loads(argv[0]), int(argv[1])
+    keep_freed_memory()
     try:
         import uvloop
     except ImportError:
