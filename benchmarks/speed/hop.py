@@ -11,6 +11,7 @@ and docs/benchmarks-router-hop.md (with --out DIR, under DIR).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -32,6 +33,11 @@ from tsfleet.properties import Endpoints
 from tsfleet.router.processes import process_count
 
 BODY = b'{"text": "book me a flight to Rome"}'
+
+
+def body(kb: int) -> bytes:
+    """The request body: BODY, or (``kb`` > 0) a JSON body of ``kb`` KiB, image-sized."""
+    return BODY if kb <= 0 else b'{"data": "' + b"A" * (kb * 1024 - 12) + b'"}'
 HEADERS = {"Content-Type": "application/json"}
 
 
@@ -70,25 +76,35 @@ def measure(args: argparse.Namespace, load: HttpLoad, work: Path, log: Callable[
                     pids = router.pids()
                     for pid in pids:
                         pin(pid, far)
-                    targets = {
-                        "REST": ({"direct": f"http://127.0.0.1:{ep.inference}/predictions/{model}",
-                                  "routed": f"{router.url}/predictions/{model}"},
-                                 lambda url, c, secs: load(url, [BODY], HEADERS, c, secs)),
-                        "gRPC": ({"direct": f"127.0.0.1:{ep.grpc_inference}", "routed": router.grpc},
-                                 lambda target, c, secs: run_grpc(target, model, [BODY], "-", c, secs)),
-                    }
-                    for protocol in args.protocols:
-                        urls, run = targets[protocol]
+                    for protocol, kb in itertools.product(args.protocols, args.body_kb):
+                        urls, run = _targets(protocol, kb, ep, router, model, load)
                         for clients in args.clients:
                             rows.append({"protocol": protocol, "batch_ms": batch_ms, "processes": processes,
-                                         **_row(run, urls, pids, clients, args)})
-                            log(f"  {protocol:<4} batch {batch_ms:g} ms, {processes} process(es), " + _line(rows[-1]))
+                                         "body_bytes": len(body(kb)), **_row(run, urls, pids, clients, args)})
+                            log(f"  {protocol:<4} batch {batch_ms:g} ms, {processes} process(es), "
+                                f"body {_size(rows[-1]['body_bytes'])}, " + _line(rows[-1]))
                 finally:
                     router.stop()
         finally:
             standin.kill()
             standin.wait()
     return rows
+
+
+def _targets(protocol: str, kb: int, ep: Endpoints, router: RouterProcessRunner, model: str,
+             load: HttpLoad) -> tuple[dict[str, str], Callable[[str, int, float], Sample]]:
+    """(direct and routed address, how to load one) for ``protocol`` with a ``kb`` body."""
+    data = body(kb)
+    if protocol == "REST":
+        return ({"direct": f"http://127.0.0.1:{ep.inference}/predictions/{model}",
+                 "routed": f"{router.url}/predictions/{model}"},
+                lambda url, c, secs: load(url, [data], HEADERS, c, secs))
+    return ({"direct": f"127.0.0.1:{ep.grpc_inference}", "routed": router.grpc},
+            lambda target, c, secs: run_grpc(target, model, [data], "-", c, secs))
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:g} KiB"
 
 
 def _row(run: Callable[[str, int, float], Sample], urls: dict[str, str], pids: list[int], clients: int,
@@ -120,22 +136,24 @@ def _line(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| protocol | upstream | router processes | clients | direct req/s | routed req/s | ratio "
+    lines = ["| protocol | upstream | router processes | request body | clients | direct req/s | routed req/s | ratio "
              "| direct p50 ms | routed p50 ms | added p50 ms | router CPU us/request | failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         upstream = "answers at once" if not r["batch_ms"] else f"batches every {r['batch_ms']:g} ms"
-        lines.append(f"| {r['protocol']} | {upstream} | {r['processes']} | {r['clients']} | {r['direct']['rps']:.0f} | "
+        size = _size(r.get("body_bytes", len(BODY)))
+        lines.append(f"| {r['protocol']} | {upstream} | {r['processes']} | {size} | {r['clients']} | {r['direct']['rps']:.0f} | "
                      f"{r['routed']['rps']:.0f} | {r['ratio']:.2f} | {r['direct']['p50_ms']:.2f} | "
                      f"{r['routed']['p50_ms']:.2f} | {r['added_p50_ms']:+.2f} | {r['router_cpu_us_per_request']} | "
                      f"{r['direct']['failed'] + r['routed']['failed']} |")
     return lines
 
 
-def write(doc: dict, out: Path) -> list[Path]:
-    data = out / "benchmarks" / "results" / "router-hop.json"
-    text = out / "docs" / "benchmarks-router-hop.md"
-    plot = plot_hop(doc["rows"], out / "docs" / "bench_router_hop.png")
+def write(doc: dict, out: Path, stem: str = "router-hop") -> list[Path]:
+    """The JSON, the table and the plot; ``stem`` names them (another for a run of large bodies)."""
+    data = out / "benchmarks" / "results" / f"{stem}.json"
+    text = out / "docs" / f"benchmarks-{stem}.md"
+    plot = plot_hop(doc["rows"], out / "docs" / f"bench_{stem.replace('-', '_')}.png")
     data.parent.mkdir(parents=True, exist_ok=True)
     text.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(json.dumps(doc, indent=1) + "\n")
@@ -164,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the stand-in's batch window; 0 answers at once")
     parser.add_argument("--processes", nargs="+", default=["auto"], help="router process counts, or auto")
     parser.add_argument("--protocols", nargs="+", choices=("REST", "gRPC"), default=["REST", "gRPC"])
+    parser.add_argument("--body-kb", type=int, nargs="+", default=[0],
+                        help="request body sizes in KiB; 0 is a one-line JSON body. Any other size writes "
+                             "router-hop-bodies.json and its table and plot instead")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -183,11 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="tsfleet-bench-hop-") as tmp:
         rows = measure(args, load, Path(tmp), log=lambda line: print(line, flush=True))
     command = "python -m benchmarks.speed.hop" + (" --smoke" if args.smoke else "") + (
-        " --processes " + " ".join(asked) if asked != ["auto"] else "")
+        " --processes " + " ".join(asked) if asked != ["auto"] else "") + (
+        " --body-kb " + " ".join(map(str, args.body_kb)) if args.body_kb != [0] else "")
     doc = {"meta": {**metadata("hop"), "load_tool": load.tool, "runs": args.runs,
                     "seconds": args.seconds, "duration_s": round(time.monotonic() - started, 1), "command": command},
            "rows": rows}
-    for path in write(doc, args.out):
+    for path in write(doc, args.out, "router-hop" if args.body_kb == [0] else "router-hop-bodies"):
         print(f"wrote {path}")
 
 

@@ -45,13 +45,14 @@ def plot_hop(rows: list[dict], path: Path) -> Path:
     """The router hop benchmark: share of direct's throughput, added p50 and router CPU per
     request against concurrency, one line per (upstream, process count)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    lines: dict[tuple[str, float, int], list[dict]] = {}
+    lines: dict[tuple[str, float, int, int], list[dict]] = {}
     for row in rows:
-        lines.setdefault((row["protocol"], row["batch_ms"], row["processes"]), []).append(row)
-    for (protocol, batch_ms, processes), points in sorted(lines.items()):
+        lines.setdefault((row["protocol"], row["batch_ms"], row["processes"], row.get("body_bytes", 0)), []).append(row)
+    sizes = {key[3] for key in lines}
+    for (protocol, batch_ms, processes, size), points in sorted(lines.items()):
         points.sort(key=lambda r: r["clients"])
         label = f"{protocol}, " + ("answers at once" if not batch_ms else f"batches every {batch_ms:g} ms") + \
-            f", {processes} process(es)"
+            f", {processes} process(es)" + (f", {size / 1024:.0f} KiB bodies" if len(sizes) > 1 else "")
         xs = [r["clients"] for r in points]
         for ax, key in zip(axes, ("ratio", "added_p50_ms", "router_cpu_us_per_request")):
             ax.plot(xs, [r[key] for r in points], marker="o", label=label)

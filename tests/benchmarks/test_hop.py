@@ -21,6 +21,7 @@ def test_smoke_run_measures_both_upstreams_and_writes_the_table(tmp_path: Path) 
     doc = json.loads((tmp_path / "benchmarks" / "results" / "router-hop.json").read_text())
     assert [(r["protocol"], r["batch_ms"], r["processes"], r["clients"]) for r in doc["rows"]] == [
         ("REST", 0, 1, 4), ("gRPC", 0, 1, 4), ("REST", 2, 1, 4), ("gRPC", 2, 1, 4)]
+    assert {r["body_bytes"] for r in doc["rows"]} == {36}  # the one-line JSON body
     for row in doc["rows"]:
         for side in ("direct", "routed"):
             assert row[side]["requests"] > 0 and row[side]["failed"] == 0
@@ -29,7 +30,7 @@ def test_smoke_run_measures_both_upstreams_and_writes_the_table(tmp_path: Path) 
     for batched in doc["rows"][2:]:
         assert batched["direct"]["p50_ms"] >= 1.5  # the stand-in really held answers for its 2 ms window
     text = (tmp_path / "docs" / "benchmarks-router-hop.md").read_text()
-    assert "| REST | answers at once | 1 | 4 |" in text and "| gRPC | batches every 2 ms | 1 | 4 |" in text
+    assert "| REST | answers at once | 1 | 36 B | 4 |" in text and "| gRPC | batches every 2 ms | 1 | 36 B | 4 |" in text
     assert "![router hop](bench_router_hop.png)" in text
     assert (tmp_path / "docs" / "bench_router_hop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert doc["meta"]["command"] == "python -m benchmarks.speed.hop --smoke --processes 1"
