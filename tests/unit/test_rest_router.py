@@ -5,6 +5,8 @@ tests/integration/test_router_rest.py."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
 import time
 
 from tests.polling import until
@@ -20,6 +22,7 @@ class Upstream:
     def __init__(self) -> None:
         self.plan: list[str] = []  # "lose" or "die", for the next requests in turn
         self.paths: list[str] = []
+        self.digests: list[str] = []  # of each request body, as it arrived
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -29,7 +32,7 @@ class Upstream:
                 break
             length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                            if line.lower().startswith(b"content-length")), 0)
-            await reader.readexactly(length)
+            self.digests.append(hashlib.sha256(await reader.readexactly(length)).hexdigest())
             path = head.split(b" ")[1].decode()
             self.paths.append(path)
             action = self.plan.pop(0) if self.plan else "answer"
@@ -94,5 +97,23 @@ def test_a_dropped_request_on_the_candidate_is_retried_on_the_baseline() -> None
         assert (table.stats[("m", "1.1")].errors, table.stats[("m", "1.0")].retries) == (1, 1)
         following = [await _post(port, "/predictions/m") for _ in range(2)]  # and the split goes on
         assert {(status, headers["x-model-version"]) for status, headers, _ in following} == {(200, "1.0"), (200, "1.1")}
+
+    run(test)
+
+
+def test_an_image_sized_body_and_the_request_behind_it_arrive_whole() -> None:
+    async def test(router: RestRouter, port: int, upstream: Upstream, table: RoutingTable) -> None:
+        big = random.Random(7).randbytes(3 * 2**20 + 5)  # copied and written in pieces, not as one message
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /predictions/m/1.0 HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n%s"
+                     b"POST /predictions/m/1.1 HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}" % (len(big), big))
+        answers = []
+        for _ in range(2):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+            length = next(int(line.split(":")[1]) for line in head if line.lower().startswith("content-length"))
+            answers.append((head[0].split()[1], await reader.readexactly(length)))
+        writer.close()
+        assert answers == [("200", b"/predictions/m/1.0"), ("200", b"/predictions/m/1.1")]
+        assert upstream.digests == [hashlib.sha256(big).hexdigest(), hashlib.sha256(b"{}").hexdigest()]
 
     run(test)

@@ -110,7 +110,11 @@ class _Body:
         if self.length is not None:
             if len(buf) < self.length:
                 return None
-            body = bytes(buf[:self.length])
+            if self.length < 4096:
+                body = bytes(buf[:self.length])
+            else:
+                with memoryview(buf) as view:  # an image's bytes copied once, not sliced and then copied
+                    body = bytes(view[:self.length])
             del buf[:self.length]
             return body
         pos = 0

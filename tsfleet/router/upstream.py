@@ -20,6 +20,10 @@ from tsfleet.router.http1 import HttpError, Response, _Body, _body_mode, _parse_
 log = logging.getLogger(__name__)
 # done(answer, None) or done(None, error): UpstreamError, or asyncio.TimeoutError.
 Done = Callable[[Response | None, BaseException | None], None]
+# A request as written: one bytes, or (a large body) the head and the body, written together
+# without copying the body into one with the head.
+Message = bytes | list[bytes]
+LARGE_BODY = 64 * 1024
 
 
 class UpstreamError(ConnectionError):
@@ -52,13 +56,16 @@ class _Connection(asyncio.Protocol):
             else:
                 self.fail(UpstreamError(f"connection closed by upstream ({exc or 'EOF'})"))
 
-    def begin(self, message: bytes, head_only: bool, deadline: float | None, done: Done) -> None:
+    def begin(self, message: Message, head_only: bool, deadline: float | None, done: Done) -> None:
         self.buf.clear()
         self.head = self.body = None
         self.received, self.head_only = False, head_only
         self.message, self.deadline, self.done = message, deadline, done
         assert self.transport is not None
-        self.transport.write(message)
+        if isinstance(message, list):
+            self.transport.writelines(message)
+        else:
+            self.transport.write(message)
 
     def data_received(self, data: bytes) -> None:
         self.received = True
@@ -134,7 +141,7 @@ class UpstreamPool:
         head = b"\r\n".join([b"%s %s HTTP/1.1" % (method.encode(), target.encode("latin-1")), self.host_line,
                              *headers, b"Content-Length: %d" % len(body)]) + b"\r\n\r\n"
         deadline = asyncio.get_running_loop().time() + timeout if timeout else None
-        self._send(head + body, method == "HEAD", deadline, done)
+        self._send(head + body if len(body) < LARGE_BODY else [head, body], method == "HEAD", deadline, done)
 
     async def request(self, method: str, target: str, headers: list[bytes], body: bytes,
                       timeout: float | None = None) -> Response:
@@ -148,7 +155,7 @@ class UpstreamPool:
         self.start(method, target, headers, body, timeout, done)
         return await future
 
-    def _send(self, message: bytes, head_only: bool, deadline: float | None, done: Done) -> None:
+    def _send(self, message: Message, head_only: bool, deadline: float | None, done: Done) -> None:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
@@ -159,7 +166,7 @@ class UpstreamPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _connect_then_send(self, message: bytes, head_only: bool, deadline: float | None, done: Done) -> None:
+    async def _connect_then_send(self, message: Message, head_only: bool, deadline: float | None, done: Done) -> None:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl)
@@ -168,7 +175,7 @@ class UpstreamPool:
             return
         self._begin(conn, message, head_only, deadline, done)
 
-    def _begin(self, conn: _Connection, message: bytes, head_only: bool, deadline: float | None, done: Done) -> None:
+    def _begin(self, conn: _Connection, message: Message, head_only: bool, deadline: float | None, done: Done) -> None:
         self._busy.add(conn)
         conn.begin(message, head_only, deadline, done)
         if deadline is not None:
