@@ -164,7 +164,7 @@ def write(doc: dict, out: Path, stem: str = "router-hop") -> list[Path]:
         f"Python {meta['python']}, REST load from **{meta['load_tool']}**, gRPC load from an asyncio client "
         f"(4 connections per target), {meta['runs']} run(s) of "
         f"{meta['seconds']:g} s per figure (medians), direct and routed runs alternating. Data: "
-        "`benchmarks/results/router-hop.json`.", "",
+        f"`benchmarks/results/{data.name}`.", "",
         "A stand-in (`benchmarks/speed/standin.py`) answers in place of TorchServe, REST with TorchServe's "
         "headers and gRPC over the router's own HTTP/2, with no model work: at once, or in batches as TorchServe on a GPU does (every request waiting when a "
         "batch window ends is answered at once). The stand-in and the load run on one half of the CPUs, the "
@@ -203,9 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tsfleet-bench-hop-") as tmp:
         rows = measure(args, load, Path(tmp), log=lambda line: print(line, flush=True))
-    command = "python -m benchmarks.speed.hop" + (" --smoke" if args.smoke else "") + (
-        " --processes " + " ".join(asked) if asked != ["auto"] else "") + (
-        " --body-kb " + " ".join(map(str, args.body_kb)) if args.body_kb != [0] else "")
+    command = "python -m benchmarks.speed.hop" + (" --smoke" if args.smoke else "") + "".join(
+        f" --{name.replace('_', '-')} " + " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in given)
+        for name, given, default in (("processes", asked, ["auto"]), ("clients", args.clients, [1, 16, 64]),
+                                     ("batch_ms", args.batch_ms, [0, 4]), ("body_kb", args.body_kb, [0]))
+        if given != default and not (args.smoke and name in ("clients", "batch_ms")))  # --smoke sets those
     doc = {"meta": {**metadata("hop"), "load_tool": load.tool, "runs": args.runs,
                     "seconds": args.seconds, "duration_s": round(time.monotonic() - started, 1), "command": command},
            "rows": rows}
