@@ -288,34 +288,17 @@ def test_a_connection_that_does_not_speak_http2_is_closed_and_others_are_served(
     run(test, channel_box=channel_box)
 
 
-def test_a_fault_in_the_router_fails_that_call_at_once_and_no_other() -> None:
+@pytest.mark.parametrize("method", ["choose", "record"])  # while routing the call, while answering it
+def test_a_fault_in_the_router_fails_that_call_at_once_and_no_other(method: str) -> None:
     async def test(stub, upstream, table) -> None:
-        real = table.choose
+        real = getattr(table, method)
 
         def broken(model: str, *args: object, **kwargs: object):
             if model == "boom":
                 raise RuntimeError("a bug")
             return real(model, *args, **kwargs)
 
-        table.choose = broken
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.Predictions(req(model="boom"), timeout=10)
-        assert err.value.code() == grpc.StatusCode.INTERNAL  # not the client's deadline
-        assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
-
-    run(test)
-
-
-def test_a_fault_while_answering_fails_that_call_at_once_and_no_other() -> None:
-    async def test(stub, upstream, table) -> None:
-        real = table.record
-
-        def broken(model: str, *args: object, **kwargs: object):
-            if model == "boom":
-                raise RuntimeError("a bug")
-            return real(model, *args, **kwargs)
-
-        table.record = broken
+        setattr(table, method, broken)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Predictions(req(model="boom"), timeout=10)
         assert err.value.code() == grpc.StatusCode.INTERNAL  # not the client's deadline
