@@ -80,16 +80,13 @@ class Http2Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- wiring
     def _write(self, data: bytes) -> None:
-        """Queue bytes for the socket; everything queued in one turn of the event loop goes
-        out in one write (one syscall, the largest part of a proxied call's cost when many
-        calls share a connection)."""
-        if not self.outgoing:
-            self.loop.call_soon(self._flush)
-        self.outgoing.append(data)
+        self._write_pieces([data])
 
     def _write_pieces(self, pieces: list[bytes | memoryview]) -> None:
-        """As ``_write``, for frames in pieces (frame headers, views of payloads): they are
-        joined once, in ``_flush``, so a large message is copied once on its way out."""
+        """Queue frames for the socket, whole or in pieces (frame headers, views of payloads).
+        Everything queued in one turn of the event loop goes out in one write (one syscall, the
+        largest part of a proxied call's cost when many calls share a connection), joined
+        once, so a large message is copied once on its way out."""
         if not self.outgoing:
             self.loop.call_soon(self._flush)
         self.outgoing += pieces
