@@ -103,7 +103,7 @@ class GrpcRouter:
             Prediction(self, conn, call, model, choice, self._headers(call, PREDICT, decompressed), payload).attempt()
         except Exception:  # a bug of the router's must not take the client's connection down
             log.exception("gRPC call to %s failed in the router", call.path.decode(errors="replace"))
-            self._abort(conn, call)
+            self.abort(conn, call)
 
     def spawn(self, conn: ServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` for ``call`` as a task; a router bug in it resets the call."""
@@ -117,10 +117,11 @@ class GrpcRouter:
             await work
         except Exception:  # a bug of the router's must not leave the client waiting for its deadline
             log.exception("gRPC call to %s failed in the router", call.path.decode(errors="replace"))
-            GrpcRouter._abort(conn, call)
+            GrpcRouter.abort(conn, call)
 
     @staticmethod
-    def _abort(conn: ServerConnection, call: ServerCall) -> None:
+    def abort(conn: ServerConnection, call: ServerCall) -> None:
+        """End a call the router failed (INTERNAL_ERROR, unless it was answered already)."""
         if call.id in conn.windows:  # not answered yet
             conn.reset(call.id, INTERNAL_ERROR)
         conn.finish(call)

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from tsfleet.router.grpc_wire import OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamCall, UpstreamGone
 from tsfleet.router.hpack_codec import Header
-from tsfleet.router.http2 import INTERNAL_ERROR
 from tsfleet.router.routing import Choice
 
 if TYPE_CHECKING:
@@ -92,9 +91,7 @@ class Prediction:
             self._answered(up, error)
         except Exception:  # noqa: BLE001 - a bug of the router's must not leave the client waiting
             log.exception("gRPC prediction for %s failed in the router", self.model)
-            if self.call.id in self.conn.windows:  # not answered yet
-                self.conn.reset(self.call.id, INTERNAL_ERROR)
-            self.conn.finish(self.call)
+            self.router.abort(self.conn, self.call)
 
     def _answered(self, up: UpstreamCall | None, error: UpstreamGone | None) -> None:
         router, table, call = self.router, self.router.table, self.call
