@@ -174,6 +174,18 @@ def write(doc: dict, out: Path, stem: str = "router-hop") -> list[Path]:
     return [data, text, plot]
 
 
+def _command(parser: argparse.ArgumentParser, args: argparse.Namespace, processes: list[str]) -> str:
+    """The command line that makes this run again; options at their defaults are left out."""
+    given = {"processes": processes, "clients": args.clients, "batch_ms": args.batch_ms, "body_kb": args.body_kb}
+    if args.smoke:  # it sets clients and batches itself
+        del given["clients"], given["batch_ms"]
+    words = ["python -m benchmarks.speed.hop"] + (["--smoke"] if args.smoke else [])
+    for name, values in given.items():
+        if values != parser.get_default(name):
+            words += [f"--{name.replace('_', '-')}"] + [v if isinstance(v, str) else f"{v:g}" for v in values]
+    return " ".join(words)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed.hop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,11 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tsfleet-bench-hop-") as tmp:
         rows = measure(args, load, Path(tmp), log=lambda line: print(line, flush=True))
-    command = "python -m benchmarks.speed.hop" + (" --smoke" if args.smoke else "") + "".join(
-        f" --{name.replace('_', '-')} " + " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in given)
-        for name, given, default in (("processes", asked, ["auto"]), ("clients", args.clients, [1, 16, 64]),
-                                     ("batch_ms", args.batch_ms, [0, 4]), ("body_kb", args.body_kb, [0]))
-        if given != default and not (args.smoke and name in ("clients", "batch_ms")))  # --smoke sets those
+    command = _command(parser, args, asked)
     doc = {"meta": {**metadata("hop"), "load_tool": load.tool, "runs": args.runs,
                     "seconds": args.seconds, "duration_s": round(time.monotonic() - started, 1), "command": command},
            "rows": rows}
