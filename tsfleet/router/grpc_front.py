@@ -17,10 +17,10 @@ from google.protobuf.message import DecodeError
 
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.grpc_predict import Prediction, not_found, server_side
+from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamPool
 from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
-                                      Relay, ServerCall, ServerConnection, UpstreamCall, UpstreamGone, UpstreamPool,
-                                      answer_headers, decompress, header, split_messages,
-                                      status_trailers)
+                                      Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, decompress,
+                                      header, split_messages, status_trailers)
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.http2 import INTERNAL_ERROR
 from tsfleet.router.proto import inference_pb2 as pb

@@ -13,7 +13,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from tsfleet.router.grpc_wire import OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamCall, UpstreamGone
+from tsfleet.router.grpc_upstream import UpstreamCall
+from tsfleet.router.grpc_wire import OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamGone
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.routing import Choice
 

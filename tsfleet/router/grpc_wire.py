@@ -1,5 +1,6 @@
-"""gRPC over the router's HTTP/2: the client-facing connection, the upstream connection
-pool, and gRPC's message framing and status trailers.
+"""gRPC over the router's HTTP/2: the client-facing connection, gRPC's message framing and
+status trailers, and answers passed on to clients (grpc_upstream.py: the connection to
+TorchServe).
 
 A call is a stream: HEADERS (``:path`` names the method), DATA carrying length-prefixed
 messages, and the answer's HEADERS, DATA and trailers (``grpc-status``, ``grpc-message``).
@@ -8,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import logging
 import zlib
-from typing import Callable, Protocol
-from urllib.parse import unquote_to_bytes
+from typing import TYPE_CHECKING, Protocol
 
-from tsfleet.router.deadlines import Deadlines
-from tsfleet.router.http2 import (CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM,
-                                  Http2Connection, ProtocolError)
 from tsfleet.router.hpack_codec import Header
+from tsfleet.router.http2 import ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, Http2Connection, ProtocolError
 
-log = logging.getLogger(__name__)
-CONNECT_TIMEOUT_S = 5.0
+if TYPE_CHECKING:
+    from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamConnection
+
 OK, UNKNOWN, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 2, 8, 12, 13, 14
 STATUS_OK = (b":status", b"200")
 GRPC_TYPE = (b"content-type", b"application/grpc")
@@ -67,6 +65,10 @@ def header(headers: list[Header], name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+class UpstreamGone(ConnectionError):
+    """No whole answer came back: refused, reset, connection lost or cancelled."""
 
 
 # ------------------------------------------------------------------ client side
@@ -171,191 +173,6 @@ class ServerConnection(Http2Connection):
         for call in list(self.calls.values()):
             call.cancel()
         self.calls.clear()
-
-
-# ------------------------------------------------------------------ upstream side
-class UpstreamGone(ConnectionError):
-    """No whole answer came back: refused, reset, connection lost or cancelled."""
-
-
-class Sink(Protocol):
-    """Takes an upstream answer as it comes (a relayed stream)."""
-
-    def on_headers(self, headers: list[Header], end: bool) -> None: ...
-
-    def on_data(self, data: bytes | memoryview, end: bool) -> None: ...
-
-
-# then(call, None) once the answer is whole, or then(call, error): called from the event loop.
-Then = Callable[["UpstreamCall", "UpstreamGone | None"], None]
-
-
-class UpstreamCall:
-    """One call to TorchServe: its answer, collected, or passed on to a sink as it comes.
-    ``done`` is settled when it ends, unless it was started with a ``then`` callback instead
-    (a prediction: no future per call, see grpc_predict.py)."""
-
-    __slots__ = ("id", "headers", "body", "trailers", "done", "sink", "then")
-
-    def __init__(self, stream: int, done: asyncio.Future | None, sink: Sink | None, then: Then | None = None):
-        self.id, self.done, self.sink, self.then = stream, done, sink, then
-        self.headers: list[Header] | None = None
-        self.trailers: list[Header] = []
-        self.body = bytearray()
-
-    def status(self) -> tuple[int, str]:
-        """(grpc-status, grpc-message) of a finished call."""
-        code = header(self.trailers, b"grpc-status")
-        if code is None:
-            http = header(self.headers or [], b":status") or b"?"
-            return (UNKNOWN if http == b"200" else INTERNAL), f"TorchServe answered HTTP {http.decode()} without a gRPC status"
-        message = header(self.trailers, b"grpc-message") or b""
-        return int(code), unquote_to_bytes(message).decode(errors="replace") if message else ""
-
-
-class UpstreamConnection(Http2Connection):
-    client_side = True
-
-    def __init__(self, pool: "UpstreamPool"):
-        super().__init__()
-        self.pool = pool
-        self.calls: dict[int, UpstreamCall] = {}
-        self.next_stream = 1
-        self.draining = False
-
-    def start(self, headers: list[Header], data: bytes | None, end: bool, sink: Sink | None = None,
-              then: Then | None = None) -> UpstreamCall:
-        """Open a call; its end settles the returned call's ``done``, or is passed to ``then``."""
-        stream, self.next_stream = self.next_stream, self.next_stream + 2
-        if self.next_stream >= 1 << 31:  # stream ids are spent: the next call opens a new connection
-            self.draining = True
-            self.pool.forget(self)
-        done = None if then is not None else self.loop.create_future()
-        call = self.calls[stream] = UpstreamCall(stream, done, sink, then)
-        self.open_stream(stream)
-        self.send(stream, headers, data, end=end)
-        return call
-
-    def on_headers(self, stream: int, headers: list[Header], end: bool) -> None:
-        call = self.calls.get(stream)
-        if call is None:
-            return
-        if call.headers is None:
-            call.headers = headers
-            if end:  # trailers-only: the status is in the only HEADERS
-                call.trailers = headers
-        else:
-            call.trailers = headers
-        if call.sink is not None:
-            call.sink.on_headers(headers, end)
-        if end:
-            self._done(call)
-
-    def on_data(self, stream: int, data: bytes | memoryview, end: bool) -> None:
-        call = self.calls.get(stream)
-        if call is None:
-            return
-        if call.sink is not None:
-            call.sink.on_data(data, end)
-        else:
-            call.body += data
-        if end:
-            self._done(call)
-
-    def _done(self, call: UpstreamCall) -> None:
-        self.calls.pop(call.id, None)
-        self._forget(call.id)  # an answer that ends early: what was left to send is moot
-        self._settle(call, None)
-        if self.draining and not self.calls:
-            self.close()
-
-    def fail(self, stream: int, error: UpstreamGone, reset: bool = False) -> None:
-        call = self.calls.pop(stream, None)
-        if call is not None:
-            if reset:
-                self.reset(stream, CANCEL)
-            self._settle(call, error)
-
-    @staticmethod
-    def _settle(call: UpstreamCall, error: UpstreamGone | None) -> None:
-        if call.then is not None:
-            then, call.then = call.then, None
-            try:
-                then(call, error)
-            except Exception:  # noqa: BLE001 - a faulty callback must not take the connection down
-                log.exception("router: error while handing on a gRPC answer")
-        elif call.done is not None and not call.done.done():
-            call.done.set_result(None) if error is None else call.done.set_exception(error)
-
-    def on_reset(self, stream: int, code: int) -> None:
-        self.fail(stream, UpstreamGone(f"TorchServe reset the call (HTTP/2 error {code})"))
-
-    def on_goaway(self, last_stream: int, code: int, message: str) -> None:
-        self.draining = True
-        self.pool.forget(self)
-        for stream in [s for s in self.calls if s > last_stream]:
-            self.fail(stream, UpstreamGone(f"TorchServe is closing the connection{': ' + message if message else ''}"))
-        if not self.calls:
-            self.close()
-
-    def on_closed(self, reason: str) -> None:
-        self.pool.forget(self)
-        for stream in list(self.calls):
-            self.fail(stream, UpstreamGone(f"connection to TorchServe lost ({reason})"))
-
-
-class UpstreamPool:
-    """One multiplexed HTTP/2 connection to TorchServe's gRPC port, made again when it goes."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.authority = f"{host}:{port}".encode()
-        self.conn: UpstreamConnection | None = None
-        self._connecting: asyncio.Task | None = None
-        self._deadlines: Deadlines[tuple[UpstreamConnection, int]] = Deadlines(
-            lambda call: call[0].fail(call[1], UpstreamGone("no answer within the attempt's deadline"), reset=True))
-
-    def expire_after(self, conn: UpstreamConnection, stream: int, timeout: float) -> None:
-        """Fail (and reset) call ``stream`` of ``conn`` unless ``settled`` within ``timeout`` s."""
-        self._deadlines.add((conn, stream), asyncio.get_running_loop().time() + timeout)
-
-    def settled(self, conn: UpstreamConnection, stream: int) -> None:
-        self._deadlines.discard((conn, stream))
-
-    def ready(self) -> UpstreamConnection | None:
-        """The open connection, if there is one (else ``connection`` makes one)."""
-        conn = self.conn
-        return conn if conn is not None and not conn.closed and not conn.draining else None
-
-    async def connection(self) -> UpstreamConnection:
-        conn = self.ready()
-        if conn is not None:
-            return conn
-        if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_task(self._connect())
-        return await asyncio.shield(self._connecting)
-
-    async def _connect(self) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
-        try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port), CONNECT_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise UpstreamGone(str(exc) or type(exc).__name__) from exc
-        finally:
-            self._connecting = None
-        self.conn = conn
-        return conn
-
-    def forget(self, conn: UpstreamConnection) -> None:
-        if self.conn is conn:
-            self.conn = None
-
-    def close(self) -> None:
-        self._deadlines.close()
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
 
 
 # ------------------------------------------------------------------ answers
