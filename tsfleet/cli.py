@@ -128,7 +128,7 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         if not companions.wait_listening(router, 8090):
             raise FleetError("the router did not start listening on 8090; see logs/route.log")
         _say("router started: clients use http://127.0.0.1:8090 and gRPC 127.0.0.1:7090 like TorchServe's "
-             "8080/7070, with the same keys (log: logs/route.log)")
+             "8080/7070, with the same keys; probes need none: /livez, /readyz (log: logs/route.log)")
         print_endpoints(server, fleet)
         if args.detach:
             _say("running in the background; `make down` stops it")

@@ -28,6 +28,48 @@ class LoopThread:
         self.thread.join(10)
 
 
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+class Forwarder:
+    """Passes every connection to 127.0.0.1:``port`` on to ``to_port`` byte for byte: a
+    server that comes back at an address the router found dead. Run it on the router's loop."""
+
+    def __init__(self, to_port: int):
+        self.to_port = to_port
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self, port: int) -> "Forwarder":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.to_port)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            writer.close()
+            self.tasks.discard(task)
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+
 class RunningRouter:
     """A started RouterProcess plus small HTTP helpers."""
 

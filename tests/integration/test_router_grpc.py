@@ -17,9 +17,10 @@ from typing import Any, Iterator
 import grpc
 import pytest
 from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.integration.conftest import ROOT, free_ports
-from tests.integration.router_harness import LoopThread
+from tests.integration.router_harness import LoopThread, Forwarder
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
 from tsfleet.router.proto import inference_pb2 as pb
@@ -29,6 +30,8 @@ from tsfleet.router.routing import RollbackRule, RoutingTable, routes_from_fleet
 MODEL = "intent-classifier"
 ROME = b'{"text": "book a flight to Rome"}'
 HELDOUT = [json.loads(line)["text"] for line in (ROOT / "data/intents/heldout.jsonl").read_text().splitlines()]
+SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"  # what a readiness probe names
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 NEVER = RollbackRule(max_error_rate_increase=1.0, max_p99_ratio=0)
 
 
@@ -204,9 +207,12 @@ def test_sequence_stream_passes_through(router, direct, auth) -> None:
     assert got == want and want[0].status.message == "Parameter sequenceId is required."
 
 
-def test_torchserve_down_is_unavailable_naming_the_address(loop, fleet, auth) -> None:
-    closed = f"127.0.0.1:{free_ports(1)[0]}"
+def test_torchserve_down_is_unavailable_until_it_comes_back(loop, fleet, server, auth) -> None:
+    port = free_ports(1)[0]
+    closed = f"127.0.0.1:{port}"
     r = Router(loop, RoutingTable(routes_from_fleet(fleet)), closed)
+    health = health_pb2_grpc.HealthStub(r.channel)
+    back = None
     try:
         for call in (lambda: r.stub.Predictions(request(), metadata=auth, timeout=10),
                      lambda: r.stub.Ping(empty_pb2.Empty(), metadata=auth, timeout=10),
@@ -218,7 +224,20 @@ def test_torchserve_down_is_unavailable_naming_the_address(loop, fleet, auth) ->
         # Each call twice (first attempt and retry): the model does not stream, so the
         # router answers its stream with one Predictions call.
         assert r.table.stats[(MODEL, "1.0")].errors == 4
+        # The standard health service, with no key: the router serves, TorchServe behind it does not.
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no.such.Service" in err.value.details()
+
+        back = loop.run(Forwarder(server.ep.grpc_inference).start(port))  # TorchServe answers at the address again
+        assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status == SERVING
+        reply, call = r.stub.Predictions.with_call(request(), metadata=auth, timeout=30)
+        assert json.loads(reply.prediction)["intent"] == "travel" and version_of(call) == "1.0"
     finally:
+        if back is not None:
+            loop.run(back.close())
         r.close()
 
 

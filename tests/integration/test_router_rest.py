@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.integration.conftest import free_ports
-from tests.integration.router_harness import RunningRouter
+from tests.integration.router_harness import Forwarder, RunningRouter
 from tsfleet.router.routing import RollbackRule
 from tsfleet.server import TorchServe
 
@@ -214,12 +214,26 @@ def test_weights_survive_a_router_restart(fleet, server, tmp_path: Path) -> None
         second.stop()
 
 
-def test_torchserve_down_is_a_clear_503(fleet, server, tmp_path: Path) -> None:
+def test_torchserve_down_is_a_clear_503_until_it_comes_back(fleet, server, tmp_path: Path) -> None:
     port = free_ports(1)[0]
     r = RunningRouter(fleet, tmp_path, f"http://127.0.0.1:{port}", f"127.0.0.1:{port}")
+    back = None
     try:
         resp = r.post(f"/predictions/{INTENT}", body("hi"), server.keys.header("inference"))
         assert resp.status_code == 503
         assert resp.json()["type"] == "ServiceUnavailable" and f"127.0.0.1:{port}" in resp.json()["message"]
+        # The router's own probes need no key: alive, but not ready while TorchServe is away.
+        live, ready = (requests.get(r.url + path, timeout=10) for path in ("/livez", "/readyz"))
+        assert (live.status_code, live.json()) == (200, {"status": "alive"})
+        assert ready.status_code == 503
+        assert f"not ready: TorchServe is not reachable at http://127.0.0.1:{port}" in ready.json()["message"]
+
+        back = r.loop.run(Forwarder(server.ep.inference).start(port))  # TorchServe answers at the address again
+        ready = requests.get(r.url + "/readyz", timeout=10)
+        assert (ready.status_code, ready.json()) == (200, {"status": "ready", "torchserve": f"http://127.0.0.1:{port}"})
+        resp = r.post(f"/predictions/{INTENT}", body("book me a flight to Rome"), server.keys.header("inference"))
+        assert resp.status_code == 200 and resp.json()["intent"] == "travel"
     finally:
+        if back is not None:
+            r.loop.run(back.close())
         r.stop()

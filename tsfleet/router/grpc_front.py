@@ -15,6 +15,7 @@ from typing import Any, Coroutine
 
 from google.protobuf.message import DecodeError
 
+from tsfleet.router import health
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.grpc_predict import Prediction, not_found, server_side
 from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamPool
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 SERVICE = b"/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
 PREDICT, STREAM, SEQUENCE, PING = (SERVICE + m for m in (b"Predictions", b"StreamPredictions",
                                                          b"StreamPredictions2", b"Ping"))
-BUFFERED = {PREDICT, STREAM, PING}  # one request message: read whole, then routed
+BUFFERED = {PREDICT, STREAM, PING, health.CHECK}  # one request message: read whole, then routed
 SHADOW_BACKLOG = 256  # mirrors in flight beyond this are skipped: a shadow must never pile up
 
 
@@ -87,6 +88,9 @@ class GrpcRouter:
     def ended(self, conn: ServerConnection, call: ServerCall) -> None:
         """A call with one request message (Predictions, StreamPredictions, Ping) is whole."""
         try:
+            if call.path == health.CHECK:  # the router's own, not TorchServe's
+                self.spawn(conn, call, health.grpc_check(self, conn, call))
+                return
             readable = self._readable(call) if call.path != PING else None
             if readable is None:  # Ping, or a request only TorchServe can judge
                 self.spawn(conn, call, self._pass(conn, call))

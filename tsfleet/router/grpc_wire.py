@@ -18,7 +18,8 @@ from tsfleet.router.http2 import ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, RE
 if TYPE_CHECKING:
     from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamConnection
 
-OK, UNKNOWN, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 2, 8, 12, 13, 14
+OK, UNKNOWN, INVALID_ARGUMENT, NOT_FOUND = 0, 2, 3, 5
+RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
 STATUS_OK = (b":status", b"200")
 GRPC_TYPE = (b"content-type", b"application/grpc")
 

@@ -14,6 +14,7 @@ import time
 from typing import Any, Awaitable, Callable, Coroutine
 from urllib.parse import quote, unquote, urlsplit
 
+from tsfleet.router import health
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.http1 import ROUTER_ERROR, Listener, Reply, Request, Response
 from tsfleet.router.routing import Choice, RoutingTable
@@ -89,6 +90,10 @@ class RestRouter:
         if request.path == "/metrics" and request.method == "GET":
             text = await self.metrics() if self.metrics is not None else self.table.prometheus()
             return Response(200, text.encode(), [b"Content-Type: text/plain; charset=utf-8"])
+        if request.path in (health.LIVE, health.READY) and request.method == "GET":
+            status, data = health.alive() if request.path == health.LIVE else await health.rest_ready(
+                self.pool, self.upstream)
+            return Response(status, data, JSON)
         # /ping, /wfpredict/..., anything else: TorchServe answers it, errors included.
         status, data, resp_headers = await self._call(request.method, request.target, request.body, request.forward)
         return Response(status, data, resp_headers)

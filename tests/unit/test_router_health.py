@@ -1,0 +1,88 @@
+"""The router's own health checks against a TorchServe that accepts connections and never
+answers (a frozen frontend): liveness holds, readiness fails within its probe timeout, and a
+health request the router cannot read is INVALID_ARGUMENT. The live and dead cases, with
+TorchServe itself, are in tests/integration/test_router_{rest,grpc}.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
+from tsfleet.router.health import PROBE_TIMEOUT_S
+from tsfleet.router.rest import RestRouter
+from tsfleet.router.routing import RoutingTable
+
+SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
+
+
+async def _get(port: int, path: str) -> tuple[int, dict]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET %s HTTP/1.1\r\nHost: r\r\n\r\n" % path.encode())
+    head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    length = next(int(line.split(":")[1]) for line in head if line.lower().startswith("content-length"))
+    body = await reader.readexactly(length)
+    writer.close()
+    return int(head[0].split()[1]), json.loads(body)
+
+
+async def _frozen() -> tuple[asyncio.Server, int]:
+    """Accepts, reads, never answers."""
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_rest_readiness_fails_within_its_timeout_when_torchserve_does_not_answer() -> None:
+    async def main() -> None:
+        frozen, upstream = await _frozen()
+        router = RestRouter(RoutingTable({}), f"http://127.0.0.1:{upstream}")
+        port = await router.start("127.0.0.1", 0)
+        try:
+            assert await _get(port, "/livez") == (200, {"status": "alive"})
+            started = time.monotonic()
+            status, body = await _get(port, "/readyz")
+            assert time.monotonic() - started < PROBE_TIMEOUT_S + 1
+            assert status == 503 and body["type"] == "ServiceUnavailable"
+            assert body["message"] == (f"not ready: TorchServe is not reachable at http://127.0.0.1:{upstream}: "
+                                       "no answer within 2 s")
+        finally:
+            await router.stop()
+            frozen.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_grpc_readiness_fails_within_its_timeout_and_unreadable_checks_are_invalid() -> None:
+    async def main() -> None:
+        frozen, upstream = await _frozen()
+        router, port = await start_grpc_router(RoutingTable({}), f"127.0.0.1:{upstream}")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        try:
+            alive = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert alive.status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert time.monotonic() - started < PROBE_TIMEOUT_S + 1
+            raw = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None,
+                                      response_deserializer=None)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await raw(b"\x0a\x05ab")  # field 1 says 5 bytes, 2 follow
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "cannot read this HealthCheckRequest" in err.value.details()
+        finally:
+            await channel.close()
+            await stop_grpc_router(router, grace=0.5)
+            frozen.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
