@@ -88,8 +88,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="processes of the router, or auto (route --processes; the default, as `tsfleet up` "
                              "runs it); several counts (e.g. 1 2 4) run only the direct and routed rows for each, "
                              "written as docs/benchmarks-router-processes.md")
+    parser.add_argument("--image-px", type=int, default=64,
+                        help="side of the image requests: 64 (the model's own size, PNGs of ~0.3 KiB) or larger, "
+                             "noisy JPEGs as a camera sends (640: ~165 KiB); a run with another size is written "
+                             "as its own variant, e.g. docs/benchmarks-images-640px.md")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary archives and logs")
     args = parser.parse_args(argv)
+    if not 64 <= args.image_px <= 4096:
+        parser.error("--image-px: from 64 (the model's own size) to 4096 (the handler's limit)")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     cfg = dict(MODES[mode])
     for key in ("runs", "seconds", "concurrency"):
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="tsfleet-bench-speed-"))
     opts = Options(models=args.models, batch1=Serve(1, 1, 2, 1), minimal=Serve(8, 5, 2, 1), load=load,
                    work=work, mode=mode, log=lambda line: print(line, flush=True), split_cores=args.split_cores,
-                   router_processes=counts[0], **cfg)
+                   router_processes=counts[0], image_px=args.image_px, **cfg)
     started = time.monotonic()
     try:
         results = run_processes(opts, counts) if sweep_processes else run_all(opts)
@@ -125,13 +131,17 @@ def main(argv: list[str] | None = None) -> None:
                                                                 "smoke": " --smoke"}[mode]
                     + (" --models " + " ".join(args.models) if args.models != DEFAULT_MODELS else "")
                     + (" --split-cores" if args.split_cores else "")
-                    + (" --router-processes " + " ".join(map(str, counts)) if counts != [1] else "")},
+                    + (" --router-processes " + " ".join(map(str, counts)) if counts != [1] else "")
+                    + (f" --image-px {args.image_px}" if args.image_px != 64 else ""),
+                    "image_px": args.image_px},
            **results}
+    images = f"images-{args.image_px}px" if args.image_px != 64 else None
     if sweep_processes:
-        written = processes.write(doc, args.out)
+        written = processes.write(doc, args.out, images)
     else:
         doc["meta"]["router_processes"] = counts[0]
-        written = report.write_all(doc, args.out, "split-cores" if args.split_cores else None)
+        variant = "-".join(v for v in ("split-cores" if args.split_cores else None, images) if v)
+        written = report.write_all(doc, args.out, variant or None)
     for path in written:
         print(f"wrote {path}")
 

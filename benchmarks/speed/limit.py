@@ -12,7 +12,7 @@ import statistics
 import time
 from typing import Any
 
-from benchmarks.speed.workload import WORKLOADS, Pipeline
+from benchmarks.speed.workload import Pipeline, workload
 
 
 def peak_rss_mb(pid: int | str = "self") -> float:
@@ -26,14 +26,14 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
-def _worker(model: str, batch_sizes: list[int], runs: int, seconds: float, warmup: float,
+def _worker(model: str, batch_sizes: list[int], runs: int, seconds: float, warmup: float, image_px: int,
             barrier: Any, out: Any) -> None:
     import torch
 
     torch.set_num_threads(1)
-    workload = WORKLOADS[model]()
-    pipeline = Pipeline(workload)
-    bodies = workload.items
+    requests = workload(model, image_px)
+    pipeline = Pipeline(requests)
+    bodies = requests.items
     at = 0
 
     def batch(size: int) -> list[bytes]:
@@ -57,12 +57,12 @@ def _worker(model: str, batch_sizes: list[int], runs: int, seconds: float, warmu
 
 
 def run_limit(model: str, batch_sizes: list[int], runs: int, seconds: float, warmup: float = 1.0,
-              processes: int | None = None) -> dict:
+              processes: int | None = None, image_px: int = 64) -> dict:
     """Items/s at each batch size: ``processes`` (default: cores) single-thread processes."""
     processes = processes or os.cpu_count() or 1
     ctx = mp.get_context("spawn")  # a fresh interpreter per process: no forked torch state
     barrier, out = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(model, batch_sizes, runs, seconds, warmup, barrier, out))
+    procs = [ctx.Process(target=_worker, args=(model, batch_sizes, runs, seconds, warmup, image_px, barrier, out))
              for _ in range(processes)]
     for p in procs:
         p.start()

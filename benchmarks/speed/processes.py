@@ -18,7 +18,7 @@ from benchmarks.speed.cpu import BusyMeter, CpuMeter, split_cores
 from benchmarks.speed.fleets import Serve, Variant
 from benchmarks.speed.loadgen import HttpLoad
 from benchmarks.speed.scenarios import Options, grpc_target, http_target, measure
-from benchmarks.speed.workload import WORKLOADS, Workload
+from benchmarks.speed.workload import Workload, requests_text, workload
 
 BAR = 0.9  # routed throughput at least this share of direct
 
@@ -28,7 +28,7 @@ def run_processes(opts: Options, counts: list[int]) -> dict:
     load = HttpLoad(opts.load)
     opts.log(f"HTTP load from {load.tool}; {os.cpu_count()} CPUs; router processes {counts}")
     fleets.ensure_artifacts(opts.models)
-    workloads = [WORKLOADS[m]() for m in opts.models]
+    workloads = [workload(m, opts.image_px) for m in opts.models]
     tuned = {w.model: opts.sweep[w.model][0] for w in workloads}
     return {**run_process_sweep(opts, load, workloads, tuned, counts), "load_tool": load.tool}
 
@@ -116,12 +116,14 @@ def table(doc: dict) -> list[str]:
     return lines
 
 
-def write(doc: dict, out_dir: Path) -> list[Path]:
-    """router-processes.json and benchmarks-router-processes.md under ``out_dir``."""
+def write(doc: dict, out_dir: Path, suffix: str | None = None) -> list[Path]:
+    """router-processes.json and benchmarks-router-processes.md under ``out_dir`` (with
+    ``-{suffix}`` before the extension, when given)."""
     docs, results = out_dir / "docs", out_dir / "benchmarks" / "results"
     docs.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
-    data, text = results / "router-processes.json", docs / "benchmarks-router-processes.md"
+    stem = "router-processes" + (f"-{suffix}" if suffix else "")
+    data, text = results / f"{stem}.json", docs / f"benchmarks-{stem}.md"
     data.write_text(json.dumps(doc, indent=2) + "\n")
     meta = doc["meta"]
     layout = doc.get("split_cores")
@@ -139,7 +141,9 @@ def write(doc: dict, out_dir: Path) -> list[Path]:
         f"in the same interleaved runs (the bar is {BAR:.2f}), the router's CPU per request (all its processes), "
         "and how busy the serving path's CPUs were. A miss with those CPUs all busy is the router's cost "
         "competing with TorchServe's frontend for the same cores; one with CPUs to spare is the router's own "
-        "limit. Data: [router-processes.json](../benchmarks/results/router-processes.json).",
+        f"limit. Data: [{data.name}](../benchmarks/results/{data.name}).",
+        "",
+        requests_text(meta.get("image_px", 64)),
         "",
         *table(doc),
         "",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from benchmarks.speed.loadgen import GRPC_CONNECTIONS
 from benchmarks.speed.plots import plot_model
+from benchmarks.speed.workload import requests_text
 
 ORDER = ("peer", "toolkit-b1", "toolkit-tuned", "router-rest", "grpc-direct", "router-grpc", "compiled", "minimal")
 
@@ -288,14 +289,14 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str], data: str = "
            "CPU is not taken from the workers: what a machine with cores to spare for the serving path shows. The "
            "workers have half the machine, so compare the rows of this run with each other, not with "
            "[benchmarks.md](benchmarks.md).", ""] if doc.get("split_cores") else []),
-        "Requests: text-embedder gets the 50 short sentences of `data/intents/heldout.jsonl` (6-12 words, one per "
-        "request); image-classifier 16 PNGs of the model's shapes (64 x 64) drawn from fixed seeds, as raw bodies.",
+        requests_text(meta.get("image_px", 64)),
         "", "## How to reproduce", "",
         "```bash", "make bench                               # builds the archives first; about 25 minutes on 2 cores",
         ".venv/bin/python -m benchmarks.speed --quick   # one run per figure, smaller sweep",
         ".venv/bin/python -m benchmarks.speed --smoke --out /tmp/bench   # what CI runs",
         ".venv/bin/python -m benchmarks.speed --split-cores   # router rows, workers on half the cores",
         ".venv/bin/python -m benchmarks.speed --split-cores --router-processes 1 2 4   # the router's gain per process",
+        ".venv/bin/python -m benchmarks.speed --quick --image-px 640   # camera-sized JPEGs (its own report)",
         "```", "",
         "Install `wrk` (`apt-get install wrk`) for the HTTP load; without it the suite falls back to a Python "
         "generator and says so above.", "",

@@ -21,7 +21,7 @@ from benchmarks.speed.fleets import Serve, Variant
 from benchmarks.speed.limit import peak_rss_mb, run_limit
 from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc, run_grpc_side_by_side
 from benchmarks.speed.peer import PeerProcess
-from benchmarks.speed.workload import WORKLOADS, Workload
+from benchmarks.speed.workload import Workload, workload
 from tsfleet.properties import Endpoints
 
 ALL = ("limit", "peer", "toolkit-b1", "toolkit-tuned", "router-rest", "grpc-direct", "router-grpc",
@@ -70,6 +70,7 @@ class Options:
     results: dict = field(default_factory=dict)
     split_cores: bool = False  # workers on half the CPUs, the serving path on the rest
     router_processes: int = 1
+    image_px: int = 64  # the image requests' side: 64 is the model's own size (see shape_images)
 
 
 def summarize(samples: list[Sample]) -> dict:
@@ -357,13 +358,14 @@ def run_all(opts: Options) -> dict:
     load = HttpLoad(opts.load)
     opts.log(f"HTTP load from {load.tool}; {os.cpu_count()} CPUs; mode {opts.mode}")
     fleets.ensure_artifacts(opts.models)
-    workloads = [WORKLOADS[m]() for m in opts.models]
+    workloads = [workload(m, opts.image_px) for m in opts.models]
     for w in workloads:
         entry = model_entry(opts, w.model)
         entry["unit"], entry["requests_in_set"] = w.unit, len(w.bodies)
         if "limit" in opts.scenarios:
             opts.log(f"limit: {w.model}, batches {opts.limit_batches}")
-            entry["limit"] = run_limit(w.model, opts.limit_batches, opts.runs, opts.limit_seconds)
+            entry["limit"] = run_limit(w.model, opts.limit_batches, opts.runs, opts.limit_seconds,
+                                       image_px=opts.image_px)
             opts.log(f"  ceiling {entry['limit']['ceiling']:.1f} {w.unit}/s at batch {entry['limit']['ceiling_batch']}")
     if "peer" in opts.scenarios:
         for w in workloads:

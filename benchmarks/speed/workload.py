@@ -36,15 +36,27 @@ def sentences() -> list[str]:
     return [json.loads(row)["text"] for row in rows if row.strip()]
 
 
-def shape_pngs(count: int = 16) -> list[bytes]:
-    """``count`` PNGs of the image model's shapes, drawn from fixed seeds."""
+def shape_images(count: int = 16, px: int = 64) -> list[bytes]:
+    """``count`` images of the image model's shapes, drawn from fixed seeds.
+
+    At the model's own size (64) they are PNGs of a few hundred bytes. Larger, they are
+    drawn at ``px`` x ``px`` with sensor-like noise and saved as JPEG (quality 90), as a
+    camera would: the size a real image client sends (about 40 KiB at 320, 165 KiB at 640,
+    420 KiB at 1024)."""
+    from PIL import Image
+
     from handlers.shapes import IMAGE_SIZE, LABELS, draw_shape
 
     out = []
     for i in range(count):
-        img = draw_shape(LABELS[i % len(LABELS)], random.Random(1000 + i), IMAGE_SIZE)
+        rng = random.Random(1000 + i)
+        img = draw_shape(LABELS[i % len(LABELS)], rng, px)
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        if px == IMAGE_SIZE:
+            img.save(buf, format="PNG")
+        else:
+            noise = Image.frombytes("RGB", (px, px), rng.randbytes(px * px * 3))
+            Image.blend(img, noise, 0.2).save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
 
@@ -54,12 +66,29 @@ def text_workload() -> Workload:
     return Workload("text-embedder", "sentences", "application/json", bodies, ARTIFACTS / "text-embedder-1.0")
 
 
-def image_workload() -> Workload:
-    return Workload("image-classifier", "images", "image/png", tuple(shape_pngs()),
-                    ARTIFACTS / "image-classifier-1.0")
+def image_workload(px: int = 64) -> Workload:
+    return Workload("image-classifier", "images", "image/png" if px == 64 else "image/jpeg",
+                    tuple(shape_images(px=px)), ARTIFACTS / "image-classifier-1.0")
+
+
+def requests_text(image_px: int) -> str:
+    """The reports' sentence on what was sent."""
+    images = ("16 PNGs of the model's shapes (64 x 64, ~0.3 KiB)" if image_px == 64 else
+              f"16 JPEGs of the model's shapes ({image_px} x {image_px}, noisy as a camera's, "
+              f"{sum(map(len, shape_images(px=image_px))) / 16 / 1024:.0f} KiB on average; the handler scales them "
+              "to 64 x 64)")
+    return ("Requests: text-embedder gets the 50 short sentences of `data/intents/heldout.jsonl` (6-12 words, one "
+            f"per request); image-classifier {images} drawn from fixed seeds, as raw bodies.")
 
 
 WORKLOADS = {"text-embedder": text_workload, "image-classifier": image_workload}
+
+
+def workload(model: str, image_px: int = 64) -> Workload:
+    """The request set of ``model`` (``image_px``: the images' side, see shape_images)."""
+    if model == "image-classifier":
+        return image_workload(image_px)
+    return WORKLOADS[model]()
 
 
 class Pipeline:
