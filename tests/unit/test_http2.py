@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tsfleet.router.http2 import (DATA, DEFAULT_FRAME, DEFAULT_WINDOW, FRAME_SIZE_ERROR, GOAWAY, PING, PREFACE,
-                                  Http2Connection, frame, settings_frame)
+from tsfleet.router.http2 import (DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_STREAM, FRAME_SIZE_ERROR, GOAWAY, PADDED, PING,
+                                  PREFACE, Http2Connection, frame, settings_frame)
 
 
 class Peer(Http2Connection):
@@ -122,19 +122,34 @@ def _received(chunk: int, data: bytes) -> list[tuple[Any, ...]]:
     return asyncio.run(main())
 
 
+def _as_read(events: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Events with each run of DATA joined: a large DATA frame is passed on as it arrives,
+    in as many pieces as the socket cut it into."""
+    out: list[tuple[Any, ...]] = []
+    for event in events:
+        if event[0] == "data" and out and out[-1][0] == "data" and out[-1][1] == event[1] and not out[-1][3]:
+            out[-1] = ("data", event[1], out[-1][2] + bytes(event[2]), event[3])
+        else:
+            out.append(event if event[0] != "data" else ("data", event[1], bytes(event[2]), event[3]))
+    return out
+
+
 def test_frames_cut_anywhere_by_the_socket_are_read_the_same() -> None:
     sender = Peer(True)
     sender.open_stream(1)
     out: list[bytes] = []
     sender._header_frames(out, 1, [(b":path", b"/x"), (b"x-note", b"n" * 300)], False)
     body = bytes(range(256)) * 50
-    sender._data_frames(out, 1, body, True)
+    sender._data_frames(out, 1, body, False)  # one frame over LARGE: passed on in pieces as they come
+    padded = bytes(range(200)) * 30  # a padded one is read whole first
+    out.append(frame(DATA, PADDED | END_STREAM, 1, bytes([7]) + padded + bytes(7)))
+    out.append(frame(PING, 0, 0, b"12345678"))
     data = PREFACE + settings_frame({}) + b"".join(out)
-    whole = _received(len(data), data)
-    assert whole[0] == ("headers", 1, [(b":path", b"/x"), (b"x-note", b"n" * 300)], False)
-    assert b"".join(event[2] for event in whole[1:]) == body and whole[-1][3]
-    for chunk in (1, 7, 9, 100, 4096):
-        assert _received(chunk, data) == whole, chunk
+    whole = _as_read(_received(len(data), data))
+    assert whole == [("headers", 1, [(b":path", b"/x"), (b"x-note", b"n" * 300)], False),
+                     ("data", 1, body + padded, True)]
+    for chunk in (1, 7, 9, 100, 4096, 5000, 13000):
+        assert _as_read(_received(chunk, data)) == whole, chunk
 
 
 def test_a_frame_over_the_agreed_size_closes_the_connection_before_its_payload_comes() -> None:

@@ -23,7 +23,7 @@ from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_
                                       Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, decompress,
                                       header, split_messages, status_trailers)
 from tsfleet.router.hpack_codec import Header
-from tsfleet.router.http2 import INTERNAL_ERROR
+from tsfleet.router.http2 import INTERNAL_ERROR, Data
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.routing import RoutingTable
 
@@ -32,6 +32,7 @@ SERVICE = b"/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
 PREDICT, STREAM, SEQUENCE, PING = (SERVICE + m for m in (b"Predictions", b"StreamPredictions",
                                                          b"StreamPredictions2", b"Ping"))
 BUFFERED = {PREDICT, STREAM, PING, health.CHECK}  # one request message: read whole, then routed
+LARGE_MESSAGE = 64 * 1024  # a request this big goes upstream in pieces, not joined
 SHADOW_BACKLOG = 256  # mirrors in flight beyond this are skipped: a shadow must never pile up
 
 
@@ -95,15 +96,15 @@ class GrpcRouter:
             if readable is None:  # Ping, or a request only TorchServe can judge
                 self.spawn(conn, call, self._pass(conn, call))
                 return
-            request, payload, decompressed = readable
-            route = self.table.routes.get(request.model_name)
+            model, asked, payload, decompressed = readable
+            route = self.table.routes.get(model)
             if call.path == STREAM and (route is None or route.streaming):
-                self.spawn(conn, call, self._stream(conn, call, request, payload, decompressed))
+                self.spawn(conn, call, self._stream(conn, call, model, asked, payload, decompressed))
                 return
             # TorchServe 0.12 kills the worker (failing its whole batch) when a handler that
             # does not stream gets a stream; the answer of such a model is one message anyway.
-            model, sticky = request.model_name, header(call.headers, self.sticky)
-            choice = self.table.choose(model, request.model_version or None, sticky.decode() if sticky else None)
+            sticky = header(call.headers, self.sticky)
+            choice = self.table.choose(model, asked or None, sticky.decode() if sticky else None)
             Prediction(self, conn, call, model, choice, self._headers(call, PREDICT, decompressed), payload).attempt()
         except Exception:  # a bug of the router's must not take the client's connection down
             log.exception("gRPC call to %s failed in the router", call.path.decode(errors="replace"))
@@ -155,27 +156,31 @@ class GrpcRouter:
         except DecodeError:
             return None
 
-    def _readable(self, call: ServerCall) -> tuple[pb.PredictionsRequest, bytes, bool] | None:
-        """(request, its serialized bytes, whether they were decompressed) when the call's
-        body is exactly one message the router can read."""
-        body = call.body
-        if len(body) < 5 or len(body) != 5 + int.from_bytes(body[1:5], "big"):
+    def _readable(self, call: ServerCall) -> tuple[str, str, bytes | memoryview, bool] | None:
+        """(model, version asked for, the request's serialized bytes, whether they were
+        decompressed) when the call's body is exactly one message the router can read."""
+        data = call.body  # the request's one copy (when it came in pieces): what follows are views of it
+        if len(data) < 5 or len(data) != 5 + int.from_bytes(data[1:5], "big"):
             return None
-        data = bytes(body)  # the one copy of the request: what follows are views of it
         payload = memoryview(data)[5:]
         request = self._request(call, data[0], payload)
         if request is None:
             return None
-        return request, request.SerializeToString() if data[0] else payload, bool(data[0])
+        return (request.model_name, request.model_version, request.SerializeToString() if data[0] else payload,
+                bool(data[0]))
 
-    def message_for(self, model: str, payload: bytes | memoryview, version: str | None) -> bytes:
-        """The request message, for ``version`` (appended: the last value of a field wins),
-        made with one copy of ``payload``: an image's bytes are most of a call's cost."""
+    def message_for(self, model: str, payload: bytes | memoryview, version: str | None, whole: bool = False) -> Data:
+        """The request message, for ``version`` (appended: the last value of a field wins).
+        A large one is its pieces: its prefix, ``payload`` and the version, sent as they are
+        (an image's bytes are most of a call's cost); a small one, or any when ``whole``, bytes."""
         target = (self.table.upstream(model, version) or "").encode()
         suffix = b"\x12" + _varint(len(target)) + target
-        return b"".join((b"\x00", (len(payload) + len(suffix)).to_bytes(4, "big"), payload, suffix))
+        prefix = b"\x00" + (len(payload) + len(suffix)).to_bytes(4, "big")
+        if len(payload) >= LARGE_MESSAGE and not whole:
+            return [prefix, payload, suffix]
+        return b"".join((prefix, payload, suffix))
 
-    async def _call(self, call: ServerCall, headers: list[Header], data: bytes, sink: Relay | None = None) -> UpstreamCall:
+    async def _call(self, call: ServerCall, headers: list[Header], data: Data, sink: Relay | None = None) -> UpstreamCall:
         """One upstream call, awaited (Ping, streams)."""
         conn = await self.pool.connection()
         up = conn.start(headers, data, True, sink)
@@ -204,18 +209,18 @@ class GrpcRouter:
         """Ping, or a request the router cannot read: passed to TorchServe as it is."""
         try:
             try:
-                up = await self._call(call, self._headers(call, call.path), bytes(call.body))
+                up = await self._call(call, self._headers(call, call.path), call.body)
                 self.send(conn, call, up, None)
             except UpstreamGone as exc:
                 self.send(conn, call, None, None, self.unreachable(exc))
         finally:
             conn.finish(call)
 
-    async def _stream(self, conn: ServerConnection, call: ServerCall, request: pb.PredictionsRequest,
+    async def _stream(self, conn: ServerConnection, call: ServerCall, model: str, asked: str,
                       payload: bytes | memoryview, decompressed: bool) -> None:
-        model, headers = request.model_name, self._headers(call, STREAM, decompressed)
+        headers = self._headers(call, STREAM, decompressed)
         sticky = header(call.headers, self.sticky)
-        choice = self.table.choose(model, request.model_version or None, sticky.decode() if sticky else None)
+        choice = self.table.choose(model, asked or None, sticky.decode() if sticky else None)
         version, started = choice.version, time.perf_counter()
         relay = Relay(conn, call, [(b"x-model-version", version.encode())] if version else [])
         try:
@@ -268,7 +273,7 @@ class GrpcRouter:
                 sticky = header(call.headers, self.sticky)
                 version = self.table.choose(model, requests[0].model_version or None,
                                             sticky.decode() if sticky else None).version
-                first = [self.message_for(model, r.SerializeToString(), version) for r in requests]
+                first = [self.message_for(model, r.SerializeToString(), version, whole=True) for r in requests]
             relay = Relay(conn, call, [(b"x-model-version", version.encode())] if version else [])
             try:
                 upstream = await self.pool.connection()
@@ -286,7 +291,8 @@ class GrpcRouter:
                         upstream.fail(up.id, UpstreamGone("unreadable message"), reset=True)
                         relay.fail(UNIMPLEMENTED, "the router cannot read this sequence's messages")
                         return
-                    chunk = b"".join(self.message_for(model, r.SerializeToString(), version) for r in requests)
+                    chunk = b"".join(self.message_for(model, r.SerializeToString(), version, whole=True)
+                                     for r in requests)
                 if chunk:
                     upstream.send(up.id, data=chunk)
                     if upstream.held(up.id) > self.max_held:

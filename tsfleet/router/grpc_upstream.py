@@ -15,7 +15,7 @@ from urllib.parse import unquote_to_bytes
 from tsfleet.router.deadlines import Deadlines
 from tsfleet.router.grpc_wire import INTERNAL, UNKNOWN, UpstreamGone, header
 from tsfleet.router.hpack_codec import Header
-from tsfleet.router.http2 import CANCEL, Http2Connection
+from tsfleet.router.http2 import CANCEL, Data, Http2Connection
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -66,7 +66,7 @@ class UpstreamConnection(Http2Connection):
         self.next_stream = 1
         self.draining = False
 
-    def start(self, headers: list[Header], data: bytes | None, end: bool, sink: Sink | None = None,
+    def start(self, headers: list[Header], data: Data | None, end: bool, sink: Sink | None = None,
               then: Then | None = None) -> UpstreamCall:
         """Open a call; its end settles the returned call's ``done``, or is passed to ``then``."""
         stream, self.next_stream = self.next_stream, self.next_stream + 2

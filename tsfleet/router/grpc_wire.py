@@ -86,15 +86,25 @@ class Dispatcher(Protocol):
 class ServerCall:
     """One call from a client: its headers, its request bytes so far, whether it was cancelled."""
 
-    __slots__ = ("id", "headers", "path", "body", "cancelled", "queue", "upstream")
+    __slots__ = ("id", "headers", "path", "parts", "size", "cancelled", "queue", "upstream")
 
     def __init__(self, stream: int, headers: list[Header]):
         self.id, self.headers = stream, headers
         self.path = header(headers, b":path") or b""
-        self.body = bytearray()
+        # The request's bytes as they came (views of what was read), joined once when read:
+        # appending each piece to one buffer would copy a large request as it grows.
+        self.parts: list[bytes | memoryview] = []
+        self.size = 0
         self.cancelled = False
         self.queue: asyncio.Queue | None = None  # set by a dispatcher that wants DATA as it comes
         self.upstream: tuple[UpstreamConnection, int] | None = None  # to reset it if the client goes
+
+    @property
+    def body(self) -> bytes:
+        """The request's bytes so far."""
+        if len(self.parts) != 1 or not isinstance(self.parts[0], bytes):
+            self.parts = [b"".join(self.parts)]
+        return self.parts[0]
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -144,8 +154,9 @@ class ServerConnection(Http2Connection):
         if call.queue is not None:
             call.queue.put_nowait(data)
         else:
-            call.body += data
-            if len(call.body) > self.max_request + 5:  # the message and its 5-byte prefix
+            call.parts.append(data)
+            call.size += len(data)
+            if call.size > self.max_request + 5:  # the message and its 5-byte prefix
                 self.calls.pop(stream)
                 self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
                     RESOURCE_EXHAUSTED, f"request larger than the router's {self.max_request >> 20} MiB"))

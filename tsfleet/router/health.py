@@ -59,7 +59,7 @@ async def rest_ready(pool: UpstreamPool, upstream: str) -> tuple[int, bytes]:
 
 def _service(call: ServerCall) -> str | None:
     """The service a Check's HealthCheckRequest names; None when it cannot be read."""
-    messages = split_messages(bytearray(call.body))
+    messages = split_messages(bytearray(call.body))  # a few bytes
     if len(messages) != 1:
         return None
     flag, payload = messages[0]

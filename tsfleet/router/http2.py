@@ -39,6 +39,14 @@ RECV_STREAM_WINDOW = 1 << 24
 RECV_CONN_WINDOW = 1 << 26
 _head = struct.Struct(">IBI")  # length << 8 | type, flags, stream
 LARGE = 4096  # DATA payloads over this are handed on as views of the bytes read, not copies
+# What ``send`` takes as a stream's data: bytes, or pieces sent in turn (a large message
+# made of a view of what a client sent and a few bytes around it, never joined).
+Data = bytes | memoryview | list[bytes | memoryview]
+
+
+def _streamed(ftype: int, flags: int, length: int) -> bool:
+    """Whether a frame not yet whole is passed on as it comes: a large, unpadded DATA frame."""
+    return ftype == DATA and length > LARGE and not flags & PADDED
 
 
 def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -75,7 +83,9 @@ class Http2Connection(asyncio.Protocol):
         self.unacked = 0  # received on the connection and not yet credited back
         self.stream_unacked: dict[int, int] = {}
         self.continuing: tuple[int, int, bytearray] | None = None
+        self.streaming: tuple[int, int, int] | None = None  # (stream, flags, bytes left) of a DATA frame
         self.outgoing: list[bytes | memoryview] = []
+        self.vectored = False  # whether what is queued holds a large payload, not worth joining
         self.closed = False
 
     # ---------------------------------------------------------------- wiring
@@ -85,16 +95,21 @@ class Http2Connection(asyncio.Protocol):
     def _write_pieces(self, pieces: list[bytes | memoryview]) -> None:
         """Queue frames for the socket, whole or in pieces (frame headers, views of payloads).
         Everything queued in one turn of the event loop goes out in one write (one syscall, the
-        largest part of a proxied call's cost when many calls share a connection), joined
-        once, so a large message is copied once on its way out."""
+        largest part of a proxied call's cost when many calls share a connection): joined
+        once, or, when a large payload is among them, handed over as they are (a vectored
+        write with uvloop, so a large message is not copied on its way out)."""
         if not self.outgoing:
             self.loop.call_soon(self._flush)
         self.outgoing += pieces
 
     def _flush(self) -> None:
         if self.outgoing and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.outgoing))
+            if self.vectored:  # large payloads: handed to the socket as they are (uvloop: one writev)
+                self.transport.writelines(self.outgoing)
+            else:
+                self.transport.write(b"".join(self.outgoing))
         self.outgoing.clear()
+        self.vectored = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -122,18 +137,23 @@ class Http2Connection(asyncio.Protocol):
         self.closed = True
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buffer
-        if buf or self.preface_pending:
+        pos = 0
+        if self.streaming is not None:  # inside a large DATA frame: its bytes go on as they come
+            pos = self._more_data(data)
+            if self.streaming is not None or self.closed:
+                return
+        elif self.buffer or self.preface_pending:
+            buf = self.buffer
             buf += data
             if not self.preface_pending and len(buf) >= 9:
-                if len(buf) < 9 + int.from_bytes(buf[:3], "big") <= 9 + self.frame_in:
-                    return  # the frame is not whole yet: no copy of a large one per read
+                length = int.from_bytes(buf[:3], "big")
+                if len(buf) < 9 + length <= 9 + self.frame_in and not _streamed(buf[3], buf[4], length):
+                    return  # the frame is not whole yet: no copy of it per read
             data = bytes(buf)  # frames are cut from bytes: one copy, not two per payload
             buf.clear()
-        pos = 0
         if self.preface_pending:
             if len(data) < len(PREFACE):
-                buf += data
+                self.buffer += data
                 return
             if data[:len(PREFACE)] != PREFACE:
                 self.close(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
@@ -148,10 +168,16 @@ class Http2Connection(asyncio.Protocol):
                 length = length_type >> 8
                 if length > self.frame_in:
                     raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                ftype = length_type & 0xFF
                 if end - pos - 9 < length:
+                    if _streamed(ftype, flags, length):  # a large frame's first part: no buffering
+                        if self.continuing is not None:
+                            raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
+                        self.streaming = (stream & 0x7FFFFFFF, flags, length)
+                        view = view or memoryview(data)
+                        pos = end if pos + 9 == end else pos + 9 + self._more_data(view[pos + 9:])
                     break
                 start, pos = pos + 9, pos + 9 + length
-                ftype = length_type & 0xFF
                 if ftype == DATA and length > LARGE:  # a view: the receiver copies it where it keeps it
                     view = view or memoryview(data)
                     self._frame(ftype, flags, stream & 0x7FFFFFFF, view[start:pos])
@@ -163,7 +189,21 @@ class Http2Connection(asyncio.Protocol):
             self.close(code, str(exc))
             return
         if pos < end:
-            buf += data[pos:]
+            self.buffer += memoryview(data)[pos:]
+
+    def _more_data(self, data: bytes | memoryview) -> int:
+        """Pass on what ``data`` holds of the DATA frame being streamed; returns its length."""
+        assert self.streaming is not None
+        stream, flags, left = self.streaming
+        n = min(left, len(data))
+        if n < len(data):
+            data = memoryview(data)[:n]
+        last = n == left
+        self.streaming = None if last else (stream, flags, left - n)
+        ended = last and flags & END_STREAM
+        self._credit(stream, n, ended)
+        self.on_data(stream, data, bool(ended))
+        return n
 
     # --------------------------------------------------------------- frames
     def _frame(self, ftype: int, flags: int, stream: int, payload: bytes | memoryview) -> None:
@@ -254,7 +294,7 @@ class Http2Connection(asyncio.Protocol):
         self.blocked.pop(stream, None)
         self.stream_unacked.pop(stream, None)
 
-    def send(self, stream: int, headers: list[Header] | None = None, data: bytes | memoryview | None = None,
+    def send(self, stream: int, headers: list[Header] | None = None, data: Data | None = None,
              trailers: list[Header] | None = None, end: bool = False) -> None:
         """Headers, then data, then trailers, any of them; the last one sent ends the stream
         when ``end`` (trailers always end it). One write when the windows allow. ``data``
@@ -271,12 +311,11 @@ class Http2Connection(asyncio.Protocol):
                 queue.append((HEADERS, headers, last))
         if data is not None:
             last = end and trailers is None
-            if queue is None:
-                data = self._data_frames(out, stream, data, last)
-                if data is not None:
-                    queue = self.blocked[stream] = deque([(DATA, data, last)])
+            if type(data) is list:
+                for i, piece in enumerate(data):
+                    queue = self._send_data(out, stream, queue, piece, last and i == len(data) - 1)
             else:
-                queue.append((DATA, data, last))
+                queue = self._send_data(out, stream, queue, data, last)
         if trailers is not None:
             if queue is None:
                 self._header_frames(out, stream, trailers, True)
@@ -287,6 +326,17 @@ class Http2Connection(asyncio.Protocol):
             self._write_pieces(out)
         if end and queue is None:
             self._forget(stream)
+
+    def _send_data(self, out: list[bytes | memoryview], stream: int, queue: deque | None,
+                   data: bytes | memoryview, last: bool) -> deque | None:
+        """Frames for ``data`` while the windows allow; the rest waits in the stream's queue."""
+        if queue is None:
+            rest = self._data_frames(out, stream, data, last)
+            if rest is None:
+                return None
+            data, queue = rest, self.blocked.setdefault(stream, deque())
+        queue.append((DATA, data, last))
+        return queue
 
     def held(self, stream: int) -> int:
         """Bytes of ``stream`` waiting for the peer's window."""
@@ -320,6 +370,8 @@ class Http2Connection(asyncio.Protocol):
             n = min(step, window, size - pos)
             out.append(_head.pack(n << 8 | DATA, END_STREAM if end and pos + n == size else 0, stream))
             out.append(view if n == size else view[pos:pos + n])
+            if n > LARGE:
+                self.vectored = True
             pos += n
             window -= n
             self.conn_window -= n
