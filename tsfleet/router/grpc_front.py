@@ -25,6 +25,7 @@ from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.http2 import INTERNAL_ERROR, Data
 from tsfleet.router.proto import inference_pb2 as pb
+from tsfleet.router.protoscan import request_names
 from tsfleet.router.routing import RoutingTable
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,9 @@ class GrpcRouter:
         if len(data) < 5 or len(data) != 5 + int.from_bytes(data[1:5], "big"):
             return None
         payload = memoryview(data)[5:]
+        if not data[0] and len(payload) >= LARGE_MESSAGE:  # an image: read without a copy of it
+            names = request_names(payload)
+            return None if names is None else (*names, payload, False)
         request = self._request(call, data[0], payload)
         if request is None:
             return None
