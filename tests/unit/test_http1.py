@@ -8,7 +8,7 @@ from typing import Awaitable, Callable
 import pytest
 
 from tests.polling import until
-from tsfleet.router.http1 import Listener, Request, Response
+from tsfleet.router.http1 import Listener, Request, Response, ServerConnection
 from tsfleet.router.upstream import UpstreamError, UpstreamPool
 
 
@@ -277,3 +277,46 @@ def test_pool_answers_only_from_the_loop_and_keeps_a_connection_whose_waiter_gav
     pool_test(upstream, test)
     assert len(connections) == 1
 
+
+
+class _Wire:
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("cuts", [(100, 70_000, 200_000), (5, 64 * 1024 + 60, 307_300), (307_300, 1), (1,)])
+def test_a_large_body_read_in_any_pieces_arrives_whole_with_the_request_behind_it(cuts: tuple[int, ...]) -> None:
+    """A large body still coming is kept as read and joined once (not appended to the buffer
+    read by read); the bytes after it, in the same read, are the next request's."""
+    body = bytes(range(251)) * 1200  # 301,200 bytes, no two neighbouring pieces alike
+    data = (b"POST /predictions/m HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            + b"POST /predictions/m HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok")
+    seen: list[bytes] = []
+
+    async def main() -> None:
+        def fast(request: Request, reply: Callable[[Request, Response], None]) -> bool:
+            seen.append(request.body)
+            reply(request, Response(200, b"", []))
+            return True
+
+        conn = ServerConnection(echo, 1 << 20, set(), fast=fast)
+        conn.connection_made(_Wire())  # type: ignore[arg-type]
+        pos = 0
+        for cut in cuts:
+            conn.data_received(data[pos:pos + cut])
+            pos += cut
+        while pos < len(data):  # the rest in 50,000-byte reads
+            conn.data_received(data[pos:pos + 50_000])
+            pos += 50_000
+
+    asyncio.run(main())
+    assert seen == [body, b"ok"]

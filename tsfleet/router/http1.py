@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 MAX_HEAD = 64 * 1024
+COLLECT = 64 * 1024  # a body this large that is still coming is kept as read, not appended to a buffer
 # Headers that describe one hop, not the message: never forwarded in either direction.
 HOP_BY_HOP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
                         b"expect", b"te", b"trailer", b"upgrade", b"proxy-connection", b"proxy-authorization"})
@@ -106,8 +107,10 @@ class _Body:
             raise HttpError(413, f"body of {length} bytes is over the {limit}-byte limit")
 
     def take(self, buf: bytearray) -> bytes | None:
-        """The whole body once it is in ``buf`` (consumed from it), else None."""
+        """The whole body once it is in ``buf`` (consumed from it) or collected, else None."""
         if self.length is not None:
+            if self.parts:  # a large body, kept as it was read (ServerConnection.data_received)
+                return b"".join(self.parts) if self.size == self.length else None
             if len(buf) < self.length:
                 return None
             if self.length < 4096:
@@ -176,6 +179,7 @@ class ServerConnection(asyncio.Protocol):
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.pending: tuple[bytes, str, dict, list, bool, _Body] | None = None
+        self.collecting: _Body | None = None  # the pending request's large body, while it comes
         self.busy = False
         self.current: Request | None = None  # the request being answered
         self.last_active = 0.0
@@ -190,7 +194,20 @@ class ServerConnection(asyncio.Protocol):
         self.registry.discard(self)
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
+        body = self.collecting
+        if body is None:
+            self.buf += data
+        else:  # the rest of a large body: each read kept as it is, joined once when all is in
+            need = body.length - body.size  # type: ignore[operator]
+            if len(data) > need:
+                self.buf += memoryview(data)[need:]  # a pipelined request behind it
+                data = memoryview(data)[:need]
+            body.parts.append(data)
+            body.size += len(data)
+            if body.size < body.length:  # type: ignore[operator]
+                self.last_active = asyncio.get_running_loop().time()
+                return
+            self.collecting = None
         if not self.busy:
             self.last_active = asyncio.get_running_loop().time()
             self._next()
@@ -239,6 +256,14 @@ class ServerConnection(asyncio.Protocol):
                     and not buf and self.transport:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         method, target, headers, forward, keep, reader = self.pending
+        if reader.length is not None and reader.length >= COLLECT and len(buf) < reader.length and not reader.parts:
+            # An image still coming: appending each read to the buffer would copy it again
+            # and again as the buffer grows; its reads are kept and joined once instead.
+            reader.parts.append(bytes(buf))
+            reader.size = len(buf)
+            buf.clear()
+            self.collecting = reader
+            return None
         data = reader.take(buf)
         if data is None:
             return None
