@@ -259,10 +259,9 @@ class ServerConnection(asyncio.Protocol):
         if reader.length is not None and reader.length >= COLLECT and len(buf) < reader.length and not reader.parts:
             # An image still coming: appending each read to the buffer would copy it again
             # and again as the buffer grows; its reads are kept and joined once instead.
-            reader.parts.append(bytes(buf))
+            reader.parts.append(buf)  # what came with the head: the buffer itself, uncopied
             reader.size = len(buf)
-            buf.clear()
-            self.collecting = reader
+            self.buf, self.collecting = bytearray(), reader
             return None
         data = reader.take(buf)
         if data is None:
