@@ -2,14 +2,29 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import random
 import threading
 from pathlib import Path
 from typing import Any
 
 import requests
+from PIL import Image
+
+from handlers.shapes import draw_shape
 
 from tsfleet.manifest import Fleet
 from tsfleet.router.app import RouterConfig, RouterProcess
+
+
+def camera_jpeg(label: str = "triangle", seed: int = 0, px: int = 1024) -> bytes:
+    """A ``px`` x ``px`` JPEG of ``label`` with a camera's noise: what a real image client
+    sends (about 430 KB at 1024), read by the router over several socket reads."""
+    rng = random.Random(seed)
+    noise = Image.frombytes("RGB", (px, px), rng.randbytes(px * px * 3))
+    buf = io.BytesIO()
+    Image.blend(draw_shape(label, rng, px), noise, 0.2).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
 
 
 class LoopThread:

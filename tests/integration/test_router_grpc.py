@@ -20,7 +20,7 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.integration.conftest import ROOT, free_ports
-from tests.integration.router_harness import LoopThread, Forwarder
+from tests.integration.router_harness import Forwarder, LoopThread, camera_jpeg
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
 from tsfleet.router.proto import inference_pb2 as pb
@@ -128,6 +128,14 @@ def test_router_gives_the_same_answer_and_names_the_version(router, direct, auth
     assert answers_agree(reply.prediction, direct.Predictions(request(), metadata=auth, timeout=30).prediction)
     assert router.stub.Ping(empty_pb2.Empty(), metadata=auth, timeout=30) == \
         direct.Ping(empty_pb2.Empty(), metadata=auth, timeout=30)
+
+
+def test_a_camera_sized_image_gets_torchserve_s_answer(router, direct, auth) -> None:
+    image = request("image-classifier", camera_jpeg())
+    assert image.ByteSize() > 300_000
+    reply, call = router.stub.Predictions.with_call(image, metadata=auth, timeout=60)
+    assert version_of(call) == "1.0" and json.loads(reply.prediction)["label"] == "triangle"
+    assert answers_agree(reply.prediction, direct.Predictions(image, metadata=auth, timeout=60).prediction)
 
 
 def test_weights_split_traffic_exactly(router, auth) -> None:

@@ -14,7 +14,8 @@ import pytest
 import requests
 
 from tests.integration.conftest import free_ports
-from tests.integration.router_harness import Forwarder, RunningRouter
+from tests.integration.router_harness import Forwarder, RunningRouter, camera_jpeg
+from tsfleet.router.compare import answers_agree
 from tsfleet.router.routing import RollbackRule
 from tsfleet.server import TorchServe
 
@@ -64,6 +65,17 @@ def test_answers_like_torchserve_and_names_the_version(router, client, headers) 
     assert routed.headers["Content-Type"].startswith("application/json")
     pipe = router.post("/wfpredict/intent-pipeline", body("what's the weather tomorrow"), headers)
     assert pipe.status_code == 200 and pipe.json()["intent"] == "weather"
+
+
+def test_a_camera_sized_image_gets_torchserve_s_answer(router, server) -> None:
+    image = camera_jpeg()
+    assert len(image) > 300_000
+    headers = {**server.keys.header("inference"), "Content-Type": "image/jpeg"}
+    direct = requests.post(server.ep.url("inference") + "/predictions/image-classifier", data=image,
+                           headers=headers, timeout=60)
+    routed = router.post("/predictions/image-classifier", image, headers)
+    assert direct.status_code == routed.status_code == 200
+    assert routed.json()["label"] == "triangle" and answers_agree(routed.content, direct.content)
 
 
 def test_weighted_split_over_real_requests(router, headers) -> None:
