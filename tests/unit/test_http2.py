@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tsfleet.router.http2 import (DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_STREAM, FRAME_SIZE_ERROR, GOAWAY, PADDED, PING,
-                                  PREFACE, Http2Connection, frame, settings_frame)
+from tsfleet.router.h2frames import (DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_STREAM, FRAME_SIZE_ERROR, GOAWAY, PADDED,
+                                     PING, PREFACE, frame, settings_frame)
+from tsfleet.router.http2 import Http2Connection
 
 
 class Peer(Http2Connection):

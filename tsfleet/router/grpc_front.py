@@ -22,8 +22,8 @@ from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamPool
 from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
                                       Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, decompress,
                                       header, split_messages, status_trailers)
+from tsfleet.router.h2frames import INTERNAL_ERROR, Data
 from tsfleet.router.hpack_codec import Header
-from tsfleet.router.http2 import INTERNAL_ERROR, Data
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.protoscan import request_names
 from tsfleet.router.routing import RoutingTable

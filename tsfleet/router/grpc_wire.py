@@ -12,8 +12,9 @@ import gzip
 import zlib
 from typing import TYPE_CHECKING, Protocol
 
+from tsfleet.router.h2frames import ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, ProtocolError
 from tsfleet.router.hpack_codec import Header
-from tsfleet.router.http2 import ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, Http2Connection, ProtocolError
+from tsfleet.router.http2 import Http2Connection
 
 if TYPE_CHECKING:
     from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamConnection

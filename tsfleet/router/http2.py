@@ -18,49 +18,16 @@ import struct
 from collections import deque
 
 from tsfleet.router import hpack_codec
+from tsfleet.router.h2frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINUATION, DATA, DEFAULT_FRAME,
+                                     DEFAULT_WINDOW, END_HEADERS, END_STREAM, FRAME_SIZE_ERROR, GOAWAY, HEAD, HEADERS,
+                                     LARGE, NO_ERROR, PADDED, PING, PREFACE, PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR,
+                                     PUSH_PROMISE, RECV_CONN_WINDOW, RECV_FRAME, RECV_STREAM_WINDOW, RST_STREAM,
+                                     SETTINGS, S_ENABLE_PUSH, S_HEADER_TABLE_SIZE, S_INITIAL_WINDOW_SIZE,
+                                     S_MAX_CONCURRENT_STREAMS, S_MAX_FRAME_SIZE, WINDOW_UPDATE, Data, ProtocolError,
+                                     frame, settings_frame, streamed)
 from tsfleet.router.hpack_codec import Header, HpackError
 
 log = logging.getLogger(__name__)
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
-S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 0x4, 0x5
-DEFAULT_WINDOW, DEFAULT_FRAME = 65535, 16384
-
-# What the router lets a peer send: big frames and windows, so a whole image request
-# arrives in a few frames without waiting for a WINDOW_UPDATE.
-RECV_FRAME = 1 << 20
-RECV_STREAM_WINDOW = 1 << 24
-RECV_CONN_WINDOW = 1 << 26
-_head = struct.Struct(">IBI")  # length << 8 | type, flags, stream
-LARGE = 4096  # DATA payloads over this are handed on as views of the bytes read, not copies
-# What ``send`` takes as a stream's data: bytes, or pieces sent in turn (a large message
-# made of a view of what a client sent and a few bytes around it, never joined).
-Data = bytes | memoryview | list[bytes | memoryview]
-
-
-def _streamed(ftype: int, flags: int, length: int) -> bool:
-    """Whether a frame not yet whole is passed on as it comes: a large, unpadded DATA frame."""
-    return ftype == DATA and length > LARGE and not flags & PADDED
-
-
-def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return _head.pack(len(payload) << 8 | ftype, flags, stream) + payload
-
-
-def settings_frame(settings: dict[int, int]) -> bytes:
-    return frame(SETTINGS, 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in settings.items()))
-
-
-class ProtocolError(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class Http2Connection(asyncio.Protocol):
@@ -147,7 +114,7 @@ class Http2Connection(asyncio.Protocol):
             buf += data
             if not self.preface_pending and len(buf) >= 9:
                 length = int.from_bytes(buf[:3], "big")
-                if len(buf) < 9 + length <= 9 + self.frame_in and not _streamed(buf[3], buf[4], length):
+                if len(buf) < 9 + length <= 9 + self.frame_in and not streamed(buf[3], buf[4], length):
                     return  # the frame is not whole yet: no copy of it per read
             data = bytes(buf)  # frames are cut from bytes: one copy, not two per payload
             buf.clear()
@@ -160,7 +127,7 @@ class Http2Connection(asyncio.Protocol):
                 return
             self.preface_pending, pos = False, len(PREFACE)
         end = len(data)
-        unpack = _head.unpack_from
+        unpack = HEAD.unpack_from
         view: memoryview | None = None
         try:
             while end - pos >= 9 and not self.closed:
@@ -170,7 +137,7 @@ class Http2Connection(asyncio.Protocol):
                     raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 ftype = length_type & 0xFF
                 if end - pos - 9 < length:
-                    if _streamed(ftype, flags, length):  # a large frame's first part: no buffering
+                    if streamed(ftype, flags, length):  # a large frame's first part: no buffering
                         if self.continuing is not None:
                             raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
                         self.streaming = (stream & 0x7FFFFFFF, flags, length)
@@ -368,7 +335,7 @@ class Http2Connection(asyncio.Protocol):
         view = data if size <= step or isinstance(data, memoryview) else memoryview(data)
         while pos < size and window > 0:
             n = min(step, window, size - pos)
-            out.append(_head.pack(n << 8 | DATA, END_STREAM if end and pos + n == size else 0, stream))
+            out.append(HEAD.pack(n << 8 | DATA, END_STREAM if end and pos + n == size else 0, stream))
             out.append(view if n == size else view[pos:pos + n])
             if n > LARGE:
                 self.vectored = True
