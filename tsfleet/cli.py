@@ -256,6 +256,7 @@ def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
 
     ep = Endpoints.from_properties(Path(args.config)) if Path(args.config).is_file() else Endpoints()
     serve(fleet, RouterConfig(upstream_rest=ep.url("inference"), upstream_grpc=f"{ep.host}:{ep.grpc_inference}",
+                              host=args.host, admin_host=args.admin_host,
                               port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port,
                               state_file=Path(args.state_file), key_file=Path(args.router_key_file),
                               processes=process_count(args.processes)), _say)
@@ -324,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
     p.add_argument("--metrics-port", type=int, default=8083, help="Prometheus port (0: none)")
     p = sub.add_parser("route", help="run the A/B router in front of TorchServe, until stopped")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address of the REST and gRPC listeners; 0.0.0.0 serves other machines (clients, "
+                        "a kubelet's probes); the admin API stays on --admin-host")
+    p.add_argument("--admin-host", default="127.0.0.1", help="address of the admin API (loopback by default)")
     p.add_argument("--port", type=int, default=8090, help="REST port clients use instead of 8080")
     p.add_argument("--admin-port", type=int, default=8091)
     p.add_argument("--grpc-port", type=int, default=7090, help="gRPC port clients use instead of 7070")

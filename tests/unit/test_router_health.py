@@ -1,22 +1,31 @@
 """The router's own health checks against a TorchServe that accepts connections and never
 answers (a frozen frontend): liveness holds, readiness fails within its probe timeout, and a
-health request the router cannot read is INVALID_ARGUMENT. The live and dead cases, with
+health request the router cannot read is INVALID_ARGUMENT; and a router on every interface
+(as in a pod) with its admin API still on loopback. The live and dead cases, with
 TorchServe itself, are in tests/integration/test_router_{rest,grpc}.py."""
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.polling import wait_for
+from tsfleet.manifest import load_fleet
+from tsfleet.router.app import RouterConfig, RouterProcess
 from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
 from tsfleet.router.health import PROBE_TIMEOUT_S
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import RoutingTable
 
+ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 
 
@@ -86,3 +95,51 @@ def test_grpc_readiness_fails_within_its_timeout_and_unreadable_checks_are_inval
             frozen.close()
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_router_on_every_interface_answers_probes_and_keeps_its_admin_api_on_loopback(tmp_path) -> None:
+    """`tsfleet route --host 0.0.0.0`, as a pod runs it: probes and clients reach the REST and
+    gRPC listeners from outside, while the admin API (which changes routes) stays on loopback."""
+    async def main() -> None:
+        frozen, upstream = await _frozen()
+        config = RouterConfig(upstream_rest=f"http://127.0.0.1:{upstream}", upstream_grpc=f"127.0.0.1:{upstream}",
+                              host="0.0.0.0", port=0, admin_port=0, grpc_port=0,
+                              state_file=tmp_path / "state.json", key_file=tmp_path / "key.json")
+        router = RouterProcess(load_fleet(ROOT / "fleet.yaml"), config)
+        await router.start()
+        try:
+            assert router.rest.listener.server.sockets[0].getsockname()[0] == "0.0.0.0"
+            assert router._grpc.server.sockets[0].getsockname()[0] == "0.0.0.0"
+            assert router._runners[0].addresses[0][0] == "127.0.0.1"
+            assert await _get(router.ports["rest"], "/livez") == (200, {"status": "alive"})
+        finally:
+            await router.stop()
+            frozen.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_route_takes_the_listeners_address_from_the_command_line(tmp_path) -> None:
+    ports = []
+    for _ in range(3):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    rest, admin, grpc_port = ports
+    log = tmp_path / "route.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tsfleet", "--manifest", str(ROOT / "fleet.yaml"),
+             "--config", str(tmp_path / "none"), "--router-key-file", str(tmp_path / "key.json"),
+             "route", "--host", "0.0.0.0", "--port", str(rest),
+             "--admin-port", str(admin), "--grpc-port", str(grpc_port), "--state-file", str(tmp_path / "state.json"),
+             "--processes", "1"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        banner = wait_for("the router's banner", lambda: next(
+            (line for line in log.read_text().splitlines() if "router: REST" in line), None) or proc.poll() is not None)
+        expected = f"router: REST http://0.0.0.0:{rest}  admin http://127.0.0.1:{admin}  gRPC 0.0.0.0:{grpc_port}"
+        assert isinstance(banner, str) and expected in banner, log.read_text()[-2000:]
+        assert asyncio.run(asyncio.wait_for(_get(rest, "/livez"), 10)) == (200, {"status": "alive"})
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -21,7 +21,8 @@ from tsfleet.router.routing import RoutingTable, routes_from_fleet
 class RouterConfig:
     upstream_rest: str = "http://127.0.0.1:8080"
     upstream_grpc: str = "127.0.0.1:7070"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # REST and gRPC: 0.0.0.0 to serve other machines (clients, a pod's probes)
+    admin_host: str = "127.0.0.1"  # the admin API stays on loopback unless asked
     port: int = 8090
     admin_port: int = 8091
     grpc_port: int = 7090
@@ -48,7 +49,7 @@ class RouterProcess:
         self.ports["rest"] = await self.rest.start(self.config.host, self.config.port, reuse_port=many)
         runner = web.AppRunner(self.admin.app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, self.config.host, self.config.admin_port).start()
+        await web.TCPSite(runner, self.config.admin_host, self.config.admin_port).start()
         self._runners.append(runner)
         self.ports["admin"] = runner.addresses[0][1]
         try:
@@ -87,7 +88,7 @@ def serve(fleet: Fleet, config: RouterConfig, say: Callable[[str], None] = print
     async def main() -> None:
         router = RouterProcess(fleet, config)
         await router.start()
-        say(f"router: REST http://{config.host}:{router.ports['rest']}  admin http://{config.host}:"
+        say(f"router: REST http://{config.host}:{router.ports['rest']}  admin http://{config.admin_host}:"
             f"{router.ports['admin']}" + (f"  gRPC {config.host}:{router.ports['grpc']}" if "grpc" in router.ports else "")
             + (f"  ({config.processes} processes)" if config.processes > 1 else ""))
         stop = asyncio.Event()
