@@ -20,8 +20,8 @@ from tsfleet.router.compare import answers_agree
 from tsfleet.router.grpc_predict import Prediction, not_found, server_side
 from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamPool
 from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
-                                      Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, decompress,
-                                      header, split_messages, status_trailers)
+                                      Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, header,
+                                      read_message, split_messages, status_trailers)
 from tsfleet.router.h2frames import INTERNAL_ERROR, Data
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.proto import inference_pb2 as pb
@@ -148,14 +148,7 @@ class GrpcRouter:
 
     def _request(self, call: ServerCall, flag: int, payload: bytes | memoryview) -> pb.PredictionsRequest | None:
         """The request, readable; None when it is not (TorchServe then answers it as it is)."""
-        if flag:
-            payload = decompress(payload, header(call.headers, b"grpc-encoding") or b"identity")
-            if payload is None:
-                return None
-        try:
-            return pb.PredictionsRequest.FromString(payload)
-        except DecodeError:
-            return None
+        return read_message(pb.PredictionsRequest, call.headers, flag, payload)
 
     def _readable(self, call: ServerCall) -> tuple[str, str, bytes | memoryview, bool] | None:
         """(model, version asked for, the request's serialized bytes, whether they were

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import zlib
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from google.protobuf.message import DecodeError, Message
 
 from tsfleet.router.h2frames import ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, ProtocolError
 from tsfleet.router.hpack_codec import Header
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 OK, UNKNOWN, INVALID_ARGUMENT, NOT_FOUND = 0, 2, 3, 5
 RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
+M = TypeVar("M", bound=Message)
 STATUS_OK = (b":status", b"200")
 GRPC_TYPE = (b"content-type", b"application/grpc")
 
@@ -50,6 +53,19 @@ def decompress(payload: bytes | memoryview, encoding: bytes) -> bytes | None:
     if encoding == b"deflate":
         return zlib.decompress(payload)
     return None
+
+
+def read_message(kind: type[M], headers: list[Header], flag: int, payload: bytes | memoryview) -> M | None:
+    """A client's message of protobuf type ``kind``, decompressed as its call's grpc-encoding
+    says; None when the router cannot read it."""
+    if flag:
+        payload = decompress(payload, header(headers, b"grpc-encoding") or b"identity")
+        if payload is None:
+            return None
+    try:
+        return kind.FromString(payload)
+    except DecodeError:
+        return None
 
 
 def _percent(message: str) -> bytes:

@@ -18,12 +18,11 @@ import asyncio
 import json
 from typing import TYPE_CHECKING
 
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from tsfleet.router.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, NOT_FOUND, OK, STATUS_OK, ServerCall,
-                                      ServerConnection, UpstreamGone, decompress, frame_message, header,
-                                      split_messages, status_trailers)
+                                      ServerConnection, UpstreamGone, frame_message, read_message, split_messages,
+                                      status_trailers)
 from tsfleet.router.upstream import UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
@@ -62,15 +61,8 @@ def _service(call: ServerCall) -> str | None:
     messages = split_messages(bytearray(call.body))  # a few bytes
     if len(messages) != 1:
         return None
-    flag, payload = messages[0]
-    if flag:
-        payload = decompress(payload, header(call.headers, b"grpc-encoding") or b"identity")
-        if payload is None:
-            return None
-    try:
-        return health_pb2.HealthCheckRequest.FromString(payload).service
-    except DecodeError:
-        return None
+    request = read_message(health_pb2.HealthCheckRequest, call.headers, *messages[0])
+    return None if request is None else request.service
 
 
 async def _torchserve_answers(pool: GrpcPool) -> bool:
