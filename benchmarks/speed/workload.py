@@ -36,27 +36,34 @@ def sentences() -> list[str]:
     return [json.loads(row)["text"] for row in rows if row.strip()]
 
 
-def shape_images(count: int = 16, px: int = 64) -> list[bytes]:
-    """``count`` images of the image model's shapes, drawn from fixed seeds.
-
-    At the model's own size (64) they are PNGs of a few hundred bytes. Larger, they are
-    drawn at ``px`` x ``px`` with sensor-like noise and saved as JPEG (quality 90), as a
-    camera would: the size a real image client sends (about 40 KiB at 320, 165 KiB at 640,
-    420 KiB at 1024)."""
+def camera_jpeg(label: str, rng: random.Random, px: int) -> bytes:
+    """A ``px`` x ``px`` JPEG (quality 90) of ``label`` with sensor-like noise, all from
+    ``rng``: the size a real image client sends (about 40 KiB at 320, 165 KiB at 640, 420
+    KiB at 1024), where a flat drawing would compress to a few KiB."""
     from PIL import Image
 
+    from handlers.shapes import draw_shape
+
+    img = draw_shape(label, rng, px)
+    noise = Image.frombytes("RGB", (px, px), rng.randbytes(px * px * 3))
+    buf = io.BytesIO()
+    Image.blend(img, noise, 0.2).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def shape_images(count: int = 16, px: int = 64) -> list[bytes]:
+    """``count`` images of the image model's shapes, drawn from fixed seeds: at the model's
+    own size (64), PNGs of a few hundred bytes; larger, camera-like JPEGs (camera_jpeg)."""
     from handlers.shapes import IMAGE_SIZE, LABELS, draw_shape
 
     out = []
     for i in range(count):
-        rng = random.Random(1000 + i)
-        img = draw_shape(LABELS[i % len(LABELS)], rng, px)
+        rng, label = random.Random(1000 + i), LABELS[i % len(LABELS)]
+        if px != IMAGE_SIZE:
+            out.append(camera_jpeg(label, rng, px))
+            continue
         buf = io.BytesIO()
-        if px == IMAGE_SIZE:
-            img.save(buf, format="PNG")
-        else:
-            noise = Image.frombytes("RGB", (px, px), rng.randbytes(px * px * 3))
-            Image.blend(img, noise, 0.2).save(buf, format="JPEG", quality=90)
+        draw_shape(label, rng, px).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
 

@@ -2,29 +2,23 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import threading
 from pathlib import Path
 from typing import Any
 
 import requests
-from PIL import Image
 
-from handlers.shapes import draw_shape
+from benchmarks.speed.workload import camera_jpeg
 
 from tsfleet.manifest import Fleet
 from tsfleet.router.app import RouterConfig, RouterProcess
 
 
-def camera_jpeg(label: str = "triangle", seed: int = 0, px: int = 1024) -> bytes:
-    """A ``px`` x ``px`` JPEG of ``label`` with a camera's noise: what a real image client
-    sends (about 430 KB at 1024), read by the router over several socket reads."""
-    rng = random.Random(seed)
-    noise = Image.frombytes("RGB", (px, px), rng.randbytes(px * px * 3))
-    buf = io.BytesIO()
-    Image.blend(draw_shape(label, rng, px), noise, 0.2).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+def camera_image() -> bytes:
+    """A 1024 x 1024 camera-like JPEG of a triangle (about 430 KB, the benchmark's kind):
+    the router reads it over several socket reads."""
+    return camera_jpeg("triangle", random.Random(0), 1024)
 
 
 class LoopThread:

@@ -20,7 +20,7 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.integration.conftest import ROOT, free_ports
-from tests.integration.router_harness import Forwarder, LoopThread, camera_jpeg
+from tests.integration.router_harness import Forwarder, LoopThread, camera_image
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
 from tsfleet.router.proto import inference_pb2 as pb
@@ -131,7 +131,7 @@ def test_router_gives_the_same_answer_and_names_the_version(router, direct, auth
 
 
 def test_a_camera_sized_image_gets_torchserve_s_answer(router, direct, auth) -> None:
-    image = request("image-classifier", camera_jpeg())
+    image = request("image-classifier", camera_image())
     assert image.ByteSize() > 300_000
     reply, call = router.stub.Predictions.with_call(image, metadata=auth, timeout=60)
     assert version_of(call) == "1.0" and json.loads(reply.prediction)["label"] == "triangle"

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.integration.conftest import free_ports
-from tests.integration.router_harness import Forwarder, RunningRouter, camera_jpeg
+from tests.integration.router_harness import Forwarder, RunningRouter, camera_image
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.routing import RollbackRule
 from tsfleet.server import TorchServe
@@ -68,7 +68,7 @@ def test_answers_like_torchserve_and_names_the_version(router, client, headers) 
 
 
 def test_a_camera_sized_image_gets_torchserve_s_answer(router, server) -> None:
-    image = camera_jpeg()
+    image = camera_image()
     assert len(image) > 300_000
     headers = {**server.keys.header("inference"), "Content-Type": "image/jpeg"}
     direct = requests.post(server.ep.url("inference") + "/predictions/image-classifier", data=image,
