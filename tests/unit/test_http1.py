@@ -8,6 +8,7 @@ from typing import Awaitable, Callable
 import pytest
 
 from tests.polling import until
+from tests.wire import Wire
 from tsfleet.router.http1 import Listener, Request, Response, ServerConnection
 from tsfleet.router.upstream import UpstreamError, UpstreamPool
 
@@ -279,20 +280,6 @@ def test_pool_answers_only_from_the_loop_and_keeps_a_connection_whose_waiter_gav
 
 
 
-class _Wire:
-    def __init__(self) -> None:
-        self.written = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("cuts", [(100, 70_000, 200_000), (5, 64 * 1024 + 60, 307_300), (307_300, 1), (1,)])
 def test_a_large_body_read_in_any_pieces_arrives_whole_with_the_request_behind_it(cuts: tuple[int, ...]) -> None:
     """A large body still coming is kept as read and joined once (not appended to the buffer
@@ -309,7 +296,7 @@ def test_a_large_body_read_in_any_pieces_arrives_whole_with_the_request_behind_i
             return True
 
         conn = ServerConnection(echo, 1 << 20, set(), fast=fast)
-        conn.connection_made(_Wire())  # type: ignore[arg-type]
+        conn.connection_made(Wire())  # type: ignore[arg-type]
         pos = 0
         for cut in cuts:
             conn.data_received(data[pos:pos + cut])

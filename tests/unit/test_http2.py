@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tests.wire import Wire
 from tsfleet.router.h2frames import (DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_STREAM, FRAME_SIZE_ERROR, GOAWAY, PADDED,
                                      PING, PREFACE, frame, settings_frame)
 from tsfleet.router.http2 import Http2Connection
@@ -93,22 +94,6 @@ def test_a_ping_is_answered() -> None:
             listener.close()
 
     asyncio.run(main())
-
-
-class Wire:
-    """A transport that keeps what is written to it."""
-
-    def __init__(self) -> None:
-        self.written, self.closed = bytearray(), False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
 
 
 def _received(chunk: int, data: bytes) -> list[tuple[Any, ...]]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.integration.conftest import free_ports
 from tests.polling import wait_for
 from tsfleet.manifest import load_fleet
 from tsfleet.router.app import RouterConfig, RouterProcess
@@ -120,12 +120,7 @@ def test_a_router_on_every_interface_answers_probes_and_keeps_its_admin_api_on_l
 
 
 def test_route_takes_the_listeners_address_from_the_command_line(tmp_path) -> None:
-    ports = []
-    for _ in range(3):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    rest, admin, grpc_port = ports
+    rest, admin, grpc_port = free_ports(3)
     log = tmp_path / "route.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
