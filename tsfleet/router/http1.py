@@ -18,7 +18,9 @@ from typing import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 MAX_HEAD = 64 * 1024
-COLLECT = 64 * 1024  # a body this large that is still coming is kept as read, not appended to a buffer
+# A body this large (an image) is kept as read while it comes, not appended to a buffer,
+# and is written apart from its head (upstream.py), not copied into one bytes with it.
+LARGE_BODY = 64 * 1024
 # Headers that describe one hop, not the message: never forwarded in either direction.
 HOP_BY_HOP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
                         b"expect", b"te", b"trailer", b"upgrade", b"proxy-connection", b"proxy-authorization"})
@@ -256,7 +258,7 @@ class ServerConnection(asyncio.Protocol):
                     and not buf and self.transport:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         method, target, headers, forward, keep, reader = self.pending
-        if reader.length is not None and reader.length >= COLLECT and len(buf) < reader.length and not reader.parts:
+        if reader.length is not None and reader.length >= LARGE_BODY and len(buf) < reader.length and not reader.parts:
             # An image still coming: appending each read to the buffer would copy it again
             # and again as the buffer grows; its reads are kept and joined once instead.
             reader.parts.append(buf)  # what came with the head: the buffer itself, uncopied

@@ -15,7 +15,7 @@ import ssl as ssl_module
 from typing import Callable
 
 from tsfleet.router.deadlines import Deadlines
-from tsfleet.router.http1 import HttpError, Response, _Body, _body_mode, _parse_head
+from tsfleet.router.http1 import LARGE_BODY, HttpError, Response, _Body, _body_mode, _parse_head
 
 log = logging.getLogger(__name__)
 # done(answer, None) or done(None, error): UpstreamError, or asyncio.TimeoutError.
@@ -23,7 +23,6 @@ Done = Callable[[Response | None, BaseException | None], None]
 # A request as written: one bytes, or (a large body) the head and the body, written together
 # without copying the body into one with the head.
 Message = bytes | list[bytes]
-LARGE_BODY = 64 * 1024
 
 
 class UpstreamError(ConnectionError):
