@@ -128,7 +128,8 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         if not companions.wait_listening(router, 8090):
             raise FleetError("the router did not start listening on 8090; see logs/route.log")
         _say("router started: clients use http://127.0.0.1:8090 and gRPC 127.0.0.1:7090 like TorchServe's "
-             "8080/7070, with the same keys; probes need none: /livez, /readyz (log: logs/route.log)")
+             "8080/7070, with TorchServe's key or the router's own, which does not expire ('inference' in "
+             f"{server.workdir / 'router_key.json'}); probes need none: /livez, /readyz (log: logs/route.log)")
         print_endpoints(server, fleet)
         if args.detach:
             _say("running in the background; `make down` stops it")
@@ -256,6 +257,7 @@ def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
 
     ep = Endpoints.from_properties(Path(args.config)) if Path(args.config).is_file() else Endpoints()
     serve(fleet, RouterConfig(upstream_rest=ep.url("inference"), upstream_grpc=f"{ep.host}:{ep.grpc_inference}",
+                              upstream_management=ep.url("management"), ts_key_file=Path(args.key_file),
                               host=args.host, admin_host=args.admin_host,
                               port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port,
                               state_file=Path(args.state_file), key_file=Path(args.router_key_file),
@@ -303,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-dir", default="", help="where workers report to the recycler "
                         "(default <tmp>/tsfleet-workers)")
     parser.add_argument("--router-admin", default="http://127.0.0.1:8091", help="the router's admin API")
-    parser.add_argument("--router-key-file", default="router_key.json", help="the router's admin token")
+    parser.add_argument("--router-key-file", default="router_key.json",
+                        help="the router's tokens: admin, and an inference key for clients that does not expire")
     parser.add_argument("--key-file", default="key_file.json",
                         help="TorchServe's key file (written where it was started)")
     sub = parser.add_subparsers(dest="command", required=True)

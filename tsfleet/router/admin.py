@@ -1,30 +1,16 @@
 """The router's admin API: read and change routes live. Loopback only, token-protected.
 
-The token is made at first start and kept in ``router_key.json`` (mode 0600) beside the
-state file; send it as ``Authorization: Bearer <key>``.
+The token is made at first start and kept as ``admin`` in ``router_key.json`` (mode 0600)
+beside the state file; send it as ``Authorization: Bearer <key>``.
 """
 from __future__ import annotations
 
-import json
-import os
 import secrets
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
 from tsfleet.router.routing import RoutingTable
-
-
-def admin_key(path: Path) -> str:
-    """The admin token in ``path``, created (readable by the owner only) if missing."""
-    if path.is_file():
-        return json.loads(path.read_text())["admin"]
-    key = secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"admin": key}, fh)
-    return key
 
 
 def _error(status: int, message: str) -> web.Response:

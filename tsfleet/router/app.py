@@ -11,7 +11,8 @@ from typing import Callable
 from aiohttp import web
 
 from tsfleet.manifest import Fleet
-from tsfleet.router.admin import AdminApi, admin_key
+from tsfleet.router.admin import AdminApi
+from tsfleet.router.keys import InferenceKeys, router_keys
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import RoutingTable, routes_from_fleet
@@ -21,6 +22,8 @@ from tsfleet.router.routing import RoutingTable, routes_from_fleet
 class RouterConfig:
     upstream_rest: str = "http://127.0.0.1:8080"
     upstream_grpc: str = "127.0.0.1:7070"
+    upstream_management: str = "http://127.0.0.1:8081"  # its token API renews the inference key
+    ts_key_file: Path | None = None  # TorchServe's key_file.json: clients may then send the router's key
     host: str = "127.0.0.1"  # REST and gRPC: 0.0.0.0 to serve other machines (clients, a pod's probes)
     admin_host: str = "127.0.0.1"  # the admin API stays on loopback unless asked
     port: int = 8090
@@ -37,15 +40,21 @@ class RouterProcess:
     def __init__(self, fleet: Fleet, config: RouterConfig):
         self.config = config
         self.table = RoutingTable(routes_from_fleet(fleet), config.state_file)
-        self.rest = RestRouter(self.table, config.upstream_rest)
-        self.admin = AdminApi(self.table, admin_key(config.key_file))
+        keys = router_keys(config.key_file)
+        self.keys = InferenceKeys(keys["inference"], config.ts_key_file, config.upstream_management) \
+            if config.ts_key_file is not None else None
+        self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys)
+        self.admin = AdminApi(self.table, keys["admin"])
         self._runners: list[web.AppRunner] = []
+        self._fresh: asyncio.Task | None = None
         self._grpc = None
         self.fronts = None
         self.ports: dict[str, int] = {}
 
     async def start(self) -> None:
         many = self.config.processes > 1
+        if self.keys is not None:
+            self._fresh = asyncio.get_running_loop().create_task(self.keys.keep_fresh())
         self.ports["rest"] = await self.rest.start(self.config.host, self.config.port, reuse_port=many)
         runner = web.AppRunner(self.admin.app, access_log=None)
         await runner.setup()
@@ -58,13 +67,16 @@ class RouterProcess:
             start_grpc_router = None
         if start_grpc_router is not None:
             self._grpc, self.ports["grpc"] = await start_grpc_router(
-                self.table, self.config.upstream_grpc, self.config.host, self.config.grpc_port, reuse_port=many)
+                self.table, self.config.upstream_grpc, self.config.host, self.config.grpc_port, reuse_port=many,
+                keys=self.keys)
         if many:
             from tsfleet.router.processes import Fronts
 
             self.fronts = Fronts(self.table, self.config.processes - 1, {
                 "upstream_rest": self.config.upstream_rest, "upstream_grpc": self.config.upstream_grpc,
-                "host": self.config.host, "port": self.ports["rest"], "grpc_port": self.ports.get("grpc", 0)})
+                "host": self.config.host, "port": self.ports["rest"], "grpc_port": self.ports.get("grpc", 0),
+                "upstream_management": self.config.upstream_management, "key_file": str(self.config.key_file),
+                "ts_key_file": str(self.config.ts_key_file) if self.config.ts_key_file is not None else None})
             await self.fronts.start()
             self.admin.settled = self.fronts.settled
 
@@ -76,6 +88,8 @@ class RouterProcess:
 
             await stop_grpc_router(self._grpc, grace=2)
         await self.rest.stop()
+        if self._fresh is not None:
+            self._fresh.cancel()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self.table.save()

@@ -17,13 +17,14 @@ from google.protobuf.message import DecodeError
 
 from tsfleet.router import health
 from tsfleet.router.compare import answers_agree
-from tsfleet.router.grpc_predict import Prediction, not_found, server_side
+from tsfleet.router.grpc_predict import Prediction, not_found, renewed_key, server_side
 from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamPool
 from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
                                       Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, header,
                                       read_message, split_messages, status_trailers)
 from tsfleet.router.h2frames import INTERNAL_ERROR, Data
 from tsfleet.router.hpack_codec import Header
+from tsfleet.router.keys import InferenceKeys
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.protoscan import request_names
 from tsfleet.router.routing import RoutingTable
@@ -62,8 +63,8 @@ class GrpcRouter:
     max_held = 64 * 2**20  # of a request stream, waiting for TorchServe to read it
 
     def __init__(self, table: RoutingTable, upstream: str, sticky_key: str = "x-user-id", timeout_s: float = 130,
-                 min_attempt_s: float = 2.0, latency_factor: float = 10.0):
-        self.table, self.upstream = table, upstream
+                 min_attempt_s: float = 2.0, latency_factor: float = 10.0, keys: InferenceKeys | None = None):
+        self.table, self.upstream, self.keys = table, upstream, keys
         self.timeout_s, self.min_attempt_s, self.latency_factor = timeout_s, min_attempt_s, latency_factor
         host, _, port = upstream.rpartition(":")
         self.pool = UpstreamPool(host or "127.0.0.1", int(port))
@@ -141,6 +142,8 @@ class GrpcRouter:
             if name[0] == 58 or (decompressed and name == b"grpc-encoding"):
                 continue
             deadline = deadline or name == b"grpc-timeout"
+            if name == b"authorization" and self.keys is not None:
+                value = self.keys.swap(value) or value  # the router's own key: TorchServe's instead
             out.append((name, value))
         if not deadline:
             out.append((b"grpc-timeout", self.default_timeout))
@@ -206,7 +209,10 @@ class GrpcRouter:
         """Ping, or a request the router cannot read: passed to TorchServe as it is."""
         try:
             try:
-                up = await self._call(call, self._headers(call, call.path), call.body)
+                headers = self._headers(call, call.path)
+                up = await self._call(call, headers, call.body)
+                if (fresh := await renewed_key(self, call, headers, *up.status())) is not None:
+                    up = await self._call(call, fresh, call.body)
                 self.send(conn, call, up, None)
             except UpstreamGone as exc:
                 self.send(conn, call, None, None, self.unreachable(exc))
@@ -366,9 +372,9 @@ class GrpcRouter:
 
 async def start_grpc_router(table: RoutingTable, upstream: str, host: str = "127.0.0.1",
                             port: int = 0, sticky_key: str = "x-user-id", reuse_port: bool = False,
-                            **options: float) -> tuple[GrpcRouter, int]:
+                            **options: Any) -> tuple[GrpcRouter, int]:
     """Serve the routed InferenceAPIsService on ``host:port`` (0: any free port); return the
-    router and the port it bound. ``options``: GrpcRouter's timeouts."""
+    router and the port it bound. ``options``: GrpcRouter's timeouts and keys."""
     router = GrpcRouter(table, upstream, sticky_key, **options)
     try:
         bound = await router.start(host, port, reuse_port)

@@ -14,8 +14,9 @@ import time
 from typing import TYPE_CHECKING
 
 from tsfleet.router.grpc_upstream import UpstreamCall
-from tsfleet.router.grpc_wire import OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamGone
+from tsfleet.router.grpc_wire import OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamGone, header
 from tsfleet.router.hpack_codec import Header
+from tsfleet.router.keys import REFUSED
 from tsfleet.router.routing import Choice
 
 if TYPE_CHECKING:
@@ -32,6 +33,21 @@ FROM_TORCHSERVE = "org.pytorch.serve"
 # Answers that are the client's doing (REST's 4xx): counted as served, not as arm errors.
 NOT_FOUND = ("ModelNotFoundException", "ModelVersionNotFoundException")
 SERVER_SIDE = {13, 14, 2, 4, 15}  # INTERNAL, UNAVAILABLE, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS
+PERMISSION_DENIED = 7
+
+
+async def renewed_key(router: GrpcRouter, call: ServerCall, sent: list[Header], code: int,
+                      message: str) -> list[Header] | None:
+    """After TorchServe refused the key the router swapped in for its own (keys.py): the
+    headers to try once more with, or None (not refused, not swapped, or nothing fresher)."""
+    keys = router.keys
+    if code != PERMISSION_DENIED or REFUSED not in message or keys is None \
+            or keys.swap(header(call.headers, b"authorization")) is None:
+        return None
+    fresh = await keys.refused(header(sent, b"authorization") or b"")
+    if fresh is None:
+        return None
+    return [(name, fresh if name == b"authorization" else value) for name, value in sent]
 
 
 def retryable(code: int, message: str) -> bool:
@@ -53,13 +69,13 @@ class Prediction:
     """A client's Predictions call: routed, tried, retried once if TorchServe dropped it, answered."""
 
     __slots__ = ("router", "conn", "call", "model", "choice", "version", "headers", "payload", "started",
-                 "retried", "upstream")
+                 "retried", "renewed", "upstream")
 
     def __init__(self, router: GrpcRouter, conn: ServerConnection, call: ServerCall, model: str, choice: Choice,
                  headers: list[Header], payload: bytes | memoryview):
         self.router, self.conn, self.call, self.model, self.choice = router, conn, call, model, choice
         self.version, self.headers, self.payload = choice.version, headers, payload
-        self.started, self.retried = time.perf_counter(), False
+        self.started, self.retried, self.renewed = time.perf_counter(), False, False
         self.upstream: tuple | None = None
 
     def attempt(self) -> None:
@@ -105,6 +121,10 @@ class Prediction:
             up, code, message = None, UNAVAILABLE, router.unreachable(error)
         else:
             code, message = up.status()
+        if code == PERMISSION_DENIED and not self.renewed and router.keys is not None:
+            self.renewed = True  # once: a second refusal is the client's answer
+            router.spawn(self.conn, call, self._renew_then_attempt(up, code, message))
+            return
         if not self.retried and retryable(code, message):
             # The client will not see this failure, but the arm's record must.
             table.record(self.model, self.version, False, time.perf_counter() - self.started)
@@ -113,6 +133,21 @@ class Prediction:
             self.retried = True
             self.attempt()
             return
+        self._answer(up, code, message)
+
+    async def _renew_then_attempt(self, up: UpstreamCall, code: int, message: str) -> None:
+        fresh = await renewed_key(self.router, self.call, self.headers, code, message)
+        if self.call.cancelled:
+            return
+        if fresh is None:
+            self._answer(up, code, message)
+            return
+        self.headers = fresh
+        self.attempt()
+
+    def _answer(self, up: UpstreamCall | None, code: int, message: str) -> None:
+        """Record the answer on its arm and send it to the client (then mirror it to a shadow)."""
+        router, table, call = self.router, self.router.table, self.call
         if not not_found(message):
             ok = code == OK or not server_side(code, message)
             event = table.record(self.model, self.version, ok, time.perf_counter() - self.started, self.retried)

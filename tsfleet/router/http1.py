@@ -43,6 +43,7 @@ class Request:
     forward: list[bytes]  # the header lines worth forwarding ("Name: value")
     body: bytes
     keep_alive: bool
+    auth: bytes | None = None  # the Authorization sent upstream in place of the router's own key
 
     @property
     def path(self) -> str:

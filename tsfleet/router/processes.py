@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tsfleet.router.keys import InferenceKeys, router_keys
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import Route, RoutingTable
@@ -269,14 +270,19 @@ async def _front(options: dict[str, Any], fd: int) -> None:
     table.apply_state(first)
     table.sink, table.shadow_sink, table.decides = [], [], False
     leader = _Leader(reader, writer, table)
-    rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics)
+    keys = None
+    if options.get("ts_key_file"):  # each process keeps its own copy fresh (keys.py)
+        keys = InferenceKeys(router_keys(Path(options["key_file"]))["inference"], Path(options["ts_key_file"]),
+                             options["upstream_management"])
+        fresh = asyncio.get_running_loop().create_task(keys.keep_fresh())
+    rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics, keys=keys)
     await rest.start(options["host"], options["port"], reuse_port=True)
     grpc = None
     if options.get("grpc_port"):
         from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
 
         grpc, _ = await start_grpc_router(table, options["upstream_grpc"], options["host"], options["grpc_port"],
-                                          reuse_port=True)
+                                          reuse_port=True, keys=keys)
     writer.write(_encode({"t": "ready"}))
     loop = asyncio.get_running_loop()
     flusher = loop.create_task(leader.flush())
@@ -285,6 +291,8 @@ async def _front(options: dict[str, Any], fd: int) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await hearing
     flusher.cancel()
+    if keys is not None:
+        fresh.cancel()
     if grpc is not None:
         await stop_grpc_router(grpc, grace=2)
     await rest.stop()

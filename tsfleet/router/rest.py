@@ -17,6 +17,7 @@ from urllib.parse import quote, unquote, urlsplit
 from tsfleet.router import health
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.http1 import ROUTER_ERROR, Listener, Reply, Request, Response
+from tsfleet.router.keys import REFUSED_BYTES, InferenceKeys
 from tsfleet.router.routing import Choice, RoutingTable
 from tsfleet.router.upstream import UpstreamError, UpstreamPool
 
@@ -41,6 +42,10 @@ def _path(path_for: str, version: str | None, query: str) -> str:
     return path_for + "/" + _quoted(version) + query if version else path_for + query
 
 
+def _with_authorization(lines: list[bytes], value: bytes) -> list[bytes]:
+    return [b"Authorization: " + value if line[:14].lower() == b"authorization:" else line for line in lines]
+
+
 def _body(status: int, kind: str, message: str) -> bytes:
     return json.dumps({"code": status, "type": kind, "message": message}).encode()
 
@@ -50,8 +55,9 @@ class RestRouter:
 
     def __init__(self, table: RoutingTable, upstream: str, sticky_header: str = "X-User-Id",
                  timeout_s: float = 130, min_attempt_s: float = 2.0, latency_factor: float = 10.0,
-                 max_body: int = 16 * 2**20, metrics: Callable[[], Awaitable[str]] | None = None):
-        self.table, self.upstream = table, upstream.rstrip("/")
+                 max_body: int = 16 * 2**20, metrics: Callable[[], Awaitable[str]] | None = None,
+                 keys: InferenceKeys | None = None):
+        self.table, self.upstream, self.keys = table, upstream.rstrip("/"), keys
         self.sticky = sticky_header.lower().encode()
         self.timeout_s, self.min_attempt_s, self.latency_factor = timeout_s, min_attempt_s, latency_factor
         url = urlsplit(self.upstream)
@@ -83,6 +89,7 @@ class RestRouter:
         parts = path[len("/predictions/"):].split("/")
         if not (1 <= len(parts) <= 2 and all(parts)):
             return False
+        self._swap_key(request)
         self.predict(request, unquote(parts[0]), unquote(parts[1]) if len(parts) == 2 else None, mark + query, reply)
         return True
 
@@ -95,26 +102,52 @@ class RestRouter:
                 self.pool, self.upstream)
             return Response(status, data, JSON)
         # /ping, /wfpredict/..., anything else: TorchServe answers it, errors included.
-        status, data, resp_headers = await self._call(request.method, request.target, request.body, request.forward)
+        self._swap_key(request)
+        status, data, resp_headers = await self._call(request)
         return Response(status, data, resp_headers)
+
+    def _swap_key(self, request: Request) -> None:
+        """The router's own inference key goes upstream as TorchServe's current one (keys.py)."""
+        if self.keys is not None and (sent := self.keys.swap(request.headers.get(b"authorization"))) is not None:
+            request.auth = sent
+            request.forward = _with_authorization(request.forward, sent)
+
+    @staticmethod
+    def _refused(request: Request, resp: Response) -> bool:
+        return request.auth is not None and resp.status == 400 and REFUSED_BYTES in resp.body
+
+    async def _renew_key(self, request: Request) -> bool:
+        """After TorchServe refused the key swapped in: swap in a fresher one, if there is one
+        (once: a second refusal is the client's answer)."""
+        assert self.keys is not None and request.auth is not None
+        fresh, request.auth = await self.keys.refused(request.auth), None
+        if fresh is None:
+            return False
+        request.forward = _with_authorization(request.forward, fresh)
+        return True
 
     def attempt_timeout(self, model: str | None, version: str | None) -> float:
         """How long the first attempt may take before it is presumed lost (see RoutingTable)."""
         return self.table.attempt_timeout(model, version, self.timeout_s, self.min_attempt_s, self.latency_factor)
 
-    async def _call(self, method: str, target: str, body: bytes, headers: list[bytes]) -> tuple[int, bytes, list[bytes]]:
+    async def _call(self, request: Request) -> tuple[int, bytes, list[bytes]]:
         """A call that names no model (/ping, workflows...), retried once like an inference call."""
-        for attempt in (0, 1):
+        retried = False
+        while True:
             try:
-                resp = await self.pool.request(method, target, headers, body, self.timeout_s)
+                resp = await self.pool.request(request.method, request.target, request.forward, request.body,
+                                               self.timeout_s)
             except (UpstreamError, asyncio.TimeoutError) as exc:
-                if attempt == 0:
+                if not retried:
+                    retried = True
                     continue
                 return self._unreachable(exc)
-            if attempt == 0 and _retryable(resp.status, resp.body):
+            if self._refused(request, resp) and await self._renew_key(request):
+                continue
+            if not retried and _retryable(resp.status, resp.body):
+                retried = True
                 continue
             return resp.status, resp.body, resp.headers
-        raise AssertionError("unreachable")
 
     def _unreachable(self, exc: BaseException) -> tuple[int, bytes, list[bytes]]:
         if isinstance(exc, asyncio.TimeoutError):
@@ -126,12 +159,17 @@ class RestRouter:
         a retry is a task: it is rare."""
         sticky = request.headers.get(self.sticky)
         choice = self.table.choose(model, explicit, sticky.decode("latin-1") if sticky is not None else None)
+        self._first(request, reply, model, choice, query, time.perf_counter())
+
+    def _first(self, request: Request, reply: Reply, model: str, choice: Choice, query: str, started: float) -> None:
         path_for = "/predictions/" + _quoted(model)
         target = self.table.upstream(model, choice.version)
-        started = time.perf_counter()
 
         def first_done(resp: Response | None, exc: BaseException | None) -> None:
             try:
+                if resp is not None and self._refused(request, resp):
+                    self._spawn(self._renew_then(request, reply, model, choice, query, started, resp))
+                    return
                 if resp is not None and not _retryable(resp.status, resp.body):
                     self._answered(request, reply, model, choice, choice.version, resp.status, resp.body,
                                    resp.headers, started, False)
@@ -146,6 +184,18 @@ class RestRouter:
 
         self.pool.start(request.method, _path(path_for, target, query), request.forward, request.body,
                         self.attempt_timeout(model, choice.version), first_done)
+
+    async def _renew_then(self, request: Request, reply: Reply, model: str, choice: Choice, query: str,
+                          started: float, refusal: Response) -> None:
+        try:
+            if await self._renew_key(request):
+                self._first(request, reply, model, choice, query, started)
+            else:
+                self._answered(request, reply, model, choice, choice.version, refusal.status, refusal.body,
+                               refusal.headers, started, False)
+        except Exception:  # noqa: BLE001 - the client must get an answer whatever went wrong
+            log.exception("router: unhandled error for %s %s", request.method, request.target)
+            reply(request, ROUTER_ERROR)
 
     async def _retry(self, request: Request, reply: Reply, model: str, choice: Choice, version: str | None,
                      path_for: str, query: str, started: float) -> None:
