@@ -82,11 +82,12 @@ class Forwarder:
 class RunningRouter:
     """A started RouterProcess plus small HTTP helpers."""
 
-    def __init__(self, fleet: Fleet, workdir: Path, upstream_rest: str, upstream_grpc: str, processes: int = 1):
+    def __init__(self, fleet: Fleet, workdir: Path, upstream_rest: str, upstream_grpc: str, processes: int = 1,
+                 **options: Any):
         self.loop = LoopThread()
         config = RouterConfig(upstream_rest=upstream_rest, upstream_grpc=upstream_grpc, port=0, admin_port=0,
                               grpc_port=0, state_file=workdir / "router_state.json",
-                              key_file=workdir / "router_key.json", processes=processes)
+                              key_file=workdir / "router_key.json", processes=processes, **options)
         self.process = RouterProcess(fleet, config)
         self.loop.run(self.process.start())
         self.table = self.process.table

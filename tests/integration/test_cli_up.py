@@ -1,6 +1,7 @@
 """`tsfleet up` (what `make up` runs): whole fleet ready, endpoints printed, Ctrl-C stops it."""
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -99,6 +100,11 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
         resp = requests.post(f"{up.ep.url('inference')}/wfpredict/intent-pipeline",
                              json={"text": "hello, good evening"}, headers=keys.header("inference"), timeout=30)
         assert resp.status_code == 200 and resp.json()["intent"] == "greeting"
+        # The router `up` started takes its own key, which it swaps for TorchServe's.
+        own = json.loads((tmp_path / "router_key.json").read_text())["inference"]
+        resp = requests.post("http://127.0.0.1:8090/predictions/intent-classifier", json={"text": "fly me to Rome"},
+                             headers={"Authorization": f"Bearer {own}"}, timeout=30)
+        assert resp.status_code == 200 and resp.json()["intent"] == "travel", resp.text
 
         pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
         up.proc.send_signal(signal.SIGINT)

@@ -35,7 +35,8 @@ TEXTS = ["book me a flight to Rome", "my invoice is wrong", "will it rain tomorr
 @pytest.fixture(scope="module")
 def router(fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRouter]:
     r = RunningRouter(fleet, tmp_path_factory.mktemp("router3"), server.ep.url("inference"),
-                      f"127.0.0.1:{server.ep.grpc_inference}", processes=3)
+                      f"127.0.0.1:{server.ep.grpc_inference}", processes=3,
+                      upstream_management=server.ep.url("management"), ts_key_file=server.workdir / "key_file.json")
     try:
         yield r
     finally:
@@ -72,18 +73,20 @@ def counted(router: RunningRouter) -> int:
 def test_fronts_share_the_ports_and_the_leader_counts_every_answer(router, client, headers) -> None:
     router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 50, "1.1": 50}}).raise_for_status()
     expected = {(t, v): client.predict(INTENT, {"text": t}, version=v).json() for t in TEXTS for v in ("1.0", "1.1")}
+    # Half the clients send the router's own inference key: every process swaps it for TorchServe's.
+    own = {**headers, "Authorization": "Bearer " + json.loads(router.process.config.key_file.read_text())["inference"]}
+    keyed = [headers, own] * 12
     sessions = [requests.Session() for _ in range(24)]
     # Each channel its own connection (grpc shares one per target otherwise), as separate clients' would be.
     channels = [grpc.insecure_channel(router.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(6)]
     try:
-        got = [(t, s.post(f"{router.url}/predictions/{INTENT}", data=json.dumps({"text": t}), headers=headers,
-                          timeout=60)) for s in sessions for t in TEXTS]
+        got = [(t, s.post(f"{router.url}/predictions/{INTENT}", data=json.dumps({"text": t}), headers=h,
+                          timeout=60)) for s, h in zip(sessions, keyed) for t in TEXTS]
         holders = holding(router, int(router.url.rsplit(":", 1)[1]))
-        meta = [("authorization", headers["Authorization"])]
         replies = [pb_grpc.InferenceAPIsServiceStub(ch).Predictions(
             pb.PredictionsRequest(model_name=INTENT, input={"data": json.dumps({"text": t}).encode()}),
-            metadata=meta, timeout=60) for ch in channels for t in TEXTS]
+            metadata=[("authorization", h["Authorization"])], timeout=60) for ch, h in zip(channels, keyed) for t in TEXTS]
         grpc_holders = holding(router, int(router.grpc_target.rsplit(":", 1)[1]))
     finally:
         for s in sessions:

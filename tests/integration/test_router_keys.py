@@ -1,0 +1,144 @@
+"""The router's own inference key against a real TorchServe whose keys expire in seconds:
+clients that send it keep being answered, over REST and gRPC, after TorchServe's key has
+expired and been renewed, by the router or behind its back."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+import requests
+import yaml
+
+from tests.integration.conftest import ROOT, new_server
+from tests.integration.router_harness import RunningRouter
+from tests.polling import wait_for
+from tsfleet.manifest import Fleet, parse_fleet
+from tsfleet.router.proto import inference_pb2 as pb
+from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
+from tsfleet.server import Keys, TorchServe
+
+pytestmark = pytest.mark.slow
+MODEL = "image-classifier"
+SHAPE = (ROOT / "docs" / "shape.png").read_bytes()  # a triangle
+LIFETIME_MIN = 0.25  # TorchServe's keys last 15 s here (60 minutes by default)
+
+
+def image_only_fleet() -> Fleet:
+    doc = yaml.safe_load((ROOT / "fleet.yaml").read_text())
+    doc["models"] = {MODEL: copy.deepcopy(doc["models"][MODEL])}
+    doc["workflows"] = {}
+    return parse_fleet(doc, ROOT)
+
+
+@pytest.fixture(scope="module")
+def fleet_of_one() -> Fleet:
+    return image_only_fleet()
+
+
+@pytest.fixture(scope="module")
+def server(fleet_of_one: Fleet, model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    ts = new_server(fleet_of_one, model_store, tmp_path_factory.mktemp("short-keys"))
+    with ts.config.open("a") as fh:
+        fh.write(f"token_expiration_min={LIFETIME_MIN}\n")
+    ts.start(snapshots=False)
+    try:
+        ts.wait_ready(fleet_of_one, timeout=300, progress=lambda line: None)
+        yield ts
+    finally:
+        ts.stop()
+
+
+@pytest.fixture(scope="module")
+def router(fleet_of_one: Fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRouter]:
+    r = RunningRouter(fleet_of_one, tmp_path_factory.mktemp("router"), server.ep.url("inference"),
+                      f"127.0.0.1:{server.ep.grpc_inference}", upstream_management=server.ep.url("management"),
+                      ts_key_file=server.workdir / "key_file.json")
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def torchserve_keys(server: TorchServe) -> Keys:
+    return wait_for("a readable key_file.json", lambda: _keys_or_none(server), timeout=10)
+
+
+def _keys_or_none(server: TorchServe) -> Keys | None:
+    try:
+        return Keys.load(server.workdir / "key_file.json")
+    except (OSError, ValueError, KeyError):
+        return None  # being rewritten
+
+
+def router_key(router: RunningRouter) -> str:
+    return json.loads((router.process.config.key_file).read_text())["inference"]
+
+
+def rest(router: RunningRouter, key: str) -> requests.Response:
+    return router.post(f"/predictions/{MODEL}", SHAPE, {"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
+
+
+def grpc_label(router: RunningRouter, key: str) -> str:
+    with grpc.insecure_channel(router.grpc_target) as channel:
+        reply = pb_grpc.InferenceAPIsServiceStub(channel).Predictions(
+            pb.PredictionsRequest(model_name=MODEL, input={"data": SHAPE}),
+            metadata=[("authorization", f"Bearer {key}")], timeout=60)
+    return json.loads(reply.prediction)["label"]
+
+
+def test_the_router_s_key_outlives_torchserve_s(server: TorchServe, router: RunningRouter) -> None:
+    key = router_key(router)
+    first = torchserve_keys(server)
+    assert key != first.inference
+    answer = rest(router, key)
+    assert answer.status_code == 200 and answer.json()["label"] == "triangle", answer.text
+    assert grpc_label(router, key) == "triangle"
+
+    # TorchServe's key expires; the router renews it before it does.
+    wait_for("the router to renew TorchServe's inference key",
+             lambda: torchserve_keys(server).inference != first.inference, timeout=LIFETIME_MIN * 60 * 3)
+    stale = requests.post(server.ep.url("inference") + f"/predictions/{MODEL}", data=SHAPE, timeout=60,
+                          headers={**first.header("inference"), "Content-Type": "image/png"})
+    assert stale.status_code == 400 and "Token Authorization failed" in stale.text  # the old key is dead
+
+    answer = rest(router, key)
+    assert answer.status_code == 200 and answer.json()["label"] == "triangle", answer.text
+    assert grpc_label(router, key) == "triangle"
+    # TorchServe's own current key still passes through as it is.
+    assert rest(router, torchserve_keys(server).inference).json()["label"] == "triangle"
+
+
+def renew_behind_the_router_s_back(server: TorchServe) -> None:
+    keys = torchserve_keys(server)
+    resp = requests.get(server.ep.url("management") + "/token", params={"type": "inference"},
+                        headers=keys.header("api"), timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert torchserve_keys(server).inference != keys.inference
+
+
+def test_a_key_renewed_elsewhere_is_taken_up_without_a_failure(server: TorchServe, router: RunningRouter) -> None:
+    key, keys = router_key(router), router.process.keys
+    assert keys is not None and router.process._fresh is not None
+    # Without its timely check the router learns of each renewal from TorchServe's refusal.
+    router.loop.loop.call_soon_threadsafe(router.process._fresh.cancel)
+    renew_behind_the_router_s_back(server)
+    refusals = keys.refusals
+    answer = rest(router, key)
+    assert answer.status_code == 200 and answer.json()["label"] == "triangle", answer.text
+    renew_behind_the_router_s_back(server)
+    assert grpc_label(router, key) == "triangle"
+    ping = router.session.get(router.url + "/ping", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
+    assert keys.refusals - refusals == 2  # the prediction over REST, then the one over gRPC
+
+
+def test_a_wrong_key_gets_torchserve_s_refusal(server: TorchServe, router: RunningRouter) -> None:
+    answer = rest(router, "not-a-key")
+    assert answer.status_code == 400 and "Token Authorization failed" in answer.text
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_label(router, "not-a-key")
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
