@@ -121,10 +121,10 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         _say(f"fleet ready in {time.monotonic() - started:.1f} s")
         common = ["--manifest", args.manifest, "--config", str(server.config),
                   "--key-file", str(server.workdir / "key_file.json")]
-        companions.start(server.workdir, "recycle", [*common, "recycle", "--metrics-port", str(args.recycler_port)])
+        supervisor = companions.Supervisor(server.workdir, _say)
+        supervisor.start("recycle", [*common, "recycle", "--metrics-port", str(args.recycler_port)])
         _say(f"recycler started (log: logs/recycle.log, metrics: http://127.0.0.1:{args.recycler_port}/metrics)")
-        router = companions.start(server.workdir, "route",
-                                  [*common, "route", "--processes", args.router_processes])
+        router = supervisor.start("route", [*common, "route", "--processes", args.router_processes])
         if not companions.wait_listening(router, 8090):
             raise FleetError("the router did not start listening on 8090; see logs/route.log")
         _say("router started: clients use http://127.0.0.1:8090 and gRPC 127.0.0.1:7090 like TorchServe's "
@@ -134,9 +134,10 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         if args.detach:
             _say("running in the background; `make down` stops it")
             return 0
-        _say("Ctrl-C stops the fleet")
+        _say("Ctrl-C stops the fleet; a router or recycler that exits is started again")
         while (state := server.state()) == "running":
-            time.sleep(2)  # watching TorchServe for as long as it runs, no deadline
+            supervisor.check()
+            time.sleep(1)  # watching TorchServe for as long as it runs, no deadline
         companions.stop(server.workdir, "route")
         companions.stop(server.workdir, "recycle")
         if state == "died":

@@ -1,8 +1,9 @@
-"""Processes that run beside TorchServe (the recycler, later the router), started by `up`.
+"""Processes that run beside TorchServe (the recycler, the router), started by `up`.
 
 Each runs as ``python -m tsfleet <command>`` in its own session, logs to
 ``logs/<name>.log`` and leaves ``logs/<name>.pid`` so ``tsfleet down`` can stop it after a
-detached ``up``.
+detached ``up``. While `up` runs in the foreground, a ``Supervisor`` starts again one that
+exits (a crash, an out-of-memory kill), as systemd's ``Restart=always`` would.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 
 def _pid_file(workdir: Path, name: str) -> Path:
@@ -65,3 +68,44 @@ def stop(workdir: Path, name: str, timeout: float = 15) -> bool:
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     return True
+
+
+STEADY_S = 60.0  # a companion that ran this long before it exited is started again at once
+MAX_DELAY_S = 30.0
+
+
+@dataclass
+class _Watched:
+    args: list[str]
+    proc: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+    quick_exits: int = 0  # in a row, each sooner than STEADY_S after its start
+    due: float | None = None  # when an exited one starts again
+
+
+class Supervisor:
+    """Starts companions, and (``check``, called regularly) starts again any that exited,
+    with a growing delay when it keeps exiting soon after its start."""
+
+    def __init__(self, workdir: Path, say: Callable[[str], None]):
+        self.workdir, self.say = workdir, say
+        self.watched: dict[str, _Watched] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        proc = start(self.workdir, name, args)
+        self.watched[name] = _Watched(args, proc)
+        return proc
+
+    def check(self) -> None:
+        now = time.monotonic()
+        for name, w in self.watched.items():
+            if w.due is None and w.proc.poll() is not None:
+                if not _pid_file(self.workdir, name).exists():
+                    continue  # stopped on purpose (`tsfleet down` removes the pid file first)
+                w.quick_exits = w.quick_exits + 1 if now - w.started < STEADY_S else 0
+                delay = min(MAX_DELAY_S, 2.0 ** (w.quick_exits - 1)) if w.quick_exits else 0.0
+                self.say(f"the {name} companion exited (code {w.proc.returncode}); starting it again"
+                         + (f" in {delay:.0f} s" if delay else "") + f" (log: logs/{name}.log)")
+                w.due = now + delay
+            if w.due is not None and now >= w.due and _pid_file(self.workdir, name).exists():
+                w.proc, w.started, w.due = start(self.workdir, name, w.args), now, None

@@ -18,6 +18,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from tests.polling import wait_for
 from tsfleet import companions
 from tsfleet.properties import Endpoints, render_properties
 from tsfleet.server import Keys
@@ -102,9 +103,15 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
         assert resp.status_code == 200 and resp.json()["intent"] == "greeting"
         # The router `up` started takes its own key, which it swaps for TorchServe's.
         own = json.loads((tmp_path / "router_key.json").read_text())["inference"]
-        resp = requests.post("http://127.0.0.1:8090/predictions/intent-classifier", json={"text": "fly me to Rome"},
-                             headers={"Authorization": f"Bearer {own}"}, timeout=30)
-        assert resp.status_code == 200 and resp.json()["intent"] == "travel", resp.text
+        assert routed_intent(own) == "travel"
+
+        # A router that dies (a crash, the OOM killer) is started again, with its key and weights.
+        killed = int((tmp_path / "logs" / "route.pid").read_text())
+        os.kill(killed, signal.SIGKILL)
+        up.wait_for("the route companion exited (code -9); starting it again", 30)
+        wait_for("the router to answer again", lambda: _port_open(8090), timeout=60)
+        assert int((tmp_path / "logs" / "route.pid").read_text()) != killed
+        assert routed_intent(own) == "travel"
 
         pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
         up.proc.send_signal(signal.SIGINT)
@@ -116,6 +123,13 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
             time.sleep(0.2)
         assert not _port_open(up.ep.inference), "TorchServe still listening after Ctrl-C"
         assert not [name for name, pid in pids.items() if _alive(pid)], "a companion outlived Ctrl-C"
+
+
+def routed_intent(key: str) -> str:
+    resp = requests.post("http://127.0.0.1:8090/predictions/intent-classifier", json={"text": "fly me to Rome"},
+                         headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["intent"]
 
 
 def test_up_stops_everything_when_its_terminal_hangs_up(fleet, model_store, tmp_path: Path) -> None:

@@ -1,0 +1,37 @@
+"""`tsfleet up`'s supervisor: a companion that exits is started again, sooner or later."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.polling import wait_for
+from tsfleet import companions
+
+
+def test_a_companion_that_keeps_exiting_is_started_again_later_each_time(tmp_path: Path) -> None:
+    said: list[str] = []
+    supervisor = companions.Supervisor(tmp_path, said.append)
+    first = supervisor.start("helper", ["--help"])  # prints its usage and exits at once
+
+    def restarted(times: int) -> bool:
+        supervisor.check()
+        return sum("starting it again" in line for line in said) >= times and supervisor.watched["helper"].due is None
+
+    wait_for("two restarts", lambda: restarted(2), timeout=30)
+    assert supervisor.watched["helper"].proc is not first
+    assert said[0] == "the helper companion exited (code 0); starting it again in 1 s (log: logs/helper.log)"
+    assert "starting it again in 2 s" in said[1]
+    assert "usage: tsfleet" in (tmp_path / "logs" / "helper.log").read_text()
+
+
+def test_a_companion_stopped_on_purpose_stays_stopped(tmp_path: Path) -> None:
+    said: list[str] = []
+    supervisor = companions.Supervisor(tmp_path, said.append)
+    proc = supervisor.start("helper", ["--help"])
+    companions.stop(tmp_path, "helper")  # what `tsfleet down` does: the pid file goes first
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # a restart would be due within 1 s
+        supervisor.check()
+        time.sleep(0.05)
+    assert said == [] and supervisor.watched["helper"].proc is proc
