@@ -124,10 +124,12 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         supervisor = companions.Supervisor(server.workdir, _say)
         supervisor.start("recycle", [*common, "recycle", "--metrics-port", str(args.recycler_port)])
         _say(f"recycler started (log: logs/recycle.log, metrics: http://127.0.0.1:{args.recycler_port}/metrics)")
-        router = supervisor.start("route", [*common, "route", "--processes", args.router_processes])
-        if not companions.wait_listening(router, 8090):
-            raise FleetError("the router did not start listening on 8090; see logs/route.log")
-        _say("router started: clients use http://127.0.0.1:8090 and gRPC 127.0.0.1:7090 like TorchServe's "
+        router = supervisor.start("route", [*common, "route", "--processes", args.router_processes,
+                                            "--host", args.router_host])
+        host = companions.reachable(args.router_host)
+        if not companions.wait_listening(router, host, 8090):
+            raise FleetError(f"the router did not start listening on {host}:8090; see logs/route.log")
+        _say(f"router started: clients use http://{host}:8090 and gRPC {host}:7090 like TorchServe's "
              "8080/7070, with TorchServe's key or the router's own, which does not expire ('inference' in "
              f"{server.workdir / 'router_key.json'}); probes need none: /livez, /readyz (log: logs/route.log)")
         print_endpoints(server, fleet)
@@ -322,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recycler-port", type=int, default=8083, help="the recycler's Prometheus port")
     p.add_argument("--router-processes", type=_processes_arg, default="auto",
                    help="router processes sharing its ports, or auto (see `route --processes`)")
+    p.add_argument("--router-host", default="127.0.0.1",
+                   help="address of the router's REST and gRPC ports (see `route --host`)")
     sub.add_parser("down", help="stop a running fleet")
     sub.add_parser("plan", help="show what apply would change on the running server")
     sub.add_parser("apply", help="take the running server to the manifest")

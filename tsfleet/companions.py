@@ -34,13 +34,18 @@ def start(workdir: Path, name: str, args: list[str]) -> subprocess.Popen:
     return proc
 
 
-def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 60) -> bool:
-    """Wait until something accepts on 127.0.0.1:``port``; False if ``proc`` exits first or
+def reachable(host: str) -> str:
+    """An address to reach a listener bound to ``host`` from this machine (a wildcard: loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float = 60) -> bool:
+    """Wait until something accepts on ``host``:``port``; False if ``proc`` exits first or
     ``timeout`` passes, so a caller never announces an address that refuses connections."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return True
         except OSError:
             time.sleep(0.1)

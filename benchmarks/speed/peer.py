@@ -71,7 +71,7 @@ class PeerProcess:
             [sys.executable, "-m", "uvicorn", "benchmarks.speed.peer:app", "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "warning", "--no-access-log"],
             cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        if wait_listening(self.proc, port, timeout):
+        if wait_listening(self.proc, "127.0.0.1", port, timeout):
             return
         exited = self.proc.poll()
         self.stop()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 import requests
 
@@ -63,7 +64,7 @@ class Up:
 
 
 @contextmanager
-def running_up(fleet, model_store: Path, tmp_path: Path) -> Iterator[Up]:
+def running_up(fleet, model_store: Path, tmp_path: Path, *options: str) -> Iterator[Up]:
     """`tsfleet up` in ``tmp_path`` on free ports, until it says the fleet serves; stopped after."""
     ep = Endpoints.on_free_ports()
     config = tmp_path / "config.properties"
@@ -71,7 +72,7 @@ def running_up(fleet, model_store: Path, tmp_path: Path) -> Iterator[Up]:
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TEMP": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tsfleet", "--config", str(config), "--model-store", str(model_store), "up", "--no-build"],
+        [sys.executable, "-m", "tsfleet", "--config", str(config), "--model-store", str(model_store), "up", "--no-build", *options],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # As from a terminal: a test run under nohup would otherwise pass on its ignored SIGHUP.
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
@@ -135,8 +136,12 @@ def routed_intent(key: str) -> str:
 def test_up_stops_everything_when_its_terminal_hangs_up(fleet, model_store, tmp_path: Path) -> None:
     # A dropped SSH session. TorchServe, the router and the recycler run apart from `up`;
     # they must not be left behind. (That `up` then cannot print is a unit test's matter.)
-    with running_up(fleet, model_store, tmp_path) as up:
+    with running_up(fleet, model_store, tmp_path, "--router-host", "0.0.0.0") as up:
         pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
+        # The router serves other machines (and a pod's probes) when asked to; its admin API does not.
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pids["route"]).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN}
+        assert {("0.0.0.0", 8090), ("0.0.0.0", 7090), ("127.0.0.1", 8091)} <= listening, listening
         up.proc.send_signal(signal.SIGHUP)
         assert up.proc.wait(timeout=90) == 0
         assert not _port_open(up.ep.inference), "TorchServe still listening after the hang-up"
