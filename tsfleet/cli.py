@@ -293,6 +293,15 @@ def cmd_rollout(args: argparse.Namespace, fleet: Fleet) -> int:
     return 0
 
 
+def cmd_rotate_key(args: argparse.Namespace, fleet: Fleet) -> int:
+    doc = _admin(args).call("POST", "/keys/inference", {"grace_s": args.grace_s})
+    print(doc["inference"])  # stdout: the key alone, for a script to capture
+    until = doc["previous_valid_until"]
+    print("the router takes this inference key from now on; the previous one "
+          + (f"until {until}" if until else "no longer"), file=sys.stderr)
+    return 0
+
+
 def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
     _stop_all(_server(args))
     _say("TorchServe stopped")
@@ -351,12 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("version", nargs="?")
     p.add_argument("weight_pos", nargs="?", type=float, metavar="WEIGHT", help="for set-weight")
     p.add_argument("--weight", type=float, default=5.0, help="percent of traffic for start (default 5)")
+    p = sub.add_parser("rotate-key", help="give the router a new inference key (prints it); the old one "
+                       "is taken a while longer")
+    p.add_argument("--grace-s", type=float, default=3600, help="seconds the old key is still taken (default 3600)")
     p = sub.add_parser("status", help="models, versions and workers on the running server")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     handlers = {"build": cmd_build, "config": cmd_config, "up": cmd_up, "down": cmd_down,
                 "plan": cmd_plan, "apply": cmd_apply, "status": cmd_status, "recycle": cmd_recycle,
-                "route": cmd_route, "rollout": cmd_rollout}
+                "route": cmd_route, "rollout": cmd_rollout, "rotate-key": cmd_rotate_key}
     try:
         return handlers[args.command](args, load_fleet(args.manifest))
     except FleetError as exc:

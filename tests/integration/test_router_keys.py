@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -142,3 +144,40 @@ def test_a_wrong_key_gets_torchserve_s_refusal(server: TorchServe, router: Runni
     with pytest.raises(grpc.RpcError) as err:
         grpc_label(router, "not-a-key")
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def rotate(router: RunningRouter, grace_s: float) -> str:
+    """`tsfleet rotate-key` against this router: the new key, as the command prints it."""
+    out = subprocess.run([sys.executable, "-m", "tsfleet", "--router-admin", router.admin_url,
+                          "--router-key-file", str(router.process.config.key_file), "rotate-key",
+                          "--grace-s", str(grace_s)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_a_rotated_key_is_taken_at_once_and_the_old_one_for_its_grace(server: TorchServe, router: RunningRouter) -> None:
+    old = router_key(router)
+    bad = router.admin("POST", "/keys/inference", json={"grace_s": -1})
+    assert bad.status_code == 400 and "grace_s" in bad.json()["message"] and router_key(router) == old
+    new = rotate(router, grace_s=600)
+    assert new == router_key(router) != old
+    assert rest(router, new).json()["label"] == "triangle"
+    assert grpc_label(router, new) == "triangle"
+    assert rest(router, old).json()["label"] == "triangle"  # clients have 600 s to move over
+
+    newer = rotate(router, grace_s=0)
+    assert rest(router, newer).json()["label"] == "triangle"
+    for gone in (old, new):
+        refused = rest(router, gone)
+        assert refused.status_code == 400 and "Token Authorization failed" in refused.text
+    assert json.loads(router.process.config.key_file.read_text())["inference"] == newer  # kept for a restart
+
+
+def test_rotation_is_refused_with_a_reason_when_the_router_swaps_no_keys(fleet_of_one: Fleet, server: TorchServe,
+                                                                         tmp_path: Path) -> None:
+    plain = RunningRouter(fleet_of_one, tmp_path, server.ep.url("inference"), f"127.0.0.1:{server.ep.grpc_inference}")
+    try:
+        resp = plain.admin("POST", "/keys/inference", json={"grace_s": 0})
+        assert resp.status_code == 409 and "--key-file" in resp.json()["message"]
+    finally:
+        plain.stop()

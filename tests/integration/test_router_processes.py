@@ -79,7 +79,7 @@ def test_fronts_share_the_ports_and_the_leader_counts_every_answer(router, clien
     sessions = [requests.Session() for _ in range(24)]
     # Each channel its own connection (grpc shares one per target otherwise), as separate clients' would be.
     channels = [grpc.insecure_channel(router.grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(6)]
+                for _ in range(12)]  # all on one of 3 processes: 3 / 3**12, 6 in a million
     try:
         got = [(t, s.post(f"{router.url}/predictions/{INTENT}", data=json.dumps({"text": t}), headers=h,
                           timeout=60)) for s, h in zip(sessions, keyed) for t in TEXTS]
@@ -94,7 +94,7 @@ def test_fronts_share_the_ports_and_the_leader_counts_every_answer(router, clien
         for ch in channels:
             ch.close()
     assert len(holders) >= 2, f"all 24 connections went to one process: {holders}"
-    assert len(grpc_holders) >= 2, f"all 6 gRPC connections went to one process: {grpc_holders}"
+    assert len(grpc_holders) >= 2, f"all 12 gRPC connections went to one process: {grpc_holders}"
     assert all(r.status_code == 200 for _, r in got), [r.text for _, r in got if r.status_code != 200][:3]
     wrong = [(t, r.headers["X-Model-Version"]) for t, r in got if r.json() != expected[(t, r.headers["X-Model-Version"])]]
     assert wrong == []
@@ -105,6 +105,17 @@ def test_fronts_share_the_ports_and_the_leader_counts_every_answer(router, clien
     wait_for(f"the leader counting all {total} answers", lambda: counted(router) == total, 10)
     arms = router.admin("GET", "/routes").json()[INTENT]["arms"]
     assert sum(a["requests"] for a in arms.values()) == total
+
+
+def test_a_rotated_router_key_is_taken_by_every_process_before_the_rotation_returns(router, headers) -> None:
+    old = json.loads(router.process.config.key_file.read_text())["inference"]
+    resp = router.admin("POST", "/keys/inference", json={"grace_s": 0})
+    assert resp.status_code == 200 and resp.json()["previous_valid_until"] is None
+    new = resp.json()["inference"]
+    with_new = [fresh(router, f"hi {i}", {**headers, "Authorization": f"Bearer {new}"}) for i in range(24)]
+    with_old = [fresh(router, f"hi {i}", {**headers, "Authorization": f"Bearer {old}"}) for i in range(24)]
+    assert [r.status_code for r in with_new] == [200] * 24, [r.text for r in with_new if r.status_code != 200][:2]
+    assert [r.status_code for r in with_old] == [400] * 24  # TorchServe's refusal: the router no longer swaps it
 
 
 def test_weight_changes_and_rollbacks_reach_every_front(router, server, headers) -> None:

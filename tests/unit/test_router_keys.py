@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,8 @@ from typing import Iterator
 import pytest
 
 from tests.polling import until
-from tsfleet.router.keys import InferenceKeys, read_upstream_key, refreshed, router_keys
+from tsfleet.router.keys import (InferenceKeys, previous_key, read_upstream_key, refreshed, rotate_router_key,
+                                 router_keys)
 
 API = "api-key"
 
@@ -147,3 +149,27 @@ def test_no_token_api_leaves_the_key_and_says_nothing_better(tmp_path: Path) -> 
         return await keys.refused(b"Bearer key-0")
 
     assert asyncio.run(scenario()) is None  # the client then gets TorchServe's refusal
+
+
+def test_a_rotated_key_replaces_the_old_one_which_is_taken_until_its_grace_ends(tmp_path: Path) -> None:
+    path = tmp_path / "router_key.json"
+    old = router_keys(path)
+    rotated = rotate_router_key(path, grace_s=600)
+    assert rotated["admin"] == old["admin"] and rotated["inference"] != old["inference"]
+    assert previous_key(rotated)[0] == old["inference"]
+    assert previous_key(rotated)[1] == pytest.approx(time.time() + 600, abs=5)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    write_key_file(tmp_path / "key_file.json", "ts-key", 600)
+    keys = InferenceKeys(old["inference"], tmp_path / "key_file.json", "http://127.0.0.1:1")
+    keys.reload(path)
+    assert keys.swap(f"Bearer {rotated['inference']}".encode()) == b"Bearer ts-key"
+    assert keys.swap(f"Bearer {old['inference']}".encode()) == b"Bearer ts-key"  # within its grace
+    keys.take(rotated["inference"], (old["inference"], time.time() - 1))
+    assert keys.swap(f"Bearer {old['inference']}".encode()) is None  # its grace is over
+
+    again = rotate_router_key(path, grace_s=0)  # at once: no previous key at all
+    assert previous_key(again) is None
+    keys.reload(path)
+    assert keys.swap(f"Bearer {rotated['inference']}".encode()) is None
+    assert keys.swap(f"Bearer {again['inference']}".encode()) == b"Bearer ts-key"

@@ -12,14 +12,16 @@ from aiohttp import web
 
 from tsfleet.router.routing import RoutingTable
 
+MAX_GRACE_S = 30 * 86400
+
 
 def _error(status: int, message: str) -> web.Response:
-    kinds = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound"}
+    kinds = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 409: "Conflict"}
     return web.json_response({"code": status, "type": kinds[status], "message": message}, status=status)
 
 
 class AdminApi:
-    """GET /routes, PUT /routes/{model}, POST /routes/{model}/rollback."""
+    """GET /routes, PUT /routes/{model}, POST /routes/{model}/rollback, POST /keys/inference."""
 
     def __init__(self, table: RoutingTable, key: str):
         self.table, self.key = table, key
@@ -30,7 +32,10 @@ class AdminApi:
             web.get("/routes", self.list_routes),
             web.put("/routes/{model}", self.update),
             web.post("/routes/{model}/rollback", self.rollback),
+            web.post("/keys/inference", self.rotate_key),
         ])
+        # Set by the router when it swaps its own inference key for TorchServe's (keys.py).
+        self.rotate: Callable[[float], Awaitable[dict[str, Any]]] | None = None
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -82,3 +87,17 @@ class AdminApi:
         if self.settled is not None:
             await self.settled()
         return web.json_response(self.table.snapshot()[model])
+
+    async def rotate_key(self, request: web.Request) -> web.Response:
+        """A new router inference key; the old one is taken ``grace_s`` more seconds (default 3600)."""
+        if self.rotate is None:
+            return _error(409, "this router takes no key of its own: it was started without TorchServe's "
+                               "key file (--key-file)")
+        try:
+            doc = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return _error(400, "body must be JSON")
+        grace = doc.get("grace_s", 3600) if isinstance(doc, dict) else None
+        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or not 0 <= grace <= MAX_GRACE_S:
+            return _error(400, f'expected {{"grace_s": 0..{MAX_GRACE_S}}} (seconds the old key is still taken)')
+        return web.json_response(await self.rotate(float(grace)))

@@ -5,14 +5,15 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from aiohttp import web
 
 from tsfleet.manifest import Fleet
 from tsfleet.router.admin import AdminApi
-from tsfleet.router.keys import InferenceKeys, router_keys
+from tsfleet.router.keys import InferenceKeys, previous_key, rotate_router_key, router_keys
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import RoutingTable, routes_from_fleet
@@ -41,10 +42,12 @@ class RouterProcess:
         self.config = config
         self.table = RoutingTable(routes_from_fleet(fleet), config.state_file)
         keys = router_keys(config.key_file)
-        self.keys = InferenceKeys(keys["inference"], config.ts_key_file, config.upstream_management) \
-            if config.ts_key_file is not None else None
+        self.keys = InferenceKeys(keys["inference"], config.ts_key_file, config.upstream_management,
+                                  previous_key(keys)) if config.ts_key_file is not None else None
         self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys)
         self.admin = AdminApi(self.table, keys["admin"])
+        if self.keys is not None:
+            self.admin.rotate = self.rotate_key
         self._runners: list[web.AppRunner] = []
         self._fresh: asyncio.Task | None = None
         self._grpc = None
@@ -79,6 +82,18 @@ class RouterProcess:
                 "ts_key_file": str(self.config.ts_key_file) if self.config.ts_key_file is not None else None})
             await self.fronts.start()
             self.admin.settled = self.fronts.settled
+
+    async def rotate_key(self, grace_s: float) -> dict[str, Any]:
+        """A new router inference key, taken by every process before this returns; the old
+        one is taken for ``grace_s`` more seconds."""
+        assert self.keys is not None
+        keys = rotate_router_key(self.config.key_file, grace_s)
+        previous = previous_key(keys)
+        self.keys.take(keys["inference"], previous)
+        if self.fronts is not None:
+            await self.fronts.reload_keys()
+        until = datetime.fromtimestamp(previous[1], timezone.utc).isoformat(timespec="seconds") if previous else None
+        return {"inference": keys["inference"], "previous_valid_until": until}
 
     async def stop(self) -> None:
         if self.fronts is not None:

@@ -27,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 # TorchServe's words when it refuses a key: in a 400's body (REST), in PERMISSION_DENIED's message (gRPC).
@@ -114,36 +115,75 @@ def refreshed(key_file: Path, management_url: str, refused: str | None) -> Upstr
         os.close(fd)  # and with it the lock
 
 
-def router_keys(path: Path) -> dict[str, str]:
-    """The router's tokens in ``path``: ``admin`` (this API) and ``inference`` (clients'; see
-    keys.py). Made where missing, readable by the owner only."""
+def router_keys(path: Path) -> dict[str, Any]:
+    """The router's tokens in ``path``: ``admin`` (its admin API) and ``inference`` (clients'),
+    and, for a while after a rotation, ``previous_inference``. Made where missing, readable
+    by the owner only."""
     keys = json.loads(path.read_text()) if path.is_file() else {}
     missing = [name for name in ("admin", "inference") if name not in keys]
     if missing:
         keys.update({name: secrets.token_urlsafe(24) for name in missing})
-        fresh = path.with_name(path.name + ".new")
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(keys, fh)
-        os.replace(fresh, path)
+        _write_private(path, keys)
     return keys
+
+
+def previous_key(keys: dict[str, Any]) -> tuple[str, float] | None:
+    """(key, epoch seconds until which it is still taken) after a rotation, else None."""
+    previous = keys.get("previous_inference")
+    return (previous["key"], float(previous["until"])) if previous else None
+
+
+def rotate_router_key(path: Path, grace_s: float) -> dict[str, Any]:
+    """A new router inference key in ``path``; the one it replaces is still taken for
+    ``grace_s`` seconds, so clients can move over. Returns the file's new content."""
+    keys = router_keys(path)
+    keys.pop("previous_inference", None)
+    if grace_s > 0:
+        keys["previous_inference"] = {"key": keys["inference"], "until": time.time() + grace_s}
+    keys["inference"] = secrets.token_urlsafe(24)
+    _write_private(path, keys)
+    return keys
+
+
+def _write_private(path: Path, doc: dict[str, Any]) -> None:
+    fresh = path.with_name(path.name + ".new")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh)
+    os.replace(fresh, path)  # readers see the old file or the new one, never half of one
 
 
 class InferenceKeys:
     """Swaps the router's inference key for TorchServe's current one, kept fresh."""
 
-    def __init__(self, router_key: str, key_file: Path, management_url: str):
-        self.presented = b"Bearer " + router_key.encode()
+    def __init__(self, router_key: str, key_file: Path, management_url: str,
+                 previous: tuple[str, float] | None = None):
+        self.take(router_key, previous)
         self.key_file, self.management_url = Path(key_file), management_url.rstrip("/")
         self.current = read_upstream_key(self.key_file)
         self._inflight: dict[str | None, asyncio.Future] = {}
         self.refusals = 0  # of the key swapped in, by TorchServe: each is tried once more
 
+    def take(self, router_key: str, previous: tuple[str, float] | None = None) -> None:
+        """Take ``router_key`` from clients from now on (and ``previous``'s key until its time)."""
+        self.presented = b"Bearer " + router_key.encode()
+        self.previous = (b"Bearer " + previous[0].encode(), previous[1]) if previous else None
+
+    def reload(self, router_key_file: Path) -> None:
+        """Take the keys ``router_key_file`` holds now (after a rotation)."""
+        keys = router_keys(router_key_file)
+        self.take(keys["inference"], previous_key(keys))
+
     def swap(self, presented: bytes | None) -> bytes | None:
         """The Authorization value to send TorchServe when a client sent ``presented``; None
         when that is not the router's key (it then goes on as it is)."""
-        if presented is None or not hmac.compare_digest(presented.strip(), self.presented):
+        if presented is None:
             return None
+        presented = presented.strip()
+        if not hmac.compare_digest(presented, self.presented):
+            previous = self.previous
+            if previous is None or not hmac.compare_digest(presented, previous[0]) or time.time() >= previous[1]:
+                return None
         current = self.current
         # Unknown yet (TorchServe started after the router): TorchServe refuses it, and the
         # retry after the refusal reads the key file.

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tsfleet.router.keys import InferenceKeys, router_keys
+from tsfleet.router.keys import InferenceKeys, previous_key, router_keys
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import Route, RoutingTable
@@ -110,6 +110,7 @@ class Fronts:
         self._supervisor: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seq = 0  # routes changes sent so far
+        self.key_generation = 0  # router key rotations: a front re-reads the key file on a new one
         table.on_change = self.broadcast
 
     async def start(self) -> None:
@@ -129,7 +130,7 @@ class Fronts:
         theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
         front = _Front(proc, writer, reader, applied=self._seq)
-        writer.write(_encode({**_routes_message(self.table), "seq": self._seq}))
+        writer.write(_encode({**_routes_message(self.table), "seq": self._seq, "keys": self.key_generation}))
         front.task = asyncio.get_running_loop().create_task(self._hear(front))
         return front
 
@@ -165,7 +166,7 @@ class Fronts:
     def broadcast(self) -> None:
         """Send every front the routes as they are now (from any thread: transports are the loop's)."""
         self._seq += 1
-        data = _encode({**_routes_message(self.table), "seq": self._seq})
+        data = _encode({**_routes_message(self.table), "seq": self._seq, "keys": self.key_generation})
         try:
             here = asyncio.get_running_loop()
         except RuntimeError:
@@ -179,6 +180,12 @@ class Fronts:
         for front in self.fronts:
             if not front.writer.is_closing():
                 front.writer.write(data)
+
+    async def reload_keys(self) -> None:
+        """Have every front take the router key file's keys (after a rotation), and wait for it."""
+        self.key_generation += 1
+        self.broadcast()
+        await self.settled()
 
     async def settled(self, timeout_s: float = 2.0) -> None:
         """Wait until every live front routes by the latest change, so that a change the
@@ -228,8 +235,10 @@ class Fronts:
 class _Leader:
     """A front's side of the channel."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, table: RoutingTable):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, table: RoutingTable,
+                 keys: InferenceKeys | None = None, key_file: Path | None = None, key_generation: int = 0):
         self.reader, self.writer, self.table = reader, writer, table
+        self.keys, self.key_file, self.key_generation = keys, key_file, key_generation
         self._asked: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
 
@@ -248,6 +257,9 @@ class _Leader:
             msg = json.loads(line)
             if msg["t"] == "routes":
                 self.table.apply_state(msg)
+                if msg.get("keys", 0) != self.key_generation and self.keys is not None and self.key_file is not None:
+                    self.keys.reload(self.key_file)
+                    self.key_generation = msg["keys"]
                 self.writer.write(_encode({"t": "applied", "seq": msg["seq"]}))
             elif msg["t"] == "metrics" and msg["id"] in self._asked:
                 self._asked[msg["id"]].set_result(msg["text"])
@@ -269,12 +281,13 @@ async def _front(options: dict[str, Any], fd: int) -> None:
     table = RoutingTable(routes)  # no state file: the leader keeps it
     table.apply_state(first)
     table.sink, table.shadow_sink, table.decides = [], [], False
-    leader = _Leader(reader, writer, table)
     keys = None
     if options.get("ts_key_file"):  # each process keeps its own copy fresh (keys.py)
-        keys = InferenceKeys(router_keys(Path(options["key_file"]))["inference"], Path(options["ts_key_file"]),
-                             options["upstream_management"])
+        mine = router_keys(Path(options["key_file"]))
+        keys = InferenceKeys(mine["inference"], Path(options["ts_key_file"]), options["upstream_management"],
+                             previous_key(mine))
         fresh = asyncio.get_running_loop().create_task(keys.keep_fresh())
+    leader = _Leader(reader, writer, table, keys, Path(options["key_file"]), first.get("keys", 0))
     rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics, keys=keys)
     await rest.start(options["host"], options["port"], reuse_port=True)
     grpc = None
@@ -288,7 +301,7 @@ async def _front(options: dict[str, Any], fd: int) -> None:
     flusher = loop.create_task(leader.flush())
     hearing = loop.create_task(leader.hear())
     loop.add_signal_handler(signal.SIGTERM, hearing.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
+    with contextlib.suppress(asyncio.CancelledError, ConnectionError):  # the leader is gone: stop too
         await hearing
     flusher.cancel()
     if keys is not None:
