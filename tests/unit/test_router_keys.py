@@ -173,3 +173,16 @@ def test_a_rotated_key_replaces_the_old_one_which_is_taken_until_its_grace_ends(
     keys.reload(path)
     assert keys.swap(f"Bearer {rotated['inference']}".encode()) is None
     assert keys.swap(f"Bearer {again['inference']}".encode()) == b"Bearer ts-key"
+
+
+def test_a_refusal_with_no_key_file_says_where_the_router_looked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> list[bytes | None]:
+        keys = InferenceKeys("router-key", tmp_path / "key_file.json", "http://127.0.0.1:1")
+        sent = keys.swap(b"Bearer router-key")
+        assert sent == b"Bearer router-key"  # passed on as it is: TorchServe may run without auth
+        return [await keys.refused(sent) for _ in range(3)]
+
+    with caplog.at_level("WARNING", logger="tsfleet.router.keys"):
+        assert asyncio.run(scenario()) == [None] * 3
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and str(tmp_path / "key_file.json") in warnings[0]  # once, not per request

@@ -163,6 +163,7 @@ class InferenceKeys:
         self.current = read_upstream_key(self.key_file)
         self._inflight: dict[str | None, asyncio.Future] = {}
         self.refusals = 0  # of the key swapped in, by TorchServe: each is tried once more
+        self._warned = -60.0
 
     def take(self, router_key: str, previous: tuple[str, float] | None = None) -> None:
         """Take ``router_key`` from clients from now on (and ``previous``'s key until its time)."""
@@ -196,6 +197,11 @@ class InferenceKeys:
         current = self.current
         if current is None or current.header == sent:
             current = await self._refresh(sent.removeprefix(b"Bearer ").decode("latin-1"))
+        if current is None and time.monotonic() >= self._warned + 60:
+            self._warned = time.monotonic()  # once a minute: a client may retry in a tight loop
+            log.warning("router: TorchServe refused a request sent with the router's key, and its key file %s "
+                        "cannot be read: start the router where TorchServe was started, or give --key-file",
+                        self.key_file)
         return current.header if current is not None and current.header != sent else None
 
     async def _refresh(self, refused: str | None) -> UpstreamKey | None:
