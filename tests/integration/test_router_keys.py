@@ -112,6 +112,11 @@ def test_the_router_s_key_outlives_torchserve_s(server: TorchServe, router: Runn
     assert grpc_label(router, key) == "triangle"
     # TorchServe's own current key still passes through as it is.
     assert rest(router, torchserve_keys(server).inference).json()["label"] == "triangle"
+    # What an alert on failing renewals would watch: never below zero while they work.
+    metrics = router.session.get(router.url + "/metrics", timeout=10).text
+    left = [float(line.split()[1]) for line in metrics.splitlines()
+            if line.startswith("tsfleet_router_torchserve_key_expires_in_seconds ")]
+    assert len(left) == 1 and 0 < left[0] <= LIFETIME_MIN * 60, metrics[-400:]
 
 
 def renew_behind_the_router_s_back(server: TorchServe) -> None:

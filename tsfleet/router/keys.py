@@ -217,6 +217,17 @@ class InferenceKeys:
             self.current = key
         return key
 
+    def prometheus(self) -> str:
+        """Seconds until TorchServe's inference key expires, as this router sees it: an alert
+        on it going low catches renewals that fail."""
+        current = self.current
+        lines = ["# HELP tsfleet_router_torchserve_key_expires_in_seconds Seconds until the TorchServe inference "
+                 "key the router sends expires (renewed a minute ahead).",
+                 "# TYPE tsfleet_router_torchserve_key_expires_in_seconds gauge"]
+        if current is not None:
+            lines.append(f"tsfleet_router_torchserve_key_expires_in_seconds {current.expires - time.time():.1f}")
+        return "\n".join(lines) + "\n"
+
     async def keep_fresh(self, period_s: float = 5.0) -> None:
         """Renew TorchServe's key shortly before it expires, and take up keys renewed
         elsewhere (another router process, a restarted TorchServe). Runs until cancelled."""

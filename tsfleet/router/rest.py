@@ -73,8 +73,9 @@ class RestRouter:
         """Listen; returns the port (useful when ``port`` is 0)."""
         return await self.listener.start(host, port, reuse_port)
 
-    async def stop(self) -> None:
-        self.listener.close()
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop; requests under way get their answers for up to ``grace_s`` first."""
+        await self.listener.drain(grace_s)
         for task in list(self._background):
             task.cancel()
         self.pool.close()
@@ -96,6 +97,8 @@ class RestRouter:
     async def handle(self, request: Request) -> Response:
         if request.path == "/metrics" and request.method == "GET":
             text = await self.metrics() if self.metrics is not None else self.table.prometheus()
+            if self.keys is not None:
+                text += self.keys.prometheus()
             return Response(200, text.encode(), [b"Content-Type: text/plain; charset=utf-8"])
         if request.path in (health.LIVE, health.READY) and request.method == "GET":
             status, data = health.alive() if request.path == health.LIVE else await health.rest_ready(
