@@ -1,7 +1,7 @@
 """The REST router's retries over real loopback sockets, against a scripted upstream: a job
 TorchServe silently lost (never answered) and a request a dying worker dropped are each
-retried once, and the client sees only the answer. TorchServe itself is in
-tests/integration/test_router_rest.py."""
+retried once, and the client sees only the answer; a stopping router answers what is under
+way. TorchServe itself is in tests/integration/test_router_rest.py."""
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +20,7 @@ class Upstream:
     """Answers each request with its path, unless told to lose or fail the next one."""
 
     def __init__(self) -> None:
-        self.plan: list[str] = []  # "lose" or "die", for the next requests in turn
+        self.plan: list[str] = []  # "lose", "die" or "slow", for the next requests in turn
         self.paths: list[str] = []
         self.digests: list[str] = []  # of each request body, as it arrived
 
@@ -38,6 +38,8 @@ class Upstream:
             action = self.plan.pop(0) if self.plan else "answer"
             if action == "lose":
                 continue  # as TorchServe with a job its dead worker held: no answer, ever
+            if action == "slow":
+                await asyncio.sleep(1.0)
             status, body = (b"500 Internal Server Error", DIED) if action == "die" else (b"200 OK", path.encode())
             writer.write(b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
         writer.close()
@@ -115,5 +117,29 @@ def test_an_image_sized_body_and_the_request_behind_it_arrive_whole() -> None:
         writer.close()
         assert answers == [("200", b"/predictions/m/1.0"), ("200", b"/predictions/m/1.1")]
         assert upstream.digests == [hashlib.sha256(big).hexdigest(), hashlib.sha256(b"{}").hexdigest()]
+
+    run(test)
+
+
+def test_a_stopping_router_answers_the_requests_under_way_and_takes_no_more() -> None:
+    async def test(router: RestRouter, port: int, upstream: Upstream, table: RoutingTable) -> None:
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)  # a keep-alive client
+        idle_writer.write(b"POST /predictions/m/1.0 HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}")
+        await idle_reader.readuntil(b"/predictions/m/1.0")  # answered; the connection stays open
+        upstream.plan = ["slow"]
+        under_way = asyncio.create_task(_post(port, "/predictions/m/1.0"))
+        await until("the slow request to reach the upstream", lambda: len(upstream.paths) == 2)
+        stopping = asyncio.create_task(router.stop(grace_s=5))
+        assert await asyncio.wait_for(idle_reader.read(), 1) == b""  # closed at once: nothing under way
+        await until("the router to stop listening", lambda: not router.listener.server.is_serving())
+        try:
+            await asyncio.open_connection("127.0.0.1", port)
+            raise AssertionError("a stopping router took a new connection")
+        except ConnectionRefusedError:
+            pass
+        status, headers, body = await under_way
+        assert (status, body, headers["connection"]) == (200, b"/predictions/m/1.0", "close")
+        await asyncio.wait_for(stopping, 5)
+        idle_writer.close()
 
     run(test)

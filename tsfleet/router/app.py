@@ -33,6 +33,7 @@ class RouterConfig:
     state_file: Path = Path("router_state.json")
     key_file: Path = Path("router_key.json")
     processes: int = 1  # more than 1: the leader and fronts on the same ports (router/processes.py)
+    drain_s: float = 10.0  # on stop: how long requests under way may take to be answered
 
 
 class RouterProcess:
@@ -79,6 +80,7 @@ class RouterProcess:
                 "upstream_rest": self.config.upstream_rest, "upstream_grpc": self.config.upstream_grpc,
                 "host": self.config.host, "port": self.ports["rest"], "grpc_port": self.ports.get("grpc", 0),
                 "upstream_management": self.config.upstream_management, "key_file": str(self.config.key_file),
+                "drain_s": self.config.drain_s,
                 "ts_key_file": str(self.config.ts_key_file) if self.config.ts_key_file is not None else None})
             await self.fronts.start()
             self.admin.settled = self.fronts.settled
@@ -96,13 +98,16 @@ class RouterProcess:
         return {"inference": keys["inference"], "previous_valid_until": until}
 
     async def stop(self) -> None:
+        """Stop taking requests; answer those under way (for up to ``drain_s``), then stop."""
+        drain = self.config.drain_s
+        stopping = [self.rest.stop(drain)]
         if self.fronts is not None:
-            await self.fronts.stop()
+            stopping.append(self.fronts.stop(drain + 5))
         if self._grpc is not None:
             from tsfleet.router.grpc_front import stop_grpc_router
 
-            await stop_grpc_router(self._grpc, grace=2)
-        await self.rest.stop()
+            stopping.append(stop_grpc_router(self._grpc, grace=drain))
+        await asyncio.gather(*stopping)
         if self._fresh is not None:
             self._fresh.cancel()
         for runner in reversed(self._runners):

@@ -186,6 +186,7 @@ class ServerConnection(asyncio.Protocol):
         self.busy = False
         self.current: Request | None = None  # the request being answered
         self.last_active = 0.0
+        self.draining = False  # the router is stopping: close after the answer under way
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -218,6 +219,10 @@ class ServerConnection(asyncio.Protocol):
     def idle_since(self) -> float | None:
         """When the connection last did anything, if it is waiting for a client now."""
         return None if self.busy else self.last_active
+
+    def between_requests(self) -> bool:
+        """No request under way, nor any part of the next one received."""
+        return not self.busy and self.pending is None and self.collecting is None and not self.buf
 
     def _next(self) -> None:
         try:
@@ -285,7 +290,7 @@ class ServerConnection(asyncio.Protocol):
         if request is not self.current:
             return
         self.current = None
-        keep = request.keep_alive and resp.keep_alive
+        keep = request.keep_alive and resp.keep_alive and not self.draining
         if self.transport is None:
             return
         self.last_active = asyncio.get_running_loop().time()
@@ -340,6 +345,21 @@ class Listener:
             if since is not None and now - since > self.idle_timeout and conn.transport is not None:
                 conn.transport.close()
         self._sweeper = loop.call_later(min(10.0, self.idle_timeout / 4), self._sweep)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking connections and close those between requests; answer the requests
+        under way (each connection closes after its answer) for up to ``grace_s``; then close."""
+        if self.server is not None:
+            self.server.close()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace_s
+        for conn in list(self.connections):
+            conn.draining = True
+            if conn.between_requests() and conn.transport is not None:
+                conn.transport.close()
+        while self.connections and loop.time() < end:
+            await asyncio.sleep(0.02)
+        self.close()
 
     def close(self) -> None:
         if self._sweeper is not None:

@@ -306,9 +306,8 @@ async def _front(options: dict[str, Any], fd: int) -> None:
     flusher.cancel()
     if keys is not None:
         fresh.cancel()
-    if grpc is not None:
-        await stop_grpc_router(grpc, grace=2)
-    await rest.stop()
+    drain = options.get("drain_s", 10.0)
+    await asyncio.gather(rest.stop(drain), *([stop_grpc_router(grpc, grace=drain)] if grpc is not None else []))
 
 
 def main(argv: list[str]) -> None:
