@@ -60,7 +60,7 @@ def _server(args: argparse.Namespace) -> "TorchServe":
     return TorchServe(Path.cwd(), config, Path(args.model_store).resolve(), Endpoints.from_properties(config))
 
 
-def print_endpoints(server: "TorchServe", fleet: Fleet) -> None:
+def print_endpoints(server: "TorchServe", fleet: Fleet, router: str) -> None:
     ep, key = server.ep, server.workdir / "key_file.json"
     _say("")
     _say(f"TorchServe is serving the fleet (auth on; keys in {key}).")
@@ -80,6 +80,13 @@ def print_endpoints(server: "TorchServe", fleet: Fleet) -> None:
         _say(f"  curl -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' "
              f"-d '{{\"text\": \"what is the weather tomorrow\"}}' {ep.url('inference')}/wfpredict/{flow.name}")
     _say("")
+    for model in list(fleet.models.values())[:1]:
+        _say("Or through the router, with its own key (it does not expire):")
+        _say(f"  RKEY=$(python -c \"import json;print(json.load(open('{server.workdir / 'router_key.json'}'))"
+             "['inference'])\")")
+        body = examples.get(model.name, "-H 'Content-Type: application/json' -d '{...}'")
+        _say(f"  curl -H \"Authorization: Bearer $RKEY\" {body} {router}/predictions/{model.name}")
+        _say("")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -127,12 +134,13 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         router = supervisor.start("route", [*common, "route", "--processes", args.router_processes,
                                             "--host", args.router_host])
         host = companions.reachable(args.router_host)
-        if not companions.wait_listening(router, host, 8090):
-            raise FleetError(f"the router did not start listening on {host}:8090; see logs/route.log")
+        for port in (8090, 7090):
+            if not companions.wait_listening(router, host, port):
+                raise FleetError(f"the router did not start listening on {host}:{port}; see logs/route.log")
         _say(f"router started: clients use http://{host}:8090 and gRPC {host}:7090 like TorchServe's "
              "8080/7070, with TorchServe's key or the router's own, which does not expire ('inference' in "
              f"{server.workdir / 'router_key.json'}); probes need none: /livez, /readyz (log: logs/route.log)")
-        print_endpoints(server, fleet)
+        print_endpoints(server, fleet, f"http://{host}:8090")
         if args.detach:
             _say("running in the background; `make down` stops it")
             return 0
@@ -264,7 +272,7 @@ def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
                               host=args.host, admin_host=args.admin_host,
                               port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port,
                               state_file=Path(args.state_file), key_file=Path(args.router_key_file),
-                              processes=process_count(args.processes)), _say)
+                              processes=process_count(args.processes), drain_s=args.drain_s), _say)
     return 0
 
 
@@ -350,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin-port", type=int, default=8091)
     p.add_argument("--grpc-port", type=int, default=7090, help="gRPC port clients use instead of 7070")
     p.add_argument("--state-file", default="router_state.json")
+    p.add_argument("--drain-s", type=float, default=10.0,
+                   help="on SIGTERM/Ctrl-C: seconds requests under way may take to be answered")
     p.add_argument("--processes", type=_processes_arg, default="auto",
                    help="processes sharing the router's ports: one proxies on one core, so give it "
                         "more where TorchServe answers faster than one core can pass on; auto (the "

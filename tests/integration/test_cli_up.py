@@ -98,6 +98,7 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
         for name in ("text-embedder", "intent-classifier", "image-classifier"):
             assert f"{up.ep.url('inference')}/predictions/{name}" in out
         assert "/wfpredict/intent-pipeline" in out
+        assert "http://127.0.0.1:8090/predictions/text-embedder" in out and "router_key.json" in out
         keys = Keys.load(tmp_path / "key_file.json")
         resp = requests.post(f"{up.ep.url('inference')}/wfpredict/intent-pipeline",
                              json={"text": "hello, good evening"}, headers=keys.header("inference"), timeout=30)
