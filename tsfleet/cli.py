@@ -6,9 +6,8 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from tsfleet import companions
 from tsfleet.errors import FleetError
 from tsfleet.manifest import Fleet, load_fleet
 from tsfleet.properties import Endpoints, render_properties
@@ -60,116 +59,14 @@ def _server(args: argparse.Namespace) -> "TorchServe":
     return TorchServe(Path.cwd(), config, Path(args.model_store).resolve(), Endpoints.from_properties(config))
 
 
-def print_endpoints(server: "TorchServe", fleet: Fleet, router: str) -> None:
-    ep, key = server.ep, server.workdir / "key_file.json"
-    _say("")
-    _say(f"TorchServe is serving the fleet (auth on; keys in {key}).")
-    _say(f"  inference  {ep.url('inference')}    management {ep.url('management')}")
-    _say(f"  metrics    {ep.url('metrics')}/metrics    gRPC {ep.host}:{ep.grpc_inference}")
-    _say("")
-    _say(f"  KEY=$(python -c \"import json;print(json.load(open('{key}'))['inference']['key'])\")")
-    examples = {
-        "text-embedder": "-H 'Content-Type: application/json' -d '{\"text\": \"A cat sits on the mat\"}'",
-        "intent-classifier": "-H 'Content-Type: application/json' -d '{\"text\": \"book me a flight to Rome\"}'",
-        "image-classifier": f"-H 'Content-Type: image/png' --data-binary @{ROOT / 'docs' / 'shape.png'}",
-    }
-    for model in fleet.models.values():
-        body = examples.get(model.name, "-H 'Content-Type: application/json' -d '{...}'")
-        _say(f"  curl -H \"Authorization: Bearer $KEY\" {body} {ep.url('inference')}/predictions/{model.name}")
-    for flow in fleet.workflows.values():
-        _say(f"  curl -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' "
-             f"-d '{{\"text\": \"what is the weather tomorrow\"}}' {ep.url('inference')}/wfpredict/{flow.name}")
-    _say("")
-    for model in list(fleet.models.values())[:1]:
-        _say("Or through the router, with its own key (it does not expire):")
-        _say(f"  RKEY=$(python -c \"import json;print(json.load(open('{server.workdir / 'router_key.json'}'))"
-             "['inference'])\")")
-        body = examples.get(model.name, "-H 'Content-Type: application/json' -d '{...}'")
-        _say(f"  curl -H \"Authorization: Bearer $RKEY\" {body} {router}/predictions/{model.name}")
-        _say("")
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    # SIGTERM (e.g. from a supervisor) stops the fleet the same way Ctrl-C does.
-    raise KeyboardInterrupt
-
-
-def _stopping(signum: int, frame: object) -> None:
-    _say("still stopping the fleet; it takes a few seconds")
-
-
-def _on_stop_signals(handler: Callable[[int, object], None]) -> None:
-    """Ctrl-C, SIGTERM, and the terminal hanging up (unless started under nohup) all stop the
-    fleet: its TorchServe, router and recycler run apart and would be left behind."""
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, handler)
-
-
-def _finish_stopping() -> None:
-    """From here on a second Ctrl-C or SIGTERM (a supervisor repeating itself, `make` passing
-    it on) must not cut the stop short and leave the router or TorchServe running."""
-    _on_stop_signals(_stopping)
-
-
 def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
+    from tsfleet import up
+
     if not args.no_build:
         cmd_build(args, fleet)
-    server = _server(args)
-    started = time.monotonic()
-    _say("starting TorchServe")
-    server.start()
-    _on_stop_signals(_interrupt)
-    try:
-        server.wait_ready(fleet, timeout=args.timeout, progress=_say)
-        server.register_workflows(fleet)
-        _say(f"warmed up the serving path ({server.warm_up(fleet)} requests)")
-        _say(f"fleet ready in {time.monotonic() - started:.1f} s")
-        common = ["--manifest", args.manifest, "--config", str(server.config),
-                  "--key-file", str(server.workdir / "key_file.json")]
-        supervisor = companions.Supervisor(server.workdir, _say)
-        supervisor.start("recycle", [*common, "recycle", "--metrics-port", str(args.recycler_port)])
-        _say(f"recycler started (log: logs/recycle.log, metrics: http://127.0.0.1:{args.recycler_port}/metrics)")
-        router = supervisor.start("route", [*common, "route", "--processes", args.router_processes,
-                                            "--host", args.router_host])
-        host = companions.reachable(args.router_host)
-        for port in (8090, 7090):
-            if not companions.wait_listening(router, host, port):
-                raise FleetError(f"the router did not start listening on {host}:{port}; see logs/route.log")
-        _say(f"router started: clients use http://{host}:8090 and gRPC {host}:7090 like TorchServe's "
-             "8080/7070, with TorchServe's key or the router's own, which does not expire ('inference' in "
-             f"{server.workdir / 'router_key.json'}); probes need none: /livez, /readyz (log: logs/route.log)")
-        print_endpoints(server, fleet, f"http://{host}:8090")
-        if args.detach:
-            _say("running in the background; `make down` stops it")
-            return 0
-        _say("Ctrl-C stops the fleet; a router or recycler that exits is started again")
-        while (state := server.state()) == "running":
-            supervisor.check()
-            time.sleep(1)  # watching TorchServe for as long as it runs, no deadline
-        companions.stop(server.workdir, "route")
-        companions.stop(server.workdir, "recycle")
-        if state == "died":
-            raise FleetError(f"TorchServe exited unexpectedly; see {server.workdir / 'logs'}. The router and "
-                             "the recycler were stopped; `make up` starts the fleet again")
-        _say("TorchServe was stopped (tsfleet down); the router and the recycler are stopped too")
-        return 0
-    except KeyboardInterrupt:
-        _finish_stopping()
-        _say("\nstopping the router, the recycler and TorchServe")
-        _stop_all(server)
-        return 0
-    except FleetError:
-        _finish_stopping()
-        _stop_all(server)
-        raise
-
-
-def _stop_all(server: "TorchServe") -> None:
-    companions.stop(server.workdir, "route")
-    companions.stop(server.workdir, "recycle")
-    server.stop()
+    return up.run(_server(args), fleet, up.UpOptions(
+        manifest=args.manifest, timeout=args.timeout, recycler_port=args.recycler_port,
+        router_processes=args.router_processes, router_host=args.router_host, detach=args.detach), _say)
 
 
 def _client(args: argparse.Namespace) -> "ManagementClient":
@@ -214,6 +111,7 @@ def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
     import threading
 
     from handlers.lifecycle import default_report_dir
+    from tsfleet import up
     from tsfleet.recycle import Recycler
 
     recycler = Recycler(fleet, _client(args), Path(args.report_dir) if args.report_dir else default_report_dir(),
@@ -236,7 +134,7 @@ def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
         _say(f"recycler metrics at http://127.0.0.1:{args.metrics_port}/metrics")
     watched = [f"{v.model} {v.version}" for v in fleet.versions() if v.recycle.enabled]
     _say("recycling " + (", ".join(watched) if watched else "nothing: no version has a recycle policy"))
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, up.interrupt)
     try:
         recycler.run(args.interval)
     except KeyboardInterrupt:
@@ -311,7 +209,9 @@ def cmd_rotate_key(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
-    _stop_all(_server(args))
+    from tsfleet import up
+
+    up.stop_all(_server(args))
     _say("TorchServe stopped")
     return 0
 

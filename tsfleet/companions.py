@@ -80,11 +80,28 @@ MAX_DELAY_S = 30.0
 
 
 @dataclass
+class Backoff:
+    """When to start again something that exited: at once after a steady run, 1, 2, 4 ...
+    MAX_DELAY_S s later while it keeps exiting soon after its start."""
+
+    started: float = field(default_factory=time.monotonic)
+    quick_exits: int = 0  # in a row, each sooner than STEADY_S after its start
+
+    def exited(self, quick: bool = False) -> float:
+        """It exited (``quick``: count it as soon after its start, whenever it was): the delay."""
+        quick = quick or time.monotonic() - self.started < STEADY_S
+        self.quick_exits = self.quick_exits + 1 if quick else 0
+        return min(MAX_DELAY_S, 2.0 ** (self.quick_exits - 1)) if self.quick_exits else 0.0
+
+    def restarted(self) -> None:
+        self.started = time.monotonic()
+
+
+@dataclass
 class _Watched:
     args: list[str]
     proc: subprocess.Popen
-    started: float = field(default_factory=time.monotonic)
-    quick_exits: int = 0  # in a row, each sooner than STEADY_S after its start
+    backoff: Backoff = field(default_factory=Backoff)
     due: float | None = None  # when an exited one starts again
 
 
@@ -107,10 +124,10 @@ class Supervisor:
             if w.due is None and w.proc.poll() is not None:
                 if not _pid_file(self.workdir, name).exists():
                     continue  # stopped on purpose (`tsfleet down` removes the pid file first)
-                w.quick_exits = w.quick_exits + 1 if now - w.started < STEADY_S else 0
-                delay = min(MAX_DELAY_S, 2.0 ** (w.quick_exits - 1)) if w.quick_exits else 0.0
+                delay = w.backoff.exited()
                 self.say(f"the {name} companion exited (code {w.proc.returncode}); starting it again"
                          + (f" in {delay:.0f} s" if delay else "") + f" (log: logs/{name}.log)")
                 w.due = now + delay
             if w.due is not None and now >= w.due and _pid_file(self.workdir, name).exists():
-                w.proc, w.started, w.due = start(self.workdir, name, w.args), now, None
+                w.proc, w.due = start(self.workdir, name, w.args), None
+                w.backoff.restarted()

@@ -135,6 +135,11 @@ class TorchServe:
             pass  # alive, someone else's
         return "running"
 
+    def _alive_or_raise(self) -> None:
+        # Waiting out the whole timeout for a server that already died helps nobody.
+        if self.state() == "died":
+            raise ServerError(f"TorchServe exited while starting; see {self.workdir / 'logs'}")
+
     @property
     def keys(self) -> Keys:
         if self._keys is None:
@@ -149,6 +154,7 @@ class TorchServe:
                     return self.keys
                 except (ValueError, KeyError):
                     pass  # still being written
+            self._alive_or_raise()
             time.sleep(0.2)
         raise ServerError(f"TorchServe wrote no {path} in time; see {self.workdir / 'logs'}")
 
@@ -169,6 +175,7 @@ class TorchServe:
             try:
                 state = {(v.model, v.version): v for vs in client.state().values() for v in vs}
             except (Unreachable, ApiError):
+                self._alive_or_raise()
                 time.sleep(0.5)
                 continue
             waiting = []

@@ -149,17 +149,30 @@ def test_up_stops_everything_when_its_terminal_hangs_up(fleet, model_store, tmp_
         assert not [name for name, pid in pids.items() if _alive(pid)], "a companion outlived the hang-up"
 
 
-def test_up_says_so_and_stops_its_companions_when_torchserve_dies(fleet, model_store, tmp_path: Path) -> None:
+def test_up_starts_torchserve_again_when_it_dies_and_the_router_s_clients_carry_on(fleet, model_store,
+                                                                                  tmp_path: Path) -> None:
     with running_up(fleet, model_store, tmp_path) as up:
+        own = json.loads((tmp_path / "router_key.json").read_text())["inference"]
         pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
-        os.kill(int((tmp_path / "tmp" / ".model_server.pid").read_text()), signal.SIGKILL)
+        first = Keys.load(tmp_path / "key_file.json")
+        os.kill(int((tmp_path / "tmp" / ".model_server.pid").read_text()), signal.SIGKILL)  # the JVM, OOM-killed
         up.wait_for("TorchServe exited unexpectedly", 60)
-        assert up.proc.wait(timeout=60) != 0
-        for name, pid in pids.items():
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.2)
-            assert not _alive(pid), f"the {name} companion outlived TorchServe"
+        up.wait_for("TorchServe is back; the router serves again", 240)
+        # A new TorchServe, new keys: the router's clients keep theirs, and the workflow is back.
+        keys = Keys.load(tmp_path / "key_file.json")
+        assert keys.inference != first.inference
+        assert routed_intent(own) == "travel"
+        resp = requests.post(f"{up.ep.url('inference')}/wfpredict/intent-pipeline",
+                             json={"text": "hello, good evening"}, headers=keys.header("inference"), timeout=30)
+        assert resp.status_code == 200 and resp.json()["intent"] == "greeting"
+        # The companions rode it out.
+        assert all(_alive(pid) for pid in pids.values())
+        assert pids == {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
+
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(timeout=90) == 0
+        assert not _port_open(up.ep.inference), "TorchServe still listening after Ctrl-C"
+        assert not [name for name, pid in pids.items() if _alive(pid)], "a companion outlived Ctrl-C"
 
 
 def _alive(pid: int) -> bool:

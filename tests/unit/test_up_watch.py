@@ -1,0 +1,63 @@
+"""`tsfleet up`'s watch over TorchServe, against a stand-in for it: one that died is started
+again, and one that keeps dying is given up on with a reason. The real TorchServe killed and
+brought back is in tests/integration/test_cli_up.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tsfleet import companions
+from tsfleet.errors import FleetError, ServerError
+from tsfleet.manifest import Fleet
+from tsfleet.up import MAX_QUICK_RESTARTS, watch
+
+
+class StandIn:
+    """Says the states it is given in turn; a start fails while ``failing``."""
+
+    def __init__(self, workdir: Path, states: list[str], failing: bool = False):
+        self.workdir, self.states, self.failing = workdir, states, failing
+        self.starts = self.stops = 0
+
+    def state(self) -> str:
+        return self.states.pop(0) if self.states else "stopped"
+
+    def start(self) -> None:
+        self.starts += 1
+        if self.failing:
+            raise ServerError("torchserve --start failed: port 8080 is taken")
+
+    def stop(self) -> None:
+        self.stops += 1
+
+    def wait_ready(self, fleet: Fleet, timeout: float, progress: object) -> None:
+        pass
+
+    def register_workflows(self, fleet: Fleet) -> None:
+        pass
+
+    def warm_up(self, fleet: Fleet) -> int:
+        return 0
+
+
+def test_torchserve_that_died_is_started_again(tmp_path: Path) -> None:
+    said: list[str] = []
+    slept: list[float] = []
+    server = StandIn(tmp_path, ["running", "died", "running", "running", "stopped"])
+    watch(server, Fleet(tmp_path, {}), companions.Supervisor(tmp_path, said.append), 10, said.append, slept.append)
+    assert server.starts == 1
+    assert any("TorchServe exited unexpectedly" in line and "starting it again" in line for line in said)
+    assert said[-1] == "TorchServe is back; the router serves again"
+
+
+def test_torchserve_that_keeps_dying_is_given_up_on(tmp_path: Path) -> None:
+    said: list[str] = []
+    slept: list[float] = []
+    server = StandIn(tmp_path, ["died"], failing=True)
+    with pytest.raises(FleetError, match="keeps exiting soon after its start"):
+        watch(server, Fleet(tmp_path, {}), companions.Supervisor(tmp_path, said.append), 10, said.append,
+              slept.append)
+    assert server.starts == MAX_QUICK_RESTARTS
+    assert slept == [1, 2, 4, 8]  # between the tries, growing
+    assert sum("did not come back: torchserve --start failed: port 8080 is taken" in line for line in said) == 4

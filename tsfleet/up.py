@@ -1,0 +1,192 @@
+"""`tsfleet up`: TorchServe, the recycler and the router, started and kept running.
+
+TorchServe, the router and the recycler run as processes of their own. While `up` stays in
+the foreground it watches them: a companion that exits is started again (companions.py),
+and so is TorchServe, as the manifest declares it, with its workflows; the router's clients
+keep their key and get 503 only while it is away. Ctrl-C, SIGTERM or a hang-up stop all
+three; so does `tsfleet down` from another shell.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from tsfleet import companions
+from tsfleet.errors import FleetError
+from tsfleet.manifest import Fleet
+from tsfleet.recipes import ROOT
+
+if TYPE_CHECKING:
+    from tsfleet.server import TorchServe
+
+Say = Callable[[str], None]
+# TorchServe that keeps dying soon after each start is not started a fifth time: something
+# a restart cannot fix (a port taken, a broken archive) needs a person.
+MAX_QUICK_RESTARTS = 4
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    manifest: str
+    timeout: float = 300
+    recycler_port: int = 8083
+    router_processes: str = "auto"
+    router_host: str = "127.0.0.1"
+    detach: bool = False
+
+
+def run(server: TorchServe, fleet: Fleet, options: UpOptions, say: Say) -> int:
+    """Start the fleet; unless detached, keep it running until told to stop."""
+    _on_stop_signals(interrupt)
+    try:
+        started = time.monotonic()
+        bring_up(server, fleet, options.timeout, say)
+        say(f"fleet ready in {time.monotonic() - started:.1f} s")
+        supervisor = _start_companions(server, fleet, options, say)
+        if options.detach:
+            say("running in the background; `make down` stops it")
+            return 0
+        say("Ctrl-C stops the fleet; TorchServe, the router or the recycler exiting is started again")
+        watch(server, fleet, supervisor, options.timeout, say)
+        stop_companions(server)
+        say("TorchServe was stopped (tsfleet down); the router and the recycler are stopped too")
+        return 0
+    except KeyboardInterrupt:
+        _finish_stopping()
+        say("\nstopping the router, the recycler and TorchServe")
+        stop_all(server)
+        return 0
+    except FleetError:
+        _finish_stopping()
+        stop_all(server)
+        raise
+
+
+def bring_up(server: TorchServe, fleet: Fleet, timeout: float, say: Say) -> None:
+    """Start TorchServe and wait until every version has its workers, with its workflows
+    registered and the serving path warmed up."""
+    say("starting TorchServe")
+    server.start()
+    server.wait_ready(fleet, timeout=timeout, progress=say)
+    server.register_workflows(fleet)
+    say(f"warmed up the serving path ({server.warm_up(fleet)} requests)")
+
+
+def watch(server: TorchServe, fleet: Fleet, supervisor: companions.Supervisor, timeout: float, say: Say,
+          sleep: Callable[[float], None] = time.sleep) -> None:
+    """Keep the companions and TorchServe running until TorchServe is stopped on purpose.
+    TorchServe that died is started again; FleetError once it keeps dying."""
+    backoff, failed = companions.Backoff(), False
+    while True:
+        state = "died" if failed else server.state()
+        if state == "running":
+            supervisor.check()
+            sleep(1)  # watching for as long as it runs, no deadline
+            continue
+        if state == "stopped":
+            return
+        delay = backoff.exited(quick=failed)
+        if backoff.quick_exits > MAX_QUICK_RESTARTS:
+            raise FleetError(f"TorchServe keeps exiting soon after its start; see {server.workdir / 'logs'}. "
+                             "The router and the recycler were stopped; `make up` starts the fleet again")
+        say(f"TorchServe exited unexpectedly (see {server.workdir / 'logs'}); starting it again"
+            + (f" in {delay:.0f} s" if delay else "") + "; the router answers 503 meanwhile")
+        sleep(delay)
+        backoff.restarted()
+        server.stop()  # whatever is left of it (its workers, a stale pid file)
+        try:
+            bring_up(server, fleet, timeout, say)
+            failed = False
+            say("TorchServe is back; the router serves again")
+        except FleetError as exc:
+            say(f"TorchServe did not come back: {exc}")
+            server.stop()
+            failed = True
+
+
+def _start_companions(server: TorchServe, fleet: Fleet, options: UpOptions, say: Say) -> companions.Supervisor:
+    common = ["--manifest", options.manifest, "--config", str(server.config),
+              "--key-file", str(server.workdir / "key_file.json")]
+    supervisor = companions.Supervisor(server.workdir, say)
+    supervisor.start("recycle", [*common, "recycle", "--metrics-port", str(options.recycler_port)])
+    say(f"recycler started (log: logs/recycle.log, metrics: http://127.0.0.1:{options.recycler_port}/metrics)")
+    router = supervisor.start("route", [*common, "route", "--processes", options.router_processes,
+                                        "--host", options.router_host])
+    host = companions.reachable(options.router_host)
+    for port in (8090, 7090):
+        if not companions.wait_listening(router, host, port):
+            raise FleetError(f"the router did not start listening on {host}:{port}; see logs/route.log")
+    say(f"router started: clients use http://{host}:8090 and gRPC {host}:7090 like TorchServe's "
+        "8080/7070, with TorchServe's key or the router's own, which does not expire ('inference' in "
+        f"{server.workdir / 'router_key.json'}); probes need none: /livez, /readyz (log: logs/route.log)")
+    print_endpoints(server, fleet, f"http://{host}:8090", say)
+    return supervisor
+
+
+def stop_companions(server: TorchServe) -> None:
+    companions.stop(server.workdir, "route")
+    companions.stop(server.workdir, "recycle")
+
+
+def stop_all(server: TorchServe) -> None:
+    stop_companions(server)
+    server.stop()
+
+
+def print_endpoints(server: TorchServe, fleet: Fleet, router: str, say: Say) -> None:
+    """Where everything listens, and a copy-paste request per model."""
+    ep, key = server.ep, server.workdir / "key_file.json"
+    say("")
+    say(f"TorchServe is serving the fleet (auth on; keys in {key}).")
+    say(f"  inference  {ep.url('inference')}    management {ep.url('management')}")
+    say(f"  metrics    {ep.url('metrics')}/metrics    gRPC {ep.host}:{ep.grpc_inference}")
+    say("")
+    say(f"  KEY=$(python -c \"import json;print(json.load(open('{key}'))['inference']['key'])\")")
+    examples = {
+        "text-embedder": "-H 'Content-Type: application/json' -d '{\"text\": \"A cat sits on the mat\"}'",
+        "intent-classifier": "-H 'Content-Type: application/json' -d '{\"text\": \"book me a flight to Rome\"}'",
+        "image-classifier": f"-H 'Content-Type: image/png' --data-binary @{ROOT / 'docs' / 'shape.png'}",
+    }
+    for model in fleet.models.values():
+        body = examples.get(model.name, "-H 'Content-Type: application/json' -d '{...}'")
+        say(f"  curl -H \"Authorization: Bearer $KEY\" {body} {ep.url('inference')}/predictions/{model.name}")
+    for flow in fleet.workflows.values():
+        say(f"  curl -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' "
+            f"-d '{{\"text\": \"what is the weather tomorrow\"}}' {ep.url('inference')}/wfpredict/{flow.name}")
+    say("")
+    for model in list(fleet.models.values())[:1]:
+        say("Or through the router, with its own key (it does not expire):")
+        say(f"  RKEY=$(python -c \"import json;print(json.load(open('{server.workdir / 'router_key.json'}'))"
+            "['inference'])\")")
+        body = examples.get(model.name, "-H 'Content-Type: application/json' -d '{...}'")
+        say(f"  curl -H \"Authorization: Bearer $RKEY\" {body} {router}/predictions/{model.name}")
+        say("")
+
+
+def interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (e.g. from a supervisor) stops the fleet the same way Ctrl-C does.
+    raise KeyboardInterrupt
+
+
+def _stopping(signum: int, frame: object) -> None:
+    try:
+        print("still stopping the fleet; it takes a few seconds", flush=True)
+    except OSError:
+        pass  # the terminal went away
+
+
+def _on_stop_signals(handler: Callable[[int, object], None]) -> None:
+    """Ctrl-C, SIGTERM, and the terminal hanging up (unless started under nohup) all stop the
+    fleet: its TorchServe, router and recycler run apart and would be left behind."""
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
+
+
+def _finish_stopping() -> None:
+    """From here on a second Ctrl-C or SIGTERM (a supervisor repeating itself, `make` passing
+    it on) must not cut the stop short and leave the router or TorchServe running."""
+    _on_stop_signals(_stopping)
