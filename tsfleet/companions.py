@@ -118,6 +118,10 @@ class Supervisor:
         self.watched[name] = _Watched(args, proc)
         return proc
 
+    def stopped_on_purpose(self) -> bool:
+        """Whether one of the companions was stopped by `tsfleet down` (or ``stop``)."""
+        return any(not _pid_file(self.workdir, name).exists() for name in self.watched)
+
     def check(self) -> None:
         now = time.monotonic()
         for name, w in self.watched.items():

@@ -87,6 +87,10 @@ def watch(server: TorchServe, fleet: Fleet, supervisor: companions.Supervisor, t
             continue
         if state == "stopped":
             return
+        if not failed:
+            sleep(1)  # `torchserve --stop` removes its pid file just after the process has ended
+            if server.state() == "stopped" or supervisor.stopped_on_purpose():
+                return  # `tsfleet down` (it stops the companions first)
         delay = backoff.exited(quick=failed)
         if backoff.quick_exits > MAX_QUICK_RESTARTS:
             raise FleetError(f"TorchServe keeps exiting soon after its start; see {server.workdir / 'logs'}. "

@@ -44,7 +44,7 @@ class StandIn:
 def test_torchserve_that_died_is_started_again(tmp_path: Path) -> None:
     said: list[str] = []
     slept: list[float] = []
-    server = StandIn(tmp_path, ["running", "died", "running", "running", "stopped"])
+    server = StandIn(tmp_path, ["running", "died", "died", "running", "running", "stopped"])
     watch(server, Fleet(tmp_path, {}), companions.Supervisor(tmp_path, said.append), 10, said.append, slept.append)
     assert server.starts == 1
     assert any("TorchServe exited unexpectedly" in line and "starting it again" in line for line in said)
@@ -54,10 +54,26 @@ def test_torchserve_that_died_is_started_again(tmp_path: Path) -> None:
 def test_torchserve_that_keeps_dying_is_given_up_on(tmp_path: Path) -> None:
     said: list[str] = []
     slept: list[float] = []
-    server = StandIn(tmp_path, ["died"], failing=True)
+    server = StandIn(tmp_path, ["died", "died"], failing=True)
     with pytest.raises(FleetError, match="keeps exiting soon after its start"):
         watch(server, Fleet(tmp_path, {}), companions.Supervisor(tmp_path, said.append), 10, said.append,
               slept.append)
     assert server.starts == MAX_QUICK_RESTARTS
-    assert slept == [1, 2, 4, 8]  # between the tries, growing
+    assert slept == [1, 1, 2, 4, 8]  # a look to tell a death from `tsfleet down`, then growing delays
     assert sum("did not come back: torchserve --start failed: port 8080 is taken" in line for line in said) == 4
+
+
+def test_torchserve_stopped_by_tsfleet_down_is_left_stopped(tmp_path: Path) -> None:
+    # Its process has ended, its pid file is still there for a moment: it looks dead.
+    said: list[str] = []
+    supervisor = companions.Supervisor(tmp_path, said.append)
+    server = StandIn(tmp_path, ["running", "died", "stopped"])
+    watch(server, Fleet(tmp_path, {}), supervisor, 10, said.append, lambda s: None)
+    assert server.starts == 0 and said == []
+    # The same when the look still finds it dead, but `down` has stopped the companions.
+    proc = supervisor.start("helper", ["--help"])
+    companions.stop(tmp_path, "helper")
+    proc.wait(timeout=30)
+    server = StandIn(tmp_path, ["died", "died"])
+    watch(server, Fleet(tmp_path, {}), supervisor, 10, said.append, lambda s: None)
+    assert server.starts == 0 and said == []
