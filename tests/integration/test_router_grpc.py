@@ -239,7 +239,18 @@ def test_torchserve_down_is_unavailable_until_it_comes_back(loop, fleet, server,
             health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no.such.Service" in err.value.details()
 
+        # Watch (gRPC clients' own health checking): the status now, then each change.
+        watching = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
+        assert next(watching).status == NOT_SERVING
+        itself = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(itself).status == SERVING
+        unknown = health.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=60)
+        assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
         back = loop.run(Forwarder(server.ep.grpc_inference).start(port))  # TorchServe answers at the address again
+        assert next(watching).status == SERVING
+        for stream in (watching, itself, unknown):
+            stream.cancel()
         assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10).status == SERVING
         reply, call = r.stub.Predictions.with_call(request(), metadata=auth, timeout=30)
         assert json.loads(reply.prediction)["intent"] == "travel" and version_of(call) == "1.0"

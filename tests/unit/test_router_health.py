@@ -97,6 +97,26 @@ def test_grpc_readiness_fails_within_its_timeout_and_unreadable_checks_are_inval
     asyncio.run(asyncio.wait_for(main(), 20))
 
 
+def test_a_watch_ends_with_unavailable_when_the_router_stops_and_does_not_hold_the_stop() -> None:
+    async def main() -> None:
+        frozen, upstream = await _frozen()
+        router, port = await start_grpc_router(RoutingTable({}), f"127.0.0.1:{upstream}")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            watching = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            assert (await watching.read()).status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            await stop_grpc_router(router, grace=10)
+            assert time.monotonic() - started < 3  # the watch ended; the stop did not wait out its grace
+            assert await watching.code() == grpc.StatusCode.UNAVAILABLE
+            assert await watching.details() == "the router is stopping"
+        finally:
+            await channel.close()
+            frozen.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
 def test_a_router_on_every_interface_answers_probes_and_keeps_its_admin_api_on_loopback(tmp_path) -> None:
     """`tsfleet route --host 0.0.0.0`, as a pod runs it: probes and clients reach the REST and
     gRPC listeners from outside, while the admin API (which changes routes) stays on loopback."""

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SERVICE = b"/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
 PREDICT, STREAM, SEQUENCE, PING = (SERVICE + m for m in (b"Predictions", b"StreamPredictions",
                                                          b"StreamPredictions2", b"Ping"))
-BUFFERED = {PREDICT, STREAM, PING, health.CHECK}  # one request message: read whole, then routed
+BUFFERED = {PREDICT, STREAM, PING, health.CHECK, health.WATCH}  # one request message: read whole, then routed
 LARGE_MESSAGE = 64 * 1024  # a request this big goes upstream in pieces, not joined
 SHADOW_BACKLOG = 256  # mirrors in flight beyond this are skipped: a shadow must never pile up
 
@@ -91,8 +91,9 @@ class GrpcRouter:
     def ended(self, conn: ServerConnection, call: ServerCall) -> None:
         """A call with one request message (Predictions, StreamPredictions, Ping) is whole."""
         try:
-            if call.path == health.CHECK:  # the router's own, not TorchServe's
-                self.spawn(conn, call, health.grpc_check(self, conn, call))
+            if call.path in (health.CHECK, health.WATCH):  # the router's own, not TorchServe's
+                self.spawn(conn, call, (health.grpc_check if call.path == health.CHECK else health.grpc_watch)(
+                    self, conn, call))
                 return
             readable = self._readable(call) if call.path != PING else None
             if readable is None:  # Ping, or a request only TorchServe can judge

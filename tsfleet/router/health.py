@@ -11,6 +11,9 @@ still TorchServe's own answer; the router answers these itself:
   ``InferenceAPIsService``: TorchServe answers a ping at the address this side forwards to
   (any answer counts: without a key it is a refusal). Whether every model has a worker is
   TorchServe's ``/ping`` with a key, or ``tsfleet status``.
+
+gRPC ``Health/Watch`` (what gRPC clients' own health checking uses) streams the same two
+answers: the status now, then each change.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from grpc_health.v1 import health_pb2
 
-from tsfleet.router.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, NOT_FOUND, OK, STATUS_OK, ServerCall,
+from tsfleet.router.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, NOT_FOUND, OK, STATUS_OK, UNAVAILABLE, ServerCall,
                                       ServerConnection, UpstreamGone, frame_message, read_message, split_messages,
                                       status_trailers)
 from tsfleet.router.upstream import UpstreamError, UpstreamPool
@@ -30,11 +33,13 @@ if TYPE_CHECKING:
     from tsfleet.router.grpc_upstream import UpstreamPool as GrpcPool
 
 LIVE, READY = "/livez", "/readyz"
-CHECK = b"/grpc.health.v1.Health/Check"
+CHECK, WATCH = b"/grpc.health.v1.Health/Check", b"/grpc.health.v1.Health/Watch"
 SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 PING = f"/{SERVICE}/Ping".encode()
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 PROBE_TIMEOUT_S = 2.0  # a kubelet's probe waits 1 s by default; a slower answer is no answer
+WATCH_PERIOD_S = 1.0  # how often a Watch looks again
 
 
 def _json(doc: dict[str, object]) -> bytes:
@@ -96,5 +101,31 @@ async def grpc_check(router: GrpcRouter, conn: ServerConnection, call: ServerCal
         answer = health_pb2.HealthCheckResponse(status=status).SerializeToString()
         conn.send(call.id, [STATUS_OK, GRPC_TYPE], frame_message(answer) if code == OK else None,
                   status_trailers(code, message))
+    finally:
+        conn.finish(call)
+
+
+async def grpc_watch(router: GrpcRouter, conn: ServerConnection, call: ServerCall) -> None:
+    """Answer one ``grpc.health.v1.Health/Watch``: the status now, then each change (looked
+    at every WATCH_PERIOD_S), until the client goes away or the router stops."""
+    try:
+        service = _service(call)
+        if service is None:
+            conn.send(call.id, [STATUS_OK, GRPC_TYPE],
+                      trailers=status_trailers(INVALID_ARGUMENT, "the router cannot read this HealthCheckRequest"))
+            return
+        conn.send(call.id, [STATUS_OK, GRPC_TYPE])
+        last = None
+        while not call.cancelled and not router.stopping:
+            if service not in ("", SERVICE):
+                status = SERVICE_UNKNOWN  # the protocol's answer for a name it does not know: watched, not refused
+            else:
+                status = SERVING if service == "" or await _torchserve_answers(router.pool) else NOT_SERVING
+            if status != last:
+                conn.send(call.id, data=frame_message(health_pb2.HealthCheckResponse(status=status).SerializeToString()))
+                last = status
+            await asyncio.sleep(WATCH_PERIOD_S)
+        if not call.cancelled:
+            conn.send(call.id, trailers=status_trailers(UNAVAILABLE, "the router is stopping"))
     finally:
         conn.finish(call)
