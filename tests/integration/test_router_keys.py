@@ -93,14 +93,17 @@ def grpc_label(router: RunningRouter, key: str) -> str:
 
 
 def test_the_router_s_key_outlives_torchserve_s(server: TorchServe, router: RunningRouter) -> None:
-    key = router_key(router)
-    first = torchserve_keys(server)
-    assert key != first.inference
+    key, keys = router_key(router), router.process.keys
+    assert keys is not None
+    # A key with all its 15 s ahead (the one TorchServe started with may be spent by now).
+    renew_behind_the_router_s_back(server)
     answer = rest(router, key)
     assert answer.status_code == 200 and answer.json()["label"] == "triangle", answer.text
     assert grpc_label(router, key) == "triangle"
+    first, refusals = torchserve_keys(server), keys.refusals
+    assert key != first.inference
 
-    # TorchServe's key expires; the router renews it before it does.
+    # TorchServe's key expires; the router renews it before it does, so nothing is refused.
     wait_for("the router to renew TorchServe's inference key",
              lambda: torchserve_keys(server).inference != first.inference, timeout=LIFETIME_MIN * 60 * 3)
     stale = requests.post(server.ep.url("inference") + f"/predictions/{MODEL}", data=SHAPE, timeout=60,
@@ -110,6 +113,7 @@ def test_the_router_s_key_outlives_torchserve_s(server: TorchServe, router: Runn
     answer = rest(router, key)
     assert answer.status_code == 200 and answer.json()["label"] == "triangle", answer.text
     assert grpc_label(router, key) == "triangle"
+    assert keys.refusals == refusals  # renewed ahead: no request had to be sent twice
     # TorchServe's own current key still passes through as it is.
     assert rest(router, torchserve_keys(server).inference).json()["label"] == "triangle"
     # What an alert on failing renewals would watch: never below zero while they work.
