@@ -8,6 +8,8 @@ import itertools
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ from typing import Iterator
 import pytest
 
 from tests.polling import until
+from tsfleet.errors import FleetError
 from tsfleet.router.keys import (InferenceKeys, previous_key, read_upstream_key, refreshed, rotate_router_key,
                                  router_keys)
 
@@ -186,3 +189,23 @@ def test_a_refusal_with_no_key_file_says_where_the_router_looked(tmp_path: Path,
         assert asyncio.run(scenario()) == [None] * 3
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and str(tmp_path / "key_file.json") in warnings[0]  # once, not per request
+
+
+def test_a_damaged_key_or_state_file_stops_the_router_with_the_file_named(tmp_path: Path) -> None:
+    keys, state = tmp_path / "router_key.json", tmp_path / "router_state.json"
+    keys.write_text('{"admin": "x", "inference": ')  # cut short by a full disk, or a hand edit
+    with pytest.raises(FleetError, match="router_key.json is not the router's key file"):
+        router_keys(keys)
+    out = subprocess.run([sys.executable, "-m", "tsfleet", "--router-key-file", str(keys), "route", "--port", "0",
+                          "--admin-port", "0", "--grpc-port", "0", "--state-file", str(state)],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2 and "router_key.json is not the router's key file" in out.stderr
+    assert "Traceback" not in out.stderr
+
+    keys.unlink()
+    state.write_text("[1, 2")
+    out = subprocess.run([sys.executable, "-m", "tsfleet", "--router-key-file", str(keys), "route", "--port", "0",
+                          "--admin-port", "0", "--grpc-port", "0", "--state-file", str(state)],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2 and "router_state.json is not a routing state" in out.stderr
+    assert "Traceback" not in out.stderr

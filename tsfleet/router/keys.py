@@ -29,6 +29,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tsfleet.errors import FleetError
+
 log = logging.getLogger(__name__)
 # TorchServe's words when it refuses a key: in a 400's body (REST), in PERMISSION_DENIED's message (gRPC).
 REFUSED = "Token Authorization failed"
@@ -119,7 +121,13 @@ def router_keys(path: Path) -> dict[str, Any]:
     """The router's tokens in ``path``: ``admin`` (its admin API) and ``inference`` (clients'),
     and, for a while after a rotation, ``previous_inference``. Made where missing, readable
     by the owner only."""
-    keys = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        keys = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(keys, dict) or not all(isinstance(keys.get(k, ""), str) for k in ("admin", "inference")):
+            raise ValueError("expected {\"admin\": KEY, \"inference\": KEY}")
+    except ValueError as exc:
+        raise FleetError(f"{path} is not the router's key file ({exc}); fix it, or move it away to have "
+                         "new keys made") from None
     missing = [name for name in ("admin", "inference") if name not in keys]
     if missing:
         keys.update({name: secrets.token_urlsafe(24) for name in missing})

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from tsfleet.errors import FleetError
 from tsfleet.router.stats import BUCKETS, ArmStats
 
 
@@ -95,7 +96,11 @@ class RoutingTable:
     def _load_state(self) -> None:
         if not self.state_path or not self.state_path.is_file():
             return
-        self.apply_state(json.loads(self.state_path.read_text()))
+        try:
+            self.apply_state(json.loads(self.state_path.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise FleetError(f"{self.state_path} is not a routing state the router can read ({exc!r}); fix it, "
+                             "or move it away to start from the manifest's routes") from None
 
     def apply_state(self, doc: dict[str, Any]) -> None:
         """Take the live parts of each route (weights, baseline, shadow...) from a saved state."""
