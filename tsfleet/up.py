@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from tsfleet import companions
-from tsfleet.errors import FleetError
-from tsfleet.manifest import Fleet
+from tsfleet.errors import FleetError, ManifestError
+from tsfleet.manifest import Fleet, load_fleet
 from tsfleet.recipes import ROOT
+from tsfleet.rollout import RouterAdmin
 
 if TYPE_CHECKING:
     from tsfleet.server import TorchServe
@@ -25,6 +26,7 @@ Say = Callable[[str], None]
 # TorchServe that keeps dying soon after each start is not started a fifth time: something
 # a restart cannot fix (a port taken, a broken archive) needs a person.
 MAX_QUICK_RESTARTS = 4
+ROUTER_ADMIN = "http://127.0.0.1:8091"  # where `route` (as up starts it) serves its admin API
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def run(server: TorchServe, fleet: Fleet, options: UpOptions, say: Say) -> int:
             say("running in the background; `make down` stops it")
             return 0
         say("Ctrl-C stops the fleet; TorchServe, the router or the recycler exiting is started again")
-        watch(server, fleet, supervisor, options.timeout, say)
+        watch(server, fleet, supervisor, options.timeout, say, manifest=options.manifest)
         stop_companions(server)
         say("TorchServe was stopped (tsfleet down); the router and the recycler are stopped too")
         return 0
@@ -64,20 +66,51 @@ def run(server: TorchServe, fleet: Fleet, options: UpOptions, say: Say) -> int:
         raise
 
 
-def bring_up(server: TorchServe, fleet: Fleet, timeout: float, say: Say) -> None:
-    """Start TorchServe and wait until every version has its workers, with its workflows
-    registered and the serving path warmed up."""
+def bring_up(server: TorchServe, fleet: Fleet, timeout: float, say: Say, router: RouterAdmin | None = None) -> None:
+    """Start TorchServe, take it to ``fleet`` and wait until every version has its workers,
+    with its workflows registered and the serving path warmed up."""
     say("starting TorchServe")
     server.start()
-    server.wait_ready(fleet, timeout=timeout, progress=say)
+    deadline = time.monotonic() + timeout
+    _converge(server, fleet, deadline, say, router)
+    server.wait_ready(fleet, timeout=max(1.0, deadline - time.monotonic()), progress=say)
     server.register_workflows(fleet)
     say(f"warmed up the serving path ({server.warm_up(fleet)} requests)")
 
 
+def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, router: RouterAdmin | None) -> None:
+    """What config.properties says may be behind the manifest (a version added and applied,
+    a promote, a retirement, without `tsfleet config`): `tsfleet apply` closes the gap. It is
+    tried again while TorchServe's first workers load (a default needs a ready worker)."""
+    from tsfleet.apply import apply
+
+    server.wait_for_keys(deadline)
+    while True:
+        try:
+            apply(fleet, server.client, lambda line: say("  " + line), store=server.model_store,
+                  report_dir=server.report_dir, router=router)
+            return
+        except FleetError as exc:
+            if time.monotonic() >= deadline or server.state() == "died":
+                raise FleetError(f"TorchServe could not be taken to the manifest: {exc}") from None
+            time.sleep(2)
+
+
+def _manifest_now(manifest: str, fleet: Fleet, say: Say) -> Fleet:
+    """The manifest as it reads now (a promote edits it); ``fleet`` if it no longer loads."""
+    try:
+        return load_fleet(manifest)
+    except ManifestError as exc:
+        say(f"{exc}; starting TorchServe as the manifest read when up started")
+        return fleet
+
+
 def watch(server: TorchServe, fleet: Fleet, supervisor: companions.Supervisor, timeout: float, say: Say,
-          sleep: Callable[[float], None] = time.sleep) -> None:
+          sleep: Callable[[float], None] = time.sleep, manifest: str | None = None) -> None:
     """Keep the companions and TorchServe running until TorchServe is stopped on purpose.
-    TorchServe that died is started again; FleetError once it keeps dying."""
+    TorchServe that died is started again, as ``manifest`` reads then; FleetError once it
+    keeps dying."""
+    manifest = manifest or str(fleet.root / "fleet.yaml")
     backoff, failed = companions.Backoff(), False
     while True:
         state = "died" if failed else server.state()
@@ -101,7 +134,8 @@ def watch(server: TorchServe, fleet: Fleet, supervisor: companions.Supervisor, t
         backoff.restarted()
         server.stop()  # whatever is left of it (its workers, a stale pid file)
         try:
-            bring_up(server, fleet, timeout, say)
+            fleet = _manifest_now(manifest, fleet, say)
+            bring_up(server, fleet, timeout, say, RouterAdmin(ROUTER_ADMIN, server.workdir / "router_key.json"))
             failed = False
             say("TorchServe is back; the router serves again")
         except FleetError as exc:

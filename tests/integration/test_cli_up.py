@@ -18,9 +18,13 @@ from typing import Iterator
 import psutil
 import pytest
 import requests
+import yaml
 
+from tests.integration.conftest import ROOT
 from tests.polling import wait_for
 from tsfleet import companions
+from tsfleet.client import ManagementClient
+from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.properties import Endpoints, render_properties
 from tsfleet.server import Keys
 
@@ -64,15 +68,18 @@ class Up:
 
 
 @contextmanager
-def running_up(fleet, model_store: Path, tmp_path: Path, *options: str) -> Iterator[Up]:
-    """`tsfleet up` in ``tmp_path`` on free ports, until it says the fleet serves; stopped after."""
+def running_up(fleet, model_store: Path, tmp_path: Path, *options: str,
+               manifest: Path = ROOT / "fleet.yaml") -> Iterator[Up]:
+    """`tsfleet up` in ``tmp_path`` on free ports (config.properties rendered from ``fleet``),
+    until it says the fleet serves; stopped after."""
     ep = Endpoints.on_free_ports()
     config = tmp_path / "config.properties"
     config.write_text(render_properties(fleet, ep, str(model_store)))
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TEMP": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tsfleet", "--config", str(config), "--model-store", str(model_store), "up", "--no-build", *options],
+        [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(config), "--model-store",
+         str(model_store), "up", "--no-build", *options],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # As from a terminal: a test run under nohup would otherwise pass on its ignored SIGHUP.
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
@@ -149,19 +156,43 @@ def test_up_stops_everything_when_its_terminal_hangs_up(fleet, model_store, tmp_
         assert not [name for name, pid in pids.items() if _alive(pid)], "a companion outlived the hang-up"
 
 
-def test_up_starts_torchserve_again_when_it_dies_and_the_router_s_clients_carry_on(fleet, model_store,
+def lagging_config_and_manifest(tmp_path: Path) -> tuple[Fleet, Path]:
+    """A manifest that moved on after config.properties was rendered (1.1 added, applied and
+    promoted, with no `tsfleet config`): the fleet the config was rendered from, and the
+    manifest's path."""
+    doc = yaml.safe_load((ROOT / "fleet.yaml").read_text())
+    doc["models"]["intent-classifier"]["default_version"] = "1.1"
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    (folder / "handlers").symlink_to(ROOT / "handlers")
+    (folder / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    old = yaml.safe_load((ROOT / "fleet.yaml").read_text())
+    old["models"]["intent-classifier"]["versions"].pop("1.1")
+    return parse_fleet(old, ROOT), folder / "fleet.yaml"
+
+
+def test_up_starts_torchserve_again_when_it_dies_and_the_router_s_clients_carry_on(model_store,
                                                                                   tmp_path: Path) -> None:
-    with running_up(fleet, model_store, tmp_path) as up:
+    rendered_from, manifest = lagging_config_and_manifest(tmp_path)
+    with running_up(rendered_from, model_store, tmp_path, manifest=manifest) as up:
+        # up took TorchServe from what config.properties says to what the manifest says.
+        assert any("register" in line and "intent-classifier 1.1" in line for line in up.seen), "".join(up.seen)
         own = json.loads((tmp_path / "router_key.json").read_text())["inference"]
         pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
         first = Keys.load(tmp_path / "key_file.json")
         os.kill(int((tmp_path / "tmp" / ".model_server.pid").read_text()), signal.SIGKILL)  # the JVM, OOM-killed
         up.wait_for("TorchServe exited unexpectedly", 60)
         up.wait_for("TorchServe is back; the router serves again", 240)
-        # A new TorchServe, new keys: the router's clients keep theirs, and the workflow is back.
+        # A new TorchServe, new keys, as the manifest says (not config.properties): the router's
+        # clients keep their key and get 1.1, and the workflow is back.
         keys = Keys.load(tmp_path / "key_file.json")
         assert keys.inference != first.inference
-        assert routed_intent(own) == "travel"
+        described = ManagementClient(up.ep, tmp_path / "key_file.json").describe("intent-classifier")
+        assert {(v.version, v.is_default) for v in described} == {("1.0", False), ("1.1", True)}
+        resp = requests.post("http://127.0.0.1:8090/predictions/intent-classifier", json={"text": "fly me to Rome"},
+                             headers={"Authorization": f"Bearer {own}"}, timeout=30)
+        assert resp.status_code == 200 and resp.json()["intent"] == "travel"
+        assert resp.headers["X-Model-Version"] == "1.1"
         resp = requests.post(f"{up.ep.url('inference')}/wfpredict/intent-pipeline",
                              json={"text": "hello, good evening"}, headers=keys.header("inference"), timeout=30)
         assert resp.status_code == 200 and resp.json()["intent"] == "greeting"

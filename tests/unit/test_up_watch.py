@@ -13,6 +13,16 @@ from tsfleet.manifest import Fleet
 from tsfleet.up import MAX_QUICK_RESTARTS, watch
 
 
+class NoModels:
+    """A management client of a server with nothing registered: apply has nothing to do."""
+
+    def state(self) -> dict:
+        return {}
+
+    def list_workflows(self) -> list[str]:
+        return []
+
+
 class StandIn:
     """Says the states it is given in turn; a start fails while ``failing``."""
 
@@ -30,6 +40,13 @@ class StandIn:
 
     def stop(self) -> None:
         self.stops += 1
+
+    def wait_for_keys(self, deadline: float) -> None:
+        pass
+
+    @property
+    def client(self) -> "NoModels":
+        return NoModels()
 
     def wait_ready(self, fleet: Fleet, timeout: float, progress: object) -> None:
         pass
