@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from tsfleet import companions
-from tsfleet.errors import FleetError, ManifestError
+from tsfleet.errors import FleetError, ManifestError, NotFound
 from tsfleet.manifest import Fleet, load_fleet
 from tsfleet.recipes import ROOT
 from tsfleet.rollout import RouterAdmin
@@ -89,11 +89,35 @@ def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, route
         try:
             apply(fleet, server.client, lambda line: say("  " + line), store=server.model_store,
                   report_dir=server.report_dir, router=router)
-            return
+            break
         except FleetError as exc:
             if time.monotonic() >= deadline or server.state() == "died":
                 raise FleetError(f"TorchServe could not be taken to the manifest: {exc}") from None
             time.sleep(2)
+    if router is not None:
+        _drop_dead_aliases(server, router, say)
+
+
+def _drop_dead_aliases(server: TorchServe, router: RouterAdmin, say: Say) -> None:
+    """A swap that TorchServe's death cut short left the router sending a version's traffic to
+    a stand-in, which the new TorchServe does not have: that traffic goes back to the version."""
+    try:
+        routes = router.routes()
+    except FleetError:
+        return  # no router to mend
+    for model, route in routes.items():
+        aliases = route.get("aliases") or {}
+        if not aliases:
+            continue
+        try:
+            have = {v.version for v in server.client.describe(model)}
+        except NotFound:
+            have = set()
+        kept = {version: target for version, target in aliases.items() if target in have}
+        if kept != aliases:
+            router.call("PUT", f"/routes/{model}", {"aliases": kept})
+            gone = ", ".join(f"{v} -> {t}" for v, t in sorted(aliases.items()) if v not in kept)
+            say(f"  {model}: the router's aliases to versions TorchServe no longer has are dropped ({gone})")
 
 
 def _manifest_now(manifest: str, fleet: Fleet, say: Say) -> Fleet:

@@ -180,6 +180,10 @@ def test_up_starts_torchserve_again_when_it_dies_and_the_router_s_clients_carry_
         own = json.loads((tmp_path / "router_key.json").read_text())["inference"]
         pids = {name: int((tmp_path / "logs" / f"{name}.pid").read_text()) for name in ("route", "recycle")}
         first = Keys.load(tmp_path / "key_file.json")
+        # As if a settings swap of 1.0 were under way: its traffic on a stand-in, which dies with TorchServe.
+        admin = {"Authorization": "Bearer " + json.loads((tmp_path / "router_key.json").read_text())["admin"]}
+        requests.put("http://127.0.0.1:8091/routes/intent-classifier", json={"aliases": {"1.0": "1.0~swap"}},
+                     headers=admin, timeout=30).raise_for_status()
         os.kill(int((tmp_path / "tmp" / ".model_server.pid").read_text()), signal.SIGKILL)  # the JVM, OOM-killed
         up.wait_for("TorchServe exited unexpectedly", 60)
         up.wait_for("TorchServe is back; the router serves again", 240)
@@ -193,6 +197,11 @@ def test_up_starts_torchserve_again_when_it_dies_and_the_router_s_clients_carry_
                              headers={"Authorization": f"Bearer {own}"}, timeout=30)
         assert resp.status_code == 200 and resp.json()["intent"] == "travel"
         assert resp.headers["X-Model-Version"] == "1.1"
+        routes = requests.get("http://127.0.0.1:8091/routes", headers=admin, timeout=30).json()
+        assert routes["intent-classifier"]["aliases"] == {}  # the stand-in is gone, and so is the alias
+        resp = requests.post("http://127.0.0.1:8090/predictions/intent-classifier/1.0",
+                             json={"text": "fly me to Rome"}, headers={"Authorization": f"Bearer {own}"}, timeout=30)
+        assert resp.status_code == 200 and resp.json()["intent"] == "travel", resp.text
         resp = requests.post(f"{up.ep.url('inference')}/wfpredict/intent-pipeline",
                              json={"text": "hello, good evening"}, headers=keys.header("inference"), timeout=30)
         assert resp.status_code == 200 and resp.json()["intent"] == "greeting"
