@@ -28,6 +28,7 @@ class StandIn:
 
     def __init__(self, workdir: Path, states: list[str], failing: bool = False):
         self.workdir, self.states, self.failing = workdir, states, failing
+        self.model_store = self.report_dir = workdir
         self.starts = self.stops = 0
 
     def state(self) -> str:
