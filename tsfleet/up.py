@@ -67,14 +67,13 @@ def run(server: TorchServe, fleet: Fleet, options: UpOptions, say: Say) -> int:
 
 
 def bring_up(server: TorchServe, fleet: Fleet, timeout: float, say: Say, router: RouterAdmin | None = None) -> None:
-    """Start TorchServe, take it to ``fleet`` and wait until every version has its workers,
-    with its workflows registered and the serving path warmed up."""
+    """Start TorchServe, take it to ``fleet`` (workflows included) and wait until every
+    version has its workers, with the serving path warmed up."""
     say("starting TorchServe")
     server.start()
     deadline = time.monotonic() + timeout
     _converge(server, fleet, deadline, say, router)
     server.wait_ready(fleet, timeout=max(1.0, deadline - time.monotonic()), progress=say)
-    server.register_workflows(fleet)
     say(f"warmed up the serving path ({server.warm_up(fleet)} requests)")
 
 
@@ -163,8 +162,7 @@ def watch(server: TorchServe, fleet: Fleet, supervisor: companions.Supervisor, t
             failed = False
             say("TorchServe is back; the router serves again")
         except FleetError as exc:
-            say(f"TorchServe did not come back: {exc}")
-            server.stop()
+            say(f"TorchServe did not come back: {exc}")  # the next try stops what is left of it
             failed = True
 
 

@@ -52,9 +52,6 @@ class StandIn:
     def wait_ready(self, fleet: Fleet, timeout: float, progress: object) -> None:
         pass
 
-    def register_workflows(self, fleet: Fleet) -> None:
-        pass
-
     def warm_up(self, fleet: Fleet) -> int:
         return 0
 

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 
 from tsfleet.router import health
 from tsfleet.router.compare import answers_agree
-from tsfleet.router.grpc_predict import Prediction, not_found, renewed_key, server_side
+from tsfleet.router.grpc_predict import Prediction, not_found, refused_own_key, renewed_key, server_side
 from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamPool
 from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
                                       Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, header,
@@ -212,7 +212,7 @@ class GrpcRouter:
             try:
                 headers = self._headers(call, call.path)
                 up = await self._call(call, headers, call.body)
-                if (fresh := await renewed_key(self, call, headers, *up.status())) is not None:
+                if refused_own_key(self, call, *up.status()) and (fresh := await renewed_key(self, headers)):
                     up = await self._call(call, fresh, call.body)
                 self.send(conn, call, up, None)
             except UpstreamGone as exc:

@@ -36,15 +36,18 @@ SERVER_SIDE = {13, 14, 2, 4, 15}  # INTERNAL, UNAVAILABLE, UNKNOWN, DEADLINE_EXC
 PERMISSION_DENIED = 7
 
 
-async def renewed_key(router: GrpcRouter, call: ServerCall, sent: list[Header], code: int,
-                      message: str) -> list[Header] | None:
-    """After TorchServe refused the key the router swapped in for its own (keys.py): the
-    headers to try once more with, or None (not refused, not swapped, or nothing fresher)."""
+def refused_own_key(router: GrpcRouter, call: ServerCall, code: int, message: str) -> bool:
+    """TorchServe refused the key the router swapped in for its own (keys.py); a wrong key
+    of the client's own is the client's answer."""
     keys = router.keys
-    if code != PERMISSION_DENIED or REFUSED not in message or keys is None \
-            or keys.swap(header(call.headers, b"authorization")) is None:
-        return None
-    fresh = await keys.refused(header(sent, b"authorization") or b"")
+    return code == PERMISSION_DENIED and REFUSED in message and keys is not None \
+        and keys.swap(header(call.headers, b"authorization")) is not None
+
+
+async def renewed_key(router: GrpcRouter, sent: list[Header]) -> list[Header] | None:
+    """After ``refused_own_key``: the headers to try once more with, or None (nothing fresher)."""
+    assert router.keys is not None
+    fresh = await router.keys.refused(header(sent, b"authorization") or b"")
     if fresh is None:
         return None
     return [(name, fresh if name == b"authorization" else value) for name, value in sent]
@@ -121,7 +124,7 @@ class Prediction:
             up, code, message = None, UNAVAILABLE, router.unreachable(error)
         else:
             code, message = up.status()
-        if code == PERMISSION_DENIED and not self.renewed and router.keys is not None:
+        if code == PERMISSION_DENIED and not self.renewed and refused_own_key(router, call, code, message):
             self.renewed = True  # once: a second refusal is the client's answer
             router.spawn(self.conn, call, self._renew_then_attempt(up, code, message))
             return
@@ -136,7 +139,7 @@ class Prediction:
         self._answer(up, code, message)
 
     async def _renew_then_attempt(self, up: UpstreamCall, code: int, message: str) -> None:
-        fresh = await renewed_key(self.router, self.call, self.headers, code, message)
+        fresh = await renewed_key(self.router, self.headers)
         if self.call.cancelled:
             return
         if fresh is None:
