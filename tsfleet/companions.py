@@ -66,13 +66,25 @@ def stop(workdir: Path, name: str, timeout: float = 15) -> bool:
         return False
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _gone(pid):
             return True
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     return True
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited. One of our own children (under a foreground `up`) stays a
+    zombie, which still answers ``kill 0``, until it is reaped: so it is reaped here."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # not our child: whoever started it reaps it
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 STEADY_S = 60.0  # a companion that ran this long before it exited is started again at once

@@ -1,6 +1,7 @@
 """`tsfleet up`'s supervisor: a companion that exits is started again, sooner or later."""
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,3 +36,15 @@ def test_a_companion_stopped_on_purpose_stays_stopped(tmp_path: Path) -> None:
         supervisor.check()
         time.sleep(0.05)
     assert said == [] and supervisor.watched["helper"].proc is proc
+
+
+def test_stopping_a_companion_of_our_own_does_not_wait_out_the_timeout(tmp_path: Path) -> None:
+    # Under a foreground `up` the companions are its children: one that exited on SIGTERM is
+    # a zombie until reaped, and Ctrl-C took 2 x 15 s waiting for the router and the recycler.
+    child = subprocess.Popen(["sleep", "60"])
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "helper.pid").write_text(str(child.pid))
+    started = time.monotonic()
+    assert companions.stop(tmp_path, "helper", timeout=15)
+    assert time.monotonic() - started < 5
+    assert not (tmp_path / "logs" / "helper.pid").exists()
