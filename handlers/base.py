@@ -20,7 +20,7 @@ from handlers.config import RuntimeSettings, parse_settings
 from handlers.errors import HandlerError
 from handlers.lifecycle import WorkerLifecycle
 from handlers.payload import Payload, extract
-from handlers.runtime import CudaCleanup, HandlerMetrics, autocast_for, pick_device
+from handlers.runtime import CudaCleanup, HandlerMetrics, autocast_for, pick_device, quiet_bad_input_logs
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class FleetHandler:
         """TorchServe entry point at load: settings, threads, device, weights, compile, warm-up."""
         self.context = context
         self.model_name = context.model_name
+        quiet_bad_input_logs()
         manifest = context.manifest or {}
         self.version = str(manifest.get("model", {}).get("modelVersion", "unknown"))
         config = getattr(context, "model_yaml_config", None) or {}

@@ -16,6 +16,22 @@ log = logging.getLogger(__name__)
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# TorchServe's worker logs this, with a traceback, for every request whose JSON it cannot
+# parse, before the handler answers it 400 naming the problem: 1-2 KB of log per bad request.
+_BAD_JSON_LINE = "Failed json decoding of input data"
+
+
+def _not_bad_json(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BAD_JSON_LINE)
+
+
+def quiet_bad_input_logs() -> None:
+    """Drop TorchServe's per-request traceback for unparsable JSON (the access log has the 400)."""
+    root = logging.getLogger()
+    if _not_bad_json not in root.filters:
+        root.addFilter(_not_bad_json)
+
+
 def pick_device(gpu_id: Any) -> torch.device:
     """The worker's GPU when TorchServe assigned one and CUDA is present, else the CPU."""
     if gpu_id is not None and torch.cuda.is_available():
