@@ -19,7 +19,10 @@ HEADER = """\
 # Security defaults stay on: token authorization (keys in key_file.json where the server
 # starts), loopback-only listeners, and the model API limited to archives already in
 # model_store (registered by file name; allowed_urls matches no URL, so nothing is fetched).
+# Logging: tsfleet/log4j2.xml (one access line per request, files rolled and capped).
 """
+
+LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
 
 
 @dataclass(frozen=True)
@@ -135,5 +138,8 @@ def render_properties(fleet: Fleet, ep: Endpoints = Endpoints(), model_store: st
         ("unregister_model_timeout", 120),
         ("max_request_size", 10 * 2**20),
         ("max_response_size", 10 * 2**20),
+        # Relative, like model_store: a plain `torchserve --start` from the repo finds it;
+        # tsfleet passes the absolute path with --log-config, which takes its place.
+        ("vmargs", f"-Dlog4j.configurationFile={LOG_CONFIG.parent.name}/{LOG_CONFIG.name}"),
     ]
     return HEADER + "".join(f"{key}={value}\n" for key, value in props)

@@ -14,9 +14,10 @@ from typing import Callable
 from tsfleet.client import ManagementClient
 from tsfleet.errors import ApiError, Conflict, ServerError, Unreachable
 from tsfleet.manifest import Fleet
-from tsfleet.properties import Endpoints
+from tsfleet.properties import LOG_CONFIG, Endpoints
 
 KEY_FILE = "key_file.json"
+OUT_ROLL_BYTES = 64 * 2**20  # logs/torchserve.out moved aside at a start once past this
 
 
 def java_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -105,10 +106,13 @@ class TorchServe:
         """Launch the server in the background (``torchserve --start``)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / KEY_FILE).unlink(missing_ok=True)
-        args = ["--start", "--ts-config", str(self.config), "--model-store", str(self.model_store)]
+        args = ["--start", "--ts-config", str(self.config), "--model-store", str(self.model_store),
+                "--log-config", str(LOG_CONFIG)]
         if not snapshots:
             args.append("--ncs")
         log = self.workdir / "logs" / "torchserve.out"
+        if log.exists() and log.stat().st_size > OUT_ROLL_BYTES:
+            log.replace(log.with_name(log.name + ".1"))  # the JVM appends; keep one start's worth back
         offset = log.stat().st_size if log.exists() else 0
         proc = self._torchserve(*args)
         said = log.read_bytes()[offset:].decode(errors="replace") if log.exists() else ""

@@ -44,6 +44,10 @@ def test_committed_config_properties_matches_the_manifest() -> None:
     assert (ROOT / "config.properties").read_text() == rendered, "run `tsfleet config`"
     assert "disable_token_authorization=false" in rendered
     assert "allowed_urls=^$" in rendered and "127.0.0.1" in rendered
+    # A plain `torchserve --start --ts-config config.properties` from the repo finds the
+    # fleet's logging config, as it finds model_store, relative to where it starts.
+    vmargs = next(line for line in rendered.splitlines() if line.startswith("vmargs="))
+    assert (ROOT / vmargs.split("-Dlog4j.configurationFile=", 1)[1].split()[0]).is_file()
 
 
 def _edit(path: list, value) -> dict:
