@@ -34,6 +34,16 @@ def start(workdir: Path, name: str, args: list[str]) -> subprocess.Popen:
     return proc
 
 
+def running(workdir: Path, name: str) -> int | None:
+    """The pid of the companion ``name`` started from ``workdir``, if it still runs."""
+    try:
+        pid = int(_pid_file(workdir, name).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None  # no pid file, or no such process
+    return pid if b"tsfleet" in cmdline else None  # a stale file whose pid was reused
+
+
 def reachable(host: str) -> str:
     """An address to reach a listener bound to ``host`` from this machine (a wildcard: loopback)."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)

@@ -41,6 +41,7 @@ class UpOptions:
 
 def run(server: TorchServe, fleet: Fleet, options: UpOptions, say: Say) -> int:
     """Start the fleet; unless detached, keep it running until told to stop."""
+    _refuse_if_running(server)
     _on_stop_signals(interrupt)
     try:
         started = time.monotonic()
@@ -66,6 +67,19 @@ def run(server: TorchServe, fleet: Fleet, options: UpOptions, say: Say) -> int:
         raise
 
 
+def _refuse_if_running(server: TorchServe) -> None:
+    """A second `up` (Ctrl-R, make up "to be sure") must leave a running fleet alone: past
+    this point a failure stops the TorchServe and companions it finds, and they are not its own."""
+    if server.state() == "running":
+        raise FleetError("TorchServe is already running (`tsfleet status` shows it); this up changed "
+                         "nothing. `make down` stops it, then `make up` starts the fleet again")
+    for name in ("route", "recycle"):
+        pid = companions.running(server.workdir, name)
+        if pid is not None:
+            raise FleetError(f"the {name} companion of a fleet started here still runs (pid {pid}); "
+                             "this up changed nothing. `make down` stops it")
+
+
 def bring_up(server: TorchServe, fleet: Fleet, timeout: float, say: Say, router: RouterAdmin | None = None) -> None:
     """Start TorchServe, take it to ``fleet`` (workflows included) and wait until every
     version has its workers, with the serving path warmed up."""
@@ -84,6 +98,7 @@ def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, route
     from tsfleet.apply import apply
 
     server.wait_for_keys(deadline)
+    said = ""
     while True:
         try:
             apply(fleet, server.client, lambda line: say("  " + line), store=server.model_store,
@@ -92,6 +107,9 @@ def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, route
         except FleetError as exc:
             if time.monotonic() >= deadline or server.state() == "died":
                 raise FleetError(f"TorchServe could not be taken to the manifest: {exc}") from None
+            if str(exc) != said:
+                said = str(exc)
+                say(f"  not yet: {exc}; trying again while the workers load")
             time.sleep(2)
     if router is not None:
         _drop_dead_aliases(server, router, say)

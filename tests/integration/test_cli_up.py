@@ -62,6 +62,8 @@ class Up:
     ep: Endpoints
     lines: "queue.Queue[str]"
     seen: list[str]
+    argv: list[str]
+    env: dict[str, str]
 
     def wait_for(self, text: str, seconds: float) -> None:
         _wait_for(self.lines, text, time.monotonic() + seconds, self.seen)
@@ -77,15 +79,15 @@ def running_up(fleet, model_store: Path, tmp_path: Path, *options: str,
     config.write_text(render_properties(fleet, ep, str(model_store)))
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TEMP": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(config), "--model-store",
+            str(model_store), "up", "--no-build", *options]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(config), "--model-store",
-         str(model_store), "up", "--no-build", *options],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # As from a terminal: a test run under nohup would otherwise pass on its ignored SIGHUP.
         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     try:
-        up = Up(proc, ep, _lines(proc), [])
+        up = Up(proc, ep, _lines(proc), [], argv, env)
         up.wait_for("Ctrl-C stops the fleet", 240)
         yield up
     finally:
@@ -113,6 +115,13 @@ def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: P
         # The router `up` started takes its own key, which it swaps for TorchServe's.
         own = json.loads((tmp_path / "router_key.json").read_text())["inference"]
         assert routed_intent(own) == "travel"
+
+        # `make up` again, to be sure: it changes nothing, and the running fleet stays up.
+        again = subprocess.run(up.argv, cwd=tmp_path, env=up.env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and "already running" in again.stderr + again.stdout, again
+        assert routed_intent(own) == "travel"
+        assert requests.post(f"{up.ep.url('inference')}/wfpredict/intent-pipeline", json={"text": "hello"},
+                             headers=keys.header("inference"), timeout=30).status_code == 200
 
         # A router that dies (a crash, the OOM killer) is started again, with its key and weights.
         killed = int((tmp_path / "logs" / "route.pid").read_text())

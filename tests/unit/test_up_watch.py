@@ -3,6 +3,9 @@ again, and one that keeps dying is given up on with a reason. The real TorchServ
 brought back is in tests/integration/test_cli_up.py."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,16 @@ import pytest
 from tsfleet import companions
 from tsfleet.errors import FleetError, ServerError
 from tsfleet.manifest import Fleet
-from tsfleet.up import MAX_QUICK_RESTARTS, watch
+from tsfleet.up import MAX_QUICK_RESTARTS, UpOptions, run, watch
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """up.run sets its own for Ctrl-C and SIGTERM; pytest keeps its own."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 class NoModels:
@@ -92,3 +104,32 @@ def test_torchserve_stopped_by_tsfleet_down_is_left_stopped(tmp_path: Path) -> N
     server = StandIn(tmp_path, ["died", "died"])
     watch(server, Fleet(tmp_path, {}), supervisor, 10, said.append, lambda s: None)
     assert server.starts == 0 and said == []
+
+
+def test_up_leaves_a_fleet_that_already_runs_alone(tmp_path: Path) -> None:
+    # It used to try, fail on "already running", and stop the running fleet on its way out.
+    said: list[str] = []
+    server = StandIn(tmp_path, ["running"])
+    with pytest.raises(FleetError, match="already running .* this up changed nothing"):
+        run(server, Fleet(tmp_path, {}), UpOptions(manifest=str(tmp_path / "fleet.yaml")), said.append)
+    assert (server.starts, server.stops) == (0, 0)
+
+
+def test_up_leaves_a_router_started_here_alone(tmp_path: Path) -> None:
+    said: list[str] = []
+    # Stands in for `python -m tsfleet route ...` as up starts it: a process named tsfleet.
+    router = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "tsfleet", "route"])
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "route.pid").write_text(str(router.pid))
+    server = StandIn(tmp_path, ["stopped"], failing=True)
+    try:
+        with pytest.raises(FleetError, match=f"the route companion of a fleet started here still runs \\(pid {router.pid}\\)"):
+            run(server, Fleet(tmp_path, {}), UpOptions(manifest=str(tmp_path / "fleet.yaml")), said.append)
+        assert (server.starts, server.stops) == (0, 0) and router.poll() is None
+    finally:
+        router.kill()
+        router.wait(timeout=30)
+    # A pid file left by a router that is gone is no reason to refuse.
+    with pytest.raises(FleetError, match="port 8080 is taken"):
+        run(server, Fleet(tmp_path, {}), UpOptions(manifest=str(tmp_path / "fleet.yaml")), said.append)
+    assert server.starts == 1
