@@ -106,8 +106,9 @@ class TorchServe:
         """Launch the server in the background (``torchserve --start``)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / KEY_FILE).unlink(missing_ok=True)
+        # Both stores given whole: config.properties names them relative to the repo.
         args = ["--start", "--ts-config", str(self.config), "--model-store", str(self.model_store),
-                "--log-config", str(LOG_CONFIG)]
+                "--workflow-store", str(self.model_store), "--log-config", str(LOG_CONFIG)]
         if not snapshots:
             args.append("--ncs")
         log = self.workdir / "logs" / "torchserve.out"
