@@ -211,8 +211,10 @@ def cmd_rotate_key(args: argparse.Namespace, fleet: Fleet) -> int:
 def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
     from tsfleet import up
 
-    up.stop_all(_server(args))
-    _say("TorchServe stopped")
+    server = _server(args)
+    ran = server.state() == "running"
+    up.stop_all(server)
+    _say("TorchServe stopped" if ran else "TorchServe was not running")
     return 0
 
 
