@@ -202,9 +202,10 @@ def cmd_rollout(args: argparse.Namespace, fleet: Fleet) -> int:
 def cmd_rotate_key(args: argparse.Namespace, fleet: Fleet) -> int:
     doc = _admin(args).call("POST", "/keys/inference", {"grace_s": args.grace_s})
     print(doc["inference"])  # stdout: the key alone, for a script to capture
-    until = doc["previous_valid_until"]
+    until, older = doc["previous_valid_until"], doc.get("older_keys_taken", 0)
     print("the router takes this inference key from now on; the previous one "
-          + (f"until {until}" if until else "no longer"), file=sys.stderr)
+          + (f"until {until}" if until else "no longer, nor any older one")
+          + (f", and {older} older one(s) until their own grace ends" if older else ""), file=sys.stderr)
     return 0
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from tests.polling import until
 from tsfleet.errors import FleetError
-from tsfleet.router.keys import (InferenceKeys, previous_key, read_upstream_key, refreshed, rotate_router_key,
+from tsfleet.router.keys import (InferenceKeys, previous_keys, read_upstream_key, refreshed, rotate_router_key,
                                  router_keys)
 
 API = "api-key"
@@ -159,8 +159,8 @@ def test_a_rotated_key_replaces_the_old_one_which_is_taken_until_its_grace_ends(
     old = router_keys(path)
     rotated = rotate_router_key(path, grace_s=600)
     assert rotated["admin"] == old["admin"] and rotated["inference"] != old["inference"]
-    assert previous_key(rotated)[0] == old["inference"]
-    assert previous_key(rotated)[1] == pytest.approx(time.time() + 600, abs=5)
+    [(key, until)] = previous_keys(rotated)
+    assert key == old["inference"] and until == pytest.approx(time.time() + 600, abs=5)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
     write_key_file(tmp_path / "key_file.json", "ts-key", 600)
@@ -168,14 +168,34 @@ def test_a_rotated_key_replaces_the_old_one_which_is_taken_until_its_grace_ends(
     keys.reload(path)
     assert keys.swap(f"Bearer {rotated['inference']}".encode()) == b"Bearer ts-key"
     assert keys.swap(f"Bearer {old['inference']}".encode()) == b"Bearer ts-key"  # within its grace
-    keys.take(rotated["inference"], (old["inference"], time.time() - 1))
+    keys.take(rotated["inference"], [(old["inference"], time.time() - 1)])
     assert keys.swap(f"Bearer {old['inference']}".encode()) is None  # its grace is over
 
-    again = rotate_router_key(path, grace_s=0)  # at once: no previous key at all
-    assert previous_key(again) is None
+    # A second rotation within the first one's grace: clients still on the first key keep
+    # working until its own grace ends.
+    second = rotate_router_key(path, grace_s=60)
+    assert [key for key, _ in previous_keys(second)] == [old["inference"], rotated["inference"]]
     keys.reload(path)
-    assert keys.swap(f"Bearer {rotated['inference']}".encode()) is None
+    for key in (old["inference"], rotated["inference"], second["inference"]):
+        assert keys.swap(f"Bearer {key}".encode()) == b"Bearer ts-key"
+    ends = [until - time.time() for _, until in previous_keys(second)]  # each keeps its own end
+    assert ends == [pytest.approx(600, abs=5), pytest.approx(60, abs=5)]
+
+    again = rotate_router_key(path, grace_s=0)  # a leaked key: none of the old ones is taken
+    assert previous_keys(again) == []
+    keys.reload(path)
+    for key in (old["inference"], rotated["inference"], second["inference"]):
+        assert keys.swap(f"Bearer {key}".encode()) is None
     assert keys.swap(f"Bearer {again['inference']}".encode()) == b"Bearer ts-key"
+
+
+def test_a_key_file_from_an_older_router_keeps_its_previous_key(tmp_path: Path) -> None:
+    path = tmp_path / "router_key.json"
+    path.write_text(json.dumps({"admin": "a", "inference": "new",
+                                "previous_inference": {"key": "old", "until": time.time() + 60}}))
+    keys = router_keys(path)
+    assert [key for key, _ in previous_keys(keys)] == ["old"]
+    assert [key for key, _ in previous_keys(rotate_router_key(path, grace_s=60))] == ["old", "new"]
 
 
 def test_a_refusal_with_no_key_file_says_where_the_router_looked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

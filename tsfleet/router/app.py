@@ -13,7 +13,7 @@ from aiohttp import web
 
 from tsfleet.manifest import Fleet
 from tsfleet.router.admin import AdminApi
-from tsfleet.router.keys import InferenceKeys, previous_key, rotate_router_key, router_keys
+from tsfleet.router.keys import InferenceKeys, previous_keys, rotate_router_key, router_keys
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import RoutingTable, routes_from_fleet
@@ -44,7 +44,7 @@ class RouterProcess:
         self.table = RoutingTable(routes_from_fleet(fleet), config.state_file)
         keys = router_keys(config.key_file)
         self.keys = InferenceKeys(keys["inference"], config.ts_key_file, config.upstream_management,
-                                  previous_key(keys)) if config.ts_key_file is not None else None
+                                  previous_keys(keys)) if config.ts_key_file is not None else None
         self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys)
         self.admin = AdminApi(self.table, keys["admin"])
         if self.keys is not None:
@@ -90,12 +90,12 @@ class RouterProcess:
         one is taken for ``grace_s`` more seconds."""
         assert self.keys is not None
         keys = rotate_router_key(self.config.key_file, grace_s)
-        previous = previous_key(keys)
+        previous = previous_keys(keys)
         self.keys.take(keys["inference"], previous)
         if self.fronts is not None:
             await self.fronts.reload_keys()
-        until = datetime.fromtimestamp(previous[1], timezone.utc).isoformat(timespec="seconds") if previous else None
-        return {"inference": keys["inference"], "previous_valid_until": until}
+        until = datetime.fromtimestamp(previous[-1][1], timezone.utc).isoformat(timespec="seconds") if previous else None
+        return {"inference": keys["inference"], "previous_valid_until": until, "older_keys_taken": max(0, len(previous) - 1)}
 
     async def stop(self) -> None:
         """Stop taking requests; answer those under way (for up to ``drain_s``), then stop."""

@@ -119,7 +119,7 @@ def refreshed(key_file: Path, management_url: str, refused: str | None) -> Upstr
 
 def router_keys(path: Path) -> dict[str, Any]:
     """The router's tokens in ``path``: ``admin`` (its admin API) and ``inference`` (clients'),
-    and, for a while after a rotation, ``previous_inference``. Made where missing, readable
+    and, for a while after rotations, ``previous_inference``. Made where missing, readable
     by the owner only."""
     try:
         keys = json.loads(path.read_text()) if path.is_file() else {}
@@ -135,19 +135,28 @@ def router_keys(path: Path) -> dict[str, Any]:
     return keys
 
 
-def previous_key(keys: dict[str, Any]) -> tuple[str, float] | None:
-    """(key, epoch seconds until which it is still taken) after a rotation, else None."""
-    previous = keys.get("previous_inference")
-    return (previous["key"], float(previous["until"])) if previous else None
+def previous_keys(keys: dict[str, Any]) -> list[tuple[str, float]]:
+    """(key, epoch seconds until which it is still taken) for each key that rotations replaced
+    and whose grace is not over, oldest first."""
+    previous = keys.get("previous_inference") or []
+    if isinstance(previous, dict):  # an older router's file: one previous key
+        previous = [previous]
+    now, kept = time.time(), []
+    for entry in previous if isinstance(previous, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str) and isinstance(entry.get("until"), (int, float)):
+            if entry["until"] > now:
+                kept.append((entry["key"], float(entry["until"])))
+    return kept
 
 
 def rotate_router_key(path: Path, grace_s: float) -> dict[str, Any]:
     """A new router inference key in ``path``; the one it replaces is still taken for
-    ``grace_s`` seconds, so clients can move over. Returns the file's new content."""
+    ``grace_s`` seconds, so clients can move over, and so are keys earlier rotations replaced
+    until their own grace ends. ``grace_s`` 0 (a key that leaked) drops every old key at once.
+    Returns the file's new content."""
     keys = router_keys(path)
-    keys.pop("previous_inference", None)
-    if grace_s > 0:
-        keys["previous_inference"] = {"key": keys["inference"], "until": time.time() + grace_s}
+    kept = previous_keys(keys) + [(keys["inference"], time.time() + grace_s)] if grace_s > 0 else []
+    keys["previous_inference"] = [{"key": key, "until": until} for key, until in kept]
     keys["inference"] = secrets.token_urlsafe(24)
     _write_private(path, keys)
     return keys
@@ -165,7 +174,7 @@ class InferenceKeys:
     """Swaps the router's inference key for TorchServe's current one, kept fresh."""
 
     def __init__(self, router_key: str, key_file: Path, management_url: str,
-                 previous: tuple[str, float] | None = None):
+                 previous: list[tuple[str, float]] = ()):
         self.take(router_key, previous)
         self.key_file, self.management_url = Path(key_file), management_url.rstrip("/")
         self.current = read_upstream_key(self.key_file)
@@ -173,15 +182,15 @@ class InferenceKeys:
         self.refusals = 0  # of the key swapped in, by TorchServe: each is tried once more
         self._warned = -60.0
 
-    def take(self, router_key: str, previous: tuple[str, float] | None = None) -> None:
-        """Take ``router_key`` from clients from now on (and ``previous``'s key until its time)."""
+    def take(self, router_key: str, previous: list[tuple[str, float]] = ()) -> None:
+        """Take ``router_key`` from clients from now on (and each of ``previous`` until its time)."""
         self.presented = b"Bearer " + router_key.encode()
-        self.previous = (b"Bearer " + previous[0].encode(), previous[1]) if previous else None
+        self.previous = tuple((b"Bearer " + key.encode(), until) for key, until in previous)
 
     def reload(self, router_key_file: Path) -> None:
         """Take the keys ``router_key_file`` holds now (after a rotation)."""
         keys = router_keys(router_key_file)
-        self.take(keys["inference"], previous_key(keys))
+        self.take(keys["inference"], previous_keys(keys))
 
     def swap(self, presented: bytes | None) -> bytes | None:
         """The Authorization value to send TorchServe when a client sent ``presented``; None
@@ -190,8 +199,8 @@ class InferenceKeys:
             return None
         presented = presented.strip()
         if not hmac.compare_digest(presented, self.presented):
-            previous = self.previous
-            if previous is None or not hmac.compare_digest(presented, previous[0]) or time.time() >= previous[1]:
+            if not self.previous or not any(hmac.compare_digest(presented, key) and time.time() < until
+                                            for key, until in self.previous):
                 return None
         current = self.current
         # Unknown yet (TorchServe started after the router): TorchServe refuses it, and the

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tsfleet.router.keys import InferenceKeys, previous_key, router_keys
+from tsfleet.router.keys import InferenceKeys, previous_keys, router_keys
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import Route, RoutingTable
@@ -285,7 +285,7 @@ async def _front(options: dict[str, Any], fd: int) -> None:
     if options.get("ts_key_file"):  # each process keeps its own copy fresh (keys.py)
         mine = router_keys(Path(options["key_file"]))
         keys = InferenceKeys(mine["inference"], Path(options["ts_key_file"]), options["upstream_management"],
-                             previous_key(mine))
+                             previous_keys(mine))
         fresh = asyncio.get_running_loop().create_task(keys.keep_fresh())
     leader = _Leader(reader, writer, table, keys, Path(options["key_file"]), first.get("keys", 0))
     rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics, keys=keys)
