@@ -127,8 +127,11 @@ def render_status(routes: dict[str, Any], model: str | None = None) -> str:
             role = "baseline" if v == route["baseline"] else ("shadow" if v == route["shadow"] else "candidate")
             shadow = (f"{arm.get('shadow_requests', 0)}/{arm.get('shadow_errors', 0)}/{arm.get('shadow_disagreements', 0)}"
                       if arm.get("shadow_requests") else "")
+            # Latencies are over the rollback window: none there is "-", not a 0 ms arm.
+            p50, p99 = ((f"{arm.get('p50_ms', 0):.1f}", f"{arm.get('p99_ms', 0):.1f}")
+                        if arm.get("window_requests", arm.get("requests", 0)) else ("-", "-"))
             lines.append(f"{name:<20} {v:<8} {role:<9} {route['weights'].get(v, 0):>6.0f} {arm.get('requests', 0):>9} "
-                         f"{arm.get('error_rate', 0):>7.1%} {arm.get('p50_ms', 0):>7.1f} {arm.get('p99_ms', 0):>7.1f} {shadow:>26}")
+                         f"{arm.get('error_rate', 0):>7.1%} {p50:>7} {p99:>7} {shadow:>26}")
         if route.get("rolled_back"):
             rb = route["rolled_back"]
             lines.append(f"{'':<20} rolled back {rb['version']}: {rb['reason']}")

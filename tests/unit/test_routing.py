@@ -152,3 +152,15 @@ def test_a_front_takes_the_leader_s_routes_and_tells_of_changes() -> None:
     front.apply_state(changes[-1])
     assert front.routes["m"].weights == {"1.0": 80, "1.1": 20}
     assert (front.routes["m"].shadow, front.routes["m"].shadow_share) == ("1.1", 0.5)
+
+
+def test_rollout_status_shows_no_latency_for_an_arm_with_nothing_in_the_window() -> None:
+    from tsfleet.rollout import render_status
+
+    t = table(v1_0=90, v1_1=10)
+    for i in range(10):
+        t.record("m", "1.0", True, 0.020, now=1000 + i)
+    t.record("m", "1.1", True, 0.030, now=0)  # long before the window
+    rows = {line.split()[1]: line.split() for line in render_status(t.snapshot(now=1010)).splitlines()[1:]}
+    assert rows["1.0"][4:6] == ["10", "0.0%"] and 20 <= float(rows["1.0"][6]) <= 20.8  # within a 4% bin
+    assert rows["1.1"][4:8] == ["1", "0.0%", "-", "-"]  # counted, but not a 0 ms arm

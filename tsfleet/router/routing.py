@@ -320,6 +320,7 @@ class RoutingTable:
                 arms[version] = {
                     "requests": st.requests, "errors": st.errors, "retries": st.retries,
                     "error_rate": st.errors / st.requests if st.requests else 0.0,
+                    "window_requests": st.recent(route.rollback.window_s, now)[0],
                     "p50_ms": st.percentile(0.5, route.rollback.window_s, now) * 1000,
                     "p99_ms": st.percentile(0.99, route.rollback.window_s, now) * 1000,
                     "shadow_requests": st.shadow_requests, "shadow_errors": st.shadow_errors,
