@@ -21,6 +21,7 @@ from typing import Callable
 import yaml
 
 from tsfleet.errors import BuildError
+from tsfleet.files import write_atomically
 from tsfleet.manifest import Fleet, VersionSpec, WorkflowSpec
 from tsfleet.recipes import ROOT, STAMP, check_params, ensure
 
@@ -168,9 +169,7 @@ class Builder:
         built = [self.build_model(spec) for spec in self.fleet.versions()]
         built += [self.build_workflow(flow) for flow in self.fleet.workflows.values()]
         rows = [{k: v for k, v in b.__dict__.items() if k != "rebuilt"} for b in built]
-        tmp = self.store / (INDEX + ".partial")
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-        os.replace(tmp, self.store / INDEX)
+        write_atomically(self.store / INDEX, json.dumps(rows, indent=2) + "\n")
         return built
 
     def build_model(self, spec: VersionSpec) -> Built:

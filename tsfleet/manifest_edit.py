@@ -1,13 +1,13 @@
 """Small, comment-preserving edits of fleet.yaml (the file people read and review)."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import yaml
 
 from tsfleet.errors import ManifestError
+from tsfleet.files import write_atomically
 from tsfleet.manifest import parse_fleet
 
 _VALUE = re.compile(r"""^(?P<head>\s*default_version:\s*)(?P<value>"[^"]*"|'[^']*'|[^\s#]+)(?P<tail>.*)$""")
@@ -40,7 +40,5 @@ def set_default_version(path: Path, model: str, version: str) -> bool:
     fleet = parse_fleet(yaml.safe_load(text), Path(path).resolve().parent)  # still a valid manifest?
     if fleet.models[model].default_version != version:
         raise ManifestError(f"{path}: editing default_version of {model} did not take; edit it by hand")
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomically(path, text)
     return True

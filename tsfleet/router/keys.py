@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tsfleet.errors import FleetError
+from tsfleet.files import write_atomically
 
 log = logging.getLogger(__name__)
 # TorchServe's words when it refuses a key: in a 400's body (REST), in PERMISSION_DENIED's message (gRPC).
@@ -163,11 +164,7 @@ def rotate_router_key(path: Path, grace_s: float) -> dict[str, Any]:
 
 
 def _write_private(path: Path, doc: dict[str, Any]) -> None:
-    fresh = path.with_name(path.name + ".new")
-    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh)
-    os.replace(fresh, path)  # readers see the old file or the new one, never half of one
+    write_atomically(path, json.dumps(doc), private=True)
 
 
 class InferenceKeys:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from tsfleet.errors import FleetError
+from tsfleet.files import write_atomically
 from tsfleet.router.stats import BUCKETS, ArmStats
 
 
@@ -120,10 +120,7 @@ class RoutingTable:
             self.on_change()
         if not self.state_path:
             return
-        doc = self.state()
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
-        os.replace(tmp, self.state_path)
+        write_atomically(self.state_path, json.dumps(self.state(), indent=2, sort_keys=True))
 
     def state(self) -> dict[str, Any]:
         """The live parts of every route, as saved and as apply_state takes them."""

@@ -9,6 +9,8 @@ from typing import Any, Iterator
 
 import torch
 
+from tsfleet.files import write_atomically
+
 
 @contextlib.contextmanager
 def deterministic(seed: int, threads: int = 1) -> Iterator[None]:
@@ -41,7 +43,4 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     torch.save(obj, buf)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, buf.getvalue())
