@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from tsfleet.client import ManagementClient, VersionState
-from tsfleet.errors import Conflict, FleetError, NotFound
+from tsfleet.errors import Conflict, FleetError, NotFound, ServerFault
 from tsfleet.manifest import VersionSpec
 
 if TYPE_CHECKING:
@@ -113,6 +113,16 @@ class Swapper:
                                  response_timeout_s=s.response_timeout_s, initial_workers=s.workers)
         except Conflict:
             pass  # registered by an earlier, interrupted apply
+        except ServerFault as exc:
+            # TorchServe answers 500 "Failed to start workers" yet keeps the version, with no
+            # worker (and as the default of a model new to it): take it out again.
+            try:
+                self.client.unregister(spec.model, version)
+                left = "it is unregistered again, so the server is as it was"
+            except FleetError as cleanup:
+                left = f"unregistering it failed too ({cleanup})"
+            raise FleetError(f"{spec.model} {version} did not start: {exc}; {left}. The workers' error "
+                             "is in logs/model_log.log where TorchServe runs") from None
         if s.worker_ceiling != s.workers:
             self.client.scale(spec.model, version, s.workers, s.worker_ceiling)
 

@@ -2,21 +2,25 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import requests
 import yaml
 
 from tests.integration.conftest import ROOT, new_server
 from tsfleet.apply import apply, current_plan
 from tsfleet.client import ManagementClient
-from tsfleet.errors import Unreachable
+from tsfleet.errors import FleetError, Unreachable
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.server import TorchServe
 from tsfleet.status import collect
@@ -144,5 +148,52 @@ def test_fleet_is_back_as_declared_after_sigkill_and_restart(model_store: Path, 
         doc = collect(fleet, ts.client)
         assert doc["in_sync"] is True
         assert all(w["status"] == "READY" for row in doc["models"] for w in row["workers"])
+    finally:
+        ts.stop()
+
+
+def broken_archive(good: Path, dest: Path, version: str) -> Path:
+    """``good`` as ``version``, with a handler that fails at import, as a corrupt build would."""
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as out:
+        manifest = json.loads(src.read("MAR-INF/MANIFEST.json"))
+        for name in src.namelist():
+            data = src.read(name)
+            if name == "MAR-INF/MANIFEST.json":
+                manifest["model"]["modelVersion"] = version
+                data = json.dumps(manifest).encode()
+            elif name == manifest["model"]["handler"]:
+                data += b'\nraise RuntimeError("intent_head.pt is corrupt")\n'
+            out.writestr(name, data)
+    return dest
+
+
+def test_a_version_whose_workers_fail_to_start_is_taken_out_again(model_store: Path, tmp_path: Path) -> None:
+    # TorchServe answers 500 yet keeps such a version, with no worker, and as the default of
+    # a model it did not have: apply takes it out, says why, and a later apply tries again.
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copy(model_store / "intent-classifier-1.0.mar", store)
+    broken_archive(model_store / "intent-classifier-1.0.mar", store / "intent-classifier-1.2.mar", "1.2")
+
+    def with_broken_version(doc: dict) -> None:
+        intents = doc["models"]["intent-classifier"]
+        intents["versions"] = {"1.0": intents["versions"]["1.0"], "1.2": {"params": {"seed": 3}}}
+        doc["models"] = {"intent-classifier": intents}
+
+    fleet = small_fleet(with_broken_version)
+    ts = new_server(fleet, store, tmp_path / "ts", load_models=False)
+    ts.start(snapshots=False)
+    try:
+        ts.wait_for_keys(time.monotonic() + 120)
+        said: list[str] = []
+        with pytest.raises(FleetError, match=r"intent-classifier 1\.2 did not start: .*Failed to start workers.*"
+                                             r"unregistered again.*logs/model_log\.log"):
+            apply(fleet, ts.client, said.append, store=store, report_dir=ts.report_dir)
+        assert [(v.version, v.is_default) for v in ts.client.describe("intent-classifier")] == [("1.0", True)]
+        assert [(s.action, s.version) for s in current_plan(fleet, ts.client)] == [("register", "1.2")]
+        resp = requests.post(ts.ep.url("inference") + "/predictions/intent-classifier", json={"text": "fly me to Rome"},
+                             headers=ts.keys.header("inference"), timeout=30)
+        assert resp.status_code == 200 and resp.json()["intent"] == "travel"
+        assert "intent_head.pt is corrupt" in (ts.workdir / "logs" / "model_log.log").read_text()
     finally:
         ts.stop()
