@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from tsfleet.client import ManagementClient, VersionState
-from tsfleet.errors import ApiError, Conflict, FleetError
+from tsfleet.errors import ApiError, Conflict, FleetError, VersionDidNotStart
 from tsfleet.locks import report_dir_of, version_lock
 from tsfleet.manifest import Fleet, VersionSpec
 from tsfleet.swap import RouterLink, Swapper, base_version, is_stand_in
@@ -164,8 +164,9 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
         try:
             _run_step(step, fleet, client, swapper, progress)
         except (ApiError, FleetError) as exc:
-            raise FleetError(
-                f"step {n} of {len(steps)} failed ({step.action} {step.model} {step.version}): {exc}. "
-                "Steps before it are done; fix the cause and run apply again to finish."
-            ) from None
+            message = (f"step {n} of {len(steps)} failed ({step.action} {step.model} {step.version}): {exc}. "
+                       "Steps before it are done; fix the cause and run apply again to finish.")
+            if isinstance(exc, VersionDidNotStart):
+                raise VersionDidNotStart(exc.model, exc.version, message) from None
+            raise FleetError(message) from None
     return steps

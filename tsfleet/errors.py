@@ -31,8 +31,27 @@ class ServerError(FleetError):
     http_status = 503
 
 
+class NotAllReady(ServerError):
+    """Fleet versions without a ready worker: ``failing`` ones keep dying at start (a broken
+    archive, no GPU memory for them), the rest of ``missing`` were still loading at the deadline."""
+
+    def __init__(self, message: str, missing: list[tuple[str, str]], failing: list[tuple[str, str]]):
+        super().__init__(message)
+        self.missing, self.failing = missing, failing
+
+
 class Unreachable(ServerError):
     """Nothing answers at TorchServe's address (not running, wrong port)."""
+
+
+class VersionDidNotStart(FleetError):
+    """A version's workers failed to start (a broken archive, no GPU memory left for it)."""
+
+    http_status = 503
+
+    def __init__(self, model: str, version: str, message: str):
+        super().__init__(message)
+        self.model, self.version = model, version
 
 
 class ApiError(FleetError):

@@ -8,7 +8,7 @@ merged defaults -> model -> version.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -104,6 +104,20 @@ class Fleet:
 
     def versions(self) -> list[VersionSpec]:
         return [v for m in self.models.values() for v in m.versions.values()]
+
+    def without(self, model: str, version: str) -> "Fleet":
+        """This fleet less one version and the workflows that use it. The model's default
+        falls to its newest other version; a model left with none goes too."""
+        spec = self.models[model]
+        versions = {v: s for v, s in spec.versions.items() if v != version}
+        models = {name: m for name, m in self.models.items() if name != model}
+        if versions:
+            default = spec.default_version if spec.default_version in versions else \
+                max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
+            models[model] = replace(spec, default_version=default, versions=versions)
+        flows = {name: w for name, w in self.workflows.items()
+                 if not any((s.model, s.version) == (model, version) for s in w.steps)}
+        return replace(self, models=models, workflows=flows)
 
     def total_workers(self) -> int:
         """Worker processes the whole fleet starts, workflow copies included."""

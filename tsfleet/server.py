@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Callable
 
 from tsfleet.client import ManagementClient
-from tsfleet.errors import ApiError, Conflict, ServerError, Unreachable
+from tsfleet.errors import ApiError, Conflict, NotAllReady, ServerError, Unreachable
 from tsfleet.manifest import Fleet
 from tsfleet.properties import LOG_CONFIG, Endpoints
 
 KEY_FILE = "key_file.json"
+FAILED_STARTS = 2  # worker processes of a version that died at start before it counts as failing
 OUT_ROLL_BYTES = 64 * 2**20  # logs/torchserve.out moved aside at a start once past this
 
 
@@ -170,12 +171,15 @@ class TorchServe:
 
     def wait_ready(self, fleet: Fleet, timeout: float = 300,
                    progress: Callable[[str], None] = print) -> None:
-        """Block until every fleet version has its workers READY; ServerError on timeout."""
+        """Block until every fleet version has its workers READY. NotAllReady on timeout, or
+        as soon as the versions still waiting are all failing: no worker ready, and worker
+        processes that died at start (TorchServe starts a new one, with a new pid, each time)."""
         deadline = time.monotonic() + timeout
         self.wait_for_keys(deadline)
         client = self.client
         want = {(v.model, v.version): v.serving.workers for v in fleet.versions()}
-        last = ""
+        pids: dict[tuple[str, str], set[int]] = {key: set() for key in want}
+        last, waiting, failing = "", [], []
         while time.monotonic() < deadline:
             try:
                 state = {(v.model, v.version): v for vs in client.state().values() for v in vs}
@@ -183,20 +187,29 @@ class TorchServe:
                 self._alive_or_raise()
                 time.sleep(0.5)
                 continue
-            waiting = []
-            for (model, version), n in sorted(want.items()):
-                entry = state.get((model, version))
+            waiting, failing, said = [], [], []
+            for key, n in sorted(want.items()):
+                entry = state.get(key)
                 ready = entry.ready_workers if entry else 0
                 if ready < n:
-                    waiting.append(f"{model} {version} ({ready}/{n} workers)")
+                    waiting.append(key)
+                    pids[key].update(w.pid for w in (entry.workers if entry else ()) if w.pid)
+                    if ready == 0 and len(pids[key]) >= n + FAILED_STARTS:
+                        failing.append(key)
+                    said.append(f"{key[0]} {key[1]} ({ready}/{n} workers)")
             if not waiting:
                 return
-            line = "waiting for " + ", ".join(waiting)
+            if waiting == failing:
+                break
+            line = "waiting for " + ", ".join(said)
             if line != last:
                 progress(line)
                 last = line
             time.sleep(0.5)
-        raise ServerError(f"fleet not ready after {timeout:.0f} s: {last}; see {self.workdir / 'logs'}")
+        names = ", ".join(f"{m} {v}" for m, v in waiting)
+        why = (f"the workers of {', '.join(f'{m} {v}' for m, v in failing)} keep failing to start"
+               if waiting == failing else f"fleet not ready after {timeout:.0f} s: {last}")
+        raise NotAllReady(f"{why} (no ready worker: {names}); see {self.workdir / 'logs'}", waiting, failing)
 
     def register_workflows(self, fleet: Fleet) -> None:
         """Register each workflow archive; one already registered is left as it is."""

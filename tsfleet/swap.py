@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from tsfleet.client import ManagementClient, VersionState
-from tsfleet.errors import Conflict, FleetError, NotFound, ServerFault
+from tsfleet.errors import Conflict, FleetError, NotFound, ServerFault, VersionDidNotStart
 from tsfleet.manifest import VersionSpec
 
 if TYPE_CHECKING:
@@ -121,8 +121,8 @@ class Swapper:
                 left = "it is unregistered again, so the server is as it was"
             except FleetError as cleanup:
                 left = f"unregistering it failed too ({cleanup})"
-            raise FleetError(f"{spec.model} {version} did not start: {exc}; {left}. The workers' error "
-                             "is in logs/model_log.log where TorchServe runs") from None
+            raise VersionDidNotStart(spec.model, spec.version, f"{spec.model} {version} did not start: {exc}; "
+                                     f"{left}. The workers' error is in logs/model_log.log where TorchServe runs") from None
         if s.worker_ceiling != s.workers:
             self.client.scale(spec.model, version, s.workers, s.worker_ceiling)
 

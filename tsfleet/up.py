@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from tsfleet import companions
-from tsfleet.errors import FleetError, ManifestError, NotFound
+from tsfleet.errors import FleetError, ManifestError, NotAllReady, NotFound, VersionDidNotStart
 from tsfleet.manifest import Fleet, load_fleet
 from tsfleet.recipes import ROOT
 from tsfleet.rollout import RouterAdmin
@@ -86,15 +86,27 @@ def bring_up(server: TorchServe, fleet: Fleet, timeout: float, say: Say, router:
     say("starting TorchServe")
     server.start()
     deadline = time.monotonic() + timeout
-    _converge(server, fleet, deadline, say, router)
-    server.wait_ready(fleet, timeout=max(1.0, deadline - time.monotonic()), progress=say)
-    say(f"warmed up the serving path ({server.warm_up(fleet)} requests)")
+    serving = _converge(server, fleet, deadline, say, router)
+    try:
+        server.wait_ready(serving, timeout=max(1.0, deadline - time.monotonic()), progress=say)
+    except NotAllReady as exc:
+        if len(exc.missing) == len(serving.versions()):
+            raise  # nothing to serve
+        # One broken version (or one the GPU has no room for) must not keep the rest down.
+        for model, version in exc.missing:
+            why = "its workers keep failing to start" if (model, version) in exc.failing else "not ready in time"
+            say(f"  {model} {version}: {why}; serving the rest of the fleet without it. TorchServe keeps "
+                f"trying it; the workers' error is in {server.workdir / 'logs' / 'model_log.log'}")
+            serving = serving.without(model, version)
+    say(f"warmed up the serving path ({server.warm_up(serving)} requests)")
 
 
-def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, router: RouterAdmin | None) -> None:
+def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, router: RouterAdmin | None) -> Fleet:
     """What config.properties says may be behind the manifest (a version added and applied,
     a promote, a retirement, without `tsfleet config`): `tsfleet apply` closes the gap. It is
-    tried again while TorchServe's first workers load (a default needs a ready worker)."""
+    tried again while TorchServe's first workers load (a default needs a ready worker).
+    A version whose workers do not start (a broken archive, a GPU without room for it) is
+    left out and said, so the rest of the fleet serves: returns the fleet that does."""
     from tsfleet.apply import apply
 
     server.wait_for_keys(deadline)
@@ -104,6 +116,9 @@ def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, route
             apply(fleet, server.client, lambda line: say("  " + line), store=server.model_store,
                   report_dir=server.report_dir, router=router)
             break
+        except VersionDidNotStart as exc:
+            say(f"  {exc.model} {exc.version} did not start; serving the rest of the fleet without it. {exc}")
+            fleet = fleet.without(exc.model, exc.version)
         except FleetError as exc:
             if time.monotonic() >= deadline or server.state() == "died":
                 raise FleetError(f"TorchServe could not be taken to the manifest: {exc}") from None
@@ -113,6 +128,7 @@ def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, route
             time.sleep(2)
     if router is not None:
         _drop_dead_aliases(server, router, say)
+    return fleet
 
 
 def _drop_dead_aliases(server: TorchServe, router: RouterAdmin, say: Say) -> None:

@@ -24,6 +24,7 @@ from tsfleet.errors import FleetError, Unreachable
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.server import TorchServe
 from tsfleet.status import collect
+from tsfleet.up import bring_up
 
 pytestmark = pytest.mark.slow
 BASE = yaml.safe_load((ROOT / "fleet.yaml").read_text())
@@ -167,19 +168,25 @@ def broken_archive(good: Path, dest: Path, version: str) -> Path:
     return dest
 
 
-def test_a_version_whose_workers_fail_to_start_is_taken_out_again(model_store: Path, tmp_path: Path) -> None:
-    # TorchServe answers 500 yet keeps such a version, with no worker, and as the default of
-    # a model it did not have: apply takes it out, says why, and a later apply tries again.
+def with_broken_version(doc: dict) -> None:
+    """Intent classifier 1.0 and 1.2 (whose archive broken_archive makes) alone."""
+    intents = doc["models"]["intent-classifier"]
+    intents["versions"] = {"1.0": intents["versions"]["1.0"], "1.2": {"params": {"seed": 3}}}
+    doc["models"] = {"intent-classifier": intents}
+
+
+def store_with_broken_version(model_store: Path, tmp_path: Path) -> Path:
     store = tmp_path / "store"
     store.mkdir()
     shutil.copy(model_store / "intent-classifier-1.0.mar", store)
     broken_archive(model_store / "intent-classifier-1.0.mar", store / "intent-classifier-1.2.mar", "1.2")
+    return store
 
-    def with_broken_version(doc: dict) -> None:
-        intents = doc["models"]["intent-classifier"]
-        intents["versions"] = {"1.0": intents["versions"]["1.0"], "1.2": {"params": {"seed": 3}}}
-        doc["models"] = {"intent-classifier": intents}
 
+def test_a_version_whose_workers_fail_to_start_is_taken_out_again(model_store: Path, tmp_path: Path) -> None:
+    # TorchServe answers 500 yet keeps such a version, with no worker, and as the default of
+    # a model it did not have: apply takes it out, says why, and a later apply tries again.
+    store = store_with_broken_version(model_store, tmp_path)
     fleet = small_fleet(with_broken_version)
     ts = new_server(fleet, store, tmp_path / "ts", load_models=False)
     ts.start(snapshots=False)
@@ -195,5 +202,27 @@ def test_a_version_whose_workers_fail_to_start_is_taken_out_again(model_store: P
                              headers=ts.keys.header("inference"), timeout=30)
         assert resp.status_code == 200 and resp.json()["intent"] == "travel"
         assert "intent_head.pt is corrupt" in (ts.workdir / "logs" / "model_log.log").read_text()
+    finally:
+        ts.stop()
+
+
+def test_up_serves_the_rest_of_the_fleet_when_a_version_keeps_failing_to_start(model_store: Path, tmp_path: Path) -> None:
+    # A restart from config.properties loads every version, the broken one too: TorchServe
+    # keeps it, restarting its worker again and again. up must not wait out its timeout and
+    # then stop the versions that work (a GPU with no room left for one model, at 3 a.m.).
+    store = store_with_broken_version(model_store, tmp_path)
+    fleet = small_fleet(with_broken_version)
+    ts = new_server(fleet, store, tmp_path / "ts", load_models=True)
+    said: list[str] = []
+    try:
+        started = time.monotonic()
+        bring_up(ts, fleet, 240, said.append)
+        assert time.monotonic() - started < 120  # told from a slow load by its dying workers, not a timeout
+        text = "\n".join(said)
+        assert "intent-classifier 1.2: its workers keep failing to start; serving the rest of the fleet" in text
+        assert "warmed up the serving path (5 requests)" in text  # 1.0 only
+        resp = requests.post(ts.ep.url("inference") + "/predictions/intent-classifier/1.0",
+                             json={"text": "fly me to Rome"}, headers=ts.keys.header("inference"), timeout=30)
+        assert resp.status_code == 200 and resp.json()["intent"] == "travel"
     finally:
         ts.stop()

@@ -119,3 +119,13 @@ def test_rollback_rule_comes_from_the_manifest_and_is_validated() -> None:
         parse_fleet(_edit(["defaults", "rollback", "windw_s"], 5), ROOT)
     with pytest.raises(ManifestError, match="max_p99_ratio: expected a non-negative number"):
         parse_fleet(_edit(["defaults", "rollback", "max_p99_ratio"], "2x"), ROOT)
+
+
+def test_a_fleet_without_a_version_falls_back_to_another_default_and_drops_what_used_it() -> None:
+    fleet = load_fleet(ROOT / "fleet.yaml")
+    less = fleet.without("intent-classifier", "1.0")  # the default, and a workflow step
+    assert set(less.models["intent-classifier"].versions) == {"1.1"}
+    assert less.models["intent-classifier"].default_version == "1.1"
+    assert less.workflows == {}
+    assert set(fleet.models["intent-classifier"].versions) == {"1.0", "1.1"}  # the original is unchanged
+    assert "text-embedder" not in less.without("text-embedder", "1.0").models

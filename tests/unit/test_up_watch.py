@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.polling import wait_for
 from tsfleet import companions
 from tsfleet.errors import FleetError, ServerError
 from tsfleet.manifest import Fleet
@@ -119,6 +120,8 @@ def test_up_leaves_a_router_started_here_alone(tmp_path: Path) -> None:
     said: list[str] = []
     # Stands in for `python -m tsfleet route ...` as up starts it: a process named tsfleet.
     router = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "tsfleet", "route"])
+    # /proc shows a new process's command line a moment after its start.
+    wait_for("the stand-in's command line", lambda: b"tsfleet" in Path(f"/proc/{router.pid}/cmdline").read_bytes())
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "route.pid").write_text(str(router.pid))
     server = StandIn(tmp_path, ["stopped"], failing=True)
