@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from tsfleet.client import ManagementClient, VersionState
-from tsfleet.errors import ApiError, Conflict, FleetError, VersionDidNotStart
+from tsfleet.errors import ApiError, Conflict, FleetError, ServerFault, VersionDidNotStart, WorkflowDidNotStart
 from tsfleet.locks import report_dir_of, version_lock
 from tsfleet.manifest import Fleet, VersionSpec
 from tsfleet.swap import RouterLink, Swapper, base_version, is_stand_in
@@ -141,6 +141,13 @@ def _change(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapper
             client.register_workflow(fleet.workflows[step.model].archive_name, step.model)
         except Conflict:
             pass
+        except ServerFault as exc:  # its model copies did not start; TorchServe may keep a part
+            try:
+                client.unregister_workflow(step.model)
+            except FleetError:
+                pass  # nothing of it was kept
+            raise WorkflowDidNotStart(step.model, f"workflow {step.model} did not start: {exc}. The workers' "
+                                      "error is in logs/model_log.log where TorchServe runs") from None
     elif step.action == "unregister-workflow":
         client.unregister_workflow(step.model)
 
@@ -168,5 +175,7 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
                        "Steps before it are done; fix the cause and run apply again to finish.")
             if isinstance(exc, VersionDidNotStart):
                 raise VersionDidNotStart(exc.model, exc.version, message) from None
+            if isinstance(exc, WorkflowDidNotStart):
+                raise WorkflowDidNotStart(exc.workflow, message) from None
             raise FleetError(message) from None
     return steps

@@ -54,6 +54,16 @@ class VersionDidNotStart(FleetError):
         self.model, self.version = model, version
 
 
+class WorkflowDidNotStart(FleetError):
+    """A workflow's private model copies failed to start (a broken archive, no GPU memory)."""
+
+    http_status = 503
+
+    def __init__(self, workflow: str, message: str):
+        super().__init__(message)
+        self.workflow = workflow
+
+
 class ApiError(FleetError):
     """TorchServe answered a management call with an error."""
 

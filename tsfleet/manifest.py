@@ -119,6 +119,10 @@ class Fleet:
                  if not any((s.model, s.version) == (model, version) for s in w.steps)}
         return replace(self, models=models, workflows=flows)
 
+    def without_workflow(self, name: str) -> "Fleet":
+        """This fleet less one workflow."""
+        return replace(self, workflows={n: w for n, w in self.workflows.items() if n != name})
+
     def total_workers(self) -> int:
         """Worker processes the whole fleet starts, workflow copies included."""
         models = sum(v.serving.workers for v in self.versions())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from tsfleet import companions
-from tsfleet.errors import FleetError, ManifestError, NotAllReady, NotFound, VersionDidNotStart
+from tsfleet.errors import FleetError, ManifestError, NotAllReady, NotFound, VersionDidNotStart, WorkflowDidNotStart
 from tsfleet.manifest import Fleet, load_fleet
 from tsfleet.recipes import ROOT
 from tsfleet.rollout import RouterAdmin
@@ -119,6 +119,9 @@ def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, route
         except VersionDidNotStart as exc:
             say(f"  {exc.model} {exc.version} did not start; serving the rest of the fleet without it. {exc}")
             fleet = fleet.without(exc.model, exc.version)
+        except WorkflowDidNotStart as exc:
+            say(f"  workflow {exc.workflow} did not start; serving the rest of the fleet without it. {exc}")
+            fleet = fleet.without_workflow(exc.workflow)
         except FleetError as exc:
             if time.monotonic() >= deadline or server.state() == "died":
                 raise FleetError(f"TorchServe could not be taken to the manifest: {exc}") from None

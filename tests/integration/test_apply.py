@@ -19,6 +19,7 @@ import yaml
 
 from tests.integration.conftest import ROOT, new_server
 from tsfleet.apply import apply, current_plan
+from tsfleet.archive import Builder
 from tsfleet.client import ManagementClient
 from tsfleet.errors import FleetError, Unreachable
 from tsfleet.manifest import Fleet, parse_fleet
@@ -206,12 +207,21 @@ def test_a_version_whose_workers_fail_to_start_is_taken_out_again(model_store: P
         ts.stop()
 
 
+def with_broken_version_and_a_workflow_on_it(doc: dict) -> None:
+    with_broken_version(doc)
+    doc["models"]["text-embedder"] = BASE["models"]["text-embedder"]
+    doc["workflows"] = {"pipe": {"steps": ["text-embedder", "intent-classifier@1.2"]}}
+
+
 def test_up_serves_the_rest_of_the_fleet_when_a_version_keeps_failing_to_start(model_store: Path, tmp_path: Path) -> None:
     # A restart from config.properties loads every version, the broken one too: TorchServe
     # keeps it, restarting its worker again and again. up must not wait out its timeout and
-    # then stop the versions that work (a GPU with no room left for one model, at 3 a.m.).
+    # then stop the versions that work (a GPU with no room left for one model, at 3 a.m.);
+    # nor stop at the workflow whose copy of that version cannot start either.
     store = store_with_broken_version(model_store, tmp_path)
-    fleet = small_fleet(with_broken_version)
+    shutil.copy(model_store / "text-embedder-1.0.mar", store)
+    fleet = small_fleet(with_broken_version_and_a_workflow_on_it)
+    Builder(fleet, store, ROOT / "build" / "artifacts", progress=lambda line: None).build_workflow(fleet.workflows["pipe"])
     ts = new_server(fleet, store, tmp_path / "ts", load_models=True)
     said: list[str] = []
     try:
@@ -219,8 +229,10 @@ def test_up_serves_the_rest_of_the_fleet_when_a_version_keeps_failing_to_start(m
         bring_up(ts, fleet, 240, said.append)
         assert time.monotonic() - started < 120  # told from a slow load by its dying workers, not a timeout
         text = "\n".join(said)
+        assert "workflow pipe did not start; serving the rest of the fleet without it" in text
         assert "intent-classifier 1.2: its workers keep failing to start; serving the rest of the fleet" in text
-        assert "warmed up the serving path (5 requests)" in text  # 1.0 only
+        assert "warmed up the serving path (10 requests)" in text  # text-embedder and intent-classifier 1.0
+        assert ts.client.list_workflows() == []
         resp = requests.post(ts.ep.url("inference") + "/predictions/intent-classifier/1.0",
                              json={"text": "fly me to Rome"}, headers=ts.keys.header("inference"), timeout=30)
         assert resp.status_code == 200 and resp.json()["intent"] == "travel"
