@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,10 +23,13 @@ from typing import Callable
 from handlers.handover import pid_alive
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import FleetError, Unreachable
+from tsfleet.files import write_atomically
 from tsfleet.locks import report_dir_of, version_lock
 from tsfleet.manifest import Fleet, RecyclePolicy, VersionSpec
 
 EVENTS = "recycle-events.jsonl"
+EVENTS_MAX_BYTES = 256 * 1024  # then the file keeps only each version's newest event (all status reads)
+KEPT_EVENTS = 1000  # in memory, for whoever watches a recycler in process
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ class Recycler:
                  progress: Callable[[str], None] = print, ready_timeout_s: float = 300, cooldown_s: float = 60):
         self.fleet, self.client, self.report_dir, self.progress = fleet, client, report_dir, progress
         self.ready_timeout_s, self.cooldown_s = ready_timeout_s, cooldown_s
-        self.events: list[Event] = []
+        self.events: deque[Event] = deque(maxlen=KEPT_EVENTS)
+        self._counts: dict[tuple[str, str, str, bool], int] = {}  # for /metrics, over the process's life
         self._cooldown: dict[tuple[str, str], float] = {}
         self._seen: dict[int, tuple[float, Report]] = {}  # first sighting of each pid
         self._replace_s = 5.0  # learnt from the replacements done so far
@@ -194,8 +199,7 @@ class Recycler:
                           round(time.monotonic() - started, 2))
             self.progress(f"recycling {spec.model} {spec.version} worker {pid} FAILED: {exc}; "
                           f"the old process keeps serving, next try in {self.cooldown_s:.0f} s")
-        self.events.append(event)
-        self._log(event)
+        self._record(event)
         if event.ok:
             self.progress(f"recycled {spec.model} {spec.version} worker {pid} in {event.seconds:.1f} s ({why})")
         return event
@@ -216,18 +220,24 @@ class Recycler:
             time.sleep(0.1)
         raise FleetError(f"worker {pid}: no fresh process took over within {self.ready_timeout_s:.0f} s")
 
+    def _record(self, event: Event) -> None:
+        self.events.append(event)
+        key = (event.model, event.version, event.reason.split(":", 1)[0], event.ok)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._log(event)
+
     def _log(self, event: Event) -> None:
         # Appended, one JSON line per recycle, so `tsfleet status` can say when and why.
         self.report_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.report_dir / EVENTS, "a") as fh:
+        path = self.report_dir / EVENTS
+        with open(path, "a") as fh:
             fh.write(json.dumps(event.__dict__) + "\n")
+        if path.stat().st_size > EVENTS_MAX_BYTES:  # a fleet that runs for months
+            write_atomically(path, "".join(json.dumps(doc) + "\n" for doc in last_events(self.report_dir).values()))
 
     def metrics(self) -> str:
         """Prometheus text: recycles and failed recycles per model, version and reason."""
-        counts: dict[tuple[str, str, str, bool], int] = {}
-        for e in self.events:
-            key = (e.model, e.version, e.reason.split(":", 1)[0], e.ok)
-            counts[key] = counts.get(key, 0) + 1
+        counts = self._counts
         lines = ["# HELP tsfleet_worker_recycles_total Workers replaced by the recycler.",
                  "# TYPE tsfleet_worker_recycles_total counter"]
         for (model, version, reason, ok), n in sorted(counts.items()):

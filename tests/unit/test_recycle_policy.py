@@ -35,3 +35,19 @@ def test_a_worker_that_would_cross_a_limit_before_its_replacement_is_ready_goes_
     assert over_limit(policy, report(rss_mb=900), 0, Trend(4.0, rss_mb_per_s=50)).startswith("max_rss")
     assert over_limit(policy, report(rss_mb=900), 0, Trend(1.0, rss_mb_per_s=50)) is None
     assert over_limit(policy, report(requests=4700), 0, Trend(4.0, requests_per_s=100)).startswith("max_requests")
+
+
+def test_a_recycler_running_for_months_keeps_its_records_bounded(tmp_path) -> None:
+    # 20,000 recycles (a busy fleet for weeks): the events file that `tsfleet status` reads
+    # and the recycler's memory stay small; /metrics still counts them all.
+    from tsfleet.manifest import Fleet
+    from tsfleet.recycle import EVENTS, EVENTS_MAX_BYTES, KEPT_EVENTS, Event, Recycler, last_events
+
+    recycler = Recycler(Fleet(tmp_path, {}), client=None, report_dir=tmp_path, progress=lambda line: None)
+    for n in range(20_000):
+        recycler._record(Event("m", "1.0" if n % 2 else "2.0", 100 + n, "max_requests: served 501", True, at=n))
+    assert (tmp_path / EVENTS).stat().st_size <= EVENTS_MAX_BYTES + 1024
+    assert {key: doc["pid"] for key, doc in last_events(tmp_path).items()} == {("m", "1.0"): 20_099, ("m", "2.0"): 20_098}
+    assert len(recycler.events) == KEPT_EVENTS
+    assert 'tsfleet_worker_recycles_total{model="m",version="1.0",reason="max_requests",outcome="ok"} 10000' \
+        in recycler.metrics()
