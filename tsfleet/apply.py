@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Collection
 
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import ApiError, Conflict, FleetError, ServerFault, VersionDidNotStart, WorkflowDidNotStart
@@ -154,7 +154,7 @@ def _change(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapper
 
 def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None] = print, *,
           store: Path | None = None, report_dir: Path | None = None,
-          router: "RouterAdmin | None" = None) -> list[Step]:
+          router: "RouterAdmin | None" = None, skip: Collection[tuple[str, str]] = ()) -> list[Step]:
     """Perform the plan; stop at the first failed step with a message naming it.
 
     ``store`` holds the archives (default: the fleet's model_store), ``report_dir`` the
@@ -165,7 +165,8 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
 
     swapper = Swapper(client, store or fleet.root / "model_store", report_dir or default_report_dir(),
                       RouterLink(router, progress), progress)
-    steps = current_plan(fleet, client)
+    # Versions to leave as the server has them, stand-ins included (up: ones that did not start).
+    steps = [s for s in current_plan(fleet, client) if (s.model, base_version(s.version)) not in skip]
     for n, step in enumerate(steps, 1):
         progress(f"[{n}/{len(steps)}] {step}")
         try:

@@ -110,18 +110,20 @@ def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, route
     from tsfleet.apply import apply
 
     server.wait_for_keys(deadline)
-    said = ""
+    said, serving, skip = "", fleet, set()
     while True:
         try:
             apply(fleet, server.client, lambda line: say("  " + line), store=server.model_store,
-                  report_dir=server.report_dir, router=router)
+                  report_dir=server.report_dir, router=router, skip=skip)
             break
         except VersionDidNotStart as exc:
+            # Left as the server has it, not retired: a swap's stand-in may still serve it.
             say(f"  {exc.model} {exc.version} did not start; serving the rest of the fleet without it. {exc}")
-            fleet = fleet.without(exc.model, exc.version)
+            skip.add((exc.model, exc.version))
+            serving = serving.without(exc.model, exc.version)
         except WorkflowDidNotStart as exc:
             say(f"  workflow {exc.workflow} did not start; serving the rest of the fleet without it. {exc}")
-            fleet = fleet.without_workflow(exc.workflow)
+            fleet, serving = fleet.without_workflow(exc.workflow), serving.without_workflow(exc.workflow)
         except FleetError as exc:
             if time.monotonic() >= deadline or server.state() == "died":
                 raise FleetError(f"TorchServe could not be taken to the manifest: {exc}") from None
@@ -131,7 +133,7 @@ def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, route
             time.sleep(2)
     if router is not None:
         _drop_dead_aliases(server, router, say)
-    return fleet
+    return serving
 
 
 def _drop_dead_aliases(server: TorchServe, router: RouterAdmin, say: Say) -> None:

@@ -44,3 +44,28 @@ def test_a_stand_in_beside_a_version_still_to_swap_is_left_to_the_swap() -> None
                                    registered("1.0~swap", False, 4)]}
     steps = [(s.action, s.version) for s in plan(fleet(batch_size=4), state, [])]
     assert steps == [("replace", "1.0")]
+
+
+class StateOnly:
+    """A management client that only describes (any change would fail the test)."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state(self) -> dict:
+        return self._state
+
+    def list_workflows(self) -> list[str]:
+        return []
+
+
+def test_a_version_up_skips_leaves_its_stand_in_serving() -> None:
+    # up, after 1.0 would not start again: the stand-in that serves 1.0's traffic stays, and
+    # 1.0 is neither registered nor made the default.
+    from tsfleet.apply import apply
+
+    state = {"intent-classifier": [registered("1.1", False), registered("1.0~swap", True)]}
+    assert [s.action for s in plan(fleet(), state, [])] == ["register", "set-default", "unregister"]
+    done = apply(fleet(), StateOnly(state), lambda line: None, store=ROOT, report_dir=ROOT,
+                 skip={("intent-classifier", "1.0")})
+    assert done == []
