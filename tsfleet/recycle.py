@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from handlers.handover import pid_alive
-from tsfleet.client import ManagementClient, VersionState
-from tsfleet.errors import FleetError, Unreachable
+from tsfleet.client import ManagementClient
+from tsfleet.errors import ApiError, FleetError, Unreachable
 from tsfleet.files import write_atomically
 from tsfleet.locks import report_dir_of, version_lock
 from tsfleet.manifest import Fleet, RecyclePolicy, VersionSpec
@@ -134,18 +134,28 @@ class Recycler:
         self._seen: dict[int, tuple[float, Report]] = {}  # first sighting of each pid
         self._replace_s = 5.0  # learnt from the replacements done so far
         self._deferred: set[tuple[str, str]] = set()  # versions whose change lock apply holds
-
-    def _state(self, spec: VersionSpec) -> VersionState | None:
-        return next((v for v in self.client.describe(spec.model) if v.version == spec.version), None)
+        # (ready, wanted) workers per fleet version at the last look, for /metrics: a version
+        # short of workers (one that cannot start, workers that keep dying) is worth an alert.
+        self.workers: dict[tuple[str, str], tuple[int, int]] = {}
 
     def tick(self) -> list[Event]:
         """One look at every worker; replace those over a limit, one at a time per version."""
         events = []
         now = time.time()
+        try:
+            registered = {(v.model, v.version): v for vs in self.client.state().values() for v in vs}
+        except Unreachable:
+            self.workers = {}  # absent, not stale: TorchServe is away
+            raise
+        except ApiError:
+            return events  # a model unregistered between listing and describing it: next look
+        self.workers = {(s.model, s.version): (registered[(s.model, s.version)].ready_workers
+                                               if (s.model, s.version) in registered else 0, s.serving.workers)
+                        for s in self.fleet.versions()}
         for spec in self.fleet.versions():
             if not spec.recycle.enabled or self._cooldown.get((spec.model, spec.version), 0) > time.monotonic():
                 continue
-            state = self._state(spec)
+            state = registered.get((spec.model, spec.version))
             if state is None:
                 continue
             reports = read_reports(self.report_dir, spec.model, spec.version)
@@ -243,6 +253,11 @@ class Recycler:
         for (model, version, reason, ok), n in sorted(counts.items()):
             lines.append(f'tsfleet_worker_recycles_total{{model="{model}",version="{version}",'
                          f'reason="{reason}",outcome="{"ok" if ok else "failed"}"}} {n}')
+        workers = sorted(self.workers.items())
+        for i, (name, help_text) in enumerate((("tsfleet_workers_ready", "Ready workers per fleet version."),
+                                               ("tsfleet_workers_wanted", "Workers fleet.yaml asks for per version."))):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            lines += [f'{name}{{model="{m}",version="{v}"}} {pair[i]}' for (m, v), pair in workers]
         return "\n".join(lines) + "\n"
 
     def run(self, interval_s: float = 2.0, stop: Callable[[], bool] = lambda: False) -> None:

@@ -166,3 +166,22 @@ def test_recycler_and_apply_take_turns_on_a_version(leaky) -> None:
     finally:
         apply(leaky_fleet(reports), ts.client, lambda line: None, report_dir=reports)
     assert ts.client.describe("leaky")[0].min_workers == 1
+
+
+def test_the_recycler_reports_versions_short_of_workers(server, fleet) -> None:
+    # Alert on tsfleet_workers_ready < tsfleet_workers_wanted: a version that does not start
+    # (up serves the rest without it) or whose workers keep dying is otherwise quiet.
+    import copy
+
+    import yaml
+
+    doc = copy.deepcopy(yaml.safe_load((ROOT / "fleet.yaml").read_text()))
+    doc["models"]["intent-classifier"]["versions"]["1.3"] = {"params": {"seed": 5}}  # never registered
+    recycler = Recycler(parse_fleet(doc, ROOT), server.client, server.report_dir, progress=lambda line: None)
+    assert recycler.tick() == []  # no version has a policy: nothing to replace
+    text = recycler.metrics()
+    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.0"} 1' in text
+    assert 'tsfleet_workers_wanted{model="intent-classifier",version="1.0"} 1' in text
+    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.3"} 0' in text
+    assert 'tsfleet_workers_wanted{model="intent-classifier",version="1.3"} 1' in text
+    assert sum(line.startswith("tsfleet_workers_ready{") for line in text.splitlines()) == 5
