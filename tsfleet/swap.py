@@ -114,11 +114,13 @@ class Swapper:
         except Conflict:
             pass  # registered by an earlier, interrupted apply
         except ServerFault as exc:
-            # TorchServe answers 500 "Failed to start workers" yet keeps the version, with no
-            # worker (and as the default of a model new to it): take it out again.
+            # TorchServe answers 500 "Failed to start workers" and, more often than not, keeps
+            # the version, with no worker (and as the default of a model new to it): take it out.
             try:
                 self.client.unregister(spec.model, version)
                 left = "it is unregistered again, so the server is as it was"
+            except NotFound:
+                left = "TorchServe did not keep it, so the server is as it was"
             except FleetError as cleanup:
                 left = f"unregistering it failed too ({cleanup})"
             raise VersionDidNotStart(spec.model, spec.version, f"{spec.model} {version} did not start: {exc}; "
