@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from handlers.handover import pid_alive
+
 
 def _pid_file(workdir: Path, name: str) -> Path:
     return workdir / "logs" / f"{name}.pid"
@@ -89,12 +91,7 @@ def _gone(pid: int) -> bool:
     try:
         return os.waitpid(pid, os.WNOHANG)[0] == pid
     except ChildProcessError:  # not our child: whoever started it reaps it
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+        return not pid_alive(pid)
 
 
 STEADY_S = 60.0  # a companion that ran this long before it exited is started again at once
