@@ -174,9 +174,8 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
         except (ApiError, FleetError) as exc:
             message = (f"step {n} of {len(steps)} failed ({step.action} {step.model} {step.version}): {exc}. "
                        "Steps before it are done; fix the cause and run apply again to finish.")
-            if isinstance(exc, VersionDidNotStart):
-                raise VersionDidNotStart(exc.model, exc.version, message) from None
-            if isinstance(exc, WorkflowDidNotStart):
-                raise WorkflowDidNotStart(exc.workflow, message) from None
+            if isinstance(exc, (VersionDidNotStart, WorkflowDidNotStart)):
+                exc.args = (message,)  # keeps what did not start, for up to leave it out
+                raise exc from None
             raise FleetError(message) from None
     return steps
