@@ -135,11 +135,12 @@ class ManagementClient:
             if not token:
                 return names
 
-    def describe(self, model: str) -> list[VersionState]:
-        """Every registered version of ``model``, the default flagged."""
-        default = self.call("GET", f"/models/{model}", f"describing {model}", retry=True)
+    def describe(self, model: str, retry: bool = True) -> list[VersionState]:
+        """Every registered version of ``model``, the default flagged (``retry``: after a
+        dropped connection, twice more)."""
+        default = self.call("GET", f"/models/{model}", f"describing {model}", retry=retry)
         default_version = str(default[0]["modelVersion"]) if default else None
-        raw = self.call("GET", f"/models/{model}/all", f"describing {model}", retry=True)
+        raw = self.call("GET", f"/models/{model}/all", f"describing {model}", retry=retry)
         return [_version(r, default_version) for r in raw]
 
     def state(self) -> dict[str, list[VersionState]]:

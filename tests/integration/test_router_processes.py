@@ -138,6 +138,20 @@ def test_weight_changes_and_rollbacks_reach_every_front(router, server, headers)
         server.client.scale(INTENT, "1.1", 1)
 
 
+def test_every_process_answers_readiness_by_model_from_the_leader_s_routes(router, server) -> None:
+    def probes(query: str) -> list[int]:  # each on a new connection: the kernel spreads them over the processes
+        return [requests.get(f"{router.url}/readyz{query}", timeout=10).status_code for _ in range(24)]
+
+    assert probes("?models=all") == [200] * 24
+    server.client.scale(INTENT, "1.1", 0)
+    try:
+        router.admin("PUT", f"/routes/{INTENT}", json={"weights": {"1.0": 0, "1.1": 100}}).raise_for_status()
+        wait_for("every process to see 1.1 without workers", lambda: probes(f"?models={INTENT}") == [503] * 24, 10)
+        assert probes("?models=image-classifier") == [200] * 24
+    finally:
+        server.client.scale(INTENT, "1.1", 1)
+
+
 def test_a_dead_front_is_started_again(fleet, server, headers, tmp_path: Path) -> None:
     r = RunningRouter(fleet, tmp_path, server.ep.url("inference"), f"127.0.0.1:{server.ep.grpc_inference}",
                       processes=3)

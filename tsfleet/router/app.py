@@ -15,6 +15,7 @@ from tsfleet.manifest import Fleet
 from tsfleet.router.admin import AdminApi
 from tsfleet.router.keys import InferenceKeys, previous_keys, rotate_router_key, router_keys
 from tsfleet.router.memory import keep_freed_memory
+from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import RoutingTable, routes_from_fleet
 
@@ -45,7 +46,8 @@ class RouterProcess:
         keys = router_keys(config.key_file)
         self.keys = InferenceKeys(keys["inference"], config.ts_key_file, config.upstream_management,
                                   previous_keys(keys)) if config.ts_key_file is not None else None
-        self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys)
+        self.readiness = ModelReadiness(self.table, self.keys)
+        self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys, readiness=self.readiness)
         self.admin = AdminApi(self.table, keys["admin"])
         if self.keys is not None:
             self.admin.rotate = self.rotate_key
@@ -72,7 +74,7 @@ class RouterProcess:
         if start_grpc_router is not None:
             self._grpc, self.ports["grpc"] = await start_grpc_router(
                 self.table, self.config.upstream_grpc, self.config.host, self.config.grpc_port, reuse_port=many,
-                keys=self.keys)
+                keys=self.keys, readiness=self.readiness)
         if many:
             from tsfleet.router.processes import Fronts
 

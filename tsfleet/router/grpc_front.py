@@ -26,6 +26,7 @@ from tsfleet.router.h2frames import INTERNAL_ERROR, Data
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.keys import InferenceKeys
 from tsfleet.router.proto import inference_pb2 as pb
+from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.protoscan import request_names
 from tsfleet.router.routing import RoutingTable
 
@@ -63,8 +64,9 @@ class GrpcRouter:
     max_held = 64 * 2**20  # of a request stream, waiting for TorchServe to read it
 
     def __init__(self, table: RoutingTable, upstream: str, sticky_key: str = "x-user-id", timeout_s: float = 130,
-                 min_attempt_s: float = 2.0, latency_factor: float = 10.0, keys: InferenceKeys | None = None):
-        self.table, self.upstream, self.keys = table, upstream, keys
+                 min_attempt_s: float = 2.0, latency_factor: float = 10.0, keys: InferenceKeys | None = None,
+                 readiness: ModelReadiness | None = None):
+        self.table, self.upstream, self.keys, self.readiness = table, upstream, keys, readiness
         self.timeout_s, self.min_attempt_s, self.latency_factor = timeout_s, min_attempt_s, latency_factor
         host, _, port = upstream.rpartition(":")
         self.pool = UpstreamPool(host or "127.0.0.1", int(port))
@@ -375,7 +377,7 @@ async def start_grpc_router(table: RoutingTable, upstream: str, host: str = "127
                             port: int = 0, sticky_key: str = "x-user-id", reuse_port: bool = False,
                             **options: Any) -> tuple[GrpcRouter, int]:
     """Serve the routed InferenceAPIsService on ``host:port`` (0: any free port); return the
-    router and the port it bound. ``options``: GrpcRouter's timeouts and keys."""
+    router and the port it bound. ``options``: GrpcRouter's timeouts, keys and readiness."""
     router = GrpcRouter(table, upstream, sticky_key, **options)
     try:
         bound = await router.start(host, port, reuse_port)

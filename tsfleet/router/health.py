@@ -9,8 +9,10 @@ still TorchServe's own answer; the router answers these itself:
   liveness probe never restarts a healthy router because of TorchServe.
 - readiness, REST ``GET /readyz`` or the same gRPC check naming TorchServe's
   ``InferenceAPIsService``: TorchServe answers a ping at the address this side forwards to
-  (any answer counts: without a key it is a refusal). Whether every model has a worker is
-  TorchServe's ``/ping`` with a key, or ``tsfleet status``.
+  (any answer counts: without a key it is a refusal).
+- readiness by model, REST ``GET /readyz?models=all`` (or ``?models=a,b``) or a gRPC check
+  naming one model: TorchServe answers, and each model has a worker ready where its traffic
+  goes (readiness.py). Opt-in: one broken model then takes the whole pod out of service.
 
 gRPC ``Health/Watch`` (what gRPC clients' own health checking uses) streams the same two
 answers: the status now, then each change.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
 from grpc_health.v1 import health_pb2
 
@@ -31,6 +34,7 @@ from tsfleet.router.upstream import UpstreamError, UpstreamPool
 if TYPE_CHECKING:
     from tsfleet.router.grpc_front import GrpcRouter
     from tsfleet.router.grpc_upstream import UpstreamPool as GrpcPool
+    from tsfleet.router.readiness import ModelReadiness
 
 LIVE, READY = "/livez", "/readyz"
 CHECK, WATCH = b"/grpc.health.v1.Health/Check", b"/grpc.health.v1.Health/Watch"
@@ -50,15 +54,48 @@ def alive() -> tuple[int, bytes]:
     return 200, _json({"status": "alive"})
 
 
-async def rest_ready(pool: UpstreamPool, upstream: str) -> tuple[int, bytes]:
-    """(status, body) of ``/readyz``: 200 when TorchServe answers at ``upstream``, else 503."""
+def _error(status: int, kind: str, message: str, **more: object) -> tuple[int, bytes]:
+    return status, _json({"code": status, "type": kind, "message": message, **more})
+
+
+def _models_asked(query: str, readiness: ModelReadiness | None) -> list[str] | tuple[int, bytes] | None:
+    """The models ``/readyz?models=...`` names (None: the query asks for none), or the 4xx answer."""
+    if not query:
+        return None
+    asked = parse_qs(query, keep_blank_values=True)
+    if set(asked) != {"models"} or len(asked["models"]) != 1 or not asked["models"][0].strip(", "):
+        return _error(400, "BadRequest", "/readyz takes one query parameter, models: 'all' or model names "
+                      "separated by commas (e.g. /readyz?models=all)")
+    if readiness is None:
+        return _error(404, "NotFound", "this router does not check models' readiness")
+    names = [m.strip() for m in asked["models"][0].split(",") if m.strip()]
+    if names == ["all"]:
+        return sorted(readiness.table.routes)
+    unknown = readiness.unknown(names)
+    if unknown:
+        return _error(404, "ModelNotFound", f"unknown model(s) {', '.join(map(repr, unknown))}: the router routes "
+                      + ", ".join(sorted(readiness.table.routes)))
+    return names
+
+
+async def rest_ready(pool: UpstreamPool, upstream: str, query: str = "",
+                     readiness: ModelReadiness | None = None) -> tuple[int, bytes]:
+    """(status, body) of ``/readyz``: 200 when TorchServe answers at ``upstream`` (and, when
+    the query names models, each has a worker ready where its traffic goes), else 503."""
+    models = _models_asked(query, readiness)
+    if isinstance(models, tuple):
+        return models
     try:
         await pool.request("GET", "/ping", [], b"", PROBE_TIMEOUT_S)
     except (UpstreamError, asyncio.TimeoutError) as exc:
         reason = f"no answer within {PROBE_TIMEOUT_S:.0f} s" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-        return 503, _json({"code": 503, "type": "ServiceUnavailable",
-                           "message": f"not ready: TorchServe is not reachable at {upstream}: {reason}"})
-    return 200, _json({"status": "ready", "torchserve": upstream})
+        return _error(503, "ServiceUnavailable", f"not ready: TorchServe is not reachable at {upstream}: {reason}")
+    if models is None or readiness is None:
+        return 200, _json({"status": "ready", "torchserve": upstream})
+    found = await readiness.check(models)
+    if not found.ready:
+        return _error(503, "ServiceUnavailable", "not ready: " + "; ".join(found.problems), models=found.versions)
+    return 200, _json({"status": "ready", "torchserve": upstream, "models": found.versions})
 
 
 def _service(call: ServerCall) -> str | None:
@@ -87,17 +124,35 @@ async def _torchserve_answers(pool: GrpcPool) -> bool:
     return True
 
 
+def _known(router: GrpcRouter, service: str) -> bool:
+    return service in ("", SERVICE) or (router.readiness is not None and service in router.table.routes)
+
+
+async def _status(router: GrpcRouter, service: str) -> int:
+    """SERVING or NOT_SERVING for a service ``_known`` knows: "" (the router), SERVICE
+    (TorchServe answers) or a model's name (TorchServe answers and the model is ready)."""
+    if service == "":
+        return SERVING
+    if not await _torchserve_answers(router.pool):
+        return NOT_SERVING
+    if service == SERVICE or router.readiness is None:
+        return SERVING
+    return SERVING if (await router.readiness.check([service])).ready else NOT_SERVING
+
+
 async def grpc_check(router: GrpcRouter, conn: ServerConnection, call: ServerCall) -> None:
-    """Answer one ``grpc.health.v1.Health/Check``: "" is liveness, SERVICE readiness."""
+    """Answer one ``grpc.health.v1.Health/Check``: "" is liveness, SERVICE readiness, a
+    model's name that model's readiness."""
     try:
         code, message, status = OK, "", SERVING
         service = _service(call)
         if service is None:
             code, message = INVALID_ARGUMENT, "the router cannot read this HealthCheckRequest"
-        elif service not in ("", SERVICE):
-            code, message = NOT_FOUND, f"unknown service {service!r}: the router checks '' (itself) and {SERVICE!r}"
-        elif service == SERVICE and not await _torchserve_answers(router.pool):
-            status = NOT_SERVING
+        elif not _known(router, service):
+            code, message = NOT_FOUND, (f"unknown service {service!r}: the router checks '' (itself), {SERVICE!r}"
+                                        + (" and the models it routes" if router.readiness is not None else ""))
+        else:
+            status = await _status(router, service)
         answer = health_pb2.HealthCheckResponse(status=status).SerializeToString()
         conn.send(call.id, [STATUS_OK, GRPC_TYPE], frame_message(answer) if code == OK else None,
                   status_trailers(code, message))
@@ -117,10 +172,10 @@ async def grpc_watch(router: GrpcRouter, conn: ServerConnection, call: ServerCal
         conn.send(call.id, [STATUS_OK, GRPC_TYPE])
         last = None
         while not call.cancelled and not router.stopping:
-            if service not in ("", SERVICE):
+            if not _known(router, service):
                 status = SERVICE_UNKNOWN  # the protocol's answer for a name it does not know: watched, not refused
             else:
-                status = SERVING if service == "" or await _torchserve_answers(router.pool) else NOT_SERVING
+                status = await _status(router, service)
             if status != last:
                 conn.send(call.id, data=frame_message(health_pb2.HealthCheckResponse(status=status).SerializeToString()))
                 last = status

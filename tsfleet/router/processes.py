@@ -41,6 +41,7 @@ from typing import Any
 
 from tsfleet.router.keys import InferenceKeys, previous_keys, router_keys
 from tsfleet.router.memory import keep_freed_memory
+from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import Route, RoutingTable
 
@@ -288,14 +289,15 @@ async def _front(options: dict[str, Any], fd: int) -> None:
                              previous_keys(mine))
         fresh = asyncio.get_running_loop().create_task(keys.keep_fresh())
     leader = _Leader(reader, writer, table, keys, Path(options["key_file"]), first.get("keys", 0))
-    rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics, keys=keys)
+    readiness = ModelReadiness(table, keys)
+    rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics, keys=keys, readiness=readiness)
     await rest.start(options["host"], options["port"], reuse_port=True)
     grpc = None
     if options.get("grpc_port"):
         from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
 
         grpc, _ = await start_grpc_router(table, options["upstream_grpc"], options["host"], options["grpc_port"],
-                                          reuse_port=True, keys=keys)
+                                          reuse_port=True, keys=keys, readiness=readiness)
     writer.write(_encode({"t": "ready"}))
     loop = asyncio.get_running_loop()
     flusher = loop.create_task(leader.flush())

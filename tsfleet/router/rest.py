@@ -18,6 +18,7 @@ from tsfleet.router import health
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.http1 import ROUTER_ERROR, Listener, Reply, Request, Response
 from tsfleet.router.keys import REFUSED_BYTES, InferenceKeys
+from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.routing import Choice, RoutingTable
 from tsfleet.router.upstream import UpstreamError, UpstreamPool
 
@@ -56,8 +57,8 @@ class RestRouter:
     def __init__(self, table: RoutingTable, upstream: str, sticky_header: str = "X-User-Id",
                  timeout_s: float = 130, min_attempt_s: float = 2.0, latency_factor: float = 10.0,
                  max_body: int = 16 * 2**20, metrics: Callable[[], Awaitable[str]] | None = None,
-                 keys: InferenceKeys | None = None):
-        self.table, self.upstream, self.keys = table, upstream.rstrip("/"), keys
+                 keys: InferenceKeys | None = None, readiness: ModelReadiness | None = None):
+        self.table, self.upstream, self.keys, self.readiness = table, upstream.rstrip("/"), keys, readiness
         self.sticky = sticky_header.lower().encode()
         self.timeout_s, self.min_attempt_s, self.latency_factor = timeout_s, min_attempt_s, latency_factor
         url = urlsplit(self.upstream)
@@ -102,7 +103,7 @@ class RestRouter:
             return Response(200, text.encode(), [b"Content-Type: text/plain; charset=utf-8"])
         if request.path in (health.LIVE, health.READY) and request.method == "GET":
             status, data = health.alive() if request.path == health.LIVE else await health.rest_ready(
-                self.pool, self.upstream)
+                self.pool, self.upstream, request.target.partition("?")[2], self.readiness)
             return Response(status, data, JSON)
         # /ping, /wfpredict/..., anything else: TorchServe answers it, errors included.
         self._swap_key(request)

@@ -1,0 +1,70 @@
+"""Readiness by model without a server: which versions count, and one look per second.
+The real management API and probes are in tests/integration/test_router_readiness.py."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tsfleet.client import VersionState, Worker
+from tsfleet.router.keys import InferenceKeys
+from tsfleet.router.readiness import ModelReadiness
+from tsfleet.router.routing import Route, RoutingTable
+
+
+def version(model: str, v: str, ready: int, default: bool = False) -> VersionState:
+    workers = tuple(Worker(str(i), 100 + i, "READY", "", 0) for i in range(ready))
+    return VersionState(model, v, f"{model}-{v}.mar", default, 1, 5, 120, 1, 1,
+                        workers or (Worker("9", None, "UNLOADING", "", 0),))
+
+
+class Described(ModelReadiness):
+    """Answers from ``seen`` instead of TorchServe, counting the looks."""
+
+    def __init__(self, table: RoutingTable, seen: dict, tmp: Path):
+        super().__init__(table, InferenceKeys("k", tmp / "key_file.json", "http://127.0.0.1:1"))
+        self.seen, self.looks = seen, 0
+
+    def _describe_all(self, models: list[str]) -> dict:
+        self.looks += 1
+        return {m: self.seen[m] for m in models if m in self.seen}
+
+
+def test_the_versions_that_count_are_where_the_traffic_goes(tmp_path: Path) -> None:
+    table = RoutingTable({"a": Route("a", "1.0", {"1.0": 90, "2.0": 10}),
+                          "b": Route("b", "1.0", {"1.0": 0}),  # no weight anywhere: TorchServe's default serves
+                          "c": Route("c", "1.0", {"1.0": 100}, aliases={"1.0": "1.0-stand-in"}),
+                          "d": Route("d", "1.0", {"1.0": 100})})
+    seen = {"a": [version("a", "1.0", 0), version("a", "2.0", 2)],
+            "b": [version("b", "1.0", 0), version("b", "3.0", 1, default=True)],
+            "c": [version("c", "1.0", 0), version("c", "1.0-stand-in", 1)]}
+    found = asyncio.run(Described(table, seen, tmp_path).check(["a", "b", "c"]))
+    # A baseline without workers: its requests are retried on the candidate, which has some.
+    assert found.ready and found.versions == {"a": {"2.0": 2, "1.0": 0}, "b": {"3.0": 1}, "c": {"1.0-stand-in": 1}}
+
+    found = asyncio.run(Described(table, seen, tmp_path).check(["a", "d"]))
+    assert not found.ready and found.problems == ["d: not registered in TorchServe"]
+
+    table.set_weights("a", {"1.0": 100, "2.0": 0})
+    found = asyncio.run(Described(table, seen, tmp_path).check(["a"]))
+    assert not found.ready and found.problems == ["a: no worker ready on 1.0 (0 ready)"]
+    table.set_weights("a", {"4.0": 100}, baseline="4.0")
+    found = asyncio.run(Described(table, seen, tmp_path).check(["a"]))
+    assert found.problems == ["a: no worker ready on 4.0 (not registered)"]
+
+
+def test_probes_share_one_look_a_second(tmp_path: Path) -> None:
+    table = RoutingTable({"a": Route("a", "1.0", {"1.0": 100})})
+    readiness = Described(table, {"a": [version("a", "1.0", 1)]}, tmp_path)
+
+    async def main() -> None:
+        answers = await asyncio.gather(*(readiness.check(["a"]) for _ in range(50)))
+        assert all(a.ready for a in answers) and readiness.looks == 1
+        await readiness.check(["a"])
+        assert readiness.looks == 1
+
+    asyncio.run(main())
+
+
+def test_a_router_without_torchserve_s_key_file_says_so() -> None:
+    found = asyncio.run(ModelReadiness(RoutingTable({"a": Route("a", "1.0", {"1.0": 100})}), None).check(["a"]))
+    assert not found.ready and "without TorchServe's key file (--key-file)" in found.problems[0]
