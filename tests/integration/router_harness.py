@@ -106,3 +106,45 @@ class RunningRouter:
     def stop(self) -> None:
         self.loop.run(self.process.stop())
         self.loop.close()
+
+
+SENTENCES = [("please cancel my subscription", "cancel"), ("what will the weather be like tomorrow", "weather"),
+             ("book a train to Vienna", "travel")]
+
+
+class SteadyLoad:
+    """Closed-loop clients of the intent classifier that check every answer until stopped;
+    failures are kept whole."""
+
+    def __init__(self, url: str, headers: dict[str, str], clients: int):
+        self.url, self.headers = url, {**headers, "Content-Type": "application/json"}
+        self.stop, self.ok, self.failures = threading.Event(), 0, []
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        session, n = requests.Session(), i
+        while not self.stop.is_set():
+            text, intent = SENTENCES[n % len(SENTENCES)]
+            n += 1
+            try:
+                resp = session.post(self.url, json={"text": text}, headers=self.headers, timeout=30)
+                good = resp.status_code == 200 and resp.json().get("intent") == intent
+                detail = f"{resp.status_code} {resp.text[:200]}"
+            except requests.RequestException as exc:
+                good, detail = False, repr(exc)
+            with self._lock:
+                if good:
+                    self.ok += 1
+                else:
+                    self.failures.append(detail)
+
+    def __enter__(self) -> "SteadyLoad":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)

@@ -3,7 +3,6 @@ version through a stand-in, and no client (direct or through the router) sees a 
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -13,7 +12,7 @@ import requests
 import yaml
 
 from tests.integration.conftest import ROOT, new_server
-from tests.integration.router_harness import RunningRouter
+from tests.integration.router_harness import SENTENCES, RunningRouter, SteadyLoad
 from tsfleet.apply import apply, current_plan
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.rollout import RouterAdmin
@@ -22,8 +21,6 @@ from tsfleet.swap import Swapper, RouterLink, derive_archive, stand_in, stand_in
 
 pytestmark = pytest.mark.slow
 MODEL = "intent-classifier"
-SENTENCES = [("please cancel my subscription", "cancel"), ("what will the weather be like tomorrow", "weather"),
-             ("book a train to Vienna", "travel")]
 
 
 def intent_fleet(**serving: int) -> Fleet:
@@ -53,43 +50,6 @@ def served(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             router.stop()
     finally:
         ts.stop()
-
-
-class SteadyLoad:
-    """Closed-loop clients that check every answer until stopped; failures are kept whole."""
-
-    def __init__(self, url: str, headers: dict[str, str], clients: int):
-        self.url, self.headers = url, {**headers, "Content-Type": "application/json"}
-        self.stop, self.ok, self.failures = threading.Event(), 0, []
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
-
-    def _client(self, i: int) -> None:
-        session, n = requests.Session(), i
-        while not self.stop.is_set():
-            text, intent = SENTENCES[n % len(SENTENCES)]
-            n += 1
-            try:
-                resp = session.post(self.url, json={"text": text}, headers=self.headers, timeout=30)
-                good = resp.status_code == 200 and resp.json().get("intent") == intent
-                detail = f"{resp.status_code} {resp.text[:200]}"
-            except requests.RequestException as exc:
-                good, detail = False, repr(exc)
-            with self._lock:
-                if good:
-                    self.ok += 1
-                else:
-                    self.failures.append(detail)
-
-    def __enter__(self) -> "SteadyLoad":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
 
 
 def settings_of(ts: TorchServe) -> dict[str, tuple[bool, int, int]]:
