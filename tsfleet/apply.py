@@ -159,15 +159,21 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
 
     ``store`` holds the archives (default: the fleet's model_store), ``report_dir`` the
     workers' reports (default: theirs), ``router`` is a ``RouterAdmin`` to keep a running
-    router's traffic on a version while its settings are swapped.
+    router's traffic on a version while its settings are swapped, and to bring its routes
+    to the manifest.
     """
     from handlers.lifecycle import default_report_dir
 
-    swapper = Swapper(client, store or fleet.root / "model_store", report_dir or default_report_dir(),
-                      RouterLink(router, progress), progress)
+    link = RouterLink(router, progress)
+    swapper = Swapper(client, store or fleet.root / "model_store", report_dir or default_report_dir(), link, progress)
     # Versions to leave as the server has them, stand-ins included (up: ones that did not start).
     steps = [s for s in current_plan(fleet, client) if (s.model, base_version(s.version)) not in skip]
+    # The router moves to the manifest once new versions are ready and defaults set, and
+    # before anything is retired, so it never sends traffic to a version that is gone.
+    routed = next((n for n, s in enumerate(steps, 1) if s.action == "unregister"), len(steps) + 1)
     for n, step in enumerate(steps, 1):
+        if n == routed:
+            link.take_fleet(fleet, skip)
         progress(f"[{n}/{len(steps)}] {step}")
         try:
             _run_step(step, fleet, client, swapper, progress)
@@ -178,4 +184,6 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
                 exc.args = (message,)  # keeps what did not start, for up to leave it out
                 raise exc from None
             raise FleetError(message) from None
+    if routed > len(steps):
+        link.take_fleet(fleet, skip)
     return steps

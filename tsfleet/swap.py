@@ -23,11 +23,11 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Collection
 
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import Conflict, FleetError, NotFound, ServerFault, VersionDidNotStart
-from tsfleet.manifest import VersionSpec
+from tsfleet.manifest import Fleet, VersionSpec
 
 if TYPE_CHECKING:
     from tsfleet.rollout import RouterAdmin
@@ -82,9 +82,26 @@ class RouterLink:
         try:
             self.admin.call("PUT", f"/routes/{model}", {"aliases": aliases})
         except FleetError as exc:  # not running, or serving another fleet
-            if not self._warned:
-                self._warned = True
-                self.progress(f"  (no router: {exc}; only TorchServe's own clients are covered)")
+            self._no_router(exc)
+
+    def take_fleet(self, fleet: Fleet, skip: Collection[tuple[str, str]] = ()) -> None:
+        """Bring the router's routes to ``fleet`` (router/manifest_routes.py), saying what changed."""
+        from tsfleet.router.manifest_routes import fleet_routes
+
+        if self.admin is None:
+            return
+        try:
+            changes = self.admin.call("PUT", "/fleet", fleet_routes(fleet, skip))["changes"]
+        except FleetError as exc:
+            self._no_router(exc)
+            return
+        for line in changes:
+            self.progress(f"  router: {line}")
+
+    def _no_router(self, exc: FleetError) -> None:
+        if not self._warned:
+            self._warned = True
+            self.progress(f"  (no router: {exc}; only TorchServe's own clients are covered)")
 
 
 @dataclass

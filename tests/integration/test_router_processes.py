@@ -21,6 +21,7 @@ import requests
 from tests.integration.conftest import ROOT, free_ports
 from tests.integration.router_harness import RunningRouter
 from tests.polling import wait_for
+from tsfleet.router.manifest_routes import fleet_routes
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 from tsfleet.router.routing import RollbackRule
@@ -150,6 +151,21 @@ def test_every_process_answers_readiness_by_model_from_the_leader_s_routes(route
         assert probes("?models=image-classifier") == [200] * 24
     finally:
         server.client.scale(INTENT, "1.1", 1)
+
+
+def test_models_leaving_and_joining_the_manifest_reach_every_front(router, fleet) -> None:
+    def probes() -> list[int]:  # an unknown model is a 404: each process answers from its own routes
+        return [requests.get(f"{router.url}/readyz?models=image-classifier", timeout=10).status_code for _ in range(24)]
+
+    without = {m: s for m, s in fleet_routes(fleet).items() if m != "image-classifier"}
+    try:
+        changes = router.admin("PUT", "/fleet", json=without).json()["changes"]
+        assert changes == ["image-classifier: route removed (the model left the manifest)"]
+        assert probes() == [404] * 24  # the change returns once every front has it
+    finally:
+        changes = router.admin("PUT", "/fleet", json=fleet_routes(fleet)).json()["changes"]
+    assert changes == ["image-classifier: new route, all traffic to 1.0"]
+    assert probes() == [200] * 24
 
 
 def test_a_dead_front_is_started_again(fleet, server, headers, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from tsfleet.router.manifest_routes import check_fleet_routes, take_fleet
 from tsfleet.router.routing import RoutingTable
 
 MAX_GRACE_S = 30 * 86400
@@ -21,7 +22,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class AdminApi:
-    """GET /routes, PUT /routes/{model}, POST /routes/{model}/rollback, POST /keys/inference."""
+    """GET /routes, PUT /routes/{model}, POST /routes/{model}/rollback, PUT /fleet, POST /keys/inference."""
 
     def __init__(self, table: RoutingTable, key: str):
         self.table, self.key = table, key
@@ -32,6 +33,7 @@ class AdminApi:
             web.get("/routes", self.list_routes),
             web.put("/routes/{model}", self.update),
             web.post("/routes/{model}/rollback", self.rollback),
+            web.put("/fleet", self.take_fleet),
             web.post("/keys/inference", self.rotate_key),
         ])
         # Set by the router when it swaps its own inference key for TorchServe's (keys.py).
@@ -87,6 +89,17 @@ class AdminApi:
         if self.settled is not None:
             await self.settled()
         return web.json_response(self.table.snapshot()[model])
+
+    async def take_fleet(self, request: web.Request) -> web.Response:
+        """Bring the routes to the manifest's models (manifest_routes.py); answers what changed."""
+        try:
+            specs = check_fleet_routes(await request.json())
+            changes = take_fleet(self.table, specs)
+        except (ValueError, TypeError) as exc:  # not JSON, not the expected shape
+            return _error(400, f"PUT /fleet: {exc}")
+        if self.settled is not None:
+            await self.settled()
+        return web.json_response({"changes": changes})
 
     async def rotate_key(self, request: web.Request) -> web.Response:
         """A new router inference key; the old one is taken ``grace_s`` more seconds (default 3600)."""

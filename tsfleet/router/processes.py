@@ -257,7 +257,7 @@ class _Leader:
         while line := await self.reader.readline():
             msg = json.loads(line)
             if msg["t"] == "routes":
-                self.table.apply_state(msg)
+                _take_routes(self.table, msg)
                 if msg.get("keys", 0) != self.key_generation and self.keys is not None and self.key_file is not None:
                     self.keys.reload(self.key_file)
                     self.key_generation = msg["keys"]
@@ -274,13 +274,23 @@ class _Leader:
                 self.writer.write(_encode({"t": "seen", "answers": answers, "shadow": shadow}))
 
 
+def _take_routes(table: RoutingTable, msg: dict[str, Any]) -> None:
+    """Route as the leader's ``_routes_message`` says: its models (a manifest change adds
+    and removes some, manifest_routes.py) and their live weights."""
+    for model in [m for m in table.routes if m not in msg["routes"]]:
+        del table.routes[model]
+    for model, saved in msg["routes"].items():
+        if model not in table.routes:
+            table.routes[model] = Route(model, saved["baseline"], dict(saved["weights"]))
+        table.routes[model].streaming = msg["streaming"][model]
+    table.apply_state(msg)
+
+
 async def _front(options: dict[str, Any], fd: int) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd), limit=LINE_LIMIT)
     first = json.loads(await reader.readline())
-    routes = {m: Route(m, saved["baseline"], dict(saved["weights"]), streaming=first["streaming"][m])
-              for m, saved in first["routes"].items()}
-    table = RoutingTable(routes)  # no state file: the leader keeps it
-    table.apply_state(first)
+    table = RoutingTable({})  # no state file: the leader keeps it
+    _take_routes(table, first)
     table.sink, table.shadow_sink, table.decides = [], [], False
     keys = None
     if options.get("ts_key_file"):  # each process keeps its own copy fresh (keys.py)

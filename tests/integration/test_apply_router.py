@@ -1,0 +1,120 @@
+"""`tsfleet apply` brings a running router to the manifest, as it brings TorchServe: a
+default moved by hand and the old version retired under load through the router (during a
+canary) fails no request, and models that join or leave the manifest join or leave the
+router's routes (rollout, readiness) without restarting it."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+import yaml
+
+from tests.integration.conftest import ROOT, new_server
+from tests.integration.router_harness import RunningRouter, SteadyLoad
+from tsfleet.apply import apply
+from tsfleet.manifest import Fleet, parse_fleet
+from tsfleet.rollout import RouterAdmin
+from tsfleet.server import TorchServe
+
+pytestmark = pytest.mark.slow
+INTENT, IMAGE, TEXT = "intent-classifier", "image-classifier", "text-embedder"
+BASE = yaml.safe_load((ROOT / "fleet.yaml").read_text())
+
+
+def fleet_of(edit=None) -> Fleet:
+    """Intent classifier 1.0 (default) and 1.1, the image classifier; no workflow."""
+    doc = copy.deepcopy(BASE)
+    doc["models"].pop(TEXT)
+    doc["workflows"] = {}
+    doc["models"][INTENT]["rollback"] = {"max_p99_ratio": 0, "max_error_rate_increase": 1.0}  # no rollback mid-test
+    if edit:
+        edit(doc)
+    return parse_fleet(doc, ROOT)
+
+
+@pytest.fixture(scope="module")
+def served(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TorchServe, RunningRouter]]:
+    fleet = fleet_of()
+    workdir = tmp_path_factory.mktemp("apply-router")
+    ts = new_server(fleet, model_store, workdir)
+    ts.start(snapshots=False)
+    try:
+        ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
+        router = RunningRouter(fleet, workdir, ts.ep.url("inference"), f"127.0.0.1:{ts.ep.grpc_inference}",
+                               upstream_management=ts.ep.url("management"), ts_key_file=workdir / "key_file.json")
+        try:
+            yield ts, router
+        finally:
+            router.stop()
+    finally:
+        ts.stop()
+
+
+def test_a_default_moved_in_the_manifest_reaches_the_router_before_the_old_version_goes(served, model_store) -> None:
+    ts, router = served
+    key = ts.keys.header("inference")
+    admin = RouterAdmin(router.admin_url, ts.workdir / "router_key.json")
+    admin.call("PUT", f"/routes/{INTENT}", {"weights": {"1.0": 90, "1.1": 10}})  # a canary under way
+
+    def moved(doc: dict) -> None:  # by hand: 1.1 is the default, 1.0 leaves
+        doc["models"][INTENT]["default_version"] = "1.1"
+        del doc["models"][INTENT]["versions"]["1.0"]
+
+    lines: list[str] = []
+    with SteadyLoad(router.url + f"/predictions/{INTENT}", key, 6) as routed:
+        deadline = time.monotonic() + 30
+        while routed.ok < 50:
+            assert time.monotonic() < deadline, routed.failures
+            time.sleep(0.05)
+        started = time.monotonic()
+        apply(fleet_of(moved), ts.client, lines.append, store=model_store, report_dir=ts.report_dir, router=admin)
+        took = time.monotonic() - started
+        settled = routed.ok
+        while routed.ok < settled + 50:
+            assert time.monotonic() < deadline + 120, routed.failures
+            time.sleep(0.05)
+    assert routed.failures == [], "\n".join(lines)
+    assert f"  router: {INTENT}: all traffic to 1.1, the manifest's default (was 1.0 90, 1.1 10)" in lines
+    # The router moved before the retirement, so 1.0 drained at once instead of waiting out its timeout.
+    assert lines.index(f"  router: {INTENT}: all traffic to 1.1, the manifest's default (was 1.0 90, 1.1 10)") < \
+        next(i for i, line in enumerate(lines) if "unregister" in line), lines
+    assert took < 30 and not any("not drained" in line for line in lines), lines
+    assert [v.version for v in ts.client.describe(INTENT)] == ["1.1"]
+    route = admin.routes()[INTENT]
+    assert (route["baseline"], route["weights"]) == ("1.1", {"1.1": 100.0})
+    resp = router.post(f"/predictions/{INTENT}", b'{"text": "book a train to Vienna"}',
+                       {**key, "Content-Type": "application/json"})
+    assert (resp.status_code, resp.headers["X-Model-Version"], resp.json()["intent"]) == (200, "1.1", "travel")
+
+
+def test_models_that_join_or_leave_the_manifest_join_or_leave_the_routes(served, model_store) -> None:
+    ts, router = served
+    key = ts.keys.header("inference")
+    admin = RouterAdmin(router.admin_url, ts.workdir / "router_key.json")
+
+    def swapped(doc: dict) -> None:  # the image model leaves, the text embedder joins
+        doc["models"][INTENT]["default_version"] = "1.1"
+        del doc["models"][INTENT]["versions"]["1.0"]
+        doc["models"].pop(IMAGE)
+        doc["models"][TEXT] = copy.deepcopy(BASE["models"][TEXT])
+
+    lines: list[str] = []
+    apply(fleet_of(swapped), ts.client, lines.append, store=model_store, report_dir=ts.report_dir, router=admin)
+    assert f"  router: {IMAGE}: route removed (the model left the manifest)" in lines
+    assert f"  router: {TEXT}: new route, all traffic to 1.0" in lines
+    routes = admin.routes()
+    assert set(routes) == {INTENT, TEXT} and routes[TEXT]["weights"] == {"1.0": 100.0}
+    # The new model is routed (its answer names the version) and counts in readiness by model.
+    resp = router.post(f"/predictions/{TEXT}", b'{"text": "hello"}', {**key, "Content-Type": "application/json"})
+    assert resp.status_code == 200 and resp.headers["X-Model-Version"] == "1.0", resp.text
+    ready = requests.get(router.url + "/readyz?models=all", timeout=10)
+    assert ready.status_code == 200 and set(ready.json()["models"]) == {INTENT, TEXT}, ready.text
+    # The one that left gets TorchServe's own answer for a model it does not have.
+    gone = router.post(f"/predictions/{IMAGE}", b"x", {**key, "Content-Type": "image/png"})
+    assert gone.status_code == 404 and "Model not found" in gone.text, gone.text
+    assert apply(fleet_of(swapped), ts.client, lines.append, store=model_store, report_dir=ts.report_dir,
+                 router=admin) == []

@@ -1,0 +1,74 @@
+"""A running router brought to the manifest, as ``tsfleet apply`` brings TorchServe.
+
+The router takes its routes from the manifest when it starts and keeps its live weights in
+router_state.json. A manifest changed under a running router (a model added, a version
+retired, the default moved by hand) reaches TorchServe through apply; without this, the
+router went on sending traffic to a version apply had just unregistered (404s), and knew no
+route for a new model. apply sends ``fleet_routes`` to the admin API's ``PUT /fleet``
+before it retires anything, and the router takes it with ``take_fleet``.
+"""
+from __future__ import annotations
+
+from typing import Any, Collection
+
+from tsfleet.router.routing import RollbackRule, Route, RoutingTable
+
+
+def fleet_routes(fleet: Any, skip: Collection[tuple[str, str]] = ()) -> dict[str, dict[str, Any]]:
+    """What the manifest says of each model's route, as JSON: its default version, its
+    versions (less the (model, version) pairs in ``skip``: ones that did not start), its
+    rollback rule and whether it streams."""
+    return {name: {"default_version": model.default_version, "rollback": dict(model.rollback),
+                   "streaming": model.streaming, "versions": [v for v in model.versions if (name, v) not in skip]}
+            for name, model in fleet.models.items()}
+
+
+def check_fleet_routes(doc: Any) -> dict[str, dict[str, Any]]:
+    """``doc`` if it is what ``fleet_routes`` makes, else ValueError saying what is wrong."""
+    if not isinstance(doc, dict) or not all(isinstance(m, str) and isinstance(s, dict) for m, s in doc.items()):
+        raise ValueError("expected {model: {default_version, versions, rollback, streaming}}")
+    for model, spec in doc.items():
+        if not isinstance(spec.get("default_version"), str) or not isinstance(spec.get("versions"), list):
+            raise ValueError(f"{model}: default_version (a string) and versions (a list) are needed")
+        try:
+            RollbackRule(**spec.get("rollback", {}))
+        except TypeError as exc:
+            raise ValueError(f"{model}: rollback: {exc}") from None
+    return doc
+
+
+def take_fleet(table: RoutingTable, specs: dict[str, dict[str, Any]]) -> list[str]:
+    """Bring ``table``'s routes to ``specs`` (``fleet_routes``): a new model gets a route with
+    all its traffic on its default version, a model that left loses its route, weights leave
+    versions that left, and a default the manifest moved takes all the traffic (a split under
+    way stays while the default is its baseline). Returns what changed, a line each."""
+    changes = []
+    for model in [m for m in table.routes if m not in specs]:
+        del table.routes[model]
+        changes.append(f"{model}: route removed (the model left the manifest)")
+    for model, spec in specs.items():
+        default, versions = spec["default_version"], set(spec["versions"])
+        rule, streaming = RollbackRule(**spec.get("rollback", {})), bool(spec.get("streaming", False))
+        route = table.routes.get(model)
+        if route is None:
+            if default in versions:
+                table.routes[model] = Route(model, default, {default: 100.0}, rollback=rule, streaming=streaming)
+                changes.append(f"{model}: new route, all traffic to {default}")
+            continue
+        route.rollback, route.streaming = rule, streaming
+        kept = {v: w for v, w in route.weights.items() if v in versions}
+        if (default in versions and default != route.baseline) or not any(w > 0 for w in kept.values()):
+            target = default if default in versions else route.baseline
+            if route.weights != {target: 100.0} or route.baseline != target:
+                was = ", ".join(f"{v} {w:g}" for v, w in sorted(route.weights.items()))
+                changes.append(f"{model}: all traffic to {target}, the manifest's default (was {was})")
+                table.set_weights(model, {target: 100.0}, baseline=target)
+        elif kept != route.weights:
+            changes.append(f"{model}: weights of versions that left the manifest dropped "
+                           f"({', '.join(sorted(set(route.weights) - set(kept)))})")
+            table.set_weights(model, kept)
+        if route.shadow and route.shadow not in versions:
+            changes.append(f"{model}: shadow {route.shadow} stopped (it left the manifest)")
+            table.set_shadow(model, None, 0.0)
+    table.save()
+    return changes
