@@ -112,10 +112,10 @@ def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
 
     from handlers.lifecycle import default_report_dir
     from tsfleet import up
-    from tsfleet.recycle import Recycler
+    from tsfleet.recycle import Recycler, watched as recycle_watched
 
     recycler = Recycler(fleet, _client(args), Path(args.report_dir) if args.report_dir else default_report_dir(),
-                        _say)
+                        _say, manifest=Path(args.manifest))
 
     class Metrics(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -132,8 +132,7 @@ def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
         httpd = http.server.ThreadingHTTPServer(("127.0.0.1", args.metrics_port), Metrics)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         _say(f"recycler metrics at http://127.0.0.1:{args.metrics_port}/metrics")
-    watched = [f"{v.model} {v.version}" for v in fleet.versions() if v.recycle.enabled]
-    _say("recycling " + (", ".join(watched) if watched else "nothing: no version has a recycle policy"))
+    _say("recycling " + recycle_watched(fleet))
     signal.signal(signal.SIGTERM, up.interrupt)
     try:
         recycler.run(args.interval)

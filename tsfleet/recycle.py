@@ -25,7 +25,7 @@ from tsfleet.client import ManagementClient
 from tsfleet.errors import ApiError, FleetError, Unreachable
 from tsfleet.files import write_atomically
 from tsfleet.locks import report_dir_of, version_lock
-from tsfleet.manifest import Fleet, RecyclePolicy, VersionSpec
+from tsfleet.manifest import Fleet, RecyclePolicy, VersionSpec, load_fleet
 
 EVENTS = "recycle-events.jsonl"
 EVENTS_MAX_BYTES = 256 * 1024  # then the file keeps only each version's newest event (all status reads)
@@ -121,12 +121,29 @@ def over_limit(policy: RecyclePolicy, report: Report, now: float, trend: Trend =
     return None
 
 
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size) if st is not None else None
+
+
+def watched(fleet: Fleet) -> str:
+    """The versions with a recycle policy, for the log."""
+    names = [f"{v.model} {v.version}" for v in fleet.versions() if v.recycle.enabled]
+    return ", ".join(names) if names else "nothing: no version has a recycle policy"
+
+
 class Recycler:
     """Watches every worker of the fleet's versions that have a policy, and replaces them."""
 
     def __init__(self, fleet: Fleet, client: ManagementClient, report_dir: Path,
-                 progress: Callable[[str], None] = print, ready_timeout_s: float = 300, cooldown_s: float = 60):
+                 progress: Callable[[str], None] = print, ready_timeout_s: float = 300, cooldown_s: float = 60,
+                 manifest: Path | None = None):
         self.fleet, self.client, self.report_dir, self.progress = fleet, client, report_dir, progress
+        # Followed as it changes: versions apply adds or retires, policies edited.
+        self.manifest, self._manifest_stamp = manifest, _stamp(manifest)
         self.ready_timeout_s, self.cooldown_s = ready_timeout_s, cooldown_s
         self.events: deque[Event] = deque(maxlen=KEPT_EVENTS)
         self._counts: dict[tuple[str, str, str, bool], int] = {}  # for /metrics, over the process's life
@@ -138,8 +155,26 @@ class Recycler:
         # short of workers (one that cannot start, workers that keep dying) is worth an alert.
         self.workers: dict[tuple[str, str], tuple[int, int]] = {}
 
+    def follow_manifest(self) -> None:
+        """Take the manifest again if its file changed since the last look. Without this a
+        version apply retired stayed in the gauges as 0 ready of 1 wanted (an alert firing
+        for nothing), and one apply added was neither recycled nor counted."""
+        stamp = _stamp(self.manifest)
+        if self.manifest is None or stamp is None or stamp == self._manifest_stamp:
+            return
+        self._manifest_stamp = stamp
+        try:
+            fleet = load_fleet(self.manifest)
+        except FleetError as exc:
+            self.progress(f"recycler: {exc}; still following the manifest as it was")
+            return
+        changed, self.fleet = fleet.versions() != self.fleet.versions(), fleet
+        if changed:
+            self.progress(f"recycler: {self.manifest} changed; recycling " + watched(fleet))
+
     def tick(self) -> list[Event]:
         """One look at every worker; replace those over a limit, one at a time per version."""
+        self.follow_manifest()
         events = []
         now = time.time()
         try:

@@ -1,8 +1,12 @@
 """Recycle policy decisions, without a server."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from tsfleet.manifest import RecyclePolicy
 from tsfleet.recycle import Report, Trend, over_limit, request_limit
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def report(**kw) -> Report:
@@ -51,3 +55,51 @@ def test_a_recycler_running_for_months_keeps_its_records_bounded(tmp_path) -> No
     assert len(recycler.events) == KEPT_EVENTS
     assert 'tsfleet_worker_recycles_total{model="m",version="1.0",reason="max_requests",outcome="ok"} 10000' \
         in recycler.metrics()
+
+
+def test_the_recycler_follows_the_manifest_as_apply_changes_it(tmp_path) -> None:
+    # A version apply retired must leave the gauges (else: 0 ready of 1 wanted, an alert for
+    # nothing); one it added must join them; a manifest that does not load changes nothing.
+    import shutil
+
+    import yaml
+
+    from tsfleet.client import VersionState, Worker
+    from tsfleet.manifest import load_fleet
+    from tsfleet.recycle import Recycler
+
+    root = tmp_path / "repo"
+    shutil.copytree(ROOT / "handlers", root / "handlers")
+    manifest = root / "fleet.yaml"
+    doc = yaml.safe_load((ROOT / "fleet.yaml").read_text())
+    doc["workflows"] = {}  # its step names intent-classifier 1.0, which leaves below
+    manifest.write_text(yaml.safe_dump(doc))
+
+    class Server:  # what TorchServe describes: every version of the manifest with one worker READY
+        def state(self) -> dict:
+            return {m: [VersionState(m, v, "", v == "1.0", 1, 5, 120, 1, 1, (Worker("1", 10, "READY", "", 0),))
+                        for v in versions] for m, versions in registered.items()}
+
+    registered = {"intent-classifier": ["1.0", "1.1"]}
+    lines: list[str] = []
+    recycler = Recycler(load_fleet(manifest), Server(), tmp_path / "reports", lines.append, manifest=manifest)
+
+    def gauges() -> set[str]:
+        return {line for line in recycler.metrics().splitlines() if line.startswith("tsfleet_workers_ready{")}
+
+    recycler.tick()
+    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.0"} 1' in gauges()
+    del doc["models"]["intent-classifier"]["versions"]["1.0"]
+    doc["models"]["intent-classifier"]["default_version"] = "1.1"
+    doc["models"]["intent-classifier"]["recycle"] = {"max_requests": 500}
+    manifest.write_text(yaml.safe_dump(doc))
+    registered["intent-classifier"] = ["1.1"]  # what apply did
+    recycler.tick()
+    assert not any('version="1.0"' in g and "intent" in g for g in gauges()), (lines, gauges())
+    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.1"} 1' in gauges()
+    assert lines[-1] == f"recycler: {manifest} changed; recycling intent-classifier 1.1"
+
+    manifest.write_text("models: [")  # half-saved by an editor
+    recycler.tick()
+    assert "not valid YAML" in lines[-1] and lines[-1].endswith("still following the manifest as it was")
+    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.1"} 1' in gauges()
