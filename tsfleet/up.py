@@ -219,7 +219,7 @@ def _start_companions(server: TorchServe, fleet: Fleet, options: UpOptions, say:
             raise FleetError(f"the router did not start listening on {host}:{port}; see logs/route.log")
     say(f"router started: clients use http://{host}:8090 and gRPC {host}:7090 like TorchServe's "
         "8080/7070, with TorchServe's key or the router's own, which does not expire ('inference' in "
-        f"{server.workdir / 'router_key.json'}); probes need none: /livez, /readyz (log: logs/route.log)")
+        f"{server.workdir / 'router_key.json'}); probes need none: /livez, /readyz, /readyz?models=all (log: logs/route.log)")
     print_endpoints(server, fleet, f"http://{host}:8090", say)
     return supervisor
 
