@@ -61,6 +61,10 @@ def test_probes_share_one_look_a_second(tmp_path: Path) -> None:
         assert all(a.ready for a in answers) and readiness.looks == 1
         await readiness.check(["a"])
         assert readiness.looks == 1
+        # A model routed since (apply added it) is looked at now, not a second later.
+        table.routes["b"] = Route("b", "1.0", {"1.0": 100})
+        readiness.seen["b"] = [version("b", "1.0", 1)]
+        assert (await readiness.check(["b"])).ready and readiness.looks == 2
 
     asyncio.run(main())
 

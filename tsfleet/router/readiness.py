@@ -60,11 +60,13 @@ class ModelReadiness:
         if self.keys is None:
             return ModelsReady(False, {}, ["the router was started without TorchServe's key file (--key-file), "
                                            "so it cannot ask TorchServe which versions have workers"])
-        seen = await self._described()
+        seen = await self._described(models)
         versions: dict[str, dict[str, int]] = {}
         problems = []
         for model in models:
             described = seen.get(model, "not registered in TorchServe")
+            if model not in self.table.routes:  # apply took it out of the manifest meanwhile
+                described = "no longer in the manifest"
             if isinstance(described, str):
                 versions[model] = {}
                 problems.append(f"{model}: {described}")
@@ -85,9 +87,10 @@ class ModelReadiness:
             return [self.table.upstream(model, version) or version for version, _ in arms]
         return [v.version for v in described if v.is_default]  # no route: TorchServe picks its default
 
-    async def _described(self) -> dict[str, list[VersionState] | str]:
+    async def _described(self, models: list[str]) -> dict[str, list[VersionState] | str]:
         now = time.monotonic()
-        if self._seen is not None and now - self._seen[0] < CACHE_S:
+        # A model routed since the last look (apply added it) is looked at now, not in a second.
+        if self._seen is not None and now - self._seen[0] < CACHE_S and all(m in self._seen[1] for m in models):
             return self._seen[1]
         if self._look is None:  # one look at a time; probes arriving meanwhile wait for it
             self._look = asyncio.ensure_future(asyncio.to_thread(self._describe_all, list(self.table.routes)))
