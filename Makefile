@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TSFLEET := $(VENV)/bin/tsfleet
 
-.PHONY: setup build config up down test test-fast bench clean
+.PHONY: setup build config up down test test-fast bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,14 @@ test-fast: setup
 # The speed suite (about 25 minutes on 2 cores): docs/benchmarks.md, its plots, benchmarks/results/latest.json.
 bench: build
 	$(PY) -m benchmarks.speed
+
+# On a box with a GPU and cores to spare (docs/gpu-box.md): the GPU tier, then the router's
+# share of direct throughput with one and four processes (about 10 minutes). It uses $(VENV)
+# as it is, with the box's CUDA build of torch: `make setup` would pin the CPU one.
+gpu-check:
+	$(TSFLEET) build
+	$(PY) -m pytest tests/gpu tests/integration/test_gpu_serving.py tests/integration/test_models.py
+	$(PY) -m benchmarks.speed --quick --split-cores --models image-classifier --router-processes 1 4
 
 clean:
 	rm -rf build model_store/*.mar model_store/*.war model_store/index.json
