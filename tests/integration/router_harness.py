@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import requests
 
@@ -13,6 +14,7 @@ from benchmarks.speed.workload import camera_jpeg
 
 from tsfleet.manifest import Fleet
 from tsfleet.router.app import RouterConfig, RouterProcess
+from tsfleet.server import TorchServe
 
 
 def camera_image() -> bytes:
@@ -97,6 +99,14 @@ class RunningRouter:
         self.admin_headers = {"Authorization": f"Bearer {self.process.admin.key}"}
         self.session = requests.Session()
 
+    @classmethod
+    def before(cls, server: TorchServe, fleet: Fleet, workdir: Path, keyed: bool = True, **options: Any) -> "RunningRouter":
+        """A router in front of ``server``; ``keyed``: with TorchServe's key file and
+        management API, as ``up`` starts it (its own key, renewals, readiness by model)."""
+        if keyed:
+            options.update(upstream_management=server.ep.url("management"), ts_key_file=server.workdir / "key_file.json")
+        return cls(fleet, workdir, server.ep.url("inference"), f"127.0.0.1:{server.ep.grpc_inference}", **options)
+
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> requests.Response:
         return self.session.post(self.url + path, data=body, headers=headers, timeout=60)
 
@@ -148,3 +158,21 @@ class SteadyLoad:
         self.stop.set()
         for t in self.threads:
             t.join(60)
+
+
+@contextlib.contextmanager
+def served(fleet: Fleet, model_store: Path, workdir: Path, keyed: bool = False) -> Iterator[tuple[TorchServe, RunningRouter]]:
+    """A TorchServe of its own serving ``fleet``, and a router before it; both stopped after."""
+    from tests.integration.conftest import new_server
+
+    ts = new_server(fleet, model_store, workdir)
+    ts.start(snapshots=False)
+    try:
+        ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
+        router = RunningRouter.before(ts, fleet, workdir, keyed)
+        try:
+            yield ts, router
+        finally:
+            router.stop()
+    finally:
+        ts.stop()

@@ -13,8 +13,9 @@ import pytest
 import requests
 import yaml
 
-from tests.integration.conftest import ROOT, new_server
+from tests.integration.conftest import ROOT
 from tests.integration.router_harness import RunningRouter, SteadyLoad
+from tests.integration.router_harness import served as served_with_router
 from tsfleet.apply import apply
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.rollout import RouterAdmin
@@ -38,20 +39,8 @@ def fleet_of(edit=None) -> Fleet:
 
 @pytest.fixture(scope="module")
 def served(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TorchServe, RunningRouter]]:
-    fleet = fleet_of()
-    workdir = tmp_path_factory.mktemp("apply-router")
-    ts = new_server(fleet, model_store, workdir)
-    ts.start(snapshots=False)
-    try:
-        ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
-        router = RunningRouter(fleet, workdir, ts.ep.url("inference"), f"127.0.0.1:{ts.ep.grpc_inference}",
-                               upstream_management=ts.ep.url("management"), ts_key_file=workdir / "key_file.json")
-        try:
-            yield ts, router
-        finally:
-            router.stop()
-    finally:
-        ts.stop()
+    with served_with_router(fleet_of(), model_store, tmp_path_factory.mktemp("apply-router"), keyed=True) as pair:
+        yield pair
 
 
 def test_a_default_moved_in_the_manifest_reaches_the_router_before_the_old_version_goes(served, model_store) -> None:

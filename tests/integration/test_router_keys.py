@@ -56,9 +56,7 @@ def server(fleet_of_one: Fleet, model_store: Path, tmp_path_factory: pytest.Temp
 
 @pytest.fixture(scope="module")
 def router(fleet_of_one: Fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRouter]:
-    r = RunningRouter(fleet_of_one, tmp_path_factory.mktemp("router"), server.ep.url("inference"),
-                      f"127.0.0.1:{server.ep.grpc_inference}", upstream_management=server.ep.url("management"),
-                      ts_key_file=server.workdir / "key_file.json")
+    r = RunningRouter.before(server, fleet_of_one, tmp_path_factory.mktemp("router"))
     try:
         yield r
     finally:

@@ -35,9 +35,7 @@ TEXTS = ["book me a flight to Rome", "my invoice is wrong", "will it rain tomorr
 
 @pytest.fixture(scope="module")
 def router(fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRouter]:
-    r = RunningRouter(fleet, tmp_path_factory.mktemp("router3"), server.ep.url("inference"),
-                      f"127.0.0.1:{server.ep.grpc_inference}", processes=3,
-                      upstream_management=server.ep.url("management"), ts_key_file=server.workdir / "key_file.json")
+    r = RunningRouter.before(server, fleet, tmp_path_factory.mktemp("router3"), processes=3)
     try:
         yield r
     finally:

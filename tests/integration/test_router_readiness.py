@@ -24,9 +24,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 @pytest.fixture(scope="module")
 def router(fleet: Fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRouter]:
-    r = RunningRouter(fleet, tmp_path_factory.mktemp("router"), server.ep.url("inference"),
-                      f"127.0.0.1:{server.ep.grpc_inference}", upstream_management=server.ep.url("management"),
-                      ts_key_file=server.workdir / "key_file.json")
+    r = RunningRouter.before(server, fleet, tmp_path_factory.mktemp("router"))
     try:
         yield r
     finally:
@@ -129,7 +127,7 @@ def test_grpc_health_knows_models_and_nothing_else(router: RunningRouter) -> Non
 
 def test_a_router_without_torchserve_s_keys_says_why_it_cannot_tell(fleet: Fleet, server: TorchServe,
                                                                    tmp_path: Path) -> None:
-    r = RunningRouter(fleet, tmp_path, server.ep.url("inference"), f"127.0.0.1:{server.ep.grpc_inference}")
+    r = RunningRouter.before(server, fleet, tmp_path, keyed=False)
     try:
         resp = ready(r, "?models=all")
         assert resp.status_code == 503

@@ -11,8 +11,9 @@ import pytest
 import requests
 import yaml
 
-from tests.integration.conftest import ROOT, new_server
+from tests.integration.conftest import ROOT
 from tests.integration.router_harness import SENTENCES, RunningRouter, SteadyLoad
+from tests.integration.router_harness import served as served_with_router
 from tsfleet.apply import apply, current_plan
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.rollout import RouterAdmin
@@ -37,19 +38,9 @@ def intent_fleet(**serving: int) -> Fleet:
 
 @pytest.fixture(scope="module")
 def served(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TorchServe, RunningRouter]]:
-    fleet = intent_fleet(batch_size=8, max_batch_delay_ms=5)
-    workdir = tmp_path_factory.mktemp("swap-ts")
-    ts = new_server(fleet, model_store, workdir)
-    ts.start(snapshots=False)
-    try:
-        ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
-        router = RunningRouter(fleet, workdir, ts.ep.url("inference"), f"127.0.0.1:{ts.ep.grpc_inference}")
-        try:
-            yield ts, router
-        finally:
-            router.stop()
-    finally:
-        ts.stop()
+    with served_with_router(intent_fleet(batch_size=8, max_batch_delay_ms=5), model_store,
+                            tmp_path_factory.mktemp("swap-ts")) as pair:
+        yield pair
 
 
 def settings_of(ts: TorchServe) -> dict[str, tuple[bool, int, int]]:
