@@ -117,6 +117,12 @@ class RunningRouter:
         self.loop.run(self.process.stop())
         self.loop.close()
 
+    def __enter__(self) -> "RunningRouter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 SENTENCES = [("please cancel my subscription", "cancel"), ("what will the weather be like tomorrow", "weather"),
              ("book a train to Vienna", "travel")]
@@ -169,10 +175,7 @@ def served(fleet: Fleet, model_store: Path, workdir: Path, keyed: bool = False) 
     ts.start(snapshots=False)
     try:
         ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
-        router = RunningRouter.before(ts, fleet, workdir, keyed)
-        try:
+        with RunningRouter.before(ts, fleet, workdir, keyed) as router:
             yield ts, router
-        finally:
-            router.stop()
     finally:
         ts.stop()

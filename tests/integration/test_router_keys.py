@@ -56,11 +56,8 @@ def server(fleet_of_one: Fleet, model_store: Path, tmp_path_factory: pytest.Temp
 
 @pytest.fixture(scope="module")
 def router(fleet_of_one: Fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRouter]:
-    r = RunningRouter.before(server, fleet_of_one, tmp_path_factory.mktemp("router"))
-    try:
+    with RunningRouter.before(server, fleet_of_one, tmp_path_factory.mktemp("router")) as r:
         yield r
-    finally:
-        r.stop()
 
 
 def torchserve_keys(server: TorchServe) -> Keys:

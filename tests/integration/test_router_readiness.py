@@ -24,11 +24,8 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 @pytest.fixture(scope="module")
 def router(fleet: Fleet, server: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRouter]:
-    r = RunningRouter.before(server, fleet, tmp_path_factory.mktemp("router"))
-    try:
+    with RunningRouter.before(server, fleet, tmp_path_factory.mktemp("router")) as r:
         yield r
-    finally:
-        r.stop()
 
 
 def ready(router: RunningRouter, query: str) -> requests.Response:
@@ -127,10 +124,7 @@ def test_grpc_health_knows_models_and_nothing_else(router: RunningRouter) -> Non
 
 def test_a_router_without_torchserve_s_keys_says_why_it_cannot_tell(fleet: Fleet, server: TorchServe,
                                                                    tmp_path: Path) -> None:
-    r = RunningRouter.before(server, fleet, tmp_path, keyed=False)
-    try:
+    with RunningRouter.before(server, fleet, tmp_path, keyed=False) as r:
         resp = ready(r, "?models=all")
-        assert resp.status_code == 503
-        assert "started without TorchServe's key file (--key-file)" in resp.json()["message"], resp.text
-    finally:
-        r.stop()
+    assert resp.status_code == 503
+    assert "started without TorchServe's key file (--key-file)" in resp.json()["message"], resp.text
