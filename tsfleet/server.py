@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
+from handlers.handover import pid_alive
 from tsfleet.client import ManagementClient
 from tsfleet.errors import ApiError, Conflict, NotAllReady, ServerError, Unreachable
 from tsfleet.manifest import Fleet
@@ -19,6 +22,7 @@ from tsfleet.properties import LOG_CONFIG, Endpoints
 KEY_FILE = "key_file.json"
 FAILED_STARTS = 2  # worker processes of a version that died at start before it counts as failing
 OUT_ROLL_BYTES = 64 * 2**20  # logs/torchserve.out moved aside at a start once past this
+STOP_WAIT_S = 60.0  # for the frontend to exit after `torchserve --stop` (its workers are told to finish)
 
 
 def java_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -122,24 +126,38 @@ class TorchServe:
             raise ServerError(f"torchserve --start failed: {said.strip()}")
         self._keys = None
 
-    def stop(self) -> None:
-        """``torchserve --stop``; quiet when nothing is running."""
+    def stop(self, wait_s: float = STOP_WAIT_S) -> None:
+        """``torchserve --stop``, then wait until the frontend has exited: TorchServe's stop
+        only signals it and removes its pid file, so a fleet started again at once (or a
+        service manager's final kill) met a frontend still shutting down. One still there
+        after ``wait_s`` is hung and is killed. Quiet when nothing is running."""
+        pid = self._pid()
+        try:  # taken before the stop, so a pid used again later is never mistaken for it
+            frontend = psutil.Process(pid) if pid is not None else None
+        except psutil.NoSuchProcess:
+            frontend = None
         self._torchserve("--stop")
+        if frontend is None:
+            return
+        try:
+            frontend.wait(wait_s)
+        except psutil.TimeoutExpired:
+            frontend.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+    def _pid(self) -> int | None:
+        try:
+            return int((self.tmp_dir / ".model_server.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def state(self) -> str:
         """"running", "stopped" (stopped cleanly: no pid file) or "died" (pid file, no process)."""
-        pid_file = self.tmp_dir / ".model_server.pid"
-        try:
-            pid = int(pid_file.read_text().strip())
-        except (OSError, ValueError):
+        pid = self._pid()
+        if pid is None:
             return "stopped"
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return "died"
-        except PermissionError:
-            pass  # alive, someone else's
-        return "running"
+        return "running" if pid_alive(pid) else "died"
 
     def _alive_or_raise(self) -> None:
         # Waiting out the whole timeout for a server that already died helps nobody.
