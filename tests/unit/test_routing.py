@@ -5,6 +5,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.routing import RollbackRule, Route, RoutingTable
 
@@ -73,6 +75,20 @@ def test_candidate_with_more_errors_is_rolled_back_after_enough_samples() -> Non
     assert t.routes["m"].weights == {"1.0": 50, "1.1": 0.0}
     assert all(t.choose("m").version == "1.0" for _ in range(50))
     assert 'tsfleet_router_rollbacks_total{model="m",version="1.1"} 1' in t.prometheus()
+
+
+def test_a_rollback_the_disk_cannot_record_still_happens(tmp_path: Path, caplog) -> None:
+    # A full disk (here: the state file's folder is a file) must not fail the request whose
+    # answer triggered the rollback, nor stop the rollback.
+    (tmp_path / "full").write_text("")
+    t = table(tmp_path / "full" / "state.json", v1_0=50, v1_1=50)
+    for i in range(20):
+        t.record("m", "1.0", True, 0.01, now=i)
+        event = t.record("m", "1.1", False, 0.01, now=i)
+    assert event and t.routes["m"].weights == {"1.0": 50, "1.1": 0.0}
+    assert "cannot save the routes" in caplog.text
+    with pytest.raises(OSError):  # a person's change says it was not saved
+        t.set_weights("m", {"1.0": 100})
 
 
 def test_slow_candidate_is_rolled_back_and_old_samples_leave_the_window() -> None:

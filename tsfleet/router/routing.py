@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,8 @@ from typing import Any, Callable, NamedTuple
 from tsfleet.errors import FleetError
 from tsfleet.files import write_atomically
 from tsfleet.router.stats import BUCKETS, ArmStats
+
+log = logging.getLogger(__name__)
 
 
 
@@ -114,13 +117,20 @@ class RoutingTable:
                 route.rolled_back = saved.get("rolled_back")
                 route.aliases = {str(k): str(v) for k, v in saved.get("aliases", {}).items()}
 
-    def save(self) -> None:
-        """Write the live routes atomically (rename), so a crash never leaves half a file."""
+    def save(self, quiet: bool = False) -> None:
+        """Write the live routes atomically (rename), so a crash never leaves half a file.
+        ``quiet``: a write that fails (a full disk) is logged, not raised; for the changes
+        the router makes itself in a request's path, which must still be answered."""
         if self.on_change is not None:
             self.on_change()
         if not self.state_path:
             return
-        write_atomically(self.state_path, json.dumps(self.state(), indent=2, sort_keys=True))
+        try:
+            write_atomically(self.state_path, json.dumps(self.state(), indent=2, sort_keys=True))
+        except OSError as exc:
+            if not quiet:
+                raise
+            log.error("router: cannot save the routes to %s (%s): they hold until the router restarts", self.state_path, exc)
 
     def state(self) -> dict[str, Any]:
         """The live parts of every route, as saved and as apply_state takes them."""
@@ -251,7 +261,7 @@ class RoutingTable:
             route.rolled_back = {"version": version, "reason": reason, "at": time.time()}
             key = (model, version)
             self.rollbacks_total[key] = self.rollbacks_total.get(key, 0) + 1
-        self.save()
+        self.save(quiet=True)
         return route.rolled_back
 
     def set_weights(self, model: str, weights: dict[str, float], baseline: str | None = None) -> Route:
