@@ -75,3 +75,21 @@ def test_a_default_that_did_not_start_does_not_take_the_traffic() -> None:
 def test_a_malformed_fleet_is_refused_before_anything_changes(doc: object, words: str) -> None:
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         check_fleet_routes(doc)
+
+
+def test_a_router_starting_on_an_older_state_file_yields_to_the_manifest(tmp_path: Path) -> None:
+    # Weights saved before the router stopped; meanwhile fleet.yaml retired 1.1 (a canary) and
+    # moved image-classifier's default: the started router must not send traffic to either.
+    from tsfleet.manifest import load_fleet
+    from tsfleet.router.app import RouterConfig, RouterProcess
+
+    fleet = load_fleet(Path(__file__).resolve().parents[2] / "fleet.yaml")
+    state = tmp_path / "router_state.json"
+    state.write_text(json.dumps({"routes": {
+        "intent-classifier": {"baseline": "1.0", "weights": {"1.0": 90, "0.9": 10}},
+        "image-classifier": {"baseline": "0.5", "weights": {"0.5": 100}}}}))
+    router = RouterProcess(fleet, RouterConfig(state_file=state, key_file=tmp_path / "router_key.json"))
+    routes = router.table.routes
+    assert (routes["intent-classifier"].baseline, routes["intent-classifier"].weights) == ("1.0", {"1.0": 90})
+    assert (routes["image-classifier"].baseline, routes["image-classifier"].weights) == ("1.0", {"1.0": 100})
+    assert json.loads(state.read_text())["routes"]["image-classifier"]["weights"] == {"1.0": 100}

@@ -14,10 +14,13 @@ from aiohttp import web
 from tsfleet.manifest import Fleet
 from tsfleet.router.admin import AdminApi
 from tsfleet.router.keys import InferenceKeys, previous_keys, rotate_router_key, router_keys
+from tsfleet.router.manifest_routes import fleet_routes, take_fleet
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.rest import RestRouter
 from tsfleet.router.routing import RoutingTable, routes_from_fleet
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,10 @@ class RouterProcess:
     def __init__(self, fleet: Fleet, config: RouterConfig):
         self.config = config
         self.table = RoutingTable(routes_from_fleet(fleet), config.state_file)
+        # The saved weights may predate a manifest edited while the router was down (a version
+        # retired, a default moved): they yield to it, as they do to a running apply.
+        for change in take_fleet(self.table, fleet_routes(fleet)):
+            log.info("router: %s", change)
         keys = router_keys(config.key_file)
         self.keys = InferenceKeys(keys["inference"], config.ts_key_file, config.upstream_management,
                                   previous_keys(keys)) if config.ts_key_file is not None else None
