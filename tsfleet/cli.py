@@ -193,7 +193,7 @@ def cmd_rollout(args: argparse.Namespace, fleet: Fleet) -> int:
     weight = args.weight if args.action == "start" else args.weight_pos
     if weight is None:
         raise FleetError("set-weight needs MODEL VERSION WEIGHT")
-    route = rollout.set_weight(admin, _client(args), args.model, args.version, weight)
+    route = rollout.set_weight(admin, _client(args), args.model, args.version, weight, fleet)
     _say(f"{args.model}: " + ", ".join(f"{v} {w:.0f}%" for v, w in sorted(route["weights"].items())))
     return 0
 

@@ -68,8 +68,10 @@ def _route(admin: RouterAdmin, model: str) -> dict[str, Any]:
     return routes[model]
 
 
-def set_weight(admin: RouterAdmin, client: ManagementClient, model: str, version: str, weight: float) -> dict:
-    """Send ``weight``% of the model's traffic to ``version`` and the rest to the baseline."""
+def set_weight(admin: RouterAdmin, client: ManagementClient, model: str, version: str, weight: float,
+               fleet: Fleet | None = None) -> dict:
+    """Send ``weight``% of the model's traffic to ``version`` and the rest to the baseline
+    (``fleet``: the manifest, which must list ``version``)."""
     if not 0 <= weight <= 100:
         raise FleetError(f"weight {weight} is out of range 0..100")
     route = _route(admin, model)
@@ -77,6 +79,10 @@ def set_weight(admin: RouterAdmin, client: ManagementClient, model: str, version
         raise FleetError(f"{model} {version} is already the baseline; promote or roll back instead")
     if weight > 0:
         _ready(client, model, version)
+        spec = fleet.models.get(model) if fleet is not None else None
+        if spec is not None and version not in spec.versions:
+            raise FleetError(f"{model} {version} is registered but the manifest does not list it, so the next "
+                             "tsfleet apply would retire it under the canary; add it to fleet.yaml first")
     return admin.call("PUT", f"/routes/{model}", {"weights": {route["baseline"]: 100 - weight, version: weight}})
 
 

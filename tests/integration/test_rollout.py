@@ -46,8 +46,8 @@ def stack(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         ts.stop()
 
 
-def cli(ts, router, workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    manifest = workdir / "fleet.yaml"
+def cli(ts, router, workdir: Path, *args: str, manifest: Path | None = None) -> subprocess.CompletedProcess:
+    manifest = manifest or workdir / "fleet.yaml"
     if not manifest.exists():
         doc = yaml.safe_load((ROOT / "fleet.yaml").read_text())
         doc["models"] = {"intent-classifier": doc["models"]["intent-classifier"]}
@@ -111,3 +111,20 @@ def test_rollout_mistakes_are_clear_errors(stack, args, message) -> None:
     done = cli(ts, router, workdir, *args)
     assert done.returncode == 2, done.stdout
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_version_the_manifest_does_not_list_gets_no_canary(stack, tmp_path: Path) -> None:
+    # apply retires what the manifest does not list: a canary on it would end in 404s.
+    ts, router, workdir = stack
+    cli(ts, router, workdir, "status")  # writes the stack's manifest
+    before = router.admin("GET", "/routes").json()["intent-classifier"]
+    baseline = before["baseline"]
+    other = "1.0" if baseline == "1.1" else "1.1"
+    doc = yaml.safe_load((workdir / "fleet.yaml").read_text())
+    del doc["models"]["intent-classifier"]["versions"][other]
+    doc["models"]["intent-classifier"]["default_version"] = baseline
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    done = cli(ts, router, workdir, "start", "intent-classifier", other, "--weight", "10", manifest=tmp_path / "fleet.yaml")
+    assert done.returncode == 2 and f"intent-classifier {other} is registered but the manifest does not list it" \
+        in done.stderr, done.stderr
+    assert router.admin("GET", "/routes").json()["intent-classifier"]["weights"] == before["weights"]
