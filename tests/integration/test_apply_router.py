@@ -16,6 +16,7 @@ import yaml
 from tests.integration.conftest import ROOT
 from tests.integration.router_harness import RunningRouter, SteadyLoad
 from tests.integration.router_harness import served as served_with_router
+from tests.polling import wait_for
 from tsfleet.apply import apply
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.rollout import RouterAdmin
@@ -55,17 +56,12 @@ def test_a_default_moved_in_the_manifest_reaches_the_router_before_the_old_versi
 
     lines: list[str] = []
     with SteadyLoad(router.url + f"/predictions/{INTENT}", key, 6) as routed:
-        deadline = time.monotonic() + 30
-        while routed.ok < 50:
-            assert time.monotonic() < deadline, routed.failures
-            time.sleep(0.05)
+        wait_for("50 answers before the change", lambda: routed.ok >= 50 or routed.failures, 30)
         started = time.monotonic()
         apply(fleet_of(moved), ts.client, lines.append, store=model_store, report_dir=ts.report_dir, router=admin)
         took = time.monotonic() - started
         settled = routed.ok
-        while routed.ok < settled + 50:
-            assert time.monotonic() < deadline + 120, routed.failures
-            time.sleep(0.05)
+        wait_for("50 answers after it", lambda: routed.ok >= settled + 50 or routed.failures, 60)
     assert routed.failures == [], "\n".join(lines)
     assert f"  router: {INTENT}: all traffic to 1.1, the manifest's default (was 1.0 90, 1.1 10)" in lines
     # The router moved before the retirement, so 1.0 drained at once instead of waiting out its timeout.
