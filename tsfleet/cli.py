@@ -82,11 +82,24 @@ def cmd_plan(args: argparse.Namespace, fleet: Fleet) -> int:
     from tsfleet.apply import current_plan
 
     steps = current_plan(fleet, _client(args))
-    if not steps:
+    routed = _router_preview(args, fleet)
+    if not steps and not routed:
         _say("nothing to do: the server matches the manifest")
     for step in steps:
         _say(str(step))
+    for line in routed:
+        _say(f"router: {line}")
     return 0
+
+
+def _router_preview(args: argparse.Namespace, fleet: Fleet) -> list[str]:
+    """What apply would change in a running router's routes; nothing when none runs."""
+    from tsfleet.router.manifest_routes import fleet_routes, preview
+
+    try:
+        return preview(_admin(args).routes(), fleet_routes(fleet))
+    except FleetError:
+        return []
 
 
 def cmd_apply(args: argparse.Namespace, fleet: Fleet) -> int:

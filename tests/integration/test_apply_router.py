@@ -5,6 +5,8 @@ router's routes (rollout, readiness) without restarting it."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +29,7 @@ INTENT, IMAGE, TEXT = "intent-classifier", "image-classifier", "text-embedder"
 BASE = yaml.safe_load((ROOT / "fleet.yaml").read_text())
 
 
-def fleet_of(edit=None) -> Fleet:
+def manifest_of(edit=None) -> dict:
     """Intent classifier 1.0 (default) and 1.1, the image classifier; no workflow."""
     doc = copy.deepcopy(BASE)
     doc["models"].pop(TEXT)
@@ -35,7 +37,11 @@ def fleet_of(edit=None) -> Fleet:
     doc["models"][INTENT]["rollback"] = {"max_p99_ratio": 0, "max_error_rate_increase": 1.0}  # no rollback mid-test
     if edit:
         edit(doc)
-    return parse_fleet(doc, ROOT)
+    return doc
+
+
+def fleet_of(edit=None) -> Fleet:
+    return parse_fleet(manifest_of(edit), ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,8 @@ def served(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield pair
 
 
-def test_a_default_moved_in_the_manifest_reaches_the_router_before_the_old_version_goes(served, model_store) -> None:
+def test_a_default_moved_in_the_manifest_reaches_the_router_before_the_old_version_goes(served, model_store,
+                                                                                       tmp_path: Path) -> None:
     ts, router = served
     key = ts.keys.header("inference")
     admin = RouterAdmin(router.admin_url, ts.workdir / "router_key.json")
@@ -53,6 +60,20 @@ def test_a_default_moved_in_the_manifest_reaches_the_router_before_the_old_versi
     def moved(doc: dict) -> None:  # by hand: 1.1 is the default, 1.0 leaves
         doc["models"][INTENT]["default_version"] = "1.1"
         del doc["models"][INTENT]["versions"]["1.0"]
+
+    # `tsfleet plan` shows what apply will do to the router's traffic, and changes nothing.
+    (tmp_path / "handlers").symlink_to(ROOT / "handlers")
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(manifest_of(moved)))
+    planned = subprocess.run(
+        [sys.executable, "-m", "tsfleet", "--manifest", str(tmp_path / "fleet.yaml"), "--config", str(ts.config),
+         "--key-file", str(ts.workdir / "key_file.json"), "--router-admin", router.admin_url,
+         "--router-key-file", str(ts.workdir / "router_key.json"), "plan"], capture_output=True, text=True, cwd=ROOT,
+        timeout=120)
+    assert [line.split()[:2] for line in planned.stdout.splitlines()[:2]] == [["set-default", INTENT],
+                                                                             ["unregister", INTENT]], planned
+    assert planned.stdout.splitlines()[2:] == [
+        f"router: {INTENT}: all traffic to 1.1, the manifest's default (was 1.0 90, 1.1 10)"], planned
+    assert admin.routes()[INTENT]["weights"] == {"1.0": 90.0, "1.1": 10.0}
 
     lines: list[str] = []
     with SteadyLoad(router.url + f"/predictions/{INTENT}", key, 6) as routed:

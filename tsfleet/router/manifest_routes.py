@@ -72,3 +72,12 @@ def take_fleet(table: RoutingTable, specs: dict[str, dict[str, Any]]) -> list[st
             table.set_shadow(model, None, 0.0)
     table.save()
     return changes
+
+
+def preview(snapshot: dict[str, Any], specs: dict[str, dict[str, Any]]) -> list[str]:
+    """What ``take_fleet`` would change in routes as the admin API's ``GET /routes`` shows
+    them (``tsfleet plan``), changing nothing."""
+    table = RoutingTable({model: Route(model, route["baseline"], dict(route["weights"]), route.get("shadow"),
+                                       route.get("shadow_share", 0.0))
+                          for model, route in snapshot.items()})
+    return take_fleet(table, specs)
