@@ -173,7 +173,11 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
     routed = next((n for n, s in enumerate(steps, 1) if s.action == "unregister"), len(steps) + 1)
     for n, step in enumerate(steps, 1):
         if n == routed:
-            link.take_fleet(fleet, skip)
+            try:
+                link.take_fleet(fleet, skip, before_retiring=True)
+            except FleetError as exc:
+                raise FleetError(f"before step {n} of {len(steps)} ({step.action} {step.model} {step.version}): "
+                                 f"{exc}. Steps before it are done.") from None
         progress(f"[{n}/{len(steps)}] {step}")
         try:
             _run_step(step, fleet, client, swapper, progress)

@@ -44,6 +44,10 @@ class Unreachable(ServerError):
     """Nothing answers at TorchServe's address (not running, wrong port)."""
 
 
+class NoRouter(Unreachable):
+    """No router listens at the admin address: TorchServe's clients are all there is."""
+
+
 class VersionDidNotStart(FleetError):
     """A version's workers failed to start (a broken archive, no GPU memory left for it)."""
 

@@ -6,14 +6,16 @@ It talks to the router's admin API (weights live there) and to TorchServe's mana
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import requests
 
 from tsfleet.client import ManagementClient
-from tsfleet.errors import FleetError, NotFound, Unreachable
+from tsfleet.errors import FleetError, NoRouter, NotFound, Unreachable
 from tsfleet.manifest import Fleet
 
 
@@ -28,15 +30,31 @@ class RouterAdmin:
         try:
             key = json.loads(Path(self.key_file).read_text())["admin"]
         except (OSError, ValueError, KeyError):
-            raise Unreachable(f"cannot read the router's admin key from {self.key_file}; is the router running "
-                              "(tsfleet route), started from this directory?") from None
+            if not self._listening():
+                raise NoRouter(f"no router's admin API answers at {self.url}") from None
+            raise Unreachable(f"a router answers at {self.url} but its admin key cannot be read from "
+                              f"{self.key_file}; run this where the router was started, or give "
+                              "--router-key-file") from None
         return {"Authorization": f"Bearer {key}"}
 
-    def call(self, method: str, path: str, body: dict | None = None) -> Any:
+    def _listening(self) -> bool:
+        url = urlsplit(self.url)
         try:
-            resp = requests.request(method, self.url + path, json=body, headers=self._headers(), timeout=30)
+            socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=5).close()
+            return True
+        except OSError:
+            return False
+
+    def call(self, method: str, path: str, body: dict | None = None) -> Any:
+        headers = self._headers()
+        try:
+            resp = requests.request(method, self.url + path, json=body, headers=headers, timeout=30)
+        except requests.ConnectTimeout:
+            raise Unreachable(f"the router's admin API at {self.url} did not accept a connection within 30 s") from None
         except requests.ConnectionError:
-            raise Unreachable(f"the router's admin API does not answer at {self.url}") from None
+            raise NoRouter(f"no router's admin API answers at {self.url}") from None
+        except requests.Timeout:
+            raise Unreachable(f"the router's admin API at {self.url} did not answer within 30 s") from None
         if resp.status_code >= 400:
             try:
                 message = resp.json()["message"]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection
 
 from tsfleet.client import ManagementClient, VersionState
-from tsfleet.errors import Conflict, FleetError, NotFound, ServerFault, VersionDidNotStart
+from tsfleet.errors import Conflict, FleetError, NoRouter, NotFound, ServerFault, VersionDidNotStart
 from tsfleet.manifest import Fleet, VersionSpec
 
 if TYPE_CHECKING:
@@ -84,16 +84,24 @@ class RouterLink:
         except FleetError as exc:  # not running, or serving another fleet
             self._no_router(exc)
 
-    def take_fleet(self, fleet: Fleet, skip: Collection[tuple[str, str]] = ()) -> None:
-        """Bring the router's routes to ``fleet`` (router/manifest_routes.py), saying what changed."""
+    def take_fleet(self, fleet: Fleet, skip: Collection[tuple[str, str]] = (), before_retiring: bool = False) -> None:
+        """Bring the router's routes to ``fleet`` (router/manifest_routes.py), saying what
+        changed. A router that is there but does not take them stops an apply that is about
+        to retire versions it may still send traffic to (its clients would get 404s)."""
         from tsfleet.router.manifest_routes import fleet_routes
 
         if self.admin is None:
             return
         try:
             changes = self.admin.call("PUT", "/fleet", fleet_routes(fleet, skip))["changes"]
-        except FleetError as exc:
+        except NoRouter as exc:
             self._no_router(exc)
+            return
+        except FleetError as exc:
+            if before_retiring:
+                raise FleetError(f"the router did not take the manifest's routes ({exc}), so nothing is retired "
+                                 "that it may still send traffic to; fix that and run apply again") from None
+            self.progress(f"  (the router did not take the manifest's routes: {exc})")
             return
         for line in changes:
             self.progress(f"  router: {line}")

@@ -69,3 +69,53 @@ def test_a_version_up_skips_leaves_its_stand_in_serving() -> None:
     done = apply(fleet(), StateOnly(state), lambda line: None, store=ROOT, report_dir=ROOT,
                  skip={("intent-classifier", "1.0")})
     assert done == []
+
+
+class RefusingRouter:
+    """A router's admin API that is there but fails every change."""
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        from tsfleet.errors import FleetError
+
+        raise FleetError("router: 500 Internal Server Error")
+
+
+def test_apply_retires_nothing_a_router_that_did_not_take_the_manifest_may_still_route_to() -> None:
+    import pytest
+
+    from tsfleet.apply import apply
+    from tsfleet.errors import FleetError
+
+    state = {"intent-classifier": [registered("1.0", True), registered("1.1", False), registered("0.9", False)]}
+    assert [(s.action, s.version) for s in plan(fleet(), state, [])] == [("unregister", "0.9")]
+    # StateOnly cannot unregister: reaching the step would fail the test another way.
+    with pytest.raises(FleetError, match=r"before step 1 of 1 \(unregister intent-classifier 0.9\): the router did "
+                                         r"not take the manifest's routes \(router: 500 Internal Server Error\)"):
+        apply(fleet(), StateOnly(state), lambda line: None, store=ROOT, report_dir=ROOT, router=RefusingRouter())
+
+
+def test_no_router_listening_is_told_from_one_whose_key_cannot_be_read(tmp_path: Path) -> None:
+    import socket
+
+    import pytest
+
+    from tsfleet.errors import NoRouter, Unreachable
+    from tsfleet.rollout import RouterAdmin
+    from tsfleet.swap import RouterLink
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    lines: list[str] = []
+    with pytest.raises(NoRouter):
+        RouterAdmin(f"http://127.0.0.1:{port}", tmp_path / "router_key.json").routes()
+    RouterLink(RouterAdmin(f"http://127.0.0.1:{port}", tmp_path / "router_key.json"), lines.append).take_fleet(
+        fleet(), before_retiring=True)  # plain TorchServe: apply goes on
+    assert lines and "no router" in lines[0]
+    with socket.socket() as listening:  # something answers there, but apply runs where the key is not
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        admin = RouterAdmin(f"http://127.0.0.1:{listening.getsockname()[1]}", tmp_path / "router_key.json")
+        with pytest.raises(Unreachable, match="give --router-key-file") as err:
+            admin.routes()
+        assert not isinstance(err.value, NoRouter)
