@@ -80,7 +80,7 @@ class RefusingRouter:
         raise FleetError("router: 500 Internal Server Error")
 
 
-def test_apply_retires_nothing_a_router_that_did_not_take_the_manifest_may_still_route_to() -> None:
+def test_apply_retires_nothing_a_router_that_did_not_take_the_manifest_may_still_route_to(tmp_path: Path) -> None:
     import pytest
 
     from tsfleet.apply import apply
@@ -91,7 +91,7 @@ def test_apply_retires_nothing_a_router_that_did_not_take_the_manifest_may_still
     # StateOnly cannot unregister: reaching the step would fail the test another way.
     with pytest.raises(FleetError, match=r"before step 1 of 1 \(unregister intent-classifier 0.9\): the router did "
                                          r"not take the manifest's routes \(router: 500 Internal Server Error\)"):
-        apply(fleet(), StateOnly(state), lambda line: None, store=ROOT, report_dir=ROOT, router=RefusingRouter())
+        apply(fleet(), StateOnly(state), lambda line: None, store=tmp_path, report_dir=tmp_path, router=RefusingRouter())
 
 
 def test_no_router_listening_is_told_from_one_whose_key_cannot_be_read(tmp_path: Path) -> None:
