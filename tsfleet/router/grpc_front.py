@@ -26,8 +26,8 @@ from tsfleet.router.h2frames import INTERNAL_ERROR, Data
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.keys import InferenceKeys
 from tsfleet.router.proto import inference_pb2 as pb
-from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.protoscan import request_names
+from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.routing import RoutingTable
 
 log = logging.getLogger(__name__)
