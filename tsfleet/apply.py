@@ -135,6 +135,10 @@ def _change(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapper
     elif step.action == "unregister":
         model = fleet.models.get(step.model)
         base = model.versions.get(base_version(step.version)) if model else None
+        if is_stand_in(step.version):
+            # An interrupted swap may have left the router sending the version's traffic to
+            # this stand-in; the version is back by now (the plan registers it first).
+            swapper.router.set_alias(step.model, {})
         swapper.retire(step.model, step.version, base if is_stand_in(step.version) else None)
     elif step.action == "register-workflow":
         try:

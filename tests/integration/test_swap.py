@@ -14,6 +14,7 @@ import yaml
 from tests.integration.conftest import ROOT
 from tests.integration.router_harness import SENTENCES, RunningRouter, SteadyLoad
 from tests.integration.router_harness import served as served_with_router
+from tests.polling import wait_for
 from tsfleet.apply import apply, current_plan
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.rollout import RouterAdmin
@@ -89,10 +90,22 @@ def test_an_interrupted_swap_is_finished_by_the_next_apply(served, model_store: 
                          headers=ts.keys.header("inference"), timeout=30)
     assert resp.status_code == 200 and resp.json()["intent"] == "cancel"  # the stand-in serves meanwhile
 
+    # ...and the router sending 1.0's traffic to the stand-in, as the swap had told it to.
+    admin = RouterAdmin(router.admin_url, ts.workdir / "router_key.json")
+    admin.call("PUT", f"/routes/{MODEL}", {"aliases": {"1.0": stand_in("1.0")}})
+
     steps = [(s.action, s.version, s.detail) for s in current_plan(fleet, ts.client)]
     assert [(a, v) for a, v, _ in steps] == [("register", "1.0"), ("set-default", "1.0"), ("unregister", "1.0~swap")]
     assert "interrupted swap" in steps[-1][2]
-    apply(fleet, ts.client, lambda line: None, store=model_store, report_dir=ts.report_dir)
+    lines: list[str] = []
+    with SteadyLoad(router.url + f"/predictions/{MODEL}", ts.keys.header("inference"), 4) as routed:
+        wait_for("answers through the router before apply", lambda: routed.ok >= 20 or routed.failures, 30)
+        apply(fleet, ts.client, lines.append, store=model_store, report_dir=ts.report_dir, router=admin)
+        settled = routed.ok
+        wait_for("answers through the router after it", lambda: routed.ok >= settled + 20 or routed.failures, 30)
+    assert routed.failures == [], "\n".join(lines)
+    assert not any("not drained" in line for line in lines), lines  # the router no longer fed the stand-in
+    assert admin.routes()[MODEL]["aliases"] == {}
     assert settings_of(ts) == {"1.0": (True, 2, 10)}
     assert not (model_store / stand_in_archive(spec)).exists()
     assert current_plan(fleet, ts.client) == []
