@@ -175,6 +175,8 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
     # The router moves to the manifest once new versions are ready and defaults set, and
     # before anything is retired, so it never sends traffic to a version that is gone.
     routed = next((n for n, s in enumerate(steps, 1) if s.action == "unregister"), len(steps) + 1)
+    if any(s.action in ("replace", "unregister") for s in steps):
+        link.check()
     for n, step in enumerate(steps, 1):
         if n == routed:
             try:

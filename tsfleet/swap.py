@@ -84,6 +84,20 @@ class RouterLink:
         except FleetError as exc:  # not running, or serving another fleet
             self._no_router(exc)
 
+    def check(self) -> None:
+        """Raise when a router is there but cannot be told of changes (its admin key is not
+        readable here, it answers errors): a swap or a retirement would then take a version
+        away from under its traffic. No router listening is fine: TorchServe serves alone."""
+        if self.admin is None:
+            return
+        try:
+            self.admin.routes()
+        except NoRouter as exc:
+            self._no_router(exc)
+        except FleetError as exc:
+            raise FleetError(f"the router cannot be told of changes ({exc}); apply changes nothing that would take "
+                             "a version away from under its traffic. Fix that and run apply again") from None
+
     def take_fleet(self, fleet: Fleet, skip: Collection[tuple[str, str]] = (), before_retiring: bool = False) -> None:
         """Bring the router's routes to ``fleet`` (router/manifest_routes.py), saying what
         changed. A router that is there but does not take them stops an apply that is about

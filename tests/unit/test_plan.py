@@ -72,11 +72,20 @@ def test_a_version_up_skips_leaves_its_stand_in_serving() -> None:
 
 
 class RefusingRouter:
-    """A router's admin API that is there but fails every change."""
+    """A router's admin API that is there but fails every change (and, ``reads``
+    False, every read too)."""
+
+    def __init__(self, reads: bool = True):
+        self.reads = reads
+
+    def routes(self) -> dict:
+        return self.call("GET", "/routes")
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         from tsfleet.errors import FleetError
 
+        if method == "GET" and self.reads:
+            return {}
         raise FleetError("router: 500 Internal Server Error")
 
 
@@ -92,6 +101,11 @@ def test_apply_retires_nothing_a_router_that_did_not_take_the_manifest_may_still
     with pytest.raises(FleetError, match=r"before step 1 of 1 \(unregister intent-classifier 0.9\): the router did "
                                          r"not take the manifest's routes \(router: 500 Internal Server Error\)"):
         apply(fleet(), StateOnly(state), lambda line: None, store=tmp_path, report_dir=tmp_path, router=RefusingRouter())
+    # One that cannot even be read is found before apply changes anything.
+    with pytest.raises(FleetError, match=r"^the router cannot be told of changes \(router: 500 Internal Server "
+                                         r"Error\); apply changes nothing"):
+        apply(fleet(), StateOnly(state), lambda line: None, store=tmp_path, report_dir=tmp_path,
+              router=RefusingRouter(reads=False))
 
 
 def test_no_router_listening_is_told_from_one_whose_key_cannot_be_read(tmp_path: Path) -> None:
