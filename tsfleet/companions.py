@@ -51,16 +51,23 @@ def reachable(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
+def accepting(host: str, port: int, timeout: float = 1) -> bool:
+    """Whether something accepts a connection on ``host``:``port`` now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float = 60) -> bool:
     """Wait until something accepts on ``host``:``port``; False if ``proc`` exits first or
     ``timeout`` passes, so a caller never announces an address that refuses connections."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return True
-        except OSError:
-            time.sleep(0.1)
+        if accepting(host, port):
+            return True
+        time.sleep(0.1)
     return False
 
 

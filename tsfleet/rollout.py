@@ -6,7 +6,6 @@ It talks to the router's admin API (weights live there) and to TorchServe's mana
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 import requests
 
 from tsfleet.client import ManagementClient
+from tsfleet.companions import accepting
 from tsfleet.errors import FleetError, NoRouter, NotFound, Unreachable
 from tsfleet.manifest import Fleet
 
@@ -30,20 +30,13 @@ class RouterAdmin:
         try:
             key = json.loads(Path(self.key_file).read_text())["admin"]
         except (OSError, ValueError, KeyError):
-            if not self._listening():
+            url = urlsplit(self.url)
+            if not accepting(url.hostname or "127.0.0.1", url.port or 80, timeout=5):
                 raise NoRouter(f"no router's admin API answers at {self.url}") from None
             raise Unreachable(f"a router answers at {self.url} but its admin key cannot be read from "
                               f"{self.key_file}; run this where the router was started, or give "
                               "--router-key-file") from None
         return {"Authorization": f"Bearer {key}"}
-
-    def _listening(self) -> bool:
-        url = urlsplit(self.url)
-        try:
-            socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=5).close()
-            return True
-        except OSError:
-            return False
 
     def call(self, method: str, path: str, body: dict | None = None) -> Any:
         headers = self._headers()
