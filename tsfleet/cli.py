@@ -94,12 +94,15 @@ def cmd_plan(args: argparse.Namespace, fleet: Fleet) -> int:
 
 def _router_preview(args: argparse.Namespace, fleet: Fleet) -> list[str]:
     """What apply would change in a running router's routes; nothing when none runs."""
+    from tsfleet.errors import NoRouter
     from tsfleet.router.manifest_routes import fleet_routes, preview
 
     try:
         return preview(_admin(args).routes(), fleet_routes(fleet))
-    except FleetError:
+    except NoRouter:
         return []
+    except FleetError as exc:  # there, but not to be told: apply would stop before swapping or retiring
+        return [f"cannot be told of changes ({exc}); apply stops before it swaps or retires anything"]
 
 
 def cmd_apply(args: argparse.Namespace, fleet: Fleet) -> int:

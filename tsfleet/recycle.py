@@ -122,11 +122,14 @@ def over_limit(policy: RecyclePolicy, report: Report, now: float, trend: Trend =
 
 
 def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """When and how big the file was last written; None for no file."""
+    if path is None:
+        return None
     try:
-        st = path.stat() if path is not None else None
+        st = path.stat()
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size) if st is not None else None
+    return st.st_mtime_ns, st.st_size
 
 
 def watched(fleet: Fleet) -> str:
@@ -160,7 +163,7 @@ class Recycler:
         version apply retired stayed in the gauges as 0 ready of 1 wanted (an alert firing
         for nothing), and one apply added was neither recycled nor counted."""
         stamp = _stamp(self.manifest)
-        if self.manifest is None or stamp is None or stamp == self._manifest_stamp:
+        if stamp is None or stamp == self._manifest_stamp:
             return
         self._manifest_stamp = stamp
         try:
