@@ -25,7 +25,8 @@ from tsfleet.router.compare import answers_agree
 from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
-from tsfleet.router.routing import RollbackRule, RoutingTable, routes_from_fleet
+from tsfleet.router.manifest_routes import routes_from_fleet
+from tsfleet.router.routing import RollbackRule, RoutingTable
 
 MODEL = "intent-classifier"
 ROME = b'{"text": "book a flight to Rome"}'

@@ -14,11 +14,11 @@ from aiohttp import web
 from tsfleet.manifest import Fleet
 from tsfleet.router.admin import AdminApi
 from tsfleet.router.keys import InferenceKeys, previous_keys, rotate_router_key, router_keys
-from tsfleet.router.manifest_routes import fleet_routes, take_fleet
+from tsfleet.router.manifest_routes import fleet_routes, routes_from_fleet, take_fleet
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.rest import RestRouter
-from tsfleet.router.routing import RoutingTable, routes_from_fleet
+from tsfleet.router.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 

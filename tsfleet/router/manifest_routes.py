@@ -23,6 +23,19 @@ def fleet_routes(fleet: Any, skip: Collection[tuple[str, str]] = ()) -> dict[str
             for name, model in fleet.models.items()}
 
 
+def new_route(model: str, spec: dict[str, Any]) -> Route:
+    """A route for a model the manifest describes as ``spec``: all traffic to its default."""
+    default = spec["default_version"]
+    return Route(model, default, {default: 100.0}, rollback=RollbackRule(**spec.get("rollback", {})),
+                 streaming=bool(spec.get("streaming", False)))
+
+
+def routes_from_fleet(fleet: Any) -> dict[str, Route]:
+    """One route per model of the manifest: all traffic to its default version, with the
+    model's rollback rule from the manifest."""
+    return {model: new_route(model, spec) for model, spec in fleet_routes(fleet).items()}
+
+
 def check_fleet_routes(doc: Any) -> dict[str, dict[str, Any]]:
     """``doc`` if it is what ``fleet_routes`` makes, else ValueError saying what is wrong."""
     if not isinstance(doc, dict) or not all(isinstance(m, str) and isinstance(s, dict) for m, s in doc.items()):
@@ -48,14 +61,14 @@ def take_fleet(table: RoutingTable, specs: dict[str, dict[str, Any]]) -> list[st
         changes.append(f"{model}: route removed (the model left the manifest)")
     for model, spec in specs.items():
         default, versions = spec["default_version"], set(spec["versions"])
-        rule, streaming = RollbackRule(**spec.get("rollback", {})), bool(spec.get("streaming", False))
         route = table.routes.get(model)
         if route is None:
             if default in versions:
-                table.routes[model] = Route(model, default, {default: 100.0}, rollback=rule, streaming=streaming)
+                table.routes[model] = new_route(model, spec)
                 changes.append(f"{model}: new route, all traffic to {default}")
             continue
-        route.rollback, route.streaming = rule, streaming
+        fresh = new_route(model, spec)
+        route.rollback, route.streaming = fresh.rollback, fresh.streaming
         kept = {v: w for v, w in route.weights.items() if v in versions}
         if (default in versions and default != route.baseline) or not any(w > 0 for w in kept.values()):
             target = default if default in versions else route.baseline

@@ -364,11 +364,3 @@ class RoutingTable:
         for (model, version), n in sorted(self.rollbacks_total.items()):
             lines.append(f'tsfleet_router_rollbacks_total{{model="{model}",version="{version}"}} {n}')
         return "\n".join(lines) + "\n"
-
-
-def routes_from_fleet(fleet: Any) -> dict[str, Route]:
-    """One route per model of the manifest: all traffic to its default version, with the
-    model's rollback rule from the manifest."""
-    return {name: Route(name, model.default_version, {model.default_version: 100.0},
-                        rollback=RollbackRule(**model.rollback), streaming=model.streaming)
-            for name, model in fleet.models.items()}
