@@ -17,14 +17,16 @@ from typing import Any, ClassVar
 import torch
 
 from handlers.config import RuntimeSettings, parse_settings
-from handlers.errors import HandlerError
+from handlers.errors import BadRequest, HandlerError, InternalError, PayloadTooLarge, UnsupportedMediaType
 from handlers.lifecycle import WorkerLifecycle
-from handlers.payload import Payload, extract
+from handlers.payload import JsonLimits, Payload, extract
 from handlers.runtime import CudaCleanup, HandlerMetrics, autocast_for, pick_device, quiet_bad_input_logs
 
 log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+FORM_HINT = " (curl -d sends a form: give the body its real type, e.g. -H 'Content-Type: application/json')"
 
 
 def dumps(obj: Any) -> bytes:
@@ -35,8 +37,14 @@ def dumps(obj: Any) -> bytes:
 class FleetHandler:
     """Base handler. Subclasses set class attributes and override hooks."""
 
-    #: Model-specific settings (name -> default) accepted in model-config.yaml ``handler:``.
+    #: Model-specific settings (name -> default) accepted in model-config.yaml ``handler:``;
+    #: the size limits a client can hit (texts, characters, pixels, bytes) are among them.
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    #: Media types a request body may have ("" is a body sent without one, as over gRPC);
+    #: any other is answered 415 naming these. Empty: the handler's decode decides alone.
+    ACCEPTS: ClassVar[tuple[str, ...]] = ()
+    #: How deeply nested, and how long a number, a JSON body may be (400 past either).
+    JSON_LIMITS: ClassVar[JsonLimits] = JsonLimits()
 
     def __init__(self) -> None:
         self.initialized = False
@@ -118,44 +126,132 @@ class FleetHandler:
         self.initialized = True
 
     def _run(self, items: list[Any]) -> tuple[list[Any], float, float, float]:
-        t0 = time.perf_counter()
-        batch = self.preprocess(items)
-        t1 = time.perf_counter()
-        with torch.inference_mode(), autocast_for(self.device, self.settings):
-            output = self.inference(batch)
-        t2 = time.perf_counter()
-        answers = self.postprocess(output, items)
-        t3 = time.perf_counter()
+        phase = "preprocess"
+        try:
+            t0 = time.perf_counter()
+            batch = self.preprocess(items)
+            t1 = time.perf_counter()
+            phase = "inference"
+            with torch.inference_mode(), autocast_for(self.device, self.settings):
+                output = self.inference(batch)
+            t2 = time.perf_counter()
+            phase = "postprocess"
+            answers = self.postprocess(output, items)
+            if len(answers) != len(items):
+                raise RuntimeError(f"postprocess gave {len(answers)} answers for {len(items)} items")
+            t3 = time.perf_counter()
+        except Exception as exc:
+            raise BatchFailed(phase, exc) from exc
         return answers, (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000
 
     def handle(self, data: list[dict], context: Any) -> list[bytes]:
-        """TorchServe entry point per batch: one answer per request, errors per item."""
+        """TorchServe entry point per batch: one answer per request, errors per item.
+
+        Isolation by construction: whatever one request's bytes do while they are read
+        becomes that request's own 4xx, and a batch whose forward pass raises is run again
+        in halves until only the request that fails gets an error. Nothing raised here can
+        reach TorchServe, which would answer 503 to every request of the batch.
+        """
         answers: list[bytes | None] = [None] * len(data)
         good: list[int] = []
         items: list[Any] = []
         batch_size = str(len(data))
+        rejected = [0]
         for idx, request in enumerate(data):
             context.set_response_content_type(idx, JSON_TYPE)
             # Lets an operator (and the tests) see how requests were batched.
             context.set_response_header(idx, "X-Batch-Size", batch_size)
             try:
-                items.append(self.decode(extract(request, context.get_all_request_header(idx))))
+                items.append(self._decode(request, context.get_all_request_header(idx)))
                 good.append(idx)
-            except HandlerError as exc:
-                answers[idx] = self._reject(context, idx, exc)
-        pre = infer = post = 0.0
-        if items:
-            results, pre, infer, post = self._run(items)
-            for idx, result in zip(good, results):
-                answers[idx] = dumps(result)
-        self.metrics.batch(len(data), pre, infer, post, len(data) - len(items))
+            except Exception as exc:  # noqa: BLE001 - a client's bytes caused it: its own answer
+                answers[idx] = self._reject(context, idx, self._client_error(exc), rejected)
+        timings = self._answer(context, good, items, answers, rejected) if items else (0.0, 0.0, 0.0)
+        self.metrics.batch(len(data), *timings, rejected[0])
         self.metrics.memory(self.device)
         if self.cleanup.after(len(data)):
             self.metrics.cleanup()
         self.lifecycle.after_batch(len(data))
         return answers  # type: ignore[return-value]
 
-    def _reject(self, context: Any, idx: int, exc: HandlerError) -> bytes:
+    def _decode(self, request: Any, headers: Any) -> Any:
+        payload = extract(request, headers, self.JSON_LIMITS)
+        if self.ACCEPTS and payload.media_type not in self.ACCEPTS and not (
+            payload.media_type.endswith("+json") and "application/json" in self.ACCEPTS
+        ):
+            named = ", ".join(t or "none" for t in self.ACCEPTS)
+            hint = FORM_HINT if payload.media_type in FORM_TYPES else ""
+            raise UnsupportedMediaType(f"content type {payload.media_type!r} is not accepted; send one of: {named}{hint}")
+        return self.decode(payload)
+
+    def _answer(self, context: Any, idxs: list[int], items: list[Any], answers: list[bytes | None],
+                rejected: list[int]) -> tuple[float, float, float]:
+        """Answer ``items`` as one batch; should it raise, answer each half on its own."""
+        try:
+            results, pre, infer, post = self._run(items)
+            encoded = [dumps(result) for result in results]
+        except Exception as exc:  # noqa: BLE001 - retried below so that only its cause fails
+            failure: Exception | None = exc
+        else:
+            failure = None
+        if failure is None:
+            for idx, answer in zip(idxs, encoded):
+                answers[idx] = answer
+            return pre, infer, post
+        if len(items) == 1:
+            answers[idxs[0]] = self._reject(context, idxs[0], self._failed_alone(failure), rejected)
+            return 0.0, 0.0, 0.0
+        # Outside the except block, so a traceback logged further down is its own alone.
+        log.warning("%s %s: a batch of %d failed (%s); answering it in halves",
+                    self.model_name, self.version, len(items), _short(failure))
+        mid = len(items) // 2
+        first = self._answer(context, idxs[:mid], items[:mid], answers, rejected)
+        second = self._answer(context, idxs[mid:], items[mid:], answers, rejected)
+        return first[0] + second[0], first[1] + second[1], first[2] + second[2]
+
+    def _client_error(self, exc: Exception) -> HandlerError:
+        """The answer for an exception raised while one request was read: its bytes caused it."""
+        if isinstance(exc, HandlerError):
+            return exc
+        if isinstance(exc, BatchFailed):
+            exc = exc.cause
+        if isinstance(exc, RecursionError):
+            error: HandlerError = BadRequest("the request is nested too deeply to read")
+        elif isinstance(exc, MemoryError):
+            error = PayloadTooLarge("the request is too large to read")
+        else:
+            error = BadRequest(f"the request could not be read ({_short(exc)})")
+        # One line, no traceback: a client's bytes, not a fault of this worker.
+        log.warning("%s %s: request answered %d: %s was not foreseen while reading it",
+                    self.model_name, self.version, error.code, type(exc).__name__)
+        return error
+
+    def _failed_alone(self, exc: Exception) -> HandlerError:
+        """The answer for one request that failed even alone in its batch."""
+        cause = exc.cause if isinstance(exc, BatchFailed) else exc
+        if isinstance(cause, HandlerError):
+            return cause
+        if isinstance(exc, BatchFailed) and exc.phase == "preprocess":
+            return self._client_error(cause)  # turning its decoded input into tensors
+        log.error("%s %s: %s failed for one request", self.model_name, self.version,
+                  getattr(exc, "phase", "answering"), exc_info=cause)
+        return InternalError(f"prediction failed for this request ({type(cause).__name__}); "
+                             "the other requests of its batch were answered")
+
+    def _reject(self, context: Any, idx: int, exc: HandlerError, rejected: list[int]) -> bytes:
+        rejected[0] += 1
         context.set_response_status(exc.code, exc.type, idx)
         return exc.body(self.model_name, self.version)
 
+
+class BatchFailed(Exception):
+    """A hook raised while a batch was answered; ``phase`` names the hook."""
+
+    def __init__(self, phase: str, cause: Exception):
+        super().__init__(f"{phase} failed: {_short(cause)}")
+        self.phase, self.cause = phase, cause
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

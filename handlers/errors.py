@@ -29,6 +29,13 @@ class HandlerError(Exception):
         ).encode()
 
 
+class InternalError(HandlerError):
+    """The model failed on this one request (500); its batch-mates were answered without it."""
+
+    code = 500
+    type = "InternalServerError"
+
+
 class BadRequest(HandlerError):
     """Malformed or invalid input (400)."""
 

@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 
 from handlers.base import FleetHandler
-from handlers.image import read_image
+from handlers.image import IMAGE_ACCEPTS, read_image
 from handlers.payload import Payload
 from handlers.shapes import IMAGE_SIZE, image_to_tensor, load_shape_cnn
 
 
 class ImageClassifier(FleetHandler):
     OPTIONS = {"top_k": 3, "max_pixels": 4096 * 4096, "max_bytes": 8 * 2**20}
+    ACCEPTS = IMAGE_ACCEPTS
 
     def load(self, model_dir: Path) -> None:
         self.model, self.labels = load_shape_cnn(model_dir / "shape_cnn.pt", self.device)

@@ -19,13 +19,14 @@ from handlers.errors import BadRequest, PayloadTooLarge
 from handlers.intent_head import load_intent_head
 from handlers.minilm import MiniLM, mean_pool_normalize
 from handlers.payload import Payload
-from handlers.text import TextItem, read_texts
+from handlers.text import TEXT_ACCEPTS, TextItem, read_texts
 
 FIELDS = ("text", "embedding", "embeddings")
 
 
 class IntentClassifier(FleetHandler):
     OPTIONS = {"max_texts": 64, "max_text_chars": 20000, "max_length": 256}
+    ACCEPTS = TEXT_ACCEPTS
 
     def load(self, model_dir: Path) -> None:
         self.minilm = MiniLM.load(model_dir, self.device)

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from handlers.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from handlers.payload import Payload, as_json, as_text, is_empty
+from handlers.errors import BadRequest, PayloadTooLarge
+from handlers.payload import Payload, as_text, is_empty
 
-JSON_TYPES = ("application/json", "")
-TEXT_TYPES = ("text/plain",)
+# What the text models accept ("" is a body without a content type, as gRPC sends it).
+TEXT_ACCEPTS = ("application/json", "text/plain", "")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,14 @@ def check_texts(texts: Any, max_texts: int, max_chars: int) -> list[str]:
             raise BadRequest(f"{where} is empty")
         if len(text) > max_chars:
             raise PayloadTooLarge(f"{where} has {len(text)} characters; the limit is {max_chars}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                # JSON's \ud800 escape gives Python a lone surrogate, which is no character
+                # a tokenizer (or any UTF-8 consumer downstream) can take.
+                raise BadRequest(f"{where} holds a lone surrogate at character {exc.start}, which is not"
+                                 " valid Unicode") from None
     return texts
 
 
@@ -51,15 +59,10 @@ def read_document(payload: Payload) -> Any:
     """The JSON document of a request, or the raw string of a text/plain one."""
     if is_empty(payload.value):
         raise BadRequest("empty body; send JSON like {\"text\": \"...\"}")
-    media = payload.media_type
-    if media in TEXT_TYPES:
+    # The base handler has refused any media type but TEXT_ACCEPTS (and +json) already.
+    if payload.media_type == "text/plain":
         return as_text(payload.value)
-    if media in JSON_TYPES or media.endswith("+json"):
-        return as_json(payload.value)
-    raise UnsupportedMediaType(
-        f"content type {media!r} is not accepted; send application/json like {{\"text\": \"...\"}}"
-        " or text/plain"
-    )
+    return payload.json()
 
 
 def read_texts(payload: Payload, max_texts: int, max_chars: int, allowed: tuple[str, ...] = ("text",)) -> tuple[TextItem | None, dict]:

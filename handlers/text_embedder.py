@@ -13,13 +13,14 @@ import torch
 from handlers.base import FleetHandler
 from handlers.minilm import MiniLM, mean_pool_normalize
 from handlers.payload import Payload
-from handlers.text import TextItem, read_texts
+from handlers.text import TEXT_ACCEPTS, TextItem, read_texts
 
 WARMUP_TEXT = "A short warm-up sentence of typical length for this model."
 
 
 class TextEmbedder(FleetHandler):
     OPTIONS = {"max_texts": 64, "max_text_chars": 20000, "max_length": 256}
+    ACCEPTS = TEXT_ACCEPTS
 
     def load(self, model_dir: Path) -> None:
         self.minilm = MiniLM.load(model_dir, self.device)

@@ -138,6 +138,9 @@ def render_properties(fleet: Fleet, ep: Endpoints = Endpoints(), model_store: st
         ("unregister_model_timeout", 120),
         ("max_request_size", 10 * 2**20),
         ("max_response_size", 10 * 2**20),
+        # Workers hand the handler the client's bytes: it parses JSON once, within each
+        # model's limits, where TorchServe's own parse logged a traceback per bad body.
+        ("decode_input_request", "false"),
         # Relative, like model_store: a plain `torchserve --start` from the repo finds it;
         # tsfleet passes the absolute path with --log-config, which takes its place.
         ("vmargs", f"-Dlog4j.configurationFile={LOG_CONFIG.parent.name}/{LOG_CONFIG.name}"),
