@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TSFLEET := $(VENV)/bin/tsfleet
 
-.PHONY: setup build config up down test test-fast bench gpu-check clean
+.PHONY: setup build config up down test test-fast fuzz isolation bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,17 @@ test: build
 
 test-fast: setup
 	$(PY) -m pytest tests/unit
+
+# The property tier's long run: 2,000 fresh hostile bodies per path instead of CI's fixed 200
+# (about 10 minutes on 2 cores). A failure prints the shrunk body: add it to
+# benchmarks/isolation/bodies.py, where CI replays it from then on.
+fuzz: build
+	TSFLEET_HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/integration/test_isolation_property.py
+
+# One client's hostile body beside twelve well-behaved ones, per body and path (about 10
+# minutes): docs/isolation.md and benchmarks/results/isolation.json.
+isolation: build
+	$(PY) -m benchmarks.isolation
 
 # The speed suite (about 25 minutes on 2 cores): docs/benchmarks.md, its plots, benchmarks/results/latest.json.
 bench: build
