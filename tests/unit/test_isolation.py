@@ -157,3 +157,12 @@ def test_json_that_torchserve_parsed_is_held_to_the_same_limits(doc: Any, messag
 def test_the_fleet_config_makes_workers_hand_over_raw_bytes() -> None:
     text = (Path(__file__).resolve().parents[2] / "config.properties").read_text()
     assert "decode_input_request=false" in text.splitlines()
+
+
+def test_the_input_limits_doc_is_the_table_the_handlers_state() -> None:
+    from handlers.limits import MODELS, table
+    from tsfleet.manifest import load_fleet
+
+    root = Path(__file__).resolve().parents[2]
+    assert sorted(MODELS) == sorted(load_fleet(root / "fleet.yaml").models)
+    assert table() in (root / "docs" / "input-limits.md").read_text()
