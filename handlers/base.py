@@ -167,11 +167,14 @@ class FleetHandler:
             except Exception as exc:  # noqa: BLE001 - a client's bytes caused it: its own answer
                 answers[idx] = self._reject(context, idx, self._client_error(exc), rejected)
         timings = self._answer(context, good, items, answers, rejected) if items else (0.0, 0.0, 0.0)
-        self.metrics.batch(len(data), *timings, rejected[0])
-        self.metrics.memory(self.device)
-        if self.cleanup.after(len(data)):
-            self.metrics.cleanup()
-        self.lifecycle.after_batch(len(data))
+        try:
+            self.metrics.batch(len(data), *timings, rejected[0])
+            self.metrics.memory(self.device)
+            if self.cleanup.after(len(data)):
+                self.metrics.cleanup()
+            self.lifecycle.after_batch(len(data))
+        except Exception:  # noqa: BLE001 - bookkeeping (a full disk) must not fail answered requests
+            log.warning("%s %s: bookkeeping after a batch failed", self.model_name, self.version, exc_info=True)
         return answers  # type: ignore[return-value]
 
     def _decode(self, request: Any, headers: Any) -> Any:

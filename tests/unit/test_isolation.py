@@ -86,6 +86,16 @@ def test_a_failed_forward_pass_is_retried_in_halves_not_item_by_item() -> None:
     assert handler.batches == [8, 4, 2, 2, 1, 1, 4]
 
 
+def test_answers_survive_bookkeeping_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    handler, ctx = make()
+
+    def disk_full(n: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(handler.lifecycle, "after_batch", disk_full)
+    assert [code for code, _ in send(handler, ctx, [b"1", b"2"])] == [200, 200]
+
+
 def test_client_errors_log_one_line_and_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
     handler, ctx = make()
     with caplog.at_level(logging.WARNING):
