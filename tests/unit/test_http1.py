@@ -78,6 +78,23 @@ def test_chunked_body_and_expect_100_continue() -> None:
     (b"POST /p HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400, "Content-Length"),
     (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "chunk size"),
     (b"NOT A REQUEST\r\n\r\n", 400, "request line"),
+    # Smuggling: a byte a downstream parser (Netty) reads as a line end or terminator is never
+    # forwarded; nor a header name outside RFC 9110's token characters, nor an obs-fold.
+    (b"POST /p HTTP/1.1\r\nX-A: b\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc", 400,
+     "control character b'\\n' at byte 24 of the head, in b'X-A: b\\nTransfer"),
+    (b"POST /p HTTP/1.1\r\nX-A: b\rTransfer-Encoding: chunked\r\n\r\n", 400, "control character b'\\r'"),
+    (b"POST /p HTTP/1.1\r\nX-A: b\x00c\r\n\r\n", 400, "control character b'\\x00'"),
+    (b"POST /p HTTP/1.1\r\nX-A: b\x0bc\r\n\r\n", 400, "control character b'\\x0b'"),
+    (b"POST /p HTTP/1.1\r\nX-A: b\x7f\r\n\r\n", 400, "control character b'\\x7f'"),
+    (b"POST /p\nX HTTP/1.1\r\n\r\n", 400, "control character b'\\n' at byte 7"),
+    (b"POST /p HTTP/1.1\r\nX-A\n: b\r\n\r\n", 400, "control character"),
+    (b"POST /p HTTP/1.1\r\nX A: b\r\n\r\n", 400, "malformed header line b'X A: b'"),
+    (b"POST /p HTTP/1.1\r\nX-A : b\r\n\r\n", 400, "malformed header line"),
+    (b"POST /p HTTP/1.1\r\nX(A): b\r\n\r\n", 400, "malformed header line"),
+    (b"POST /p HTTP/1.1\r\nX-\xc3\xa9: b\r\n\r\n", 400, "malformed header line"),
+    (b"POST /p HTTP/1.1\r\nX-A: b\r\n folded\r\n\r\n", 400, "malformed header line b' folded'"),
+    (b"POST /p HTTP/1.1 junk\r\n\r\n", 400, "request line"),
+    (b"POST /p HTTP/2.0\r\n\r\n", 400, "request line"),
 ])
 def test_unreadable_requests_get_a_4xx_naming_the_problem_and_the_connection_closes(raw: bytes, status: int,
                                                                                     words: str) -> None:
@@ -91,6 +108,20 @@ def test_unreadable_requests_get_a_4xx_naming_the_problem_and_the_connection_clo
         assert headers["connection"] == "close" and await reader.read() == b""
 
     run(test)
+
+
+def test_header_values_keep_their_tabs_and_non_ascii_bytes() -> None:
+    async def lines(request: Request) -> Response:
+        return Response(200, b"\n".join(request.forward), [])
+
+    async def test(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /p HTTP/1.1\r\nX-A: a\tb \xe9\r\nX-B: !#$%&'*+-.^_`|~\r\nContent-Length: 0\r\n\r\n")
+        status, _, body = await read_answer(reader)
+        assert status == 200 and body == b"X-A: a\tb \xe9\nX-B: !#$%&'*+-.^_`|~"
+        writer.close()
+
+    run(test, handler=lines)
 
 
 def test_a_handler_error_is_a_500_and_the_connection_keeps_serving() -> None:

@@ -58,13 +58,26 @@ class Response:
     keep_alive: bool = True
 
 
-# A header line that is not "name: value" with a name of no outer white space. One search
-# over the whole head instead of checks per line: this runs twice per proxied request.
-_BAD_LINE = re.compile(rb"\r\n(?![^\s:]([^:\r\n]*[^\s:])?:)")
+# A header line that is not "name: value" with a name of RFC 9110 token characters (no white
+# space, no colon, no obs-fold). One search over the whole head instead of checks per line:
+# this runs twice per proxied request.
+_BAD_LINE = re.compile(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)")
+# A control byte anywhere in the head but HTAB and the CRLF ending each line: a bare LF or CR
+# (or a NUL) inside a value or the target is how a request is smuggled past a proxy to a
+# parser that splits on it (Netty, TorchServe's frontend, reads "\n" as a line end: one
+# client's second request, and its answer handed to the next client on a pooled connection).
+_BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 
 
 def _parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes], list[bytes]]:
-    """(first line's parts, headers by lower-case name, forwardable header lines)."""
+    """(first line's parts, headers by lower-case name, forwardable header lines); HttpError
+    400 for a head with a byte or a line that is not HTTP/1.1's. Nothing unchecked is forwarded."""
+    bad = _BAD_BYTE.search(head)
+    if bad is not None:
+        line = head.rfind(b"\r\n", 0, bad.start())
+        line = 0 if line < 0 else line + 2
+        raise HttpError(400, f"control character {bad.group()!r} at byte {bad.start()} of the head,"
+                             f" in {head[line:line + 40]!r}")
     bad = _BAD_LINE.search(head)
     if bad is not None:
         line = head[bad.end():].split(b"\r\n", 1)[0]
@@ -254,7 +267,7 @@ class ServerConnection(asyncio.Protocol):
             head = bytes(buf[:end])
             del buf[:end + 4]
             first, headers, forward = _parse_head(head.lstrip(b"\r\n"))
-            if len(first) != 3 or not first[2].startswith(b"HTTP/1.") or not first[0].isalpha():
+            if len(first) != 3 or first[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not first[0].isalpha():
                 raise HttpError(400, f"malformed request line {head[:60]!r}")
             connection = headers.get(b"connection", b"").lower()
             keep = b"close" not in connection if first[2] == b"HTTP/1.1" else b"keep-alive" in connection

@@ -1,0 +1,67 @@
+"""Request smuggling through the router, against a real TorchServe behind a router process:
+bytes that Netty (TorchServe's frontend) would read as a second request are never forwarded,
+so no client's answer can reach another client over a pooled upstream connection.
+
+Before the router refused them, the first case's client asked text-embedder and was answered
+by intent-classifier: the hidden request had reached TorchServe as a request of its own."""
+from __future__ import annotations
+
+import json
+import socket
+from typing import Iterator
+
+import pytest
+import requests
+
+from benchmarks.harness import RouterProcessRunner
+from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def router(server, tmp_path_factory) -> Iterator[RouterProcessRunner]:
+    runner = RouterProcessRunner(ROOT / "fleet.yaml", server.config, tmp_path_factory.mktemp("router"))
+    yield runner
+    runner.stop()
+
+
+def raw_exchange(url: str, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection and read until the router closes it (or 10 s)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def smuggling(key: str, separator: bytes) -> bytes:
+    """A request to text-embedder whose X-A value hides a Transfer-Encoding header, and whose
+    body, read as chunked, ends at once and leaves a second request to intent-classifier."""
+    doc = b'{"text": "cancel my plan"}'
+    hidden = (b"POST /predictions/intent-classifier HTTP/1.1\r\nHost: ts\r\nAuthorization: Bearer " + key.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(doc) + doc)
+    body = b"0\r\n\r\n" + hidden
+    return (b"POST /predictions/text-embedder HTTP/1.1\r\nHost: router\r\nAuthorization: Bearer " + key.encode()
+            + b"\r\nContent-Type: application/json\r\nX-A: b" + separator + b"Transfer-Encoding: chunked\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+@pytest.mark.parametrize("separator", [b"\n", b"\r", b"\x00"], ids=["LF", "CR", "NUL"])
+def test_a_hidden_header_is_refused_and_no_answer_reaches_another_client(router, server, separator) -> None:
+    key = server.keys.inference
+    answer = raw_exchange(router.url, smuggling(key, separator))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in head, answer[:300]
+    assert "control character" in json.loads(body)["message"]
+    # Every other client gets its own model's answer: nothing was left on an upstream connection.
+    session = requests.Session()
+    for _ in range(20):
+        resp = session.post(router.url + "/predictions/text-embedder", json={"text": "hello"},
+                            headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert resp.status_code == 200 and len(resp.json()["embedding"]) == 384, resp.text[:200]
