@@ -70,6 +70,17 @@ def test_chunked_body_and_expect_100_continue() -> None:
     run(test)
 
 
+def test_a_chunked_body_with_small_trailers_and_upper_case_sizes_is_read() -> None:
+    async def test(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nA \r\n0123456789\r\n0\r\nX-T: y\r\n\r\n")
+        status, _, body = await read_answer(reader)
+        assert status == 200 and json.loads(body)["body"] == "0123456789"
+        writer.close()
+
+    run(test)
+
+
 @pytest.mark.parametrize("raw, status, words", [
     (b"POST /p HTTP/1.1\r\nbad header line\r\n\r\n", 400, "malformed header"),
     (b"POST /p HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc", 400, "both"),
@@ -95,6 +106,15 @@ def test_chunked_body_and_expect_100_continue() -> None:
     (b"POST /p HTTP/1.1\r\nX-A: b\r\n folded\r\n\r\n", 400, "malformed header line b' folded'"),
     (b"POST /p HTTP/1.1 junk\r\n\r\n", 400, "request line"),
     (b"POST /p HTTP/2.0\r\n\r\n", 400, "request line"),
+    # Chunk sizes are hex digits only: a negative one would lower the count behind the 413.
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nabcde\r\n0\r\n\r\n", 400, "bad chunk size b'0x5'"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nabcde\r\n0\r\n\r\n", 400, "bad chunk size b'+5'"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nab\r\n0\r\n\r\n", 400, "bad chunk size b'-2'"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5_0\r\n", 400, "bad chunk size"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: y\r\n" * 1200 + b"\r\n", 431, "trailers"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: y\r\n" * 1200, 431, "trailers"),
+    (b"POST /p HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431, "more than 100 header lines"),
+    (b"POST /p HTTP/1.1\r\nX-A: " + b"b" * 70_000 + b"\r\n\r\n", 431, "head too large"),
 ])
 def test_unreadable_requests_get_a_4xx_naming_the_problem_and_the_connection_closes(raw: bytes, status: int,
                                                                                     words: str) -> None:
@@ -104,7 +124,7 @@ def test_unreadable_requests_get_a_4xx_naming_the_problem_and_the_connection_clo
         got, headers, body = await read_answer(reader)
         doc = json.loads(body)
         assert got == status == doc["code"] and words in doc["message"]
-        assert doc["type"] in ("BadRequest", "RequestEntityTooLarge", "NotImplemented")
+        assert doc["type"] in ("BadRequest", "RequestEntityTooLarge", "NotImplemented", "RequestHeaderFieldsTooLarge")
         assert headers["connection"] == "close" and await reader.read() == b""
 
     run(test)

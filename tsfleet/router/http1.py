@@ -18,6 +18,10 @@ from typing import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 MAX_HEAD = 64 * 1024
+MAX_HEADERS = 100  # header lines in one request head (Netty, behind, allows any number)
+MAX_TRAILERS = 8 * 1024  # bytes of a chunked body's trailer section (read, never forwarded)
+# A chunk size is hex digits and nothing else: int(x, 16) would also take "0x5", "+5", "-2".
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 # A body this large (an image) is kept as read while it comes, not appended to a buffer,
 # and is written apart from its head (upstream.py), not copied into one bytes with it.
 LARGE_BODY = 64 * 1024
@@ -144,13 +148,14 @@ class _Body:
                 if len(buf) > 4096:
                     raise HttpError(400, "chunk size line too long")
                 return None
-            size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise HttpError(400, f"bad chunk size {size_text[:20]!r}") from None
+            size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                raise HttpError(400, f"bad chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 end = buf.find(b"\r\n\r\n", eol)  # trailers, if any, end with an empty line
+                if (end if end >= 0 else len(buf)) - eol > MAX_TRAILERS:
+                    raise HttpError(431, f"chunked trailers over {MAX_TRAILERS} bytes")
                 if end < 0:
                     del buf[:pos]
                     return None
@@ -264,8 +269,12 @@ class ServerConnection(asyncio.Protocol):
                 if len(buf) > MAX_HEAD:
                     raise HttpError(431, "request head too large")
                 return None
+            if end > MAX_HEAD:  # it all came at once: the limit holds all the same
+                raise HttpError(431, "request head too large")
             head = bytes(buf[:end])
             del buf[:end + 4]
+            if head.count(b"\r\n") > MAX_HEADERS:
+                raise HttpError(431, f"more than {MAX_HEADERS} header lines")
             first, headers, forward = _parse_head(head.lstrip(b"\r\n"))
             if len(first) != 3 or first[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not first[0].isalpha():
                 raise HttpError(400, f"malformed request line {head[:60]!r}")
