@@ -53,7 +53,8 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def _truncated_png() -> bytes:
+def truncated_png() -> bytes:
+    """The first half of a noisy 128 x 128 PNG."""
     data = png(Image.effect_noise((128, 128), 64).convert("RGB"))
     return data[: len(data) // 2]
 
@@ -79,7 +80,7 @@ HOSTILE: tuple[Hostile, ...] = (
     Hostile("png-without-type", TEXT, "", png(Image.new("RGB", (8, 8))), "an image with no content type to a text model"),
     Hostile("form-to-image", IMAGE, FORM, png(Image.new("RGB", (8, 8))),
             "a PNG sent as a form (TorchServe parses it into fields)"),
-    Hostile("truncated-png", IMAGE, "image/png", _truncated_png(), "half a PNG"),
+    Hostile("truncated-png", IMAGE, "image/png", truncated_png(), "half a PNG"),
     Hostile("decompression-bomb", IMAGE, "image/png", png_header_only(20000, 20000),
             "a 100-byte PNG declaring 20000 x 20000 pixels"),
 )

@@ -2,26 +2,11 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A tiny, valid-looking PNG that declares a huge image (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def truncated_png() -> bytes:
-    buf = io.BytesIO()
-    Image.effect_noise((128, 128), 64).convert("RGB").save(buf, format="PNG")
-    data = buf.getvalue()
-    return data[: len(data) // 2]
+from benchmarks.isolation.bodies import png_header_only, truncated_png
 
 
 TEXT = "text-embedder"
