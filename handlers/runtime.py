@@ -16,13 +16,14 @@ log = logging.getLogger(__name__)
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-# TorchServe's worker logs this, with a traceback, for every request whose JSON it cannot
-# parse, before the handler answers it 400 naming the problem: 1-2 KB of log per bad request.
-_BAD_JSON_LINE = "Failed json decoding of input data"
+# A TorchServe left at decode_input_request=true (tsfleet's config turns it off) logs these,
+# with a traceback, for every body it cannot parse as JSON or text, before the handler answers
+# it 400 naming the problem: 1-2 KB of log per bad request.
+_BAD_INPUT_LINES = ("Failed json decoding of input data", "Failed utf-8 decoding of input data")
 
 
 def _not_bad_json(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(_BAD_JSON_LINE)
+    return not str(record.msg).startswith(_BAD_INPUT_LINES)
 
 
 def quiet_bad_input_logs() -> None:

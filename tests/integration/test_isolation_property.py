@@ -71,9 +71,15 @@ def worker_pids(server) -> dict[str, list[int | None]]:
 
 @pytest.fixture(scope="module")
 def no_restarts(server) -> Iterator[None]:
-    before = worker_pids(server)
+    """No worker restarted, and no traceback in the workers' log, while this module ran."""
+    log = server.workdir / "logs" / "model_log.log"
+    before, start = worker_pids(server), log.stat().st_size
     yield
     assert worker_pids(server) == before, "a worker was restarted while hostile bodies were sent"
+    with log.open("rb") as fh:
+        fh.seek(start)
+        written = fh.read().decode("utf-8", "replace")
+    assert "Traceback" not in written, written[max(0, written.find("Traceback") - 2000):][:6000]
 
 
 def check_good(answer: Answer, target: str, want: str, reference: dict[str, list[float]]) -> None:

@@ -176,3 +176,18 @@ def test_the_input_limits_doc_is_the_table_the_handlers_state() -> None:
     root = Path(__file__).resolve().parents[2]
     assert sorted(MODELS) == sorted(load_fleet(root / "fleet.yaml").models)
     assert table() in (root / "docs" / "input-limits.md").read_text()
+
+
+def test_torchserve_s_own_decoding_tracebacks_are_dropped_where_it_still_decodes(caplog: pytest.LogCaptureFixture) -> None:
+    # A TorchServe left at decode_input_request=true logs a traceback per unreadable body.
+    from handlers.runtime import quiet_bad_input_logs
+
+    quiet_bad_input_logs()
+    root = logging.getLogger()
+    with caplog.at_level(logging.WARNING):
+        for line in ("Failed json decoding of input data. Forwarding encoded payload",
+                     "Failed utf-8 decoding of input data. Forwarding encoded payload", "something else"):
+            record = root.makeRecord("root", logging.WARNING, __file__, 1, line, (), None)
+            if root.filter(record):
+                root.handle(record)
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
