@@ -4,11 +4,17 @@ frames, data held back until the peer's WINDOW_UPDATE, PING answered."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import Any
 
+import pytest
+
 from tests.wire import Wire
-from tsfleet.router.h2frames import (DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_STREAM, FRAME_SIZE_ERROR, GOAWAY, PADDED,
-                                     PING, PREFACE, frame, settings_frame)
+from tsfleet.router.h2frames import (ACK, DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_HEADERS, END_STREAM,
+                                     FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GOAWAY, HEADERS, PADDED, PING, PREFACE,
+                                     PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR, RST_STREAM, S_ENABLE_PUSH,
+                                     S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, SETTINGS, WINDOW_UPDATE, frame,
+                                     settings_frame)
 from tsfleet.router.http2 import Http2Connection
 
 
@@ -152,3 +158,64 @@ def test_a_frame_over_the_agreed_size_closes_the_connection_before_its_payload_c
         assert bytes([GOAWAY, 0]) + bytes(8) + FRAME_SIZE_ERROR.to_bytes(4, "big") in wire.written
 
     asyncio.run(main())
+
+
+def _goaway_for(data: bytes) -> tuple[bool, int | None]:
+    """Whether a server-side peer closed on ``data`` (after the preface and SETTINGS), and the
+    error code of the GOAWAY it sent."""
+    async def main() -> tuple[bool, int | None]:
+        peer = Peer(False)
+        wire = Wire()
+        peer.connection_made(wire)  # type: ignore[arg-type]
+        peer.open_stream(1)
+        peer.data_received(PREFACE + settings_frame({}) + data)
+        peer._flush()
+        written = bytes(wire.written)
+        at = written.find(bytes([GOAWAY, 0]) + bytes(4))  # type GOAWAY, no flags, stream 0
+        return wire.closed, (int.from_bytes(written[at + 10:at + 14], "big") if at >= 0 else None)
+
+    return asyncio.run(main())
+
+
+def _settings(key: int, value: int) -> bytes:
+    return frame(SETTINGS, 0, 0, struct.pack(">HI", key, value))
+
+
+@pytest.mark.parametrize("data,code", [
+    (_settings(S_MAX_FRAME_SIZE, 0), PROTOCOL_ERROR),  # froze the event loop once (a splitter cutting 0 bytes)
+    (_settings(S_MAX_FRAME_SIZE, 1), PROTOCOL_ERROR),
+    (_settings(S_MAX_FRAME_SIZE, 2**24), PROTOCOL_ERROR),
+    (_settings(S_INITIAL_WINDOW_SIZE, 2**31), FLOW_CONTROL_ERROR),
+    (_settings(S_INITIAL_WINDOW_SIZE, 2**32 - 1), FLOW_CONTROL_ERROR),
+    (_settings(S_ENABLE_PUSH, 2), PROTOCOL_ERROR),
+    (frame(SETTINGS, 0, 0, b"\x00\x04\x00\x00\x01"), FRAME_SIZE_ERROR),  # 5 bytes
+    (frame(SETTINGS, ACK, 0, bytes(6)), FRAME_SIZE_ERROR),
+    (frame(SETTINGS, 0, 1, b""), PROTOCOL_ERROR),
+    (frame(WINDOW_UPDATE, 0, 0, bytes(4)), PROTOCOL_ERROR),  # an increment of 0
+    (frame(WINDOW_UPDATE, 0, 1, bytes(4)), PROTOCOL_ERROR),
+    (frame(WINDOW_UPDATE, 0, 0, (2**31 - 1).to_bytes(4, "big")), FLOW_CONTROL_ERROR),  # 65535 + that
+    (frame(WINDOW_UPDATE, 0, 1, (2**31 - 1).to_bytes(4, "big")), FLOW_CONTROL_ERROR),
+    (frame(WINDOW_UPDATE, 0, 0, b"\x00\x01"), FRAME_SIZE_ERROR),
+    (frame(RST_STREAM, 0, 1, b"\x00"), FRAME_SIZE_ERROR),  # 1 byte
+    (frame(RST_STREAM, 0, 0, bytes(4)), PROTOCOL_ERROR),
+    (frame(PING, 0, 0, b"abc"), FRAME_SIZE_ERROR),  # echoed once
+    (frame(PING, 0, 1, bytes(8)), PROTOCOL_ERROR),
+    (frame(GOAWAY, 0, 0, bytes(3)), FRAME_SIZE_ERROR),  # raised struct.error once
+    (frame(PRIORITY, 0, 1, bytes(4)), FRAME_SIZE_ERROR),
+    (frame(DATA, PADDED, 1, b""), PROTOCOL_ERROR),  # raised IndexError once
+    (frame(DATA, PADDED, 1, b"\x05abc"), PROTOCOL_ERROR),  # padding past the payload
+    (frame(HEADERS, PADDED | END_HEADERS, 1, b""), PROTOCOL_ERROR),
+    (frame(HEADERS, PRIORITY_FLAG | END_HEADERS, 1, b"\x00\x00"), FRAME_SIZE_ERROR),
+    (frame(DATA, 0, 0, b"abc"), PROTOCOL_ERROR),
+    (frame(DATA, 0, 0, bytes(5000)), PROTOCOL_ERROR),  # large: passed on as it comes, checked first
+    (frame(HEADERS, END_HEADERS, 0, b"\x82"), PROTOCOL_ERROR),
+])
+def test_a_malformed_frame_is_a_goaway_with_rfc_9113_s_code_never_an_exception(data: bytes, code: int) -> None:
+    assert _goaway_for(data) == (True, code)
+
+
+def test_well_formed_control_frames_keep_the_connection() -> None:
+    ok = (_settings(S_MAX_FRAME_SIZE, 2**24 - 1) + _settings(S_INITIAL_WINDOW_SIZE, 2**31 - 1)
+          + frame(SETTINGS, ACK, 0) + frame(WINDOW_UPDATE, 0, 0, (2**31 - 1 - DEFAULT_WINDOW).to_bytes(4, "big"))
+          + frame(PING, 0, 0, bytes(8)) + frame(PRIORITY, 0, 3, bytes(5)) + frame(0xFA, 0, 0, b"unknown type"))
+    assert _goaway_for(ok) == (False, None)

@@ -13,6 +13,12 @@ FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM =
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
 S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 0x4, 0x5
 DEFAULT_WINDOW, DEFAULT_FRAME = 65535, 16384
+MAX_WINDOW, MAX_FRAME = 2**31 - 1, 2**24 - 1
+_NAMES = ("DATA", "HEADERS", "PRIORITY", "RST_STREAM", "SETTINGS", "PUSH_PROMISE", "PING", "GOAWAY",
+          "WINDOW_UPDATE", "CONTINUATION")
+_CONNECTION_ONLY = frozenset({SETTINGS, PING, GOAWAY})
+_STREAM_ONLY = frozenset({DATA, HEADERS, PRIORITY, RST_STREAM, PUSH_PROMISE, CONTINUATION})
+_FIXED_LENGTH = {PRIORITY: 5, RST_STREAM: 4, PING: 8, WINDOW_UPDATE: 4}
 
 # What the router lets a peer send: big frames and windows, so a whole image request
 # arrives in a few frames without waiting for a WINDOW_UPDATE.
@@ -40,6 +46,44 @@ def settings_frame(settings: dict[int, int]) -> bytes:
 
 
 class ProtocolError(Exception):
+    """A connection error: the connection is closed with a GOAWAY carrying ``code``."""
+
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code = code
+
+
+def check_frame(ftype: int, flags: int, stream: int, payload: bytes | memoryview) -> None:
+    """RFC 9113's rules for a whole frame of a known type, before anything reads it: the
+    stream it may be on, its length, its padding. Unknown types pass (they are ignored)."""
+    if ftype >= len(_NAMES):
+        return
+    name, n = _NAMES[ftype], len(payload)
+    if stream and ftype in _CONNECTION_ONLY:
+        raise ProtocolError(PROTOCOL_ERROR, f"{name} on stream {stream}")
+    if not stream and ftype in _STREAM_ONLY:
+        raise ProtocolError(PROTOCOL_ERROR, f"{name} on stream 0")
+    want = _FIXED_LENGTH.get(ftype)
+    if want is not None and n != want:
+        raise ProtocolError(FRAME_SIZE_ERROR, f"{name} of {n} bytes, not {want}")
+    if ftype == SETTINGS and (n % 6 or (flags & ACK and n)):
+        raise ProtocolError(FRAME_SIZE_ERROR, f"SETTINGS of {n} bytes")
+    if ftype == GOAWAY and n < 8:
+        raise ProtocolError(FRAME_SIZE_ERROR, f"GOAWAY of {n} bytes")
+    if ftype in (DATA, HEADERS) and flags & PADDED:
+        if n == 0 or payload[0] >= n:
+            raise ProtocolError(PROTOCOL_ERROR, f"{name} padding of {payload[0] if n else '?'} in {n} bytes")
+        n -= payload[0] + 1
+    if ftype == HEADERS and flags & PRIORITY_FLAG and n < 5:
+        raise ProtocolError(FRAME_SIZE_ERROR, f"HEADERS with PRIORITY in {n} bytes")
+
+
+def check_setting(key: int, value: int) -> None:
+    """RFC 9113 6.5.2's range for each setting the router reads."""
+    if key == S_ENABLE_PUSH and value > 1:
+        raise ProtocolError(PROTOCOL_ERROR, f"SETTINGS_ENABLE_PUSH {value}")
+    if key == S_INITIAL_WINDOW_SIZE and value > MAX_WINDOW:
+        raise ProtocolError(FLOW_CONTROL_ERROR, f"SETTINGS_INITIAL_WINDOW_SIZE {value}")
+    if key == S_MAX_FRAME_SIZE and not DEFAULT_FRAME <= value <= MAX_FRAME:
+        # 0 was taken once: a frame splitter that cuts nothing off loops forever.
+        raise ProtocolError(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")

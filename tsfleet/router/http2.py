@@ -19,7 +19,8 @@ from collections import deque
 
 from tsfleet.router import hpack_codec
 from tsfleet.router.h2frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINUATION, DATA, DEFAULT_FRAME,
-                                     DEFAULT_WINDOW, END_HEADERS, END_STREAM, FRAME_SIZE_ERROR, GOAWAY, HEAD, HEADERS,
+                                     DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR,
+                                     GOAWAY, HEAD, HEADERS, MAX_WINDOW, check_frame, check_setting,
                                      LARGE, NO_ERROR, PADDED, PING, PREFACE, PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR,
                                      PUSH_PROMISE, RECV_CONN_WINDOW, RECV_FRAME, RECV_STREAM_WINDOW, RST_STREAM,
                                      SETTINGS, S_ENABLE_PUSH, S_HEADER_TABLE_SIZE, S_INITIAL_WINDOW_SIZE,
@@ -140,6 +141,8 @@ class Http2Connection(asyncio.Protocol):
                     if streamed(ftype, flags, length):  # a large frame's first part: no buffering
                         if self.continuing is not None:
                             raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
+                        if not stream & 0x7FFFFFFF:
+                            raise ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
                         self.streaming = (stream & 0x7FFFFFFF, flags, length)
                         view = view or memoryview(data)
                         pos = end if pos + 9 == end else pos + 9 + self._more_data(view[pos + 9:])
@@ -176,6 +179,7 @@ class Http2Connection(asyncio.Protocol):
     def _frame(self, ftype: int, flags: int, stream: int, payload: bytes | memoryview) -> None:
         if self.continuing is not None and ftype != CONTINUATION:
             raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
+        check_frame(ftype, flags, stream, payload)  # lengths, stream 0 or not, padding
         if ftype == DATA:
             size = len(payload)
             if flags & PADDED:
@@ -203,30 +207,41 @@ class Http2Connection(asyncio.Protocol):
             if not flags & ACK:
                 self._settings(payload)
         elif ftype == WINDOW_UPDATE:
-            increment = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+            increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+            if increment == 0:  # RFC 9113 6.9: a stream error; here the connection's, as 5.4.1 allows
+                raise ProtocolError(PROTOCOL_ERROR, f"WINDOW_UPDATE of 0 on stream {stream}")
             if stream == 0:
                 self.conn_window += increment
+                window = self.conn_window
             elif stream in self.windows:
                 self.windows[stream] += increment
+                window = self.windows[stream]
+            else:
+                window = 0
+            if window > MAX_WINDOW:
+                raise ProtocolError(FLOW_CONTROL_ERROR, f"a window of stream {stream} past 2^31-1")
             self._unblock()
         elif ftype == PING:
             if not flags & ACK:
                 self._write(frame(PING, ACK, 0, payload))
         elif ftype == RST_STREAM:
             self._forget(stream)
-            self.on_reset(stream, int.from_bytes(payload[:4], "big"))
+            self.on_reset(stream, int.from_bytes(payload, "big"))
         elif ftype == GOAWAY:
             last, code = struct.unpack(">II", payload[:8])
             self.on_goaway(last & 0x7FFFFFFF, code, payload[8:].decode(errors="replace"))
         # PRIORITY, PUSH_PROMISE (refused by our SETTINGS) and unknown types: ignored
 
     def _settings(self, payload: bytes) -> None:
-        for i in range(0, len(payload) - 5, 6):
+        for i in range(0, len(payload), 6):  # check_frame: a multiple of 6
             key, value = struct.unpack(">HI", payload[i:i + 6])
+            check_setting(key, value)
             if key == S_INITIAL_WINDOW_SIZE:
                 delta, self.peer_window = value - self.peer_window, value
                 for stream in self.windows:
                     self.windows[stream] += delta
+                    if self.windows[stream] > MAX_WINDOW:
+                        raise ProtocolError(FLOW_CONTROL_ERROR, f"SETTINGS_INITIAL_WINDOW_SIZE takes stream {stream} past 2^31-1")
             elif key == S_MAX_FRAME_SIZE:
                 self.peer_frame = value
             elif key == S_HEADER_TABLE_SIZE:

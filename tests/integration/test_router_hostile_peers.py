@@ -1,20 +1,29 @@
-"""Request smuggling through the router, against a real TorchServe behind a router process:
-bytes that Netty (TorchServe's frontend) would read as a second request are never forwarded,
-so no client's answer can reach another client over a pooled upstream connection.
+"""Hostile peers against a router process in front of a real TorchServe, over raw sockets.
 
-Before the router refused them, the first case's client asked text-embedder and was answered
-by intent-classifier: the hidden request had reached TorchServe as a request of its own."""
+HTTP/1.1: request smuggling. Bytes that Netty (TorchServe's frontend) would read as a second
+request are never forwarded, so no client's answer can reach another client over a pooled
+upstream connection. Before the router refused them, the first case's client asked
+text-embedder and was answered by intent-classifier: the hidden request had reached
+TorchServe as a request of its own.
+
+HTTP/2: a malformed frame closes that connection with RFC 9113's GOAWAY, and the process goes
+on serving everyone else (SETTINGS_MAX_FRAME_SIZE = 0 once froze its event loop)."""
 from __future__ import annotations
 
 import json
 import socket
+import struct
 from typing import Iterator
 
+import grpc
 import pytest
 import requests
 
 from benchmarks.harness import RouterProcessRunner
 from tests.integration.conftest import ROOT
+from tsfleet.router.h2frames import GOAWAY, PREFACE, PROTOCOL_ERROR, S_MAX_FRAME_SIZE, settings_frame
+from tsfleet.router.proto import inference_pb2 as pb
+from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +74,34 @@ def test_a_hidden_header_is_refused_and_no_answer_reaches_another_client(router,
         resp = session.post(router.url + "/predictions/text-embedder", json={"text": "hello"},
                             headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert resp.status_code == 200 and len(resp.json()["embedding"]) == 384, resp.text[:200]
+
+
+def healthy(router: RouterProcessRunner, key: str) -> None:
+    """A REST and a gRPC call through the router are answered, by the same router process."""
+    resp = requests.post(router.url + "/predictions/intent-classifier", json={"text": "cancel my plan"},
+                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert resp.status_code == 200 and resp.json()["intent"] == "cancel", resp.text[:200]
+    with grpc.insecure_channel(router.grpc) as channel:
+        reply = pb_grpc.InferenceAPIsServiceStub(channel).Predictions(
+            pb.PredictionsRequest(model_name="intent-classifier", input={"data": b'{"text": "cancel my plan"}'}),
+            metadata=(("authorization", f"Bearer {key}"),), timeout=10)
+    assert json.loads(reply.prediction)["intent"] == "cancel"
+    assert router.proc.poll() is None
+
+
+@pytest.mark.parametrize("value", [0, 1, 2**24])
+def test_a_frame_size_out_of_range_is_a_goaway_and_the_process_serves_on(router, server, value) -> None:
+    pid = router.proc.pid
+    host, port = router.grpc.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(PREFACE + settings_frame({S_MAX_FRAME_SIZE: value}))
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except TimeoutError:
+            pass
+    at = got.find(bytes([GOAWAY, 0]) + bytes(4))  # type GOAWAY, no flags, stream 0
+    assert at >= 0 and struct.unpack(">I", got[at + 10:at + 14])[0] == PROTOCOL_ERROR, got[:200]
+    healthy(router, server.keys.inference)
+    assert router.proc.pid == pid
