@@ -367,3 +367,63 @@ def test_a_request_over_the_size_limit_is_refused_and_the_connection_serves_on(m
 
     monkeypatch.setattr(ServerConnection, "max_request", 2 << 20)
     run(test)
+
+
+async def _raw_h2(port: int, frames: bytes, wait: float = 2.0) -> bytes:
+    """What the router writes back on a raw connection that sends ``frames`` after the
+    preface and SETTINGS, until it closes or ``wait`` seconds pass."""
+    from tsfleet.router.h2frames import PREFACE, settings_frame
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(PREFACE + settings_frame({}) + frames)
+    got = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), wait):
+            got += chunk
+    except asyncio.TimeoutError:
+        pass
+    writer.close()
+    return got
+
+
+def _call_headers(stream: int) -> bytes:
+    from tsfleet.router.h2frames import END_HEADERS, HEADERS, frame
+
+    block = encode([(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/org.pytorch.serve.grpc.inference"
+                    b".InferenceAPIsService/Predictions"), (b":authority", b"x"), (b"content-type", b"application/grpc"),
+                    (b"te", b"trailers")])
+    return frame(HEADERS, END_HEADERS, stream, block)
+
+
+def test_streams_past_max_concurrent_streams_are_refused_and_others_served(monkeypatch) -> None:
+    from tsfleet.router.h2frames import REFUSED_STREAM, RST_STREAM, frame
+
+    async def test(stub, upstream, table) -> None:
+        # Three calls opened and left waiting for their message: the third is one too many.
+        got = await _raw_h2(channel_box[1], b"".join(_call_headers(s) for s in (1, 3, 5)), wait=1.0)
+        assert frame(RST_STREAM, 0, 5, REFUSED_STREAM.to_bytes(4, "big")) in got
+        assert frame(RST_STREAM, 0, 3, REFUSED_STREAM.to_bytes(4, "big")) not in got
+        assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
+
+    monkeypatch.setattr(ServerConnection, "streams_in", 2)
+    channel_box: list = []
+    run(test, channel_box=channel_box)
+
+
+@pytest.mark.parametrize("flood", ["continuation", "indexed"])
+def test_a_header_list_past_its_limit_is_a_goaway_before_it_is_all_held(flood: str) -> None:
+    from tsfleet.router.h2frames import CONTINUATION, END_HEADERS, ENHANCE_YOUR_CALM, GOAWAY, HEADERS, frame
+
+    async def test(stub, upstream, table) -> None:
+        if flood == "continuation":  # header block fragments that never end: once 200 MiB held
+            frames = frame(HEADERS, 0, 1, b"\x00" * 16_000) + frame(CONTINUATION, 0, 1, b"\x00" * 16_000) * 20
+        else:  # a 4,000-byte field put in the table, then named 40 times in 40 bytes: HPACK's amplification
+            field = b"\x40" + bytes([0x01]) + b"x" + bytes([0x7F, 0xA1, 0x1E]) + b"v" * 4000  # literal, indexed
+            frames = frame(HEADERS, END_HEADERS, 1, field + bytes([0xBE]) * 40)  # index 62: that field
+        got = await _raw_h2(channel_box[1], frames)
+        at = got.find(bytes([GOAWAY, 0]) + bytes(4))
+        assert at >= 0 and int.from_bytes(got[at + 10:at + 14], "big") == ENHANCE_YOUR_CALM, got[:100]
+        assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
+
+    channel_box: list = []
+    run(test, channel_box=channel_box)

@@ -156,7 +156,9 @@ class ServerConnection(Http2Connection):
                 raise ProtocolError(PROTOCOL_ERROR, f"stream {stream} cannot be opened by a client")
             self.last_stream = stream
             self.open_stream(stream)
-            if self.dispatcher.stopping:
+            # Past the MAX_CONCURRENT_STREAMS it advertised, a stream is refused (RFC 9113
+            # 5.1.2): 3,000 were held once.
+            if self.dispatcher.stopping or len(self.calls) >= self.streams_in:
                 self.reset(stream, REFUSED_STREAM)
                 return
             call = self.calls[stream] = ServerCall(stream, headers)

@@ -11,7 +11,7 @@ END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
-S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE = 0x4, 0x5
+S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
 DEFAULT_WINDOW, DEFAULT_FRAME = 65535, 16384
 MAX_WINDOW, MAX_FRAME = 2**31 - 1, 2**24 - 1
 _NAMES = ("DATA", "HEADERS", "PRIORITY", "RST_STREAM", "SETTINGS", "PUSH_PROMISE", "PING", "GOAWAY",
@@ -25,6 +25,10 @@ _FIXED_LENGTH = {PRIORITY: 5, RST_STREAM: 4, PING: 8, WINDOW_UPDATE: 4}
 RECV_FRAME = 1 << 20
 RECV_STREAM_WINDOW = 1 << 24
 RECV_CONN_WINDOW = 1 << 26
+# One header list, decoded, and one header block as sent (HEADERS and its CONTINUATIONs): gRPC
+# metadata is a few hundred bytes; without a cap a CONTINUATION flood was buffered whole.
+RECV_HEADER_LIST = 64 * 1024
+RECV_CONCURRENT_STREAMS = 1000
 HEAD = struct.Struct(">IBI")  # length << 8 | type, flags, stream
 LARGE = 4096  # DATA payloads over this are handed on as views of the bytes read, not copies
 # What ``send`` takes as a stream's data: bytes, or pieces sent in turn (a large message

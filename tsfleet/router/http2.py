@@ -22,11 +22,13 @@ from tsfleet.router.h2frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINUATIO
                                      DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR,
                                      GOAWAY, HEAD, HEADERS, MAX_WINDOW, check_frame, check_setting,
                                      LARGE, NO_ERROR, PADDED, PING, PREFACE, PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR,
-                                     PUSH_PROMISE, RECV_CONN_WINDOW, RECV_FRAME, RECV_STREAM_WINDOW, RST_STREAM,
+                                     PUSH_PROMISE, RECV_CONCURRENT_STREAMS, RECV_CONN_WINDOW, RECV_FRAME,
+                                     RECV_HEADER_LIST, RECV_STREAM_WINDOW, RST_STREAM, ENHANCE_YOUR_CALM,
+                                     S_MAX_HEADER_LIST_SIZE,
                                      SETTINGS, S_ENABLE_PUSH, S_HEADER_TABLE_SIZE, S_INITIAL_WINDOW_SIZE,
                                      S_MAX_CONCURRENT_STREAMS, S_MAX_FRAME_SIZE, WINDOW_UPDATE, Data, ProtocolError,
                                      frame, settings_frame, streamed)
-from tsfleet.router.hpack_codec import Header, HpackError
+from tsfleet.router.hpack_codec import Header, HeaderListTooLarge, HpackError
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,13 @@ class Http2Connection(asyncio.Protocol):
     client_side = False
     # What this end lets the peer send (class attributes so a test can make them small).
     frame_in, stream_window_in, conn_window_in = RECV_FRAME, RECV_STREAM_WINDOW, RECV_CONN_WINDOW
+    header_list_in, streams_in = RECV_HEADER_LIST, RECV_CONCURRENT_STREAMS
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.preface_pending = not self.client_side
-        self.decoder = hpack_codec.Decoder()
+        self.decoder = hpack_codec.Decoder(max_list=self.header_list_in)
         self.peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_frame = DEFAULT_FRAME
         self.conn_window = DEFAULT_WINDOW  # what the router may still send on the connection
@@ -82,8 +85,9 @@ class Http2Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
-        hello = settings_frame({S_ENABLE_PUSH: 0, S_MAX_CONCURRENT_STREAMS: 1000,
-                                S_INITIAL_WINDOW_SIZE: self.stream_window_in, S_MAX_FRAME_SIZE: self.frame_in})
+        hello = settings_frame({S_ENABLE_PUSH: 0, S_MAX_CONCURRENT_STREAMS: self.streams_in,
+                                S_INITIAL_WINDOW_SIZE: self.stream_window_in, S_MAX_FRAME_SIZE: self.frame_in,
+                                S_MAX_HEADER_LIST_SIZE: self.header_list_in})
         if self.conn_window_in > DEFAULT_WINDOW:
             hello += frame(WINDOW_UPDATE, 0, 0, (self.conn_window_in - DEFAULT_WINDOW).to_bytes(4, "big"))
         self._write((PREFACE if self.client_side else b"") + hello)
@@ -154,7 +158,8 @@ class Http2Connection(asyncio.Protocol):
                 else:
                     self._frame(ftype, flags, stream & 0x7FFFFFFF, data[start:pos])
         except (ProtocolError, HpackError) as exc:
-            code = exc.code if isinstance(exc, ProtocolError) else COMPRESSION_ERROR
+            code = exc.code if isinstance(exc, ProtocolError) else \
+                ENHANCE_YOUR_CALM if isinstance(exc, HeaderListTooLarge) else COMPRESSION_ERROR
             log.info("closing an HTTP/2 connection: %s", exc)
             self.close(code, str(exc))
             return
@@ -191,6 +196,8 @@ class Http2Connection(asyncio.Protocol):
                 payload = payload[1:len(payload) - payload[0]]
             if flags & PRIORITY_FLAG:
                 payload = payload[5:]
+            if len(payload) > 4 * self.header_list_in:
+                raise ProtocolError(ENHANCE_YOUR_CALM, f"header block over {4 * self.header_list_in} bytes")
             if flags & END_HEADERS:
                 self.on_headers(stream, self.decoder.decode(payload), bool(flags & END_STREAM))
             else:
@@ -198,6 +205,10 @@ class Http2Connection(asyncio.Protocol):
         elif ftype == CONTINUATION:
             if self.continuing is None or self.continuing[0] != stream:
                 raise ProtocolError(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+            # Encoded, a list is at most about 4 times its decoded size (Huffman's longest codes
+            # are 30 bits a byte): past that the block is refused before it is all buffered.
+            if len(self.continuing[2]) + len(payload) > 4 * self.header_list_in:
+                raise ProtocolError(ENHANCE_YOUR_CALM, f"header block over {4 * self.header_list_in} bytes")
             self.continuing[2].extend(payload)
             if flags & END_HEADERS:
                 stream, first, block = self.continuing
