@@ -105,3 +105,33 @@ def test_a_frame_size_out_of_range_is_a_goaway_and_the_process_serves_on(router,
     assert at >= 0 and struct.unpack(">I", got[at + 10:at + 14])[0] == PROTOCOL_ERROR, got[:200]
     healthy(router, server.keys.inference)
     assert router.proc.pid == pid
+
+
+PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
+
+
+@pytest.mark.parametrize("message", [b"\xff\xfe\xfd\xfc", b"\x0a\x05ab", b"\x0a\x02\xff\xfe", bytes(range(256))],
+                         ids=["random", "truncated-field", "name-not-utf8", "every-byte"])
+def test_bytes_that_are_no_predictions_request_are_invalid_argument(router, server, message) -> None:
+    """TorchServe answers these UNKNOWN or INTERNAL (a server fault); the router says whose fault it is."""
+    auth = (("authorization", f"Bearer {server.keys.inference}"),)
+    with grpc.insecure_channel(router.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary(PREDICTIONS)(message, metadata=auth, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "not a PredictionsRequest" in err.value.details()
+    healthy(router, server.keys.inference)
+
+
+@pytest.mark.parametrize("model,version", [("no-such-model", ""), ("intent-classifier", "9.9")])
+def test_an_unknown_model_or_version_is_not_found(router, server, model, version) -> None:
+    auth = (("authorization", f"Bearer {server.keys.inference}"),)
+    request = pb.PredictionsRequest(model_name=model, model_version=version, input={"data": b'{"text": "hi"}'})
+    with grpc.insecure_channel(router.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.InferenceAPIsServiceStub(channel).Predictions(request, metadata=auth, timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND, (err.value.code(), err.value.details())
+    with grpc.insecure_channel(f"127.0.0.1:{server.ep.grpc_inference}") as channel:  # TorchServe itself
+        with pytest.raises(grpc.RpcError) as direct:
+            pb_grpc.InferenceAPIsServiceStub(channel).Predictions(request, metadata=auth, timeout=10)
+    assert direct.value.code() == grpc.StatusCode.INTERNAL and "NotFoundException" in direct.value.details()

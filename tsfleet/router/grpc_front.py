@@ -19,7 +19,7 @@ from tsfleet.router import health
 from tsfleet.router.compare import answers_agree
 from tsfleet.router.grpc_predict import Prediction, not_found, refused_own_key, renewed_key, server_side
 from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamPool
-from tsfleet.router.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
+from tsfleet.router.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
                                       Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, header,
                                       read_message, split_messages, status_trailers)
 from tsfleet.router.h2frames import INTERNAL_ERROR, Data
@@ -32,6 +32,7 @@ from tsfleet.router.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 SERVICE = b"/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
+NOT_A_REQUEST = "the message is not a PredictionsRequest (or not in the grpc-encoding the call names)"
 PREDICT, STREAM, SEQUENCE, PING = (SERVICE + m for m in (b"Predictions", b"StreamPredictions",
                                                          b"StreamPredictions2", b"Ping"))
 BUFFERED = {PREDICT, STREAM, PING, health.CHECK, health.WATCH}  # one request message: read whole, then routed
@@ -98,7 +99,13 @@ class GrpcRouter:
                     self, conn, call))
                 return
             readable = self._readable(call) if call.path != PING else None
-            if readable is None:  # Ping, or a request only TorchServe can judge
+            if isinstance(readable, str) and call.path in (PREDICT, STREAM):
+                # Bytes that are no PredictionsRequest: the client's fault, said as such
+                # (TorchServe would answer UNKNOWN or INTERNAL, blaming the server).
+                conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(INVALID_ARGUMENT, readable))
+                conn.finish(call)
+                return
+            if not isinstance(readable, tuple):  # Ping, or a method only TorchServe can judge
                 self.spawn(conn, call, self._pass(conn, call))
                 return
             model, asked, payload, decompressed = readable
@@ -153,22 +160,25 @@ class GrpcRouter:
         return out
 
     def _request(self, call: ServerCall, flag: int, payload: bytes | memoryview) -> pb.PredictionsRequest | None:
-        """The request, readable; None when it is not (TorchServe then answers it as it is)."""
+        """The request, readable; None when it is not."""
         return read_message(pb.PredictionsRequest, call.headers, flag, payload)
 
-    def _readable(self, call: ServerCall) -> tuple[str, str, bytes | memoryview, bool] | None:
+    def _readable(self, call: ServerCall) -> tuple[str, str, bytes | memoryview, bool] | str:
         """(model, version asked for, the request's serialized bytes, whether they were
-        decompressed) when the call's body is exactly one message the router can read."""
+        decompressed) when the call's body is exactly one message the router can read as a
+        PredictionsRequest; else what is wrong with it."""
         data = call.body  # the request's one copy (when it came in pieces): what follows are views of it
-        if len(data) < 5 or len(data) != 5 + int.from_bytes(data[1:5], "big"):
-            return None
+        if len(data) < 5:
+            return f"the call carries {len(data)} bytes, not a length-prefixed message"
+        if len(data) != 5 + int.from_bytes(data[1:5], "big"):
+            return f"the call carries {len(data) - 5} bytes after its prefix, which declares {int.from_bytes(data[1:5], 'big')}"
         payload = memoryview(data)[5:]
         if not data[0] and len(payload) >= LARGE_MESSAGE:  # an image: read without a copy of it
             names = request_names(payload)
-            return None if names is None else (*names, payload, False)
+            return NOT_A_REQUEST if names is None else (*names, payload, False)
         request = self._request(call, data[0], payload)
         if request is None:
-            return None
+            return NOT_A_REQUEST
         return (request.model_name, request.model_version, request.SerializeToString() if data[0] else payload,
                 bool(data[0]))
 

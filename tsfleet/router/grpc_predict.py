@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from tsfleet.router.grpc_upstream import UpstreamCall
-from tsfleet.router.grpc_wire import OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamGone, header
+from tsfleet.router.grpc_wire import NOT_FOUND_MARKS, OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamGone, header
 from tsfleet.router.hpack_codec import Header
 from tsfleet.router.keys import REFUSED
 from tsfleet.router.routing import Choice
@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 DROPPED = ("Worker died", "Worker scaled down", "has no worker to serve inference request")
 # TorchServe appends its exception class to every error it sends; transport errors lack it.
 FROM_TORCHSERVE = "org.pytorch.serve"
-# Answers that are the client's doing (REST's 4xx): counted as served, not as arm errors.
-NOT_FOUND = ("ModelNotFoundException", "ModelVersionNotFoundException")
 SERVER_SIDE = {13, 14, 2, 4, 15}  # INTERNAL, UNAVAILABLE, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS
 PERMISSION_DENIED = 7
 
@@ -60,7 +58,7 @@ def retryable(code: int, message: str) -> bool:
 
 def not_found(message: str) -> bool:
     """No such model or version: not an arm (recorded, it would add a /metrics series per made-up name)."""
-    return any(m in message for m in NOT_FOUND)
+    return any(m in message for m in NOT_FOUND_MARKS)
 
 
 def server_side(code: int, message: str) -> bool:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 OK, UNKNOWN, INVALID_ARGUMENT, NOT_FOUND = 0, 2, 3, 5
 RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
 M = TypeVar("M", bound=Message)
+# TorchServe's exception names for a model or version it does not have, which it answers INTERNAL.
+NOT_FOUND_MARKS = ("ModelNotFoundException", "ModelVersionNotFoundException")
 STATUS_OK = (b":status", b"200")
 GRPC_TYPE = (b"content-type", b"application/grpc")
 
@@ -212,9 +214,18 @@ def answer_headers(up: UpstreamCall, extra: list[Header]) -> tuple[list[Header],
     version still comes back as initial metadata."""
     assert up.headers is not None
     if up.trailers is up.headers:
-        return [STATUS_OK, GRPC_TYPE] + extra, [h for h in up.trailers if h[0][0] != 58 and h[0] != b"content-type"]
+        return [STATUS_OK, GRPC_TYPE] + extra, _whose_fault([h for h in up.trailers if h[0][0] != 58 and h[0] != b"content-type"])
     return [h for h in up.headers if h[0] == b":status" or h[0][0] != 58] + extra, \
-        [h for h in up.trailers if h[0][0] != 58]
+        _whose_fault([h for h in up.trailers if h[0][0] != 58])
+
+
+def _whose_fault(trailers: list[Header]) -> list[Header]:
+    """TorchServe's INTERNAL for a model or version it does not have is the client's
+    NOT_FOUND: a client must not read it as a server fault (nor retry it)."""
+    status, message = header(trailers, b"grpc-status"), header(trailers, b"grpc-message") or b""
+    if status == b"13" and any(mark.encode() in message for mark in NOT_FOUND_MARKS):
+        return [(name, b"5" if name == b"grpc-status" else value) for name, value in trailers]
+    return trailers
 
 
 class Relay:
@@ -227,12 +238,12 @@ class Relay:
 
     def on_headers(self, headers: list[Header], end: bool) -> None:
         if self.started:
-            self.conn.send(self.stream, trailers=[h for h in headers if h[0][0] != 58])
+            self.conn.send(self.stream, trailers=_whose_fault([h for h in headers if h[0][0] != 58]))
             return
         self.started = True
         if end:
             self.conn.send(self.stream, [STATUS_OK, GRPC_TYPE] + self.extra,
-                           trailers=[h for h in headers if h[0][0] != 58 and h[0] != b"content-type"])
+                           trailers=_whose_fault([h for h in headers if h[0][0] != 58 and h[0] != b"content-type"]))
         else:
             self.conn.send(self.stream, [h for h in headers if h[0] == b":status" or h[0][0] != 58] + self.extra)
 
