@@ -4,183 +4,21 @@ Every request through the router is paid for in CPU that, on a small box, comes 
 model's own throughput. A general framework spends ~0.3 ms per proxied call building
 request and response objects; a proxy needs far less of HTTP: a head split into lines, a
 Content-Length or chunked body, keep-alive. Messages are read whole (inference bodies are
-small), so streamed (chunked) answers are forwarded once complete, as before.
+small), so streamed (chunked) answers are forwarded once complete, as before. Parsing and
+its limits are http1_messages.py (no I/O); this module moves bytes and keeps connections.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import re
-from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Awaitable, Callable
 
+from tsfleet.router.http1_messages import (LARGE_BODY, MAX_HEAD, MAX_HEADERS, REASONS, Body, HttpError, Request,
+                                           Response, body_mode, encode_response, parse_head)
+
 log = logging.getLogger(__name__)
-MAX_HEAD = 64 * 1024
-MAX_HEADERS = 100  # header lines in one request head (Netty, behind, allows any number)
-MAX_TRAILERS = 8 * 1024  # bytes of a chunked body's trailer section (read, never forwarded)
-# A chunk size is hex digits and nothing else: int(x, 16) would also take "0x5", "+5", "-2".
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
-# A body this large (an image) is kept as read while it comes, not appended to a buffer,
-# and is written apart from its head (upstream.py), not copied into one bytes with it.
-LARGE_BODY = 64 * 1024
-# Headers that describe one hop, not the message: never forwarded in either direction.
-HOP_BY_HOP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-                        b"expect", b"te", b"trailer", b"upgrade", b"proxy-connection", b"proxy-authorization"})
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-
-
-class HttpError(Exception):
-    """A request the server cannot read; answered with ``status`` and the connection closed."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(slots=True)
-class Request:
-    method: str
-    target: str  # path and query, as sent
-    headers: dict[bytes, bytes]  # lower-case name -> value (the last one)
-    forward: list[bytes]  # the header lines worth forwarding ("Name: value")
-    body: bytes
-    keep_alive: bool
-    auth: bytes | None = None  # the Authorization sent upstream in place of the router's own key
-
-    @property
-    def path(self) -> str:
-        return self.target.split("?", 1)[0]
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    body: bytes
-    headers: list[bytes]  # "Name: value" lines, hop-by-hop ones left out
-    keep_alive: bool = True
-
-
-# A header line that is not "name: value" with a name of RFC 9110 token characters (no white
-# space, no colon, no obs-fold). One search over the whole head instead of checks per line:
-# this runs twice per proxied request.
-_BAD_LINE = re.compile(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)")
-# A control byte anywhere in the head but HTAB and the CRLF ending each line: a bare LF or CR
-# (or a NUL) inside a value or the target is how a request is smuggled past a proxy to a
-# parser that splits on it (Netty, TorchServe's frontend, reads "\n" as a line end: one
-# client's second request, and its answer handed to the next client on a pooled connection).
-_BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
-
-
-def _parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes], list[bytes]]:
-    """(first line's parts, headers by lower-case name, forwardable header lines); HttpError
-    400 for a head with a byte or a line that is not HTTP/1.1's. Nothing unchecked is forwarded."""
-    bad = _BAD_BYTE.search(head)
-    if bad is not None:
-        line = head.rfind(b"\r\n", 0, bad.start())
-        line = 0 if line < 0 else line + 2
-        raise HttpError(400, f"control character {bad.group()!r} at byte {bad.start()} of the head,"
-                             f" in {head[line:line + 40]!r}")
-    bad = _BAD_LINE.search(head)
-    if bad is not None:
-        line = head[bad.end():].split(b"\r\n", 1)[0]
-        raise HttpError(400, f"malformed header line {line[:60]!r}")
-    lines = head.split(b"\r\n")
-    headers: dict[bytes, bytes] = {}
-    forward: list[bytes] = []
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        key, value = name.lower(), value.strip()
-        if key in HOP_BY_HOP:
-            if key == b"content-length" and headers.get(key, value) != value:
-                raise HttpError(400, "conflicting Content-Length headers")
-        else:
-            forward.append(line)
-        headers[key] = value
-    return lines[0].split(b" ", 2), headers, forward
-
-
-def _body_mode(headers: dict[bytes, bytes]) -> int | None:
-    """Bytes of body to read, or None for a chunked body."""
-    te = headers.get(b"transfer-encoding")
-    if te is not None:
-        if b"content-length" in headers:
-            raise HttpError(400, "both Transfer-Encoding and Content-Length")
-        if te.lower() != b"chunked":
-            raise HttpError(501, f"Transfer-Encoding {te.decode('latin-1')!r} is not supported")
-        return None
-    cl = headers.get(b"content-length", b"0")
-    if not cl.isdigit():
-        raise HttpError(400, f"bad Content-Length {cl.decode('latin-1')!r}")
-    return int(cl)
-
-
-class _Body:
-    """Reads one message body (length or chunked) out of a growing buffer."""
-
-    __slots__ = ("length", "parts", "size", "limit")
-
-    def __init__(self, length: int | None, limit: int):
-        self.length, self.parts, self.size, self.limit = length, [], 0, limit
-        if length is not None and length > limit:
-            raise HttpError(413, f"body of {length} bytes is over the {limit}-byte limit")
-
-    def take(self, buf: bytearray) -> bytes | None:
-        """The whole body once it is in ``buf`` (consumed from it) or collected, else None."""
-        if self.length is not None:
-            if self.parts:  # a large body, kept as it was read (ServerConnection.data_received)
-                return b"".join(self.parts) if self.size == self.length else None
-            if len(buf) < self.length:
-                return None
-            if self.length < 4096:
-                body = bytes(buf[:self.length])
-            else:
-                with memoryview(buf) as view:  # an image's bytes copied once, not sliced and then copied
-                    body = bytes(view[:self.length])
-            del buf[:self.length]
-            return body
-        pos = 0
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                del buf[:pos]
-                if len(buf) > 4096:
-                    raise HttpError(400, "chunk size line too long")
-                return None
-            size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip(b" \t")
-            if not _CHUNK_SIZE.fullmatch(size_text):
-                raise HttpError(400, f"bad chunk size {size_text[:20]!r}")
-            size = int(size_text, 16)
-            if size == 0:
-                end = buf.find(b"\r\n\r\n", eol)  # trailers, if any, end with an empty line
-                if (end if end >= 0 else len(buf)) - eol > MAX_TRAILERS:
-                    raise HttpError(431, f"chunked trailers over {MAX_TRAILERS} bytes")
-                if end < 0:
-                    del buf[:pos]
-                    return None
-                del buf[:end + 4]
-                return b"".join(self.parts)
-            start, stop = eol + 2, eol + 2 + size
-            if len(buf) < stop + 2:
-                del buf[:pos]
-                return None
-            if buf[stop:stop + 2] != b"\r\n":
-                raise HttpError(400, "chunk not followed by CRLF")
-            self.size += size
-            if self.size > self.limit:
-                raise HttpError(413, f"body over the {self.limit}-byte limit")
-            self.parts.append(bytes(buf[start:stop]))
-            pos = stop + 2
-
-
-def encode_response(resp: Response, keep_alive: bool, head_only: bool = False) -> bytes:
-    reason = _REASONS.get(resp.status, b"Unknown")
-    lines = [b"HTTP/1.1 %d %s" % (resp.status, reason), *resp.headers,
-             b"Content-Length: %d" % len(resp.body)]
-    if not keep_alive:
-        lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else resp.body)
+__all__ = ["HttpError", "Listener", "Request", "Response", "ServerConnection", "ROUTER_ERROR", "Reply", "Fast", "Handler"]
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -199,8 +37,8 @@ class ServerConnection(asyncio.Protocol):
         self.handler, self.max_body, self.registry, self.fast = handler, max_body, registry, fast
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
-        self.pending: tuple[bytes, str, dict, list, bool, _Body] | None = None
-        self.collecting: _Body | None = None  # the pending request's large body, while it comes
+        self.pending: tuple[bytes, str, dict, list, bool, Body] | None = None
+        self.collecting: Body | None = None  # the pending request's large body, while it comes
         self.busy = False
         self.current: Request | None = None  # the request being answered
         self.last_active = 0.0
@@ -275,12 +113,12 @@ class ServerConnection(asyncio.Protocol):
             del buf[:end + 4]
             if head.count(b"\r\n") > MAX_HEADERS:
                 raise HttpError(431, f"more than {MAX_HEADERS} header lines")
-            first, headers, forward = _parse_head(head.lstrip(b"\r\n"))
+            first, headers, forward = parse_head(head.lstrip(b"\r\n"))
             if len(first) != 3 or first[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not first[0].isalpha():
                 raise HttpError(400, f"malformed request line {head[:60]!r}")
             connection = headers.get(b"connection", b"").lower()
             keep = b"close" not in connection if first[2] == b"HTTP/1.1" else b"keep-alive" in connection
-            body = _Body(_body_mode(headers), self.max_body)
+            body = Body(body_mode(headers), self.max_body)
             self.pending = (first[0], first[1].decode("latin-1"), headers, forward, keep, body)
             if headers.get(b"expect", b"").lower() == b"100-continue" and (body.length or body.length is None) \
                     and not buf and self.transport:
@@ -327,7 +165,7 @@ class ServerConnection(asyncio.Protocol):
     def _fail(self, status: int, message: str) -> None:
         if self.transport is None:
             return
-        kind = _REASONS.get(status, b"Error").decode().title().replace(" ", "").replace("-", "")
+        kind = REASONS.get(status, b"Error").decode().title().replace(" ", "").replace("-", "")
         body = json.dumps({"code": status, "type": kind, "message": message}).encode()
         self.transport.write(encode_response(Response(status, body, [b"Content-Type: application/json"]), False))
         self.transport.close()

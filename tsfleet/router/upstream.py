@@ -15,7 +15,7 @@ import ssl as ssl_module
 from typing import Callable
 
 from tsfleet.router.deadlines import Deadlines
-from tsfleet.router.http1 import LARGE_BODY, HttpError, Response, _Body, _body_mode, _parse_head
+from tsfleet.router.http1_messages import LARGE_BODY, Body, HttpError, Response, body_mode, parse_head
 
 log = logging.getLogger(__name__)
 # done(answer, None) or done(None, error): UpstreamError, or asyncio.TimeoutError.
@@ -38,7 +38,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.head: tuple[int, list[bytes], bool] | None = None
-        self.body: _Body | None = None
+        self.body: Body | None = None
         self.received = self.closed = self.head_only = self.reused = False
         self.done: Done | None = None
         self.deadline: float | None = None
@@ -82,7 +82,7 @@ class _Connection(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 return
-            first, headers, forward = _parse_head(bytes(buf[:end]))
+            first, headers, forward = parse_head(bytes(buf[:end]))
             del buf[:end + 4]
             status = int(first[1])
             if 100 <= status < 200:  # an interim answer; the real one follows
@@ -92,11 +92,11 @@ class _Connection(asyncio.Protocol):
             keep = b"close" not in headers.get(b"connection", b"").lower() and first[0] == b"HTTP/1.1"
             self.head = (status, forward, keep)
             if self.head_only or status in (204, 304):
-                self.body = _Body(0, 2**31)
+                self.body = Body(0, 2**31)
             elif b"transfer-encoding" in headers or b"content-length" in headers:
-                self.body = _Body(_body_mode(headers), 2**31)
+                self.body = Body(body_mode(headers), 2**31)
             else:
-                self.body = _Body(None, 2**31)
+                self.body = Body(None, 2**31)
                 self.body.length = -1  # read until the upstream closes
                 self.head = (status, forward, False)
                 return
