@@ -358,3 +358,77 @@ def test_a_large_body_read_in_any_pieces_arrives_whole_with_the_request_behind_i
 
     asyncio.run(main())
     assert seen == [body, b"ok"]
+
+
+def listener_test(test: Callable[[Listener, int], Awaitable[None]], handler=echo, **limits) -> None:
+    async def main() -> None:
+        listener = Listener(handler, **{"max_body": 1 << 20, **limits})
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            await asyncio.wait_for(test(listener, port), 20)
+        finally:
+            listener.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_trickled_in_is_answered_408_at_its_deadline() -> None:
+    async def test(listener: Listener, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = asyncio.get_running_loop().time()
+        head = b"POST /p HTTP/1.1\r\nX-Slow: " + b"a" * 100
+
+        async def trickle() -> None:  # a byte every 20 ms: never idle, never whole
+            for i in range(len(head)):
+                writer.write(head[i:i + 1])
+                await asyncio.sleep(0.02)
+
+        sending = asyncio.get_running_loop().create_task(trickle())
+        status, headers, body = await read_answer(reader)
+        assert status == 408 and "within 0.5 s" in json.loads(body)["message"]
+        assert headers["connection"] == "close"
+        assert asyncio.get_running_loop().time() - started < 1.5  # not the idle timer's 75 s
+        sending.cancel()
+
+    listener_test(test, read_timeout=0.5)
+
+
+def test_requests_pipelined_behind_a_slow_answer_wait_in_the_kernel_not_the_router() -> None:
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        if request.target == "/first":
+            await release.wait()
+        return Response(200, request.target.encode(), [])
+
+    async def test(listener: Listener, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"x" * (512 * 1024)
+        behind = [b"POST /p%d HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (i, len(body)) + body for i in range(8)]
+        writer.write(b"GET /first HTTP/1.1\r\n\r\n" + b"".join(behind))  # 4 MiB behind a request not yet answered
+        await asyncio.sleep(0.5)
+        conn = next(iter(listener.connections))
+        assert conn.paused and len(conn.buf) < 1 << 20, len(conn.buf)
+        release.set()
+        answers = [await read_answer(reader) for _ in range(9)]
+        assert [a[2] for a in answers] == [b"/first"] + [b"/p%d" % i for i in range(8)]
+        writer.close()
+
+    listener_test(test, handler=slow)
+
+
+def test_connections_past_the_cap_are_answered_503_and_the_others_served() -> None:
+    async def test(listener: Listener, port: int) -> None:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await until("both connections registered", lambda: len(listener.connections) == 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        status, headers, body = await read_answer(reader)
+        assert status == 503 and "too many connections" in json.loads(body)["message"]
+        assert await reader.read() == b""
+        r, w = held[0]
+        w.write(b"GET /still HTTP/1.1\r\n\r\n")
+        assert (await read_answer(r))[0] == 200
+        for _, w in held:
+            w.close()
+
+    listener_test(test, max_connections=2)

@@ -18,6 +18,7 @@ from tsfleet.router.http1_messages import (LARGE_BODY, MAX_HEAD, MAX_HEADERS, RE
                                            Response, body_mode, encode_response, parse_head)
 
 log = logging.getLogger(__name__)
+MAX_CONNECTIONS = 4096  # per router process; each holds a socket and its buffers
 __all__ = ["HttpError", "Listener", "Request", "Response", "ServerConnection", "ROUTER_ERROR", "Reply", "Fast", "Handler"]
 
 
@@ -33,8 +34,10 @@ ROUTER_ERROR = Response(500, b'{"code": 500, "type": "InternalServerError", "mes
 class ServerConnection(asyncio.Protocol):
     """One client connection: requests are answered in order, one at a time (pipelining safe)."""
 
-    def __init__(self, handler: Handler, max_body: int, registry: set[ServerConnection], fast: Fast | None = None):
+    def __init__(self, handler: Handler, max_body: int, registry: set[ServerConnection], fast: Fast | None = None,
+                 max_connections: int = MAX_CONNECTIONS):
         self.handler, self.max_body, self.registry, self.fast = handler, max_body, registry, fast
+        self.max_connections = max_connections
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.pending: tuple[bytes, str, dict, list, bool, Body] | None = None
@@ -42,9 +45,18 @@ class ServerConnection(asyncio.Protocol):
         self.busy = False
         self.current: Request | None = None  # the request being answered
         self.last_active = 0.0
+        self.reading_since: float | None = None  # when the request not yet whole began to come
+        self.paused = False  # reading paused: pipelined bytes wait in the kernel, not here
+        self.refused = False
         self.draining = False  # the router is stopping: close after the answer under way
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self.registry) >= self.max_connections:
+            self.refused = True
+            body = b'{"code": 503, "type": "ServiceUnavailable", "message": "too many connections to this router process"}'
+            transport.write(encode_response(Response(503, body, [b"Content-Type: application/json"]), False))  # type: ignore[attr-defined]
+            transport.close()
+            return
         self.transport = transport  # type: ignore[assignment]
         self.last_active = asyncio.get_running_loop().time()
         self.registry.add(self)
@@ -54,6 +66,8 @@ class ServerConnection(asyncio.Protocol):
         self.registry.discard(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
         body = self.collecting
         if body is None:
             self.buf += data
@@ -71,6 +85,10 @@ class ServerConnection(asyncio.Protocol):
         if not self.busy:
             self.last_active = asyncio.get_running_loop().time()
             self._next()
+        elif len(self.buf) > MAX_HEAD and not self.paused and self.transport is not None:
+            # Requests pipelined behind the one being answered: 200 MiB of them were held once.
+            self.paused = True
+            self.transport.pause_reading()
 
     def idle_since(self) -> float | None:
         """When the connection last did anything, if it is waiting for a client now."""
@@ -87,7 +105,10 @@ class ServerConnection(asyncio.Protocol):
             self._fail(exc.status, str(exc))
             return
         if request is None:
+            if self.reading_since is None and not self.between_requests():
+                self.reading_since = asyncio.get_running_loop().time()
             return
+        self.reading_since = None
         self.busy, self.current = True, request
         if self.fast is not None:
             try:
@@ -159,6 +180,9 @@ class ServerConnection(asyncio.Protocol):
             self.transport.close()
             return
         self.busy = False
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
         if self.buf:
             self._next()
 
@@ -175,17 +199,22 @@ class Listener:
     """A listening socket and its open connections, so stopping also ends keep-alive clients.
 
     A connection that sits idle (no request under way) for ``idle_timeout`` s is closed,
-    so clients that vanish without closing do not pile up open sockets.
+    so clients that vanish without closing do not pile up open sockets; a request not whole
+    ``read_timeout`` s after it began is answered 408 (one byte every second kept a
+    connection open forever under the idle timer); past ``max_connections`` a new one is
+    answered 503 and closed.
     """
 
-    def __init__(self, handler: Handler, max_body: int, idle_timeout: float = 75.0, fast: Fast | None = None):
+    def __init__(self, handler: Handler, max_body: int, idle_timeout: float = 75.0, fast: Fast | None = None,
+                 read_timeout: float = 60.0, max_connections: int = MAX_CONNECTIONS):
         self.handler, self.max_body, self.idle_timeout, self.fast = handler, max_body, idle_timeout, fast
+        self.read_timeout, self.max_connections = read_timeout, max_connections
         self.connections: set[ServerConnection] = set()
         self.server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     def _connection(self) -> ServerConnection:
-        return ServerConnection(self.handler, self.max_body, self.connections, self.fast)
+        return ServerConnection(self.handler, self.max_body, self.connections, self.fast, self.max_connections)
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen on host:port (0: any free port); returns the port. ``reuse_port``: share
@@ -204,7 +233,9 @@ class Listener:
             since = conn.idle_since()
             if since is not None and now - since > self.idle_timeout and conn.transport is not None:
                 conn.transport.close()
-        self._sweeper = loop.call_later(min(10.0, self.idle_timeout / 4), self._sweep)
+            elif conn.reading_since is not None and now - conn.reading_since > self.read_timeout:
+                conn._fail(408, f"request not received whole within {self.read_timeout:g} s")
+        self._sweeper = loop.call_later(min(10.0, self.idle_timeout / 4, self.read_timeout / 4), self._sweep)
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking connections and close those between requests; answer the requests
