@@ -219,3 +219,37 @@ def test_well_formed_control_frames_keep_the_connection() -> None:
           + frame(SETTINGS, ACK, 0) + frame(WINDOW_UPDATE, 0, 0, (2**31 - 1 - DEFAULT_WINDOW).to_bytes(4, "big"))
           + frame(PING, 0, 0, bytes(8)) + frame(PRIORITY, 0, 3, bytes(5)) + frame(0xFA, 0, 0, b"unknown type"))
     assert _goaway_for(ok) == (False, None)
+
+
+class BigFrames(Peer):
+    frame_in = 1 << 20  # frames larger than the 65,535-byte windows it gives
+
+
+def test_data_past_the_windows_given_is_a_flow_control_error() -> None:
+    from tsfleet.router.hpack_codec import encode
+
+    async def main(body: int, chunk: int) -> tuple[bool, bytes]:
+        peer = BigFrames(False)
+        wire = Wire()
+        peer.connection_made(wire)  # type: ignore[arg-type]
+        data = PREFACE + settings_frame({}) + frame(HEADERS, END_HEADERS, 1, encode([(b":path", b"/x")])) \
+            + frame(DATA, 0, 1, bytes(body))
+        for i in range(0, len(data), chunk):  # whole, or cut as a socket may (the frame then streams)
+            peer.data_received(data[i:i + chunk])
+        peer._flush()
+        return wire.closed, bytes(wire.written)
+
+    for chunk in (1 << 20, 1000):
+        closed, written = asyncio.run(main(DEFAULT_WINDOW + 1, chunk))
+        assert closed and bytes([GOAWAY, 0]) + bytes(8) + FLOW_CONTROL_ERROR.to_bytes(4, "big") in written
+        assert asyncio.run(main(DEFAULT_WINDOW, chunk))[0] is False
+
+
+def test_data_on_streams_never_opened_keeps_no_bookkeeping() -> None:
+    async def main() -> int:
+        peer = Peer(False)
+        peer.connection_made(Wire())  # type: ignore[arg-type]
+        peer.data_received(PREFACE + settings_frame({}) + b"".join(frame(DATA, 0, s, b"x") for s in range(1, 20_001, 2)))
+        return len(peer.stream_unacked)
+
+    assert asyncio.run(main()) == 0

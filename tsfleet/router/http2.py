@@ -141,6 +141,11 @@ class Http2Connection(asyncio.Protocol):
                 if length > self.frame_in:
                     raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 ftype = length_type & 0xFF
+                if ftype == DATA and (self.unacked + length > self.conn_window_in or self.stream_unacked.get(
+                        stream & 0x7FFFFFFF, 0) + length > self.stream_window_in):
+                    # RFC 9113 6.9.1: past what this end has given (it gives back half a window
+                    # at a time, as it reads), checked on the frame's header, before its bytes.
+                    raise ProtocolError(FLOW_CONTROL_ERROR, f"DATA of {length} bytes past the window")
                 if end - pos - 9 < length:
                     if streamed(ftype, flags, length):  # a large frame's first part: no buffering
                         if self.continuing is not None:
@@ -192,6 +197,10 @@ class Http2Connection(asyncio.Protocol):
             self._credit(stream, size, flags & END_STREAM)
             self.on_data(stream, payload, bool(flags & END_STREAM))
         elif ftype == HEADERS:
+            if flags & END_STREAM:  # trailers, or a call without a body: no DATA follows
+                self.stream_unacked.pop(stream, None)
+            else:
+                self.stream_unacked.setdefault(stream, 0)  # DATA may follow: its window is kept
             if flags & PADDED:
                 payload = payload[1:len(payload) - payload[0]]
             if flags & PRIORITY_FLAG:
@@ -263,14 +272,14 @@ class Http2Connection(asyncio.Protocol):
     def _credit(self, stream: int, size: int, ended: int) -> None:
         """Give the window back once half of it is used: the router does not hold data back."""
         self.unacked += size
+        used = self.stream_unacked.get(stream, 0) + size
         update = b""
         if self.unacked >= self.conn_window_in // 2:
             update = frame(WINDOW_UPDATE, 0, 0, self.unacked.to_bytes(4, "big"))
             self.unacked = 0
         if ended:
             self.stream_unacked.pop(stream, None)
-        else:
-            used = self.stream_unacked.get(stream, 0) + size
+        elif stream in self.stream_unacked:  # one whose HEADERS came (DATA on others kept an entry each: 100,000 once)
             if used >= self.stream_window_in // 2:
                 update += frame(WINDOW_UPDATE, 0, stream, used.to_bytes(4, "big"))
                 used = 0
