@@ -60,6 +60,12 @@ class ProtocolError(Exception):
 def check_frame(ftype: int, flags: int, stream: int, payload: bytes | memoryview) -> None:
     """RFC 9113's rules for a whole frame of a known type, before anything reads it: the
     stream it may be on, its length, its padding. Unknown types pass (they are ignored)."""
+    if ftype <= HEADERS:  # DATA and HEADERS, most frames by far: their checks alone
+        if not stream:
+            raise ProtocolError(PROTOCOL_ERROR, f"{_NAMES[ftype]} on stream 0")
+        if flags & (PADDED | PRIORITY_FLAG):
+            _check_padding(ftype, flags, payload)
+        return
     if ftype >= len(_NAMES):
         return
     name, n = _NAMES[ftype], len(payload)
@@ -74,9 +80,13 @@ def check_frame(ftype: int, flags: int, stream: int, payload: bytes | memoryview
         raise ProtocolError(FRAME_SIZE_ERROR, f"SETTINGS of {n} bytes")
     if ftype == GOAWAY and n < 8:
         raise ProtocolError(FRAME_SIZE_ERROR, f"GOAWAY of {n} bytes")
-    if ftype in (DATA, HEADERS) and flags & PADDED:
+
+
+def _check_padding(ftype: int, flags: int, payload: bytes | memoryview) -> None:
+    n = len(payload)
+    if flags & PADDED:
         if n == 0 or payload[0] >= n:
-            raise ProtocolError(PROTOCOL_ERROR, f"{name} padding of {payload[0] if n else '?'} in {n} bytes")
+            raise ProtocolError(PROTOCOL_ERROR, f"{_NAMES[ftype]} padding of {payload[0] if n else '?'} in {n} bytes")
         n -= payload[0] + 1
     if ftype == HEADERS and flags & PRIORITY_FLAG and n < 5:
         raise ProtocolError(FRAME_SIZE_ERROR, f"HEADERS with PRIORITY in {n} bytes")

@@ -62,12 +62,18 @@ _BAD_LINE = re.compile(rb"\r\n(?![!#$%&'*+\-.^_`|~0-9A-Za-z]+:)")
 # parser that splits on it (Netty, TorchServe's frontend, reads "\n" as a line end: one
 # client's second request, and its answer handed to the next client on a pooled connection).
 _BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+# The same test, fast (this runs twice per proxied call; the search above costs ~10 us a head,
+# this ~1.6 us): no control byte but CR, LF and HTAB, and every CR and LF in a CRLF pair.
+_CONTROL = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
 
 def parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes], list[bytes]]:
     """(first line's parts, headers by lower-case name, forwardable header lines); HttpError
     400 for a head with a byte or a line that is not HTTP/1.1's. Nothing unchecked is forwarded."""
-    bad = _BAD_BYTE.search(head)
+    pairs = head.count(b"\r\n")
+    bad = None
+    if len(head.translate(None, _CONTROL)) != len(head) or head.count(b"\r") != pairs or head.count(b"\n") != pairs:
+        bad = _BAD_BYTE.search(head)  # where, for the message
     if bad is not None:
         line = head.rfind(b"\r\n", 0, bad.start())
         line = 0 if line < 0 else line + 2
