@@ -138,7 +138,7 @@ class Sender:
         if self.channel:
             self.channel.close()
 
-    def _rest(self, target: str, body: bytes, content_type: str) -> Answer:
+    def rest(self, target: str, body: bytes, content_type: str) -> Answer:
         session = getattr(self.local, "session", None) or requests.Session()
         self.local.session = session
         path = f"/wfpredict/{target}" if target == WORKFLOW else f"/predictions/{target}"
@@ -148,7 +148,7 @@ class Sender:
         resp = session.post(self.rest_url + path, data=body, headers=headers, timeout=60)
         return Answer(resp.status_code, resp.content, int(resp.headers.get("X-Batch-Size", 0)))
 
-    def _grpc(self, target: str, body: bytes, content_type: str) -> Answer:
+    def grpc_call(self, target: str, body: bytes, content_type: str) -> Answer:
         assert self.stub is not None
         try:
             reply = self.stub.Predictions(pb.PredictionsRequest(model_name=target, input={"data": body}),
@@ -159,7 +159,7 @@ class Sender:
 
     def mix(self, target: str, body: bytes, content_type: str) -> tuple[Answer, list[tuple[Answer, str]]]:
         """The hostile request's answer and each well-formed one's (with what it must say)."""
-        send: Callable[[str, bytes, str], Answer] = self._rest if self.rest_url else self._grpc
+        send: Callable[[str, bytes, str], Answer] = self.rest if self.rest_url else self.grpc_call
         model = INTENT if target == WORKFLOW else target
         goods = good_requests(model, self.good)
         futures = [self.pool.submit(send, target, body, content_type)]

@@ -11,17 +11,14 @@ CI runs a fixed, derandomized budget; `make fuzz` runs the long profile.
 """
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.harness import RouterProcessRunner
-from benchmarks.isolation.bodies import FORM, HOSTILE, IMAGE, INTENT, TEXT, good_requests
+from benchmarks.isolation.bodies import FORM, HOSTILE, IMAGE, TEXT, good_requests
 from tests.integration.conftest import ROOT
 from tests.integration.hostile import CONTENT_TYPES, TARGETS, WORKFLOW, Answer, Sender, hostile_bodies
 
@@ -60,7 +57,7 @@ def reference(senders) -> dict[str, list[float]]:
     """Each well-formed text's embedding, taken alone: a batch-mate must get the same one."""
     out = {}
     for _, body, sentence in good_requests(TEXT, 3):
-        out[sentence] = senders["direct-rest"]._rest(TEXT, body, "application/json").json()["embedding"]
+        out[sentence] = senders["direct-rest"].rest(TEXT, body, "application/json").json()["embedding"]
     return out
 
 
