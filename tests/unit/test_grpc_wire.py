@@ -427,3 +427,18 @@ def test_a_header_list_past_its_limit_is_a_goaway_before_it_is_all_held(flood: s
 
     channel_box: list = []
     run(test, channel_box=channel_box)
+
+
+def test_credentials_are_re_encoded_never_indexed_and_no_value_of_theirs_is_kept() -> None:
+    from tsfleet.router import hpack_codec
+
+    hpack_codec._cache.clear()
+    block = encode([(b"authorization", b"Bearer secret-key"), (b"x-note", b"n" * 40), (b"content-type", b"application/grpc")])
+    decoded = hpack.Decoder().decode(block, raw=True)
+    assert decoded == [(b"authorization", b"Bearer secret-key"), (b"x-note", b"n" * 40),
+                       (b"content-type", b"application/grpc")]
+    assert isinstance(decoded[0], hpack.NeverIndexedHeaderTuple)  # RFC 7541 6.2.3, as a peer reads it
+    assert not isinstance(decoded[1], hpack.NeverIndexedHeaderTuple)
+    assert list(hpack_codec._cache) == [(b"content-type", b"application/grpc")]
+    encode([(b"x-" + b"n" * 100_000, b"v")] * 3)  # a huge name is not kept either
+    assert len(hpack_codec._cache) == 1

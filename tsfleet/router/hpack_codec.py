@@ -164,18 +164,28 @@ def _encode_integer(value: int, prefix_bits: int, first: int = 0) -> bytes:
     return bytes(out)
 
 
+# The same few fields come back every call, so their encoding is kept, process-wide: only for
+# these names (a value of any other name, a client's key above all, is never kept in memory
+# beyond its call), and only short values.
+_CACHED_NAMES = frozenset({b":method", b":scheme", b":path", b":authority", b":status", b"content-type", b"te",
+                           b"user-agent", b"grpc-accept-encoding", b"grpc-encoding", b"accept-encoding",
+                           b"grpc-status", b"x-model-version"})
+# Fields a proxy must pass on as never indexed (RFC 7541 6.2.3, 7.1.3): credentials.
+_SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
 _cache: dict[Header, bytes] = {}
 
 
 def encode(headers: list[Header]) -> bytes:
-    """Literal fields without indexing, new names, no Huffman (RFC 7541 6.2.2)."""
+    """Literal fields, new names, no Huffman: without indexing (RFC 7541 6.2.2), or never
+    indexed for credentials (6.2.3), so no peer or intermediary keeps them in a table."""
     out = []
     for header in headers:
         field = _cache.get(header)
         if field is None:
             name, value = header
-            field = b"\x00" + _encode_integer(len(name), 7) + name + _encode_integer(len(value), 7) + value
-            if len(_cache) < 4096 and len(value) < 128:  # the same few fields come back every call
+            first = b"\x10" if name in _SENSITIVE else b"\x00"
+            field = first + _encode_integer(len(name), 7) + name + _encode_integer(len(value), 7) + value
+            if name in _CACHED_NAMES and len(value) < 128 and len(_cache) < 4096:
                 _cache[header] = field
         out.append(field)
     return b"".join(out)
