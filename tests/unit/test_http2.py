@@ -253,3 +253,40 @@ def test_data_on_streams_never_opened_keeps_no_bookkeeping() -> None:
         return len(peer.stream_unacked)
 
     assert asyncio.run(main()) == 0
+
+
+class Counting(Peer):
+    def on_reset(self, stream: int, code: int) -> None:
+        self.events.put_nowait(("reset", stream))
+
+
+@pytest.mark.parametrize("one,allowed", [
+    (lambda i: frame(RST_STREAM, 0, 2 * i + 1, bytes(4)), 500),  # "rapid reset"
+    (lambda i: frame(PING, 0, 0, bytes(8)), 1000),
+    (lambda i: frame(SETTINGS, 0, 0, b""), 100),
+])
+def test_a_control_frame_flood_is_enhance_your_calm(one, allowed: int) -> None:
+    async def main(n: int) -> tuple[bool, bytes]:
+        peer = Counting(False)
+        wire = Wire()
+        peer.connection_made(wire)  # type: ignore[arg-type]
+        peer.data_received(PREFACE + settings_frame({}) + b"".join(one(i) for i in range(n)))
+        peer._flush()
+        return wire.closed, bytes(wire.written)
+
+    from tsfleet.router.h2frames import ENHANCE_YOUR_CALM
+
+    assert asyncio.run(main(allowed - 1))[0] is False  # the client's own SETTINGS counts too
+    closed, written = asyncio.run(main(allowed + 1))
+    assert closed and bytes([GOAWAY, 0]) + bytes(8) + ENHANCE_YOUR_CALM.to_bytes(4, "big") in written
+
+
+def test_ping_acks_do_not_count_against_the_budget() -> None:
+    async def main() -> bool:
+        peer = Peer(False)
+        wire = Wire()
+        peer.connection_made(wire)  # type: ignore[arg-type]
+        peer.data_received(PREFACE + settings_frame({}) + frame(PING, ACK, 0, bytes(8)) * 3000)
+        return wire.closed
+
+    assert asyncio.run(main()) is False

@@ -101,3 +101,25 @@ def check_setting(key: int, value: int) -> None:
     if key == S_MAX_FRAME_SIZE and not DEFAULT_FRAME <= value <= MAX_FRAME:
         # 0 was taken once: a frame splitter that cuts nothing off loops forever.
         raise ProtocolError(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
+
+
+# Control frames a peer may send per second before its connection is closed with
+# ENHANCE_YOUR_CALM: each costs the router work (an answer, a cancelled upstream call) and
+# none carries a request. Far above what gRPC clients send (keepalive and BDP pings).
+FLOOD_BUDGET = {RST_STREAM: 500, PING: 1000, SETTINGS: 100}
+
+
+class Floods:
+    """Counts one connection's control frames per type over one-second windows."""
+
+    __slots__ = ("since", "spent")
+
+    def __init__(self) -> None:
+        self.since, self.spent = 0.0, dict.fromkeys(FLOOD_BUDGET, 0)
+
+    def spend(self, ftype: int, now: float) -> None:
+        if now - self.since >= 1.0:
+            self.since, self.spent = now, dict.fromkeys(FLOOD_BUDGET, 0)
+        self.spent[ftype] += 1
+        if self.spent[ftype] > FLOOD_BUDGET[ftype]:
+            raise ProtocolError(ENHANCE_YOUR_CALM, f"more than {FLOOD_BUDGET[ftype]} {_NAMES[ftype]} frames a second")

@@ -20,7 +20,8 @@ from collections import deque
 from tsfleet.router import hpack_codec
 from tsfleet.router.h2frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINUATION, DATA, DEFAULT_FRAME,
                                      DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR,
-                                     GOAWAY, HEAD, HEADERS, MAX_WINDOW, check_frame, check_setting,
+                                     FLOOD_BUDGET, GOAWAY, HEAD, HEADERS, MAX_WINDOW, Floods, check_frame,
+                                     check_setting,
                                      LARGE, NO_ERROR, PADDED, PING, PREFACE, PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR,
                                      PUSH_PROMISE, RECV_CONCURRENT_STREAMS, RECV_CONN_WINDOW, RECV_FRAME,
                                      RECV_HEADER_LIST, RECV_STREAM_WINDOW, RST_STREAM, ENHANCE_YOUR_CALM,
@@ -58,6 +59,7 @@ class Http2Connection(asyncio.Protocol):
         self.outgoing: list[bytes | memoryview] = []
         self.vectored = False  # whether what is queued holds a large payload, not worth joining
         self.closed = False
+        self.floods = Floods()
 
     # ---------------------------------------------------------------- wiring
     def _write(self, data: bytes) -> None:
@@ -190,6 +192,8 @@ class Http2Connection(asyncio.Protocol):
         if self.continuing is not None and ftype != CONTINUATION:
             raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
         check_frame(ftype, flags, stream, payload)  # lengths, stream 0 or not, padding
+        if ftype in FLOOD_BUDGET and (ftype == RST_STREAM or not flags & ACK):  # an ACK is our own echoed
+            self.floods.spend(ftype, self.loop.time())
         if ftype == DATA:
             size = len(payload)
             if flags & PADDED:
