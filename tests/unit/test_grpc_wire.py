@@ -442,3 +442,20 @@ def test_credentials_are_re_encoded_never_indexed_and_no_value_of_theirs_is_kept
     assert list(hpack_codec._cache) == [(b"content-type", b"application/grpc")]
     encode([(b"x-" + b"n" * 100_000, b"v")] * 3)  # a huge name is not kept either
     assert len(hpack_codec._cache) == 1
+
+
+def test_requests_a_connection_holds_past_its_cap_are_refused_and_its_other_calls_go_on(monkeypatch) -> None:
+    from tsfleet.router.h2frames import DATA, RST_STREAM, frame
+
+    async def test(stub, upstream, table) -> None:
+        # Three calls each sending 1 MB of a message they never end: the third passes 2 MiB.
+        frames = b"".join(_call_headers(s) + frame(DATA, 0, s, b"\x00" + (10_000_000).to_bytes(4, "big")
+                                                   + bytes(999_995)) for s in (1, 3, 5))
+        got = await _raw_h2(channel_box[1], frames, wait=1.0)
+        assert b"grpc-status\x018" in got and b"hold over 2 MiB" in got  # RESOURCE_EXHAUSTED, for stream 5
+        assert frame(RST_STREAM, 0, 5, bytes(4)) in got and frame(RST_STREAM, 0, 3, bytes(4)) not in got
+        assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
+
+    monkeypatch.setattr(ServerConnection, "max_buffered", 2 << 20)
+    channel_box: list = []
+    run(test, channel_box=channel_box)

@@ -140,12 +140,16 @@ class ServerConnection(Http2Connection):
     # A request read whole (all but sequences) may be this big: TorchServe enforces its own
     # max_request_size below it, so the router must not undercut it.
     max_request = 64 * 2**20
+    # What all of one connection's calls may hold of their requests at once: the windows
+    # alone let a client send 64 MiB, credited back as read (12 streams x 16 MiB held 192 MiB).
+    max_buffered = 2 * max_request
 
     def __init__(self, dispatcher: Dispatcher, connections: set["ServerConnection"]):
         super().__init__()
         self.dispatcher, self.connections = dispatcher, connections
         self.calls: dict[int, ServerCall] = {}
         self.last_stream = 0
+        self.buffered = 0  # request bytes the calls in ``calls`` hold
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -177,10 +181,13 @@ class ServerConnection(Http2Connection):
         else:
             call.parts.append(data)
             call.size += len(data)
-            if call.size > self.max_request + 5:  # the message and its 5-byte prefix
-                self.calls.pop(stream)
-                self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
-                    RESOURCE_EXHAUSTED, f"request larger than the router's {self.max_request >> 20} MiB"))
+            self.buffered += len(data)
+            if call.size > self.max_request + 5 or self.buffered > self.max_buffered:  # 5: the message's prefix
+                self._drop(stream)
+                why = f"request larger than the router's {self.max_request >> 20} MiB" \
+                    if call.size > self.max_request + 5 else \
+                    f"this connection's requests hold over {self.max_buffered >> 20} MiB of the router's memory"
+                self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(RESOURCE_EXHAUSTED, why))
                 self.reset(stream, NO_ERROR)  # read no more of it
                 return
         if end:
@@ -194,10 +201,16 @@ class ServerConnection(Http2Connection):
 
     def finish(self, call: ServerCall) -> None:
         """The call has had its answer (or the client gave up on it)."""
-        self.calls.pop(call.id, None)
+        self._drop(call.id)
+
+    def _drop(self, stream: int) -> ServerCall | None:
+        call = self.calls.pop(stream, None)
+        if call is not None:
+            self.buffered -= call.size
+        return call
 
     def on_reset(self, stream: int, code: int) -> None:
-        call = self.calls.pop(stream, None)
+        call = self._drop(stream)
         if call is not None:
             call.cancel()
 
@@ -206,6 +219,7 @@ class ServerConnection(Http2Connection):
         for call in list(self.calls.values()):
             call.cancel()
         self.calls.clear()
+        self.buffered = 0
 
 
 # ------------------------------------------------------------------ answers
