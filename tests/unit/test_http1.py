@@ -406,9 +406,9 @@ def test_requests_pipelined_behind_a_slow_answer_wait_in_the_kernel_not_the_rout
         body = b"x" * (512 * 1024)
         behind = [b"POST /p%d HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (i, len(body)) + body for i in range(8)]
         writer.write(b"GET /first HTTP/1.1\r\n\r\n" + b"".join(behind))  # 4 MiB behind a request not yet answered
-        await asyncio.sleep(0.5)
+        await until("reading paused", lambda: any(c.paused for c in listener.connections))
         conn = next(iter(listener.connections))
-        assert conn.paused and len(conn.buf) < 1 << 20, len(conn.buf)
+        assert len(conn.buf) < 1 << 20, len(conn.buf)
         release.set()
         answers = [await read_answer(reader) for _ in range(9)]
         assert [a[2] for a in answers] == [b"/first"] + [b"/p%d" % i for i in range(8)]
