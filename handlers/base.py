@@ -19,13 +19,12 @@ import torch
 from handlers.config import RuntimeSettings, parse_settings
 from handlers.errors import BadRequest, HandlerError, InternalError, PayloadTooLarge, UnsupportedMediaType
 from handlers.lifecycle import WorkerLifecycle
-from handlers.payload import JsonLimits, Payload, extract
+from handlers.payload import FORM_TYPES, JsonLimits, Payload, extract
 from handlers.runtime import CudaCleanup, HandlerMetrics, autocast_for, pick_device, quiet_bad_input_logs
 
 log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
-FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 FORM_HINT = " (curl -d sends a form: give the body its real type, e.g. -H 'Content-Type: application/json')"
 
 
@@ -216,8 +215,6 @@ class FleetHandler:
         """The answer for an exception raised while one request was read: its bytes caused it."""
         if isinstance(exc, HandlerError):
             return exc
-        if isinstance(exc, BatchFailed):
-            exc = exc.cause
         if isinstance(exc, RecursionError):
             error: HandlerError = BadRequest("the request is nested too deeply to read")
         elif isinstance(exc, MemoryError):

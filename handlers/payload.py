@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from handlers.errors import BadRequest, UnsupportedMediaType
 
 RAW_FIELDS = ("body", "data")
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def extract(request: Mapping[str, Any], headers: Mapping[str, Any], limits: Json
     limits = limits or JsonLimits()
     if not isinstance(request, Mapping) or not request:
         media = _content_type(headers, "body").split(";", 1)[0].strip().lower()
-        if media in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        if media in FORM_TYPES:
             # TorchServe parses form bodies into fields; a JSON document sent by `curl -d`
             # without a Content-Type arrives here as an empty form.
             raise UnsupportedMediaType(
@@ -78,11 +79,18 @@ def is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, (bytes, bytearray, str)) and len(value) == 0)
 
 
+OUT_OF_RANGE = "a number in the JSON is out of range (JSON has no NaN or Infinity)"
+_CONTAINERS = (dict, list)
+
+
 def _number(kind: type, limits: JsonLimits) -> Any:
     def parse(text: str) -> Any:
         if len(text) > limits.max_number_chars:
             raise BadRequest(f"a number in the JSON has {len(text)} characters; the limit is {limits.max_number_chars}")
-        return kind(text)
+        number = kind(text)
+        if kind is float and not math.isfinite(number):  # 1e999
+            raise BadRequest(OUT_OF_RANGE)
+        return number
     return parse
 
 
@@ -90,9 +98,26 @@ def _no_constant(name: str) -> Any:
     raise BadRequest(f"{name} is not a JSON value")
 
 
+def _check_depth(doc: Any, limits: JsonLimits) -> Any:
+    """``doc`` unchanged when it nests no deeper than ``limits`` allow: level by level, looking
+    at containers only (its numbers were checked as they were parsed). A whole walk cost as
+    much again as the parse on 64 embeddings (7.5 ms over 9.4)."""
+    level = [doc] if isinstance(doc, _CONTAINERS) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limits.max_depth:
+            raise BadRequest(f"JSON nested deeper than {limits.max_depth} levels")
+        below: list[Any] = []
+        for node in level:
+            below += [c for c in (node.values() if isinstance(node, dict) else node) if c.__class__ in _CONTAINERS]
+        level = below
+    return doc
+
+
 def check_shape(doc: Any, limits: JsonLimits) -> Any:
     """``doc`` unchanged when its nesting and numbers are within ``limits`` (no recursion:
-    the document may be as deep as a parser let through)."""
+    the document may be as deep as a parser let through). For a document TorchServe parsed."""
     too_big = 10 ** limits.max_number_chars
     stack: list[tuple[Any, int]] = [(doc, 1)]
     while stack:
@@ -102,7 +127,7 @@ def check_shape(doc: Any, limits: JsonLimits) -> Any:
                 raise BadRequest(f"JSON nested deeper than {limits.max_depth} levels")
             stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
         elif isinstance(node, float) and not math.isfinite(node):
-            raise BadRequest("a number in the JSON is out of range (JSON has no NaN or Infinity)")
+            raise BadRequest(OUT_OF_RANGE)
         elif isinstance(node, int) and not isinstance(node, bool) and abs(node) >= too_big:
             raise BadRequest(f"a number in the JSON has more than {limits.max_number_chars} digits")
     return doc
@@ -127,7 +152,7 @@ def as_json(value: Any, limits: JsonLimits | None = None) -> Any:
         except RecursionError:
             # The parser gives up near a thousand levels: far past the limit either way.
             raise BadRequest(f"JSON nested deeper than {limits.max_depth} levels") from None
-        return check_shape(doc, limits)
+        return _check_depth(doc, limits)
     raise BadRequest(f"cannot read a JSON document from a {type(value).__name__}")
 
 
