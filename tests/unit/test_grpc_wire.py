@@ -459,3 +459,21 @@ def test_requests_a_connection_holds_past_its_cap_are_refused_and_its_other_call
     monkeypatch.setattr(ServerConnection, "max_buffered", 2 << 20)
     channel_box: list = []
     run(test, channel_box=channel_box)
+
+
+@pytest.mark.parametrize("body,words", [
+    (b"\x00\x00\x00\x00\x64abc", b"the call carries 3 bytes after its prefix, which declares 100"),
+    (b"\x00\x00\x00\x00\x02abc", b"the call carries 3 bytes after its prefix, which declares 2"),
+    (b"\x00\x00", b"the call carries 2 bytes, not a length-prefixed message"),
+    (b"", b"the call carries 0 bytes, not a length-prefixed message"),
+])
+def test_a_predictions_body_that_is_not_one_message_is_invalid_argument(body: bytes, words: bytes) -> None:
+    from tsfleet.router.h2frames import DATA, END_STREAM, frame
+
+    async def test(stub, upstream, table) -> None:
+        got = await _raw_h2(channel_box[1], _call_headers(1) + frame(DATA, END_STREAM, 1, body), wait=1.0)
+        assert b"grpc-status\x013" in got and words in got, got[-300:]  # the router's own INVALID_ARGUMENT
+        assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
+
+    channel_box: list = []
+    run(test, channel_box=channel_box)

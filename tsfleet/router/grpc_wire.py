@@ -236,8 +236,10 @@ def answer_headers(up: UpstreamCall, extra: list[Header]) -> tuple[list[Header],
 def _whose_fault(trailers: list[Header]) -> list[Header]:
     """TorchServe's INTERNAL for a model or version it does not have is the client's
     NOT_FOUND: a client must not read it as a server fault (nor retry it)."""
-    status, message = header(trailers, b"grpc-status"), header(trailers, b"grpc-message") or b""
-    if status == b"13" and any(mark.encode() in message for mark in NOT_FOUND_MARKS):
+    if header(trailers, b"grpc-status") != b"13":  # every answer passes here: the common case first
+        return trailers
+    message = header(trailers, b"grpc-message") or b""
+    if any(mark.encode() in message for mark in NOT_FOUND_MARKS):
         return [(name, b"5" if name == b"grpc-status" else value) for name, value in trailers]
     return trailers
 
