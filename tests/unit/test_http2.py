@@ -188,6 +188,9 @@ def _settings(key: int, value: int) -> bytes:
     (_settings(S_INITIAL_WINDOW_SIZE, 2**31), FLOW_CONTROL_ERROR),
     (_settings(S_INITIAL_WINDOW_SIZE, 2**32 - 1), FLOW_CONTROL_ERROR),
     (_settings(S_ENABLE_PUSH, 2), PROTOCOL_ERROR),
+    # An open stream's window, already raised, taken past 2^31-1 by a new initial window size.
+    (frame(WINDOW_UPDATE, 0, 1, (100).to_bytes(4, "big")) + _settings(S_INITIAL_WINDOW_SIZE, 2**31 - 1),
+     FLOW_CONTROL_ERROR),
     (frame(SETTINGS, 0, 0, b"\x00\x04\x00\x00\x01"), FRAME_SIZE_ERROR),  # 5 bytes
     (frame(SETTINGS, ACK, 0, bytes(6)), FRAME_SIZE_ERROR),
     (frame(SETTINGS, 0, 1, b""), PROTOCOL_ERROR),
