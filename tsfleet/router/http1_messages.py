@@ -75,10 +75,11 @@ def parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes], list[bytes
     if len(head.translate(None, _CONTROL)) != len(head) or head.count(b"\r") != pairs or head.count(b"\n") != pairs:
         bad = _BAD_BYTE.search(head)  # where, for the message
     if bad is not None:
-        line = head.rfind(b"\r\n", 0, bad.start())
-        line = 0 if line < 0 else line + 2
-        raise HttpError(400, f"control character {bad.group()!r} at byte {bad.start()} of the head,"
-                             f" in {head[line:line + 40]!r}")
+        start = head.rfind(b"\r\n", 0, bad.start())
+        # Named, not quoted: the line may be the client's Authorization.
+        where = "the request line" if start < 0 else \
+            f"header {head[start + 2:bad.start()].partition(b':')[0][:40].decode('latin-1')!r}"
+        raise HttpError(400, f"control character {bad.group()!r} at byte {bad.start()} of the head, in {where}")
     bad = _BAD_LINE.search(head)
     if bad is not None:
         line = head[bad.end():].split(b"\r\n", 1)[0]
