@@ -95,7 +95,7 @@ def cmd_plan(args: argparse.Namespace, fleet: Fleet) -> int:
 def _router_preview(args: argparse.Namespace, fleet: Fleet) -> list[str]:
     """What apply would change in a running router's routes; nothing when none runs."""
     from tsfleet.errors import NoRouter
-    from tsfleet.router.manifest_routes import fleet_routes, preview
+    from tsfleet.router.policy.manifest_routes import fleet_routes, preview
 
     try:
         return preview(_admin(args).routes(), fleet_routes(fleet))

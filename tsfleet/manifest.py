@@ -77,7 +77,7 @@ class ModelSpec:
     name: str
     default_version: str
     versions: dict[str, VersionSpec]
-    # The router's automatic rollback rule for this model (tsfleet.router.routing.RollbackRule
+    # The router's automatic rollback rule for this model (tsfleet.router.policy.routing.RollbackRule
     # fields); empty means the router's defaults.
     rollback: dict[str, float] = field(default_factory=dict)
     # Whether the handler answers gRPC StreamPredictions (sends intermediate answers); the

@@ -102,7 +102,7 @@ class RouterLink:
         """Bring the router's routes to ``fleet`` (router/manifest_routes.py), saying what
         changed. A router that is there but does not take them stops an apply that is about
         to retire versions it may still send traffic to (its clients would get 404s)."""
-        from tsfleet.router.manifest_routes import fleet_routes
+        from tsfleet.router.policy.manifest_routes import fleet_routes
 
         if self.admin is None:
             return

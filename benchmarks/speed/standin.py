@@ -2,7 +2,7 @@
 own cost per request can be measured (benchmarks/speed/hop.py).
 
 It answers every REST request with a small JSON body under TorchServe's usual headers, and
-every gRPC call (over the router's own HTTP/2, tsfleet/router/grpc_wire.py) with a small
+every gRPC call (over the router's own HTTP/2, tsfleet/router/wire/grpc_wire.py) with a small
 PredictionResponse. With ``batch_ms`` 0 it answers at once; otherwise as TorchServe on a
 GPU does: the first waiting request starts a ``batch_ms`` timer, and when it ends every
 waiting request is answered at once. That burst is what makes the router's cost per
@@ -18,7 +18,7 @@ import sys
 import uuid
 from typing import Callable
 
-from tsfleet.router.grpc_wire import GRPC_TYPE, OK, STATUS_OK, ServerCall, ServerConnection, frame_message, \
+from tsfleet.router.wire.grpc_wire import GRPC_TYPE, OK, STATUS_OK, ServerCall, ServerConnection, frame_message, \
     status_trailers
 from tsfleet.router.proto import inference_pb2 as pb
 

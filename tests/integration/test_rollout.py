@@ -15,7 +15,7 @@ import yaml
 from tests.integration.conftest import ROOT, new_server
 from tests.integration.router_harness import RunningRouter
 from tsfleet.manifest import load_fleet, parse_fleet
-from tsfleet.router.routing import RollbackRule
+from tsfleet.router.policy.routing import RollbackRule
 
 pytestmark = pytest.mark.slow
 

@@ -22,12 +22,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.integration.conftest import ROOT, free_ports
 from tests.integration.router_harness import Forwarder, LoopThread, camera_image
-from tsfleet.router.compare import answers_agree
-from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
+from tsfleet.router.policy.compare import answers_agree
+from tsfleet.router.fronts.grpc_front import start_grpc_router, stop_grpc_router
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
-from tsfleet.router.manifest_routes import routes_from_fleet
-from tsfleet.router.routing import RollbackRule, RoutingTable
+from tsfleet.router.policy.manifest_routes import routes_from_fleet
+from tsfleet.router.policy.routing import RollbackRule, RoutingTable
 
 MODEL = "intent-classifier"
 ROME = b'{"text": "book a flight to Rome"}'

@@ -21,7 +21,7 @@ import requests
 
 from benchmarks.harness import RouterProcessRunner
 from tests.integration.conftest import ROOT
-from tsfleet.router.h2frames import GOAWAY, PREFACE, PROTOCOL_ERROR, S_MAX_FRAME_SIZE, settings_frame
+from tsfleet.router.wire.h2frames import GOAWAY, PREFACE, PROTOCOL_ERROR, S_MAX_FRAME_SIZE, settings_frame
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 

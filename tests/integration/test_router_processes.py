@@ -21,10 +21,10 @@ import requests
 from tests.integration.conftest import ROOT, free_ports
 from tests.integration.router_harness import RunningRouter
 from tests.polling import wait_for
-from tsfleet.router.manifest_routes import fleet_routes
+from tsfleet.router.policy.manifest_routes import fleet_routes
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
-from tsfleet.router.routing import RollbackRule
+from tsfleet.router.policy.routing import RollbackRule
 from tsfleet.server import TorchServe
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ import requests
 
 from tests.integration.conftest import free_ports
 from tests.integration.router_harness import Forwarder, RunningRouter, camera_image
-from tsfleet.router.compare import answers_agree
-from tsfleet.router.routing import RollbackRule
+from tsfleet.router.policy.compare import answers_agree
+from tsfleet.router.policy.routing import RollbackRule
 from tsfleet.server import TorchServe
 
 pytestmark = pytest.mark.slow

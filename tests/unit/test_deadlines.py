@@ -1,10 +1,10 @@
-"""The shared deadline sweep of the router's upstream pools (tsfleet/router/deadlines.py)."""
+"""The shared deadline sweep of the router's upstream pools (tsfleet/router/wire/deadlines.py)."""
 from __future__ import annotations
 
 import asyncio
 
 from tests.polling import until
-from tsfleet.router.deadlines import Deadlines
+from tsfleet.router.wire.deadlines import Deadlines
 
 
 def test_each_key_expires_once_after_its_time_and_a_discarded_one_never() -> None:

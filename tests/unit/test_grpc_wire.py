@@ -12,12 +12,12 @@ import hpack
 import pytest
 from google.protobuf import empty_pb2
 
-from tsfleet.router.grpc_front import GrpcRouter, start_grpc_router, stop_grpc_router
-from tsfleet.router.grpc_wire import Relay, ServerConnection
-from tsfleet.router.hpack_codec import Decoder, HpackError, encode
+from tsfleet.router.fronts.grpc_front import GrpcRouter, start_grpc_router, stop_grpc_router
+from tsfleet.router.wire.grpc_wire import Relay, ServerConnection
+from tsfleet.router.wire.hpack_codec import Decoder, HpackError, encode
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
-from tsfleet.router.routing import Route, RoutingTable
+from tsfleet.router.policy.routing import Route, RoutingTable
 
 BIG = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
        ("grpc.max_metadata_size", 1 << 20), ("grpc.absolute_max_metadata_size", 1 << 20)]
@@ -372,7 +372,7 @@ def test_a_request_over_the_size_limit_is_refused_and_the_connection_serves_on(m
 async def _raw_h2(port: int, frames: bytes, wait: float = 2.0) -> bytes:
     """What the router writes back on a raw connection that sends ``frames`` after the
     preface and SETTINGS, until it closes or ``wait`` seconds pass."""
-    from tsfleet.router.h2frames import PREFACE, settings_frame
+    from tsfleet.router.wire.h2frames import PREFACE, settings_frame
 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(PREFACE + settings_frame({}) + frames)
@@ -387,7 +387,7 @@ async def _raw_h2(port: int, frames: bytes, wait: float = 2.0) -> bytes:
 
 
 def _call_headers(stream: int) -> bytes:
-    from tsfleet.router.h2frames import END_HEADERS, HEADERS, frame
+    from tsfleet.router.wire.h2frames import END_HEADERS, HEADERS, frame
 
     block = encode([(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/org.pytorch.serve.grpc.inference"
                     b".InferenceAPIsService/Predictions"), (b":authority", b"x"), (b"content-type", b"application/grpc"),
@@ -396,7 +396,7 @@ def _call_headers(stream: int) -> bytes:
 
 
 def test_streams_past_max_concurrent_streams_are_refused_and_others_served(monkeypatch) -> None:
-    from tsfleet.router.h2frames import REFUSED_STREAM, RST_STREAM, frame
+    from tsfleet.router.wire.h2frames import REFUSED_STREAM, RST_STREAM, frame
 
     async def test(stub, upstream, table) -> None:
         # Three calls opened and left waiting for their message: the third is one too many.
@@ -412,7 +412,7 @@ def test_streams_past_max_concurrent_streams_are_refused_and_others_served(monke
 
 @pytest.mark.parametrize("flood", ["continuation", "indexed"])
 def test_a_header_list_past_its_limit_is_a_goaway_before_it_is_all_held(flood: str) -> None:
-    from tsfleet.router.h2frames import CONTINUATION, END_HEADERS, ENHANCE_YOUR_CALM, GOAWAY, HEADERS, frame
+    from tsfleet.router.wire.h2frames import CONTINUATION, END_HEADERS, ENHANCE_YOUR_CALM, GOAWAY, HEADERS, frame
 
     async def test(stub, upstream, table) -> None:
         if flood == "continuation":  # header block fragments that never end: once 200 MiB held
@@ -430,7 +430,7 @@ def test_a_header_list_past_its_limit_is_a_goaway_before_it_is_all_held(flood: s
 
 
 def test_credentials_are_re_encoded_never_indexed_and_no_value_of_theirs_is_kept() -> None:
-    from tsfleet.router import hpack_codec
+    from tsfleet.router.wire import hpack_codec
 
     hpack_codec._cache.clear()
     block = encode([(b"authorization", b"Bearer secret-key"), (b"x-note", b"n" * 40), (b"content-type", b"application/grpc")])
@@ -445,7 +445,7 @@ def test_credentials_are_re_encoded_never_indexed_and_no_value_of_theirs_is_kept
 
 
 def test_requests_a_connection_holds_past_its_cap_are_refused_and_its_other_calls_go_on(monkeypatch) -> None:
-    from tsfleet.router.h2frames import DATA, RST_STREAM, frame
+    from tsfleet.router.wire.h2frames import DATA, RST_STREAM, frame
 
     async def test(stub, upstream, table) -> None:
         # Three calls each sending 1 MB of a message they never end: the third passes 2 MiB.
@@ -468,7 +468,7 @@ def test_requests_a_connection_holds_past_its_cap_are_refused_and_its_other_call
     (b"", b"the call carries 0 bytes, not a length-prefixed message"),
 ])
 def test_a_predictions_body_that_is_not_one_message_is_invalid_argument(body: bytes, words: bytes) -> None:
-    from tsfleet.router.h2frames import DATA, END_STREAM, frame
+    from tsfleet.router.wire.h2frames import DATA, END_STREAM, frame
 
     async def test(stub, upstream, table) -> None:
         got = await _raw_h2(channel_box[1], _call_headers(1) + frame(DATA, END_STREAM, 1, body), wait=1.0)

@@ -9,8 +9,8 @@ import pytest
 
 from tests.polling import until
 from tests.wire import Wire
-from tsfleet.router.http1 import Listener, Request, Response, ServerConnection
-from tsfleet.router.upstream import UpstreamError, UpstreamPool
+from tsfleet.router.wire.http1 import Listener, Request, Response, ServerConnection
+from tsfleet.router.wire.upstream import UpstreamError, UpstreamPool
 
 
 async def echo(request: Request) -> Response:

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from tests.wire import Wire
-from tsfleet.router.h2frames import (ACK, DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_HEADERS, END_STREAM,
+from tsfleet.router.wire.h2frames import (ACK, DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_HEADERS, END_STREAM,
                                      FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GOAWAY, HEADERS, PADDED, PING, PREFACE,
                                      PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR, RST_STREAM, S_ENABLE_PUSH,
                                      S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, SETTINGS, WINDOW_UPDATE, frame,
                                      settings_frame)
-from tsfleet.router.http2 import Http2Connection
+from tsfleet.router.wire.http2 import Http2Connection
 
 
 class Peer(Http2Connection):
@@ -229,7 +229,7 @@ class BigFrames(Peer):
 
 
 def test_data_past_the_windows_given_is_a_flow_control_error() -> None:
-    from tsfleet.router.hpack_codec import encode
+    from tsfleet.router.wire.hpack_codec import encode
 
     async def main(body: int, chunk: int) -> tuple[bool, bytes]:
         peer = BigFrames(False)
@@ -277,7 +277,7 @@ def test_a_control_frame_flood_is_enhance_your_calm(one, allowed: int) -> None:
         peer._flush()
         return wire.closed, bytes(wire.written)
 
-    from tsfleet.router.h2frames import ENHANCE_YOUR_CALM
+    from tsfleet.router.wire.h2frames import ENHANCE_YOUR_CALM
 
     assert asyncio.run(main(allowed - 1))[0] is False  # the client's own SETTINGS counts too
     closed, written = asyncio.run(main(allowed + 1))

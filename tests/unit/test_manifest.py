@@ -110,7 +110,7 @@ def test_cli_reports_a_bad_manifest_without_traceback(tmp_path: Path) -> None:
 
 
 def test_rollback_rule_comes_from_the_manifest_and_is_validated() -> None:
-    from tsfleet.router.manifest_routes import routes_from_fleet
+    from tsfleet.router.policy.manifest_routes import routes_from_fleet
 
     doc = _edit(["models", "intent-classifier", "rollback"], {"min_samples": 100, "max_p99_ratio": 0})
     route = routes_from_fleet(parse_fleet(doc, ROOT))["intent-classifier"]

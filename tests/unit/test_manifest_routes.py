@@ -1,4 +1,4 @@
-"""A running router's routes brought to a changed manifest (tsfleet/router/manifest_routes.py)."""
+"""A running router's routes brought to a changed manifest (tsfleet/router/policy/manifest_routes.py)."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tsfleet.router.manifest_routes import check_fleet_routes, take_fleet
-from tsfleet.router.routing import Route, RoutingTable
+from tsfleet.router.policy.manifest_routes import check_fleet_routes, take_fleet
+from tsfleet.router.policy.routing import Route, RoutingTable
 
 
 def spec(default: str, *versions: str, **more: object) -> dict:

@@ -1,5 +1,5 @@
 """The router reads a large request's model name and version by walking its wire format
-(tsfleet/router/protoscan.py): it must read what protobuf reads and refuse what protobuf
+(tsfleet/router/wire/protoscan.py): it must read what protobuf reads and refuse what protobuf
 refuses, or a request TorchServe cannot parse would be routed (and counted against an arm)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from tsfleet.router.proto import inference_pb2 as pb
-from tsfleet.router.protoscan import request_names
+from tsfleet.router.wire.protoscan import request_names
 
 
 def parsed(data: bytes) -> tuple[str, str] | None:

@@ -10,8 +10,8 @@ import random
 import time
 
 from tests.polling import until
-from tsfleet.router.rest import RestRouter
-from tsfleet.router.routing import Route, RoutingTable
+from tsfleet.router.fronts.rest import RestRouter
+from tsfleet.router.policy.routing import Route, RoutingTable
 
 DIED = b'{"code": 500, "type": "InternalServerError", "message": "Worker died."}'
 

@@ -20,10 +20,10 @@ from tests.integration.conftest import free_ports
 from tests.polling import wait_for
 from tsfleet.manifest import load_fleet
 from tsfleet.router.app import RouterConfig, RouterProcess
-from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
-from tsfleet.router.health import PROBE_TIMEOUT_S
-from tsfleet.router.rest import RestRouter
-from tsfleet.router.routing import RoutingTable
+from tsfleet.router.fronts.grpc_front import start_grpc_router, stop_grpc_router
+from tsfleet.router.fronts.health import PROBE_TIMEOUT_S
+from tsfleet.router.fronts.rest import RestRouter
+from tsfleet.router.policy.routing import RoutingTable
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"

@@ -8,7 +8,7 @@ from pathlib import Path
 from tsfleet.client import VersionState, Worker
 from tsfleet.router.keys import InferenceKeys
 from tsfleet.router.readiness import ModelReadiness
-from tsfleet.router.routing import Route, RoutingTable
+from tsfleet.router.policy.routing import Route, RoutingTable
 
 
 def version(model: str, v: str, ready: int, default: bool = False) -> VersionState:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from tsfleet.router.stats import BIN_GROWTH, ArmStats
+from tsfleet.router.policy.stats import BIN_GROWTH, ArmStats
 
 
 def test_percentiles_are_the_sorted_samples_to_within_a_bin() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tsfleet.router.compare import answers_agree
-from tsfleet.router.routing import RollbackRule, Route, RoutingTable
+from tsfleet.router.policy.compare import answers_agree
+from tsfleet.router.policy.routing import RollbackRule, Route, RoutingTable
 
 
 def table(path: Path | None = None, **weights: float) -> RoutingTable:

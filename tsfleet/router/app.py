@@ -12,13 +12,13 @@ from typing import Any, Callable
 from aiohttp import web
 
 from tsfleet.manifest import Fleet
-from tsfleet.router.admin import AdminApi
+from tsfleet.router.fronts.admin import AdminApi
 from tsfleet.router.keys import InferenceKeys, previous_keys, rotate_router_key, router_keys
-from tsfleet.router.manifest_routes import fleet_routes, routes_from_fleet, take_fleet
+from tsfleet.router.policy.manifest_routes import fleet_routes, routes_from_fleet, take_fleet
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.readiness import ModelReadiness
-from tsfleet.router.rest import RestRouter
-from tsfleet.router.routing import RoutingTable
+from tsfleet.router.fronts.rest import RestRouter
+from tsfleet.router.policy.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class RouterProcess:
         self._runners.append(runner)
         self.ports["admin"] = runner.addresses[0][1]
         try:
-            from tsfleet.router.grpc_front import start_grpc_router
+            from tsfleet.router.fronts.grpc_front import start_grpc_router
         except ImportError:
             start_grpc_router = None
         if start_grpc_router is not None:
@@ -113,7 +113,7 @@ class RouterProcess:
         if self.fronts is not None:
             stopping.append(self.fronts.stop(drain + 5))
         if self._grpc is not None:
-            from tsfleet.router.grpc_front import stop_grpc_router
+            from tsfleet.router.fronts.grpc_front import stop_grpc_router
 
             stopping.append(stop_grpc_router(self._grpc, grace=drain))
         await asyncio.gather(*stopping)

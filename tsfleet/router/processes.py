@@ -42,8 +42,8 @@ from typing import Any
 from tsfleet.router.keys import InferenceKeys, previous_keys, router_keys
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.readiness import ModelReadiness
-from tsfleet.router.rest import RestRouter
-from tsfleet.router.routing import Route, RoutingTable
+from tsfleet.router.fronts.rest import RestRouter
+from tsfleet.router.policy.routing import Route, RoutingTable
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.2
@@ -304,7 +304,7 @@ async def _front(options: dict[str, Any], fd: int) -> None:
     await rest.start(options["host"], options["port"], reuse_port=True)
     grpc = None
     if options.get("grpc_port"):
-        from tsfleet.router.grpc_front import start_grpc_router, stop_grpc_router
+        from tsfleet.router.fronts.grpc_front import start_grpc_router, stop_grpc_router
 
         grpc, _ = await start_grpc_router(table, options["upstream_grpc"], options["host"], options["grpc_port"],
                                           reuse_port=True, keys=keys, readiness=readiness)

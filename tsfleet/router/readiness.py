@@ -27,7 +27,7 @@ from tsfleet.properties import Endpoints
 if TYPE_CHECKING:
     from tsfleet.client import ManagementClient, VersionState
     from tsfleet.router.keys import InferenceKeys
-    from tsfleet.router.routing import RoutingTable
+    from tsfleet.router.policy.routing import RoutingTable
 
 CACHE_S = 1.0  # probes from several kubelets and load balancers share one look a second
 TIMEOUT_S = 2.0  # of each management call: a kubelet's probe waits 1 s by default

@@ -12,11 +12,11 @@ import logging
 from typing import Callable, Protocol
 from urllib.parse import unquote_to_bytes
 
-from tsfleet.router.deadlines import Deadlines
-from tsfleet.router.grpc_wire import INTERNAL, UNKNOWN, UpstreamGone, header
-from tsfleet.router.h2frames import CANCEL, Data
-from tsfleet.router.hpack_codec import Header
-from tsfleet.router.http2 import Http2Connection
+from tsfleet.router.wire.deadlines import Deadlines
+from tsfleet.router.wire.grpc_wire import INTERNAL, UNKNOWN, UpstreamGone, header
+from tsfleet.router.wire.h2frames import CANCEL, Data
+from tsfleet.router.wire.hpack_codec import Header
+from tsfleet.router.wire.http2 import Http2Connection
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0

@@ -10,8 +10,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from tsfleet.router.manifest_routes import check_fleet_routes, take_fleet
-from tsfleet.router.routing import RoutingTable
+from tsfleet.router.policy.manifest_routes import check_fleet_routes, take_fleet
+from tsfleet.router.policy.routing import RoutingTable
 
 MAX_GRACE_S = 30 * 86400
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 from tsfleet.errors import FleetError
 from tsfleet.files import write_atomically
-from tsfleet.router.stats import BUCKETS, ArmStats
+from tsfleet.router.policy.stats import BUCKETS, ArmStats
 
 log = logging.getLogger(__name__)
 

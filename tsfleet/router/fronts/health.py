@@ -26,14 +26,14 @@ from urllib.parse import parse_qs
 
 from grpc_health.v1 import health_pb2
 
-from tsfleet.router.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, NOT_FOUND, OK, STATUS_OK, UNAVAILABLE, ServerCall,
+from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, NOT_FOUND, OK, STATUS_OK, UNAVAILABLE, ServerCall,
                                       ServerConnection, UpstreamGone, frame_message, read_message, split_messages,
                                       status_trailers)
-from tsfleet.router.upstream import UpstreamError, UpstreamPool
+from tsfleet.router.wire.upstream import UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
-    from tsfleet.router.grpc_front import GrpcRouter
-    from tsfleet.router.grpc_upstream import UpstreamPool as GrpcPool
+    from tsfleet.router.fronts.grpc_front import GrpcRouter
+    from tsfleet.router.wire.grpc_upstream import UpstreamPool as GrpcPool
     from tsfleet.router.readiness import ModelReadiness
 
 LIVE, READY = "/livez", "/readyz"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Collection
 
-from tsfleet.router.routing import RollbackRule, Route, RoutingTable
+from tsfleet.router.policy.routing import RollbackRule, Route, RoutingTable
 
 
 def fleet_routes(fleet: Any, skip: Collection[tuple[str, str]] = ()) -> dict[str, dict[str, Any]]:

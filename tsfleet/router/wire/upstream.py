@@ -14,8 +14,8 @@ import logging
 import ssl as ssl_module
 from typing import Callable
 
-from tsfleet.router.deadlines import Deadlines
-from tsfleet.router.http1_messages import LARGE_BODY, Body, HttpError, Response, body_mode, parse_head
+from tsfleet.router.wire.deadlines import Deadlines
+from tsfleet.router.wire.http1_messages import LARGE_BODY, Body, HttpError, Response, body_mode, parse_head
 
 log = logging.getLogger(__name__)
 # done(answer, None) or done(None, error): UpstreamError, or asyncio.TimeoutError.

@@ -15,20 +15,20 @@ from typing import Any, Coroutine
 
 from google.protobuf.message import DecodeError
 
-from tsfleet.router import health
-from tsfleet.router.compare import answers_agree
-from tsfleet.router.grpc_predict import Prediction, not_found, refused_own_key, renewed_key, server_side
-from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamPool
-from tsfleet.router.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
+from tsfleet.router.fronts import health
+from tsfleet.router.policy.compare import answers_agree
+from tsfleet.router.fronts.grpc_predict import Prediction, not_found, refused_own_key, renewed_key, server_side
+from tsfleet.router.wire.grpc_upstream import UpstreamCall, UpstreamPool
+from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
                                       Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, header,
                                       read_message, split_messages, status_trailers)
-from tsfleet.router.h2frames import INTERNAL_ERROR, Data
-from tsfleet.router.hpack_codec import Header
+from tsfleet.router.wire.h2frames import INTERNAL_ERROR, Data
+from tsfleet.router.wire.hpack_codec import Header
 from tsfleet.router.keys import InferenceKeys
 from tsfleet.router.proto import inference_pb2 as pb
-from tsfleet.router.protoscan import request_names
+from tsfleet.router.wire.protoscan import request_names
 from tsfleet.router.readiness import ModelReadiness
-from tsfleet.router.routing import RoutingTable
+from tsfleet.router.policy.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 SERVICE = b"/org.pytorch.serve.grpc.inference.InferenceAPIsService/"

@@ -14,13 +14,13 @@ import time
 from typing import Any, Awaitable, Callable, Coroutine
 from urllib.parse import quote, unquote, urlsplit
 
-from tsfleet.router import health
-from tsfleet.router.compare import answers_agree
-from tsfleet.router.http1 import ROUTER_ERROR, Listener, Reply, Request, Response
+from tsfleet.router.fronts import health
+from tsfleet.router.policy.compare import answers_agree
+from tsfleet.router.wire.http1 import ROUTER_ERROR, Listener, Reply, Request, Response
 from tsfleet.router.keys import REFUSED_BYTES, InferenceKeys
 from tsfleet.router.readiness import ModelReadiness
-from tsfleet.router.routing import Choice, RoutingTable
-from tsfleet.router.upstream import UpstreamError, UpstreamPool
+from tsfleet.router.policy.routing import Choice, RoutingTable
+from tsfleet.router.wire.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 # TorchServe's words for a request that a dying or retiring worker dropped: safe to retry,

@@ -13,14 +13,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from tsfleet.router.grpc_upstream import UpstreamCall
-from tsfleet.router.grpc_wire import NOT_FOUND_MARKS, OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamGone, header
-from tsfleet.router.hpack_codec import Header
+from tsfleet.router.wire.grpc_upstream import UpstreamCall
+from tsfleet.router.wire.grpc_wire import NOT_FOUND_MARKS, OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamGone, header
+from tsfleet.router.wire.hpack_codec import Header
 from tsfleet.router.keys import REFUSED
-from tsfleet.router.routing import Choice
+from tsfleet.router.policy.routing import Choice
 
 if TYPE_CHECKING:
-    from tsfleet.router.grpc_front import GrpcRouter
+    from tsfleet.router.fronts.grpc_front import GrpcRouter
 
 log = logging.getLogger(__name__)
 # TorchServe's words for a request that never reached a worker or lost its worker: safe to

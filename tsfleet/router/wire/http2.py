@@ -17,8 +17,8 @@ import logging
 import struct
 from collections import deque
 
-from tsfleet.router import hpack_codec
-from tsfleet.router.h2frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINUATION, DATA, DEFAULT_FRAME,
+from tsfleet.router.wire import hpack_codec
+from tsfleet.router.wire.h2frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINUATION, DATA, DEFAULT_FRAME,
                                      DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR,
                                      FLOOD_BUDGET, GOAWAY, HEAD, HEADERS, MAX_WINDOW, Floods, check_frame,
                                      check_setting,
@@ -29,7 +29,7 @@ from tsfleet.router.h2frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINUATIO
                                      SETTINGS, S_ENABLE_PUSH, S_HEADER_TABLE_SIZE, S_INITIAL_WINDOW_SIZE,
                                      S_MAX_CONCURRENT_STREAMS, S_MAX_FRAME_SIZE, WINDOW_UPDATE, Data, ProtocolError,
                                      frame, settings_frame, streamed)
-from tsfleet.router.hpack_codec import Header, HeaderListTooLarge, HpackError
+from tsfleet.router.wire.hpack_codec import Header, HeaderListTooLarge, HpackError
 
 log = logging.getLogger(__name__)
 

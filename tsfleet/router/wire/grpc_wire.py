@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from tsfleet.router.h2frames import ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, ProtocolError
-from tsfleet.router.hpack_codec import Header
-from tsfleet.router.http2 import Http2Connection
+from tsfleet.router.wire.h2frames import ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, ProtocolError
+from tsfleet.router.wire.hpack_codec import Header
+from tsfleet.router.wire.http2 import Http2Connection
 
 if TYPE_CHECKING:
-    from tsfleet.router.grpc_upstream import UpstreamCall, UpstreamConnection
+    from tsfleet.router.wire.grpc_upstream import UpstreamCall, UpstreamConnection
 
 OK, UNKNOWN, INVALID_ARGUMENT, NOT_FOUND = 0, 2, 3, 5
 RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14

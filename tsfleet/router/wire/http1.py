@@ -14,7 +14,7 @@ import json
 import logging
 from typing import Awaitable, Callable
 
-from tsfleet.router.http1_messages import (LARGE_BODY, MAX_HEAD, MAX_HEADERS, REASONS, Body, HttpError, Request,
+from tsfleet.router.wire.http1_messages import (LARGE_BODY, MAX_HEAD, MAX_HEADERS, REASONS, Body, HttpError, Request,
                                            Response, body_mode, encode_response, parse_head)
 
 log = logging.getLogger(__name__)
