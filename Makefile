@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TSFLEET := $(VENV)/bin/tsfleet
 
-.PHONY: setup build config up down test test-fast fuzz isolation bench gpu-check clean
+.PHONY: setup build config up down test test-fast fuzz isolation bench bench-tools gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,7 @@ up: setup
 down: setup
 	$(TSFLEET) down
 
-test: build
+test: build bench-tools
 	$(PY) -m pytest
 
 test-fast: setup
@@ -46,8 +46,14 @@ isolation: build
 	$(PY) -m benchmarks.isolation
 
 # The speed suite (about 25 minutes on 2 cores): docs/benchmarks.md, its plots, benchmarks/results/latest.json.
-bench: build
+bench: build bench-tools
 	$(PY) -m benchmarks.speed
+
+# The outside load tool: h2load (apt-get install nghttp2-client, with sudo when not root) for the
+# speed suite's gRPC rows and their tests; where it cannot be installed, `make bench` still runs
+# and says so, and those tests skip naming it.
+bench-tools:
+	sh scripts/install-bench-tools.sh
 
 # On a box with a GPU and cores to spare (docs/gpu-box.md): the GPU tier, then the router's
 # share of direct throughput with one and four processes (about 10 minutes). It uses $(VENV)
