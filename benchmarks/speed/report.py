@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks.speed.h2load_report import comparison_table, what_h2load_is
 from benchmarks.speed.loadgen import GRPC_CONNECTIONS
 from benchmarks.speed.plots import plot_model
 from benchmarks.speed.workload import requests_text
 
-ORDER = ("peer", "toolkit-b1", "toolkit-tuned", "router-rest", "grpc-direct", "router-grpc", "compiled", "minimal")
+ORDER = ("peer", "toolkit-b1", "toolkit-tuned", "router-rest", "grpc-direct", "grpc-direct-h2load", "router-grpc",
+         "router-grpc-h2load", "compiled", "minimal")
 
 
 def _fig(entry: dict, scenario: str, clients: str) -> dict | None:
@@ -179,7 +181,8 @@ def memory_table(doc: dict) -> list[str]:
             lines.append(f"| {model} | limit (in process) | {', '.join(map(str, entry['limit']['peak_rss_mb']))} |")
         for name in ORDER:
             row = entry.get("scenarios", {}).get(name)
-            if row and row.get("peak_rss_mb") and name not in ("router-rest", "router-grpc", "grpc-direct"):
+            if row and row.get("peak_rss_mb") and name not in (
+                    "router-rest", "router-grpc", "grpc-direct", "grpc-direct-h2load", "router-grpc-h2load"):
                 lines.append(f"| {model} | {row['label']} | {', '.join(map(str, row['peak_rss_mb']))} |")
     for key, label in (("frontend_rss_mb", "TorchServe frontend (JVM), main server"), ("router_rss_mb", "router")):
         if doc.get(key):
@@ -284,6 +287,7 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str], data: str = "
         f"two {s['warmup']:.0f} s windows in a row agree within 15% (a compiled model must have compiled every shape), "
         f"± the spread (max - min); the whole run took {meta['duration_s'] / 60:.1f} minutes. "
         f"Every figure is in `benchmarks/results/{data}`.", "",
+        *what_h2load_is(doc),
         *([f"**Split cores**: the model workers (one per CPU) ran on CPU(s) {doc['split_cores']['workers']} only, and TorchServe's "
            f"frontend, the router and the load generators on CPU(s) {doc['split_cores']['serving']}, so that the router's "
            "CPU is not taken from the workers: what a machine with cores to spare for the serving path shows. The "
@@ -299,7 +303,8 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str], data: str = "
         ".venv/bin/python -m benchmarks.speed --quick --image-px 640   # camera-sized JPEGs (its own report)",
         "```", "",
         "Install `wrk` (`apt-get install wrk`) for the HTTP load; without it the suite falls back to a Python "
-        "generator and says so above.", "",
+        "generator and says so above. Install h2load (`make bench-tools`, or `apt-get install nghttp2-client`) "
+        "for the gRPC rows from an outside tool; without it they are missing and the report says so above.", "",
         "## Checks against the bars", "",
         "| check | model | clients | value | target | met |", "|---|---|---|---|---|---|",
     ]
@@ -312,7 +317,8 @@ def markdown(doc: dict, checks: list[dict], plots: dict[str, str], data: str = "
                     f"softmax), {entry['limit']['processes']} single-thread processes side by side:", ""]
             out += limit_table(entry["limit"], entry["unit"]) + [""]
         if entry.get("scenarios"):
-            out += scenario_table(entry) + [""] + cpu_table(entry) + overhead_table(entry) + side_by_side_table(entry)
+            out += (scenario_table(entry) + [""] + comparison_table(entry) + cpu_table(entry) + overhead_table(entry)
+                    + side_by_side_table(entry))
         sweep = entry.get("sweep")
         if sweep:
             out += ["The sweep that chose the tuned configuration (one run per point; score = geometric mean "

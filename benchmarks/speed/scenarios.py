@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.harness import RouterProcessRunner
-from benchmarks.speed import fleets
+from benchmarks.speed import fleets, h2load
 from benchmarks.speed.cpu import CpuMeter, split_cores
 from benchmarks.speed.fleets import Serve, Variant
+from benchmarks.speed.h2load_target import H2loadTarget
 from benchmarks.speed.limit import peak_rss_mb, run_limit
 from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc, run_grpc_side_by_side
 from benchmarks.speed.peer import PeerProcess
@@ -33,6 +34,8 @@ LABELS = {
     "router-rest": "tuned, through the router (REST)",
     "grpc-direct": "tuned, gRPC direct",
     "router-grpc": "tuned, through the router (gRPC)",
+    "grpc-direct-h2load": "tuned, gRPC direct (h2load)",
+    "router-grpc-h2load": "tuned, through the router (gRPC, h2load)",
     "compiled": "tuned + torch.compile + bf16",
     "minimal": "minimal hand-written handler",
 }
@@ -40,7 +43,8 @@ Target = Callable[..., Sample]  # (clients, seconds, think_s=0.0) -> Sample
 # (clients, seconds, think_s=0.0) -> one Sample per side, all loaded in the same window
 PairTarget = Callable[..., "list[Sample]"]
 # Scenarios whose CPU per request is broken down by process (the router's cost, explained).
-METERED = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc", "compiled", "minimal")
+METERED = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc", "grpc-direct-h2load", "router-grpc-h2load",
+           "compiled", "minimal")
 WARMUP_WINDOWS = 6
 # The router's added latency is measured at this share of direct's closed-loop capacity:
 # a busy server, but one whose clients are not all queueing for a core.
@@ -183,6 +187,8 @@ def _record(opts: Options, model: str, scenario: str, clients: int, figures: dic
     row.update(extra)
     opts.log(f"  {model:<16} {scenario:<14} c={clients:<3} {figures['rps']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms"
              f"  p99 {figures['p99_ms']:7.1f} ms  failed {figures['failed']}")
+    for error in sorted({r["detail"]["error"] for r in figures.get("runs", []) if r.get("detail", {}).get("error")}):
+        opts.log(f"  {model:<16} {scenario:<14} measured nothing: {error}")
 
 
 def http_target(load: HttpLoad, url: str, w: Workload, headers: dict[str, str]) -> Target:
@@ -307,10 +313,19 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                     targets["router-rest"] = http_target(load, routed_url, w, auth)
                     pairs["REST"] = (http_pair(load, [direct_url, routed_url], w, auth),
                                      http_pair(load, [direct_url, direct_url], w, auth))
+                # Each gRPC path twice: the project's client and h2load (h2load_target.py), unless
+                # h2load is missing (run_all said so; the report says so again).
+                outside = not h2load.missing_reason()
                 if "grpc-direct" in want:
                     targets["grpc-direct"] = grpc_target(grpc_direct, w, key)
+                    if outside:
+                        targets["grpc-direct-h2load"] = H2loadTarget(grpc_direct, w, key, ts.ep.url("metrics"),
+                                                                     "torchserve", opts.work / "h2load")
                 if router and "router-grpc" in want:
                     targets["router-grpc"] = grpc_target(router.grpc, w, key)
+                    if outside:
+                        targets["router-grpc-h2load"] = H2loadTarget(router.grpc, w, key, router.url, "router",
+                                                                     opts.work / "h2load")
                     pairs["gRPC"] = (grpc_pair([grpc_direct, router.grpc], w, key),
                                      grpc_pair([grpc_direct, grpc_direct], w, key))
                 if "compiled" in want:
@@ -357,6 +372,11 @@ def run_all(opts: Options) -> dict:
     started = time.monotonic()
     load = HttpLoad(opts.load)
     opts.log(f"HTTP load from {load.tool}; {os.cpu_count()} CPUs; mode {opts.mode}")
+    if {"grpc-direct", "router-grpc"} & opts.scenarios:
+        missing = h2load.missing_reason()
+        opts.results["h2load"] = {"version": h2load.version(), "missing": missing}
+        opts.log(f"gRPC load from the project's client and from h2load {opts.results['h2load']['version']}" if not missing
+                 else f"gRPC load from the project's client only: THE H2LOAD ROWS ARE MISSING: {missing}")
     fleets.ensure_artifacts(opts.models)
     workloads = [workload(m, opts.image_px) for m in opts.models]
     for w in workloads:
