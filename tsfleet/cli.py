@@ -176,16 +176,23 @@ def _processes_arg(text: str) -> str:
 
 
 def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
+    from tsfleet.properties import read_properties
     from tsfleet.router.app import RouterConfig, serve
     from tsfleet.router.processes import process_count
+    from tsfleet.router.wire.limits import under_torchserve
 
-    ep = Endpoints.from_properties(Path(args.config)) if Path(args.config).is_file() else Endpoints()
+    config = Path(args.config)
+    ep = Endpoints.from_properties(config) if config.is_file() else Endpoints()
+    # A gRPC request TorchServe would only reset is refused by the router (limits.under_torchserve).
+    ts_max = read_properties(config).get("max_request_size") if config.is_file() else None
+    limits = under_torchserve(fleet.router_limits, int(ts_max) if ts_max and ts_max.isdigit() else None)
     serve(fleet, RouterConfig(upstream_rest=ep.url("inference"), upstream_grpc=f"{ep.host}:{ep.grpc_inference}",
                               upstream_management=ep.url("management"), ts_key_file=Path(args.key_file),
                               host=args.host, admin_host=args.admin_host,
                               port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port,
                               state_file=Path(args.state_file), key_file=Path(args.router_key_file),
-                              processes=process_count(args.processes), drain_s=args.drain_s), _say)
+                              processes=process_count(args.processes), drain_s=args.drain_s,
+                              limits=limits), _say)
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import yaml
 
 from tsfleet.errors import ManifestError
+from tsfleet.router.wire.limits import DEFAULT_LIMITS, RouterLimits, with_values
 
 VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+){0,3}$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -101,6 +102,8 @@ class Fleet:
     root: Path
     models: dict[str, ModelSpec]
     workflows: dict[str, WorkflowSpec] = field(default_factory=dict)
+    # The router's front-door limits (``router.limits``; tsfleet/router/wire/limits.py).
+    router_limits: RouterLimits = DEFAULT_LIMITS
 
     def versions(self) -> list[VersionSpec]:
         return [v for m in self.models.values() for v in m.versions.values()]
@@ -268,7 +271,7 @@ def _workflow_spec(name: str, raw: Any, models: dict[str, ModelSpec], defaults: 
 def parse_fleet(doc: Any, root: Path) -> Fleet:
     """Validate a parsed manifest document; ``root`` is where relative paths start."""
     doc = _mapping(doc, "manifest")
-    _only(doc, ("defaults", "models", "workflows"), "manifest")
+    _only(doc, ("defaults", "models", "workflows", "router"), "manifest")
     defaults = _mapping(doc.get("defaults"), "defaults")
     _only(defaults, ("serving", "settings", "recycle", "rollback"), "defaults")
     models_raw = _mapping(doc.get("models"), "models")
@@ -282,7 +285,17 @@ def parse_fleet(doc: Any, root: Path) -> Fleet:
     clash = set(models) & set(workflows)
     if clash:
         raise ManifestError(f"workflows: {', '.join(sorted(clash))} is also a model name")
-    return Fleet(root, models, workflows)
+    return Fleet(root, models, workflows, _router_limits(doc.get("router")))
+
+
+def _router_limits(raw: Any) -> RouterLimits:
+    """``router.limits``: each key one of RouterLimits' fields, each value positive."""
+    router = _mapping(raw, "router")
+    _only(router, ("limits",), "router")
+    try:
+        return with_values(_mapping(router.get("limits"), "router.limits"), "router.limits")
+    except ValueError as exc:
+        raise ManifestError(str(exc)) from None
 
 
 def load_fleet(path: str | Path) -> Fleet:

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from tsfleet.router.fronts.grpc_front import GrpcRouter, start_grpc_router, stop_grpc_router
-from tsfleet.router.wire.grpc_wire import Relay, ServerConnection
+from tsfleet.router.wire.grpc_wire import ServerConnection
 from tsfleet.router.wire.hpack_codec import Decoder, HpackError, encode
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
@@ -334,6 +334,7 @@ def test_a_request_stream_the_upstream_does_not_read_is_not_buffered_without_end
         assert await call.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
         router = box[2]
         assert router.pool.conn is not None and not router.pool.conn.blocked
+        assert router.counters.held_bytes == 1
 
     box: list = []
     monkeypatch.setattr(GrpcRouter, "max_held", 8 << 20)
@@ -351,9 +352,10 @@ def test_an_answer_stream_the_client_does_not_read_is_dropped_not_held(monkeypat
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert upstream.streamed < 100  # cancelled, not run to its end
         assert not box[2].connections or all(not c.blocked for c in box[2].connections)
+        assert box[2].counters.held_bytes == 1
 
     box: list = []
-    monkeypatch.setattr(Relay, "max_held", 8 << 20)
+    monkeypatch.setattr(ServerConnection, "max_held", 8 << 20)  # what a Relay lets wait for its client
     run(test, channel_box=box)
 
 
@@ -411,8 +413,12 @@ def test_streams_past_max_concurrent_streams_are_refused_and_others_served(monke
 
 
 @pytest.mark.parametrize("flood", ["continuation", "indexed"])
-def test_a_header_list_past_its_limit_is_a_goaway_before_it_is_all_held(flood: str) -> None:
-    from tsfleet.router.wire.h2frames import CONTINUATION, END_HEADERS, ENHANCE_YOUR_CALM, GOAWAY, HEADERS, frame
+def test_a_header_list_past_its_limit_is_refused_before_it_is_all_held(flood: str) -> None:
+    """A block too large to hold (as sent) is a GOAWAY; a list too large decoded (HPACK's
+    amplification) is decoded to its end, refuses its own stream with RESOURCE_EXHAUSTED
+    and the connection goes on, its table still the client's."""
+    from tsfleet.router.wire.h2frames import (CONTINUATION, END_HEADERS, END_STREAM, ENHANCE_YOUR_CALM, GOAWAY,
+                                              HEADERS, RST_STREAM, frame)
 
     async def test(stub, upstream, table) -> None:
         if flood == "continuation":  # header block fragments that never end: once 200 MiB held
@@ -420,9 +426,19 @@ def test_a_header_list_past_its_limit_is_a_goaway_before_it_is_all_held(flood: s
         else:  # a 4,000-byte field put in the table, then named 40 times in 40 bytes: HPACK's amplification
             field = b"\x40" + bytes([0x01]) + b"x" + bytes([0x7F, 0xA1, 0x1E]) + b"v" * 4000  # literal, indexed
             frames = frame(HEADERS, END_HEADERS, 1, field + bytes([0xBE]) * 40)  # index 62: that field
+            # Then a call on the same connection naming that field once: read only if the table kept it.
+            call = _call_headers(3)
+            frames += frame(HEADERS, END_HEADERS | END_STREAM, 3, call[9:] + bytes([0xBE]))
         got = await _raw_h2(channel_box[1], frames)
         at = got.find(bytes([GOAWAY, 0]) + bytes(4))
-        assert at >= 0 and int.from_bytes(got[at + 10:at + 14], "big") == ENHANCE_YOUR_CALM, got[:100]
+        if flood == "continuation":
+            assert at >= 0 and int.from_bytes(got[at + 10:at + 14], "big") == ENHANCE_YOUR_CALM, got[:100]
+        else:
+            assert at < 0, got[at:at + 60]
+            assert b"grpc-status\x018" in got and b"header list limit" in got  # RESOURCE_EXHAUSTED, stream 1
+            assert frame(RST_STREAM, 0, 1, bytes(4)) in got  # and read no more of it
+            assert b"grpc-status\x013" in got and b"carries 0 bytes" in got  # stream 3: read, and answered
+        assert channel_box[2].counters.header_list_bytes == 1
         assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
 
     channel_box: list = []

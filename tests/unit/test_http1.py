@@ -115,6 +115,26 @@ def test_a_chunked_body_with_small_trailers_and_upper_case_sizes_is_read() -> No
     (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: y\r\n" * 1200 + b"\r\n", 431, "trailers"),
     (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: y\r\n" * 1200, 431, "trailers"),
     (b"POST /p HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431, "more than 100 header lines"),
+    # Found by the differential test against llhttp (test_http1_oracle.py). Repeated
+    # Transfer-Encoding lines are one list, not the last line; a tab hides "chunked" (TE.TE).
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501,
+     "Transfer-Encoding 'x, chunked' is not supported"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501,
+     "'chunked, chunked'"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\t\r\n\r\n0\r\n\r\n", 400, "a tab in Transfer-Encoding"),
+    # Netty splits a request line on a tab: its target would not be the one routed here.
+    (b"GET /predictions/m\tHTTP/1.1 HTTP/1.1\r\n\r\n", 400, "a tab in the request line"),
+    # A bare LF in a chunk extension or a trailer ends the line early for a lenient parser in
+    # front: the bytes after it were read as the chunk's data, or as trailers hiding a request.
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;a\nXXXXX\r\nabcde\r\n0\r\n\r\n", 400,
+     "control character b'\\n' in a chunk line"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;a\x00\r\nabcde\r\n0\r\n\r\n", 400,
+     "control character b'\\x00' in a chunk line"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: y\n\nGET /s HTTP/1.1\r\n\r\n", 400,
+     "control character b'\\n' in the chunked trailers"),
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T : y\r\n\r\n", 400, "malformed trailer line"),
+    # A chunk over the body limit is refused at its size line, not once it is all buffered.
+    (b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFF\r\nabc", 413, "limit"),
     (b"POST /p HTTP/1.1\r\nX-A: " + b"b" * 70_000 + b"\r\n\r\n", 431, "head too large"),
 ])
 def test_unreadable_requests_get_a_4xx_naming_the_problem_and_the_connection_closes(raw: bytes, status: int,
@@ -128,6 +148,17 @@ def test_unreadable_requests_get_a_4xx_naming_the_problem_and_the_connection_clo
         assert "s3cret" not in doc["message"]  # a credential is never quoted back
         assert doc["type"] in ("BadRequest", "RequestEntityTooLarge", "NotImplemented", "RequestHeaderFieldsTooLarge")
         assert headers["connection"] == "close" and await reader.read() == b""
+
+    run(test)
+
+
+def test_a_close_in_any_connection_line_closes_and_the_request_behind_is_not_read() -> None:
+    async def test(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /a HTTP/1.1\r\nConnection: close\r\nConnection: x\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+        status, headers, body = await read_answer(reader)
+        assert status == 200 and json.loads(body)["target"] == "/a" and headers["connection"] == "close"
+        assert await reader.read() == b""
 
     run(test)
 

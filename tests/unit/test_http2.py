@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from tests.wire import Wire
-from tsfleet.router.wire.h2frames import (ACK, DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_HEADERS, END_STREAM,
-                                     FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GOAWAY, HEADERS, PADDED, PING, PREFACE,
-                                     PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR, RST_STREAM, S_ENABLE_PUSH,
-                                     S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, SETTINGS, WINDOW_UPDATE, frame,
-                                     settings_frame)
+from tsfleet.router.wire.h2frames import (ACK, COMPRESSION_ERROR, DATA, DEFAULT_FRAME, DEFAULT_WINDOW, END_HEADERS,
+                                     END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GOAWAY, HEADERS, PADDED, PING,
+                                     PREFACE, PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR, PUSH_PROMISE, RST_STREAM,
+                                     S_ENABLE_PUSH, S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, SETTINGS, STREAM_CLOSED,
+                                     WINDOW_UPDATE, frame, settings_frame)
 from tsfleet.router.wire.http2 import Http2Connection
 
 
@@ -160,15 +160,18 @@ def test_a_frame_over_the_agreed_size_closes_the_connection_before_its_payload_c
     asyncio.run(main())
 
 
-def _goaway_for(data: bytes) -> tuple[bool, int | None]:
-    """Whether a server-side peer closed on ``data`` (after the preface and SETTINGS), and the
-    error code of the GOAWAY it sent."""
+def _goaway_for(data: bytes, cut: int = 0) -> tuple[bool, int | None]:
+    """Whether a server-side peer closed on ``data`` (after the preface, SETTINGS, and the
+    HEADERS that open stream 1), read whole or ``cut`` bytes at a time, and the error code of
+    the GOAWAY it sent."""
     async def main() -> tuple[bool, int | None]:
         peer = Peer(False)
         wire = Wire()
         peer.connection_made(wire)  # type: ignore[arg-type]
-        peer.open_stream(1)
-        peer.data_received(PREFACE + settings_frame({}) + data)
+        peer.data_received(PREFACE + settings_frame({}) + frame(HEADERS, END_HEADERS, 1, b"\x84"))  # :path /
+        peer.open_stream(1)  # as a server opens the stream it answers
+        for i in range(0, len(data), cut or len(data)):
+            peer.data_received(data[i:i + (cut or len(data))])
         peer._flush()
         written = bytes(wire.written)
         at = written.find(bytes([GOAWAY, 0]) + bytes(4))  # type GOAWAY, no flags, stream 0
@@ -212,9 +215,30 @@ def _settings(key: int, value: int) -> bytes:
     (frame(DATA, 0, 0, b"abc"), PROTOCOL_ERROR),
     (frame(DATA, 0, 0, bytes(5000)), PROTOCOL_ERROR),  # large: passed on as it comes, checked first
     (frame(HEADERS, END_HEADERS, 0, b"\x82"), PROTOCOL_ERROR),
+    # RFC 9113 5.1: stream states (stream 1 is open, 3 and up idle, even ones the server's).
+    # Each of these was ignored once.
+    (frame(DATA, 0, 3, b"x"), PROTOCOL_ERROR),
+    (frame(DATA, 0, 3, bytes(5000)), PROTOCOL_ERROR),  # large: passed on as it comes, when cut
+    (frame(DATA, 0, 2, b"x"), PROTOCOL_ERROR),
+    (frame(WINDOW_UPDATE, 0, 3, (1).to_bytes(4, "big")), PROTOCOL_ERROR),
+    (frame(RST_STREAM, 0, 3, bytes(4)), PROTOCOL_ERROR),  # 6.4
+    (frame(HEADERS, END_HEADERS, 2, b"\x84"), PROTOCOL_ERROR),  # 5.1.1: a client's ids are odd
+    (frame(PUSH_PROMISE, END_HEADERS, 1, (2).to_bytes(4, "big") + b"\x84"), PROTOCOL_ERROR),  # 8.4: clients don't push
+    # half-closed (remote): after the client's END_STREAM only WINDOW_UPDATE, PRIORITY, RST_STREAM
+    (frame(DATA, END_STREAM, 1, b"x") + frame(DATA, 0, 1, b"y"), STREAM_CLOSED),
+    (frame(DATA, END_STREAM, 1, b"x") + frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\x84"), STREAM_CLOSED),
+    (frame(HEADERS, END_HEADERS, 1, b"\x84"), PROTOCOL_ERROR),  # 8.1: a second HEADERS must end the stream
+    (frame(HEADERS, 0, 3, b"\x84") + frame(DATA, 0, 1, bytes(5000)), PROTOCOL_ERROR),  # 6.2: block cut
 ])
 def test_a_malformed_frame_is_a_goaway_with_rfc_9113_s_code_never_an_exception(data: bytes, code: int) -> None:
     assert _goaway_for(data) == (True, code)
+    assert _goaway_for(data, cut=1000) == (True, code)  # large DATA frames then take another path
+
+
+def test_hpack_index_0_is_a_compression_error_however_full_the_table() -> None:
+    fill = b"".join(b"\x40\x01" + bytes([97 + i % 26]) + b"\x00" for i in range(62))  # 62 fields, each indexed
+    data = frame(HEADERS, END_HEADERS | END_STREAM, 3, fill) + frame(HEADERS, END_HEADERS | END_STREAM, 5, b"\x80")
+    assert _goaway_for(data) == (True, COMPRESSION_ERROR)
 
 
 def test_well_formed_control_frames_keep_the_connection() -> None:
@@ -222,6 +246,45 @@ def test_well_formed_control_frames_keep_the_connection() -> None:
           + frame(SETTINGS, ACK, 0) + frame(WINDOW_UPDATE, 0, 0, (2**31 - 1 - DEFAULT_WINDOW).to_bytes(4, "big"))
           + frame(PING, 0, 0, bytes(8)) + frame(PRIORITY, 0, 3, bytes(5)) + frame(0xFA, 0, 0, b"unknown type"))
     assert _goaway_for(ok) == (False, None)
+
+
+def test_frames_on_closed_streams_are_ignored() -> None:
+    """RFC 9113 5.1: frames a client sent before it saw a stream end are read and dropped: on a
+    stream it reset, on one it skipped (opening 7 closes 3 and 5), and a half-closed stream's
+    WINDOW_UPDATE, PRIORITY and RST_STREAM."""
+    ok = (frame(DATA, END_STREAM, 1, b"x") + frame(WINDOW_UPDATE, 0, 1, (1).to_bytes(4, "big"))
+          + frame(PRIORITY, 0, 1, bytes(5)) + frame(RST_STREAM, 0, 1, bytes(4))
+          + frame(DATA, 0, 1, b"late") + frame(WINDOW_UPDATE, 0, 1, (1).to_bytes(4, "big"))
+          + frame(HEADERS, END_HEADERS | END_STREAM, 7, b"\x84") + frame(DATA, 0, 3, b"x")
+          + frame(RST_STREAM, 0, 5, bytes(4)) + frame(WINDOW_UPDATE, 0, 5, (1).to_bytes(4, "big")))
+    assert _goaway_for(ok) == (False, None)
+
+
+def test_a_call_the_client_ended_is_handed_on_once() -> None:
+    """DATA after END_STREAM once reached the dispatcher as a second end of the same call (two
+    upstream calls, two answers on one stream): now the connection ends with STREAM_CLOSED."""
+    from tsfleet.router.wire.grpc_wire import ServerConnection
+    from tsfleet.router.wire.hpack_codec import encode
+
+    class Dispatcher:
+        stopping, ends = False, 0
+
+        def opened(self, conn, call) -> None:
+            pass
+
+        def ended(self, conn, call) -> None:
+            self.ends += 1
+
+    async def main() -> tuple[int, bool, bytes]:
+        dispatcher, wire = Dispatcher(), Wire()
+        conn = ServerConnection(dispatcher, set())
+        conn.connection_made(wire)  # type: ignore[arg-type]
+        conn.data_received(PREFACE + settings_frame({}) + frame(HEADERS, END_HEADERS, 1, encode([(b":path", b"/x")]))
+                           + frame(DATA, END_STREAM, 1, b"\x00\x00\x00\x00\x00") + frame(DATA, END_STREAM, 1, b"again"))
+        return dispatcher.ends, wire.closed, bytes(wire.written)
+
+    ends, closed, written = asyncio.run(main())
+    assert ends == 1 and closed and bytes([GOAWAY, 0]) + bytes(8) + STREAM_CLOSED.to_bytes(4, "big") in written
 
 
 class BigFrames(Peer):
@@ -248,14 +311,17 @@ def test_data_past_the_windows_given_is_a_flow_control_error() -> None:
         assert asyncio.run(main(DEFAULT_WINDOW, chunk))[0] is False
 
 
-def test_data_on_streams_never_opened_keeps_no_bookkeeping() -> None:
-    async def main() -> int:
+def test_data_on_streams_closed_keeps_no_bookkeeping() -> None:
+    async def main() -> tuple[int, bool]:
         peer = Peer(False)
-        peer.connection_made(Wire())  # type: ignore[arg-type]
-        peer.data_received(PREFACE + settings_frame({}) + b"".join(frame(DATA, 0, s, b"x") for s in range(1, 20_001, 2)))
-        return len(peer.stream_unacked)
+        wire = Wire()
+        peer.connection_made(wire)  # type: ignore[arg-type]
+        opened = frame(HEADERS, END_HEADERS | END_STREAM, 20_001, b"\x84")  # 1 to 19,999 are closed now (5.1.1)
+        peer.data_received(PREFACE + settings_frame({}) + opened
+                           + b"".join(frame(DATA, 0, s, b"x") for s in range(1, 20_001, 2)))
+        return len(peer.stream_unacked), wire.closed
 
-    assert asyncio.run(main()) == 0
+    assert asyncio.run(main()) == (0, False)
 
 
 class Counting(Peer):
@@ -264,7 +330,8 @@ class Counting(Peer):
 
 
 @pytest.mark.parametrize("one,allowed", [
-    (lambda i: frame(RST_STREAM, 0, 2 * i + 1, bytes(4)), 500),  # "rapid reset"
+    # "rapid reset": each stream opened, then reset
+    (lambda i: frame(HEADERS, END_HEADERS, 2 * i + 1, b"\x84") + frame(RST_STREAM, 0, 2 * i + 1, bytes(4)), 500),
     (lambda i: frame(PING, 0, 0, bytes(8)), 1000),
     (lambda i: frame(SETTINGS, 0, 0, b""), 100),
 ])

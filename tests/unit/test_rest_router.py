@@ -76,7 +76,7 @@ def test_a_lost_job_is_retried_after_many_times_the_arm_s_p99() -> None:
         for _ in range(30):  # enough answers for a p99 (of about a millisecond)
             assert (await _post(port, "/predictions/m/1.0"))[0] == 200
         # The window's figures are a quarter second old at most.
-        await until("the attempt timeout down to its floor", lambda: router.attempt_timeout("m", "1.0") <= 0.3)
+        await until("the attempt timeout down to its floor", lambda: router.policy.attempt_timeout(router.policy.begin("m", "1.0", None)) <= 0.3)
         upstream.plan = ["lose"]
         started = time.monotonic()
         status, headers, body = await _post(port, "/predictions/m/1.0")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -17,8 +18,11 @@ from tsfleet.router.keys import InferenceKeys, previous_keys, rotate_router_key,
 from tsfleet.router.policy.manifest_routes import fleet_routes, routes_from_fleet, take_fleet
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.readiness import ModelReadiness
+from tsfleet.router.selfstats import process_metrics
 from tsfleet.router.fronts.rest import RestRouter
 from tsfleet.router.policy.routing import RoutingTable
+from tsfleet.router.wire import limits as router_limits
+from tsfleet.router.wire.limits import DEFAULT_LIMITS, LimitCounters, RouterLimits
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class RouterConfig:
     key_file: Path = Path("router_key.json")
     processes: int = 1  # more than 1: the leader and fronts on the same ports (router/processes.py)
     drain_s: float = 10.0  # on stop: how long requests under way may take to be answered
+    limits: RouterLimits = DEFAULT_LIMITS  # fleet.yaml's router.limits, for every process's fronts
 
 
 class RouterProcess:
@@ -54,7 +59,10 @@ class RouterProcess:
         self.keys = InferenceKeys(keys["inference"], config.ts_key_file, config.upstream_management,
                                   previous_keys(keys)) if config.ts_key_file is not None else None
         self.readiness = ModelReadiness(self.table, self.keys)
-        self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys, readiness=self.readiness)
+        # How often each limit fired here, per front; /metrics adds the front processes' to it.
+        self.hits = {"rest": LimitCounters(), "grpc": LimitCounters()}
+        self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys, readiness=self.readiness,
+                               metrics=self._metrics, limits=config.limits, counters=self.hits["rest"])
         self.admin = AdminApi(self.table, keys["admin"])
         if self.keys is not None:
             self.admin.rotate = self.rotate_key
@@ -81,7 +89,7 @@ class RouterProcess:
         if start_grpc_router is not None:
             self._grpc, self.ports["grpc"] = await start_grpc_router(
                 self.table, self.config.upstream_grpc, self.config.host, self.config.grpc_port, reuse_port=many,
-                keys=self.keys, readiness=self.readiness)
+                keys=self.keys, readiness=self.readiness, limits=self.config.limits, counters=self.hits["grpc"])
         if many:
             from tsfleet.router.processes import Fronts
 
@@ -89,10 +97,22 @@ class RouterProcess:
                 "upstream_rest": self.config.upstream_rest, "upstream_grpc": self.config.upstream_grpc,
                 "host": self.config.host, "port": self.ports["rest"], "grpc_port": self.ports.get("grpc", 0),
                 "upstream_management": self.config.upstream_management, "key_file": str(self.config.key_file),
-                "drain_s": self.config.drain_s,
-                "ts_key_file": str(self.config.ts_key_file) if self.config.ts_key_file is not None else None})
+                "drain_s": self.config.drain_s, "limits": asdict(self.config.limits),
+                "ts_key_file": str(self.config.ts_key_file) if self.config.ts_key_file is not None else None},
+                metrics=self.metrics_text)
             await self.fronts.start()
             self.admin.settled = self.fronts.settled
+
+    def metrics_text(self) -> str:
+        """/metrics of the whole router: the routes' statistics (every process's, the leader
+        adds them up) and how often each limit fired, in this process and in the fronts."""
+        sources = [self.hits] + ([self.fronts.hits] if self.fronts is not None else [])
+        fronts = self.fronts.pids() if self.fronts is not None else []
+        processes = {"leader": os.getpid(), **{f"front-{n}": pid for n, pid in enumerate(fronts, 1)}}
+        return self.table.prometheus() + router_limits.prometheus(*sources) + process_metrics(processes)
+
+    async def _metrics(self) -> str:
+        return self.metrics_text()
 
     async def rotate_key(self, grace_s: float) -> dict[str, Any]:
         """A new router inference key, taken by every process before this returns; the old

@@ -37,13 +37,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tsfleet.router.keys import InferenceKeys, previous_keys, router_keys
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.fronts.rest import RestRouter
 from tsfleet.router.policy.routing import Route, RoutingTable
+from tsfleet.router.wire.limits import FRONTS, LimitCounters, with_values
 
 log = logging.getLogger(__name__)
 FLUSH_S = 0.2
@@ -104,8 +105,13 @@ class _Front:
 class Fronts:
     """The leader's side: starts, feeds, hears and restarts the front processes."""
 
-    def __init__(self, table: RoutingTable, count: int, options: dict[str, Any]):
+    def __init__(self, table: RoutingTable, count: int, options: dict[str, Any],
+                 metrics: Callable[[], str] | None = None):
         self.table, self.count, self.options = table, count, options
+        # /metrics as the leader answers it (a front's is asked of the leader).
+        self.metrics = metrics if metrics is not None else table.prometheus
+        # How often each limit fired in the fronts, all of them, every one started so far.
+        self.hits = {front: LimitCounters() for front in FRONTS}
         self.fronts: list[_Front] = []
         self._stopping = False
         self._supervisor: asyncio.Task | None = None
@@ -149,7 +155,10 @@ class Fronts:
             if kind == "seen":
                 self._take(msg)
             elif kind == "metrics":
-                front.writer.write(_encode({"t": "metrics", "id": msg["id"], "text": self.table.prometheus()}))
+                front.writer.write(_encode({"t": "metrics", "id": msg["id"], "text": self.metrics()}))
+            elif kind == "limits":
+                for name, counts in msg["hits"].items():
+                    self.hits[name].add(counts)
             elif kind == "applied":
                 front.applied = max(front.applied, msg["seq"])
             elif kind == "ready":
@@ -237,13 +246,30 @@ class _Leader:
     """A front's side of the channel."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, table: RoutingTable,
-                 keys: InferenceKeys | None = None, key_file: Path | None = None, key_generation: int = 0):
+                 keys: InferenceKeys | None = None, key_file: Path | None = None, key_generation: int = 0,
+                 hits: dict[str, LimitCounters] | None = None):
         self.reader, self.writer, self.table = reader, writer, table
         self.keys, self.key_file, self.key_generation = keys, key_file, key_generation
         self._asked: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
+        self.hits = hits or {}  # this process's limit counters, per front
+        self._told: dict[str, dict[str, int]] = {front: {} for front in self.hits}  # what the leader has of them
+
+    def tell_hits(self) -> None:
+        """Send the leader what this process's limits counted since it last did (it adds
+        them up, so a front started again counts on from where the others are)."""
+        delta = {}
+        for front, counters in self.hits.items():
+            now, told = counters.counts(), self._told[front]
+            changed = {name: n - told.get(name, 0) for name, n in now.items() if n != told.get(name, 0)}
+            if changed:
+                delta[front] = changed
+                self._told[front] = now
+        if delta:
+            self.writer.write(_encode({"t": "limits", "hits": delta}))
 
     async def metrics(self) -> str:
+        self.tell_hits()  # ahead of the question, on the same channel: the answer counts them
         n = next(self._ids)
         fut = self._asked[n] = asyncio.get_running_loop().create_future()
         self.writer.write(_encode({"t": "metrics", "id": n}))
@@ -268,6 +294,7 @@ class _Leader:
     async def flush(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_S)
+            self.tell_hits()
             if self.table.sink or self.table.shadow_sink:
                 answers, shadow = self.table.sink, self.table.shadow_sink
                 self.table.sink, self.table.shadow_sink = [], []
@@ -298,16 +325,20 @@ async def _front(options: dict[str, Any], fd: int) -> None:
         keys = InferenceKeys(mine["inference"], Path(options["ts_key_file"]), options["upstream_management"],
                              previous_keys(mine))
         fresh = asyncio.get_running_loop().create_task(keys.keep_fresh())
-    leader = _Leader(reader, writer, table, keys, Path(options["key_file"]), first.get("keys", 0))
+    hits = {front: LimitCounters() for front in FRONTS}
+    limits = with_values(options["limits"]) if options.get("limits") else None
+    leader = _Leader(reader, writer, table, keys, Path(options["key_file"]), first.get("keys", 0), hits)
     readiness = ModelReadiness(table, keys)
-    rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics, keys=keys, readiness=readiness)
+    rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics, keys=keys, readiness=readiness,
+                      limits=limits, counters=hits["rest"])
     await rest.start(options["host"], options["port"], reuse_port=True)
     grpc = None
     if options.get("grpc_port"):
         from tsfleet.router.fronts.grpc_front import start_grpc_router, stop_grpc_router
 
         grpc, _ = await start_grpc_router(table, options["upstream_grpc"], options["host"], options["grpc_port"],
-                                          reuse_port=True, keys=keys, readiness=readiness)
+                                          reuse_port=True, keys=keys, readiness=readiness, limits=limits,
+                                          counters=hits["grpc"])
     writer.write(_encode({"t": "ready"}))
     loop = asyncio.get_running_loop()
     flusher = loop.create_task(leader.flush())

@@ -10,34 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any, Coroutine
 
 from google.protobuf.message import DecodeError
 
 from tsfleet.router.fronts import health
-from tsfleet.router.policy.compare import answers_agree
-from tsfleet.router.fronts.grpc_predict import Prediction, not_found, refused_own_key, renewed_key, server_side
+from tsfleet.router.fronts.grpc_predict import KEY_REFUSED, OK_OUTCOME, Prediction, outcome
+from tsfleet.router.fronts.grpc_streams import PING, PREDICT, STREAM, StreamCalls
 from tsfleet.router.wire.grpc_upstream import UpstreamCall, UpstreamPool
-from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
-                                      Relay, ServerCall, ServerConnection, UpstreamGone, answer_headers, header,
-                                      read_message, split_messages, status_trailers)
+from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, STATUS_OK, UNAVAILABLE, ServerCall,
+                                           ServerConnection, UpstreamGone, header, read_message, split_messages,
+                                           status_trailers)
+from tsfleet.router.wire.grpc_answers import Relay, answer_headers
 from tsfleet.router.wire.h2frames import INTERNAL_ERROR, Data
 from tsfleet.router.wire.hpack_codec import Header
+from tsfleet.router.wire.limits import LimitCounters, RouterLimits
 from tsfleet.router.keys import InferenceKeys
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.wire.protoscan import request_names
 from tsfleet.router.readiness import ModelReadiness
+from tsfleet.router.policy.attempts import DROPPED, RoutingPolicy
 from tsfleet.router.policy.routing import RoutingTable
 
 log = logging.getLogger(__name__)
-SERVICE = b"/org.pytorch.serve.grpc.inference.InferenceAPIsService/"
 NOT_A_REQUEST = "the message is not a PredictionsRequest (or not in the grpc-encoding the call names)"
-PREDICT, STREAM, SEQUENCE, PING = (SERVICE + m for m in (b"Predictions", b"StreamPredictions",
-                                                         b"StreamPredictions2", b"Ping"))
 BUFFERED = {PREDICT, STREAM, PING, health.CHECK, health.WATCH}  # one request message: read whole, then routed
 LARGE_MESSAGE = 64 * 1024  # a request this big goes upstream in pieces, not joined
-SHADOW_BACKLOG = 256  # mirrors in flight beyond this are skipped: a shadow must never pile up
 
 
 def _varint(n: int) -> bytes:
@@ -59,16 +57,23 @@ def _prediction(body: bytes) -> bytes | None:
         return None
 
 
-class GrpcRouter:
+class GrpcRouter(StreamCalls):
     """Serves the routed service and forwards every call to TorchServe's gRPC port at ``upstream``."""
 
     max_held = 64 * 2**20  # of a request stream, waiting for TorchServe to read it
 
     def __init__(self, table: RoutingTable, upstream: str, sticky_key: str = "x-user-id", timeout_s: float = 130,
                  min_attempt_s: float = 2.0, latency_factor: float = 10.0, keys: InferenceKeys | None = None,
-                 readiness: ModelReadiness | None = None):
+                 readiness: ModelReadiness | None = None, limits: RouterLimits | None = None,
+                 counters: LimitCounters | None = None):
         self.table, self.upstream, self.keys, self.readiness = table, upstream, keys, readiness
-        self.timeout_s, self.min_attempt_s, self.latency_factor = timeout_s, min_attempt_s, latency_factor
+        # router.limits (limits.py), handed to every client connection; None: their defaults.
+        self.limits, self.counters = limits, counters if counters is not None else LimitCounters()
+        if limits is not None:
+            self.max_held = limits.held_bytes
+        self.timeout_s = timeout_s
+        # The policy both fronts follow (retry, key renewal, recording, shadows).
+        self.policy = RoutingPolicy(table, timeout_s, min_attempt_s, latency_factor)
         host, _, port = upstream.rpartition(":")
         self.pool = UpstreamPool(host or "127.0.0.1", int(port))
         self.sticky = sticky_key.lower().encode()
@@ -81,8 +86,9 @@ class GrpcRouter:
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: ServerConnection(self, self.connections), host, port,
-                                               reuse_port=reuse_port or None)
+        self.server = await loop.create_server(
+            lambda: ServerConnection(self, self.connections, self.limits, self.counters), host, port,
+            reuse_port=reuse_port or None)
         return self.server.sockets[0].getsockname()[1]
 
     # ------------------------------------------------------------ dispatch
@@ -116,8 +122,8 @@ class GrpcRouter:
             # TorchServe 0.12 kills the worker (failing its whole batch) when a handler that
             # does not stream gets a stream; the answer of such a model is one message anyway.
             sticky = header(call.headers, self.sticky)
-            choice = self.table.choose(model, asked or None, sticky.decode() if sticky else None)
-            Prediction(self, conn, call, model, choice, self._headers(call, PREDICT, decompressed), payload).attempt()
+            routed = self.policy.begin(model, asked, sticky.decode("latin-1") if sticky else None)
+            Prediction(self, conn, call, routed, self._headers(call, PREDICT, decompressed), payload).attempt()
         except Exception:  # a bug of the router's must not take the client's connection down
             log.exception("gRPC call to %s failed in the router", call.path.decode(errors="replace"))
             self.abort(conn, call)
@@ -149,7 +155,9 @@ class GrpcRouter:
         out = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", self.pool.authority)]
         deadline = False
         for name, value in call.headers:
-            if name[0] == 58 or (decompressed and name == b"grpc-encoding"):
+            # A client's content-length no longer holds once the version is appended (TorchServe
+            # then resets the call: h2load and nghttp send one, grpcio does not).
+            if name[0] == 58 or name == b"content-length" or (decompressed and name == b"grpc-encoding"):
                 continue
             deadline = deadline or name == b"grpc-timeout"
             if name == b"authorization" and self.keys is not None:
@@ -207,6 +215,20 @@ class GrpcRouter:
     def unreachable(self, exc: Exception | None) -> str:
         return f"TorchServe is not reachable at {self.upstream}: {exc}"
 
+    def own_key(self, call: ServerCall) -> bool:
+        """Whether the router swapped its own key in for the client's (keys.py): TorchServe's
+        refusal of it is then the router's to renew, not the client's answer."""
+        return self.keys is not None and self.keys.swap(header(call.headers, b"authorization")) is not None
+
+    async def renewed_key(self, sent: list[Header]) -> list[Header] | None:
+        """After TorchServe refused the router's key: the headers to try once more with, or
+        None (nothing fresher)."""
+        assert self.keys is not None
+        fresh = await self.keys.refused(header(sent, b"authorization") or b"")
+        if fresh is None:
+            return None
+        return [(name, fresh if name == b"authorization" else value) for name, value in sent]
+
     def send(self, conn: ServerConnection, call: ServerCall, up: UpstreamCall | None, version: str | None,
              error: str = "") -> None:
         """Answer ``call`` with TorchServe's answer ``up``, or (None) UNAVAILABLE and ``error``."""
@@ -224,7 +246,7 @@ class GrpcRouter:
             try:
                 headers = self._headers(call, call.path)
                 up = await self._call(call, headers, call.body)
-                if refused_own_key(self, call, *up.status()) and (fresh := await renewed_key(self, headers)):
+                if outcome(*up.status()) == KEY_REFUSED and self.own_key(call) and (fresh := await self.renewed_key(headers)):
                     up = await self._call(call, fresh, call.body)
                 self.send(conn, call, up, None)
             except UpstreamGone as exc:
@@ -232,123 +254,24 @@ class GrpcRouter:
         finally:
             conn.finish(call)
 
-    async def _stream(self, conn: ServerConnection, call: ServerCall, model: str, asked: str,
-                      payload: bytes | memoryview, decompressed: bool) -> None:
-        headers = self._headers(call, STREAM, decompressed)
-        sticky = header(call.headers, self.sticky)
-        choice = self.table.choose(model, asked or None, sticky.decode() if sticky else None)
-        version, started = choice.version, time.perf_counter()
-        relay = Relay(conn, call, [(b"x-model-version", version.encode())] if version else [])
-        try:
-            for attempt in (0, 1):
-                try:
-                    up = await self._call(call, headers, self.message_for(model, payload, version), relay)
-                except UpstreamGone as exc:
-                    if call.cancelled:
-                        return
-                    # Only an unreachable TorchServe is retried, and only before any answer:
-                    # 0.12 answers "Worker died." (and restarts the worker) when a handler does
-                    # not stream, so retrying that would take down a second worker.
-                    if attempt == 0 and not relay.started:
-                        continue
-                    self.table.record(model, version, False, time.perf_counter() - started, attempt > 0)
-                    relay.fail(UNAVAILABLE, self.unreachable(exc))
-                    return
-                code, message = up.status()
-                if not not_found(message):
-                    self.table.record(model, version, code == OK or not server_side(code, message),
-                                      time.perf_counter() - started, attempt > 0)
-                return
-        finally:
-            conn.finish(call)
-
-    async def _relay(self, conn: ServerConnection, call: ServerCall) -> None:
-        """A call that streams requests: StreamPredictions2 (one version for the whole
-        sequence, no retries), or a method the router does not know (passed through)."""
-        assert call.queue is not None
-        try:
-            rewrite, pending, version, model = call.path == SEQUENCE, bytearray(), None, ""
-            first: list[bytes] = []
-            if rewrite:
-                while not (messages := split_messages(pending)):
-                    chunk = await call.queue.get()
-                    if chunk is None:
-                        break
-                    pending += chunk
-                if call.cancelled:
-                    return
-                if not messages:  # the client ended the sequence before sending anything
-                    conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(OK, ""))
-                    return
-                requests = [self._request(call, f, p) for f, p in messages]
-                if any(r is None for r in requests):
-                    conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
-                        UNIMPLEMENTED, "the router cannot read this sequence's messages"))
-                    return
-                model = requests[0].model_name
-                sticky = header(call.headers, self.sticky)
-                version = self.table.choose(model, requests[0].model_version or None,
-                                            sticky.decode() if sticky else None).version
-                first = [self.message_for(model, r.SerializeToString(), version, whole=True) for r in requests]
-            relay = Relay(conn, call, [(b"x-model-version", version.encode())] if version else [])
-            try:
-                upstream = await self.pool.connection()
-            except UpstreamGone as exc:
-                relay.fail(UNAVAILABLE, self.unreachable(exc))
-                return
-            up = upstream.start(self._headers(call, call.path, decompressed=rewrite),
-                                b"".join(first) or None, False, relay)
-            call.upstream = (upstream, up.id)
-            while (chunk := await call.queue.get()) is not None:
-                if rewrite:
-                    pending += chunk
-                    requests = [self._request(call, f, p) for f, p in split_messages(pending)]
-                    if any(r is None for r in requests):
-                        upstream.fail(up.id, UpstreamGone("unreadable message"), reset=True)
-                        relay.fail(UNIMPLEMENTED, "the router cannot read this sequence's messages")
-                        return
-                    chunk = b"".join(self.message_for(model, r.SerializeToString(), version, whole=True)
-                                     for r in requests)
-                if chunk:
-                    upstream.send(up.id, data=chunk)
-                    if upstream.held(up.id) > self.max_held:
-                        upstream.fail(up.id, UpstreamGone("unread"), reset=True)
-                        up.done.exception()  # seen: nobody else waits for this call now
-                        relay.fail(RESOURCE_EXHAUSTED, f"TorchServe has not read the last {self.max_held >> 20} MiB "
-                                                       "of this stream; the router holds no more")
-                        return
-            if call.cancelled:
-                return
-            upstream.send(up.id, data=b"", end=True)
-            try:
-                await up.done
-            except UpstreamGone as exc:
-                relay.fail(UNAVAILABLE, self.unreachable(exc))
-        finally:
-            call.upstream = None
-            conn.finish(call)
-
     # --------------------------------------------------------------- shadow
-    def mirror(self, model: str, version: str, headers: list[Header], payload: bytes | memoryview, primary: bytes) -> None:
-        """Send a copy to the shadow after the client has its answer; compare, count, drop."""
-        if len(self._background) >= SHADOW_BACKLOG:
-            return
+    def mirror(self, model: str, version: str, headers: list[Header], payload: bytes | memoryview,
+               primary: bytes | None) -> None:
+        """Send a copy to the shadow after the client has its answer (``primary``: the
+        answer's message when OK); the policy compares and counts it."""
 
         async def run() -> None:
+            result, answer = DROPPED, None
             try:
                 conn = await self.pool.connection()
                 up = conn.start(headers, self.message_for(model, payload, version), True)
                 await up.done
+                result = outcome(*up.status())
+                answer = _prediction(bytes(up.body)) if result == OK_OUTCOME else None
             except UpstreamGone:
-                self.table.record_shadow(model, version, False, None)
-                return
-            code, message = up.status()
-            if code != OK:
-                self.table.record_shadow(model, version, not server_side(code, message), None)
-                return
-            mine, theirs = _prediction(primary), _prediction(bytes(up.body))
-            agree = answers_agree(mine, theirs) if mine is not None and theirs is not None else None
-            self.table.record_shadow(model, version, True, agree)
+                pass
+            finally:  # once per mirror, cancelled or not: the policy counts mirrors in flight
+                self.policy.shadow_done(model, version, result, _prediction(primary) if primary else None, answer)
 
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)

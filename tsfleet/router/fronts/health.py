@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs
 
 from grpc_health.v1 import health_pb2
@@ -32,9 +32,9 @@ from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, NOT_FOUN
 from tsfleet.router.wire.upstream import UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
-    from tsfleet.router.fronts.grpc_front import GrpcRouter
-    from tsfleet.router.wire.grpc_upstream import UpstreamPool as GrpcPool
+    from tsfleet.router.policy.routing import RoutingTable
     from tsfleet.router.readiness import ModelReadiness
+    from tsfleet.router.wire.grpc_upstream import UpstreamPool as GrpcPool
 
 LIVE, READY = "/livez", "/readyz"
 CHECK, WATCH = b"/grpc.health.v1.Health/Check", b"/grpc.health.v1.Health/Watch"
@@ -44,6 +44,15 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 PROBE_TIMEOUT_S = 2.0  # a kubelet's probe waits 1 s by default; a slower answer is no answer
 WATCH_PERIOD_S = 1.0  # how often a Watch looks again
+
+
+class GrpcRouter(Protocol):
+    """What the gRPC health service reads of its front (grpc_front.GrpcRouter)."""
+
+    table: RoutingTable
+    pool: GrpcPool
+    readiness: ModelReadiness | None
+    stopping: bool
 
 
 def _json(doc: dict[str, object]) -> bytes:

@@ -10,27 +10,43 @@ import functools
 import json
 import logging
 import ssl
-import time
 from typing import Any, Awaitable, Callable, Coroutine
 from urllib.parse import quote, unquote, urlsplit
 
 from tsfleet.router.fronts import health
-from tsfleet.router.policy.compare import answers_agree
 from tsfleet.router.wire.http1 import ROUTER_ERROR, Listener, Reply, Request, Response
+from tsfleet.router.wire.limits import LimitCounters, RouterLimits
 from tsfleet.router.keys import REFUSED_BYTES, InferenceKeys
 from tsfleet.router.readiness import ModelReadiness
-from tsfleet.router.policy.routing import Choice, RoutingTable
+from tsfleet.router.policy.attempts import (CLIENT_FAULT, DROPPED, KEY_REFUSED, NOT_FOUND, OK, RENEW, RETRY, SERVER_FAULT,
+                                            Routed, RoutingPolicy)
+from tsfleet.router.policy.routing import RoutingTable
 from tsfleet.router.wire.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 # TorchServe's words for a request that a dying or retiring worker dropped: safe to retry,
 # since inference has no side effects.
-DROPPED = (b"Worker died", b"Worker scaled down", b"has no worker to serve inference request")
+DROPPED_MARKS = (b"Worker died", b"Worker scaled down", b"has no worker to serve inference request")
 JSON = [b"Content-Type: application/json"]
 
 
 def _retryable(status: int, body: bytes) -> bool:
-    return status in (500, 503, 507) and any(marker in body for marker in DROPPED)
+    return status in (500, 503, 507) and any(marker in body for marker in DROPPED_MARKS)
+
+
+def _outcome(resp: Response | None, own_key: bool) -> int:
+    """What TorchServe's answer says of the arm (policy/attempts.py); ``own_key``: the router
+    swapped its own key in for the client's, so a refusal of it is the router's to renew."""
+    if resp is None:
+        return DROPPED
+    status = resp.status
+    if status < 400:
+        return OK
+    if status == 404:
+        return NOT_FOUND
+    if status < 500:
+        return KEY_REFUSED if own_key and status == 400 and REFUSED_BYTES in resp.body else CLIENT_FAULT
+    return DROPPED if _retryable(status, resp.body) else SERVER_FAULT
 
 
 @functools.lru_cache(maxsize=4096)
@@ -56,16 +72,20 @@ class RestRouter:
 
     def __init__(self, table: RoutingTable, upstream: str, sticky_header: str = "X-User-Id",
                  timeout_s: float = 130, min_attempt_s: float = 2.0, latency_factor: float = 10.0,
-                 max_body: int = 16 * 2**20, metrics: Callable[[], Awaitable[str]] | None = None,
-                 keys: InferenceKeys | None = None, readiness: ModelReadiness | None = None):
+                 max_body: int | None = None, metrics: Callable[[], Awaitable[str]] | None = None,
+                 keys: InferenceKeys | None = None, readiness: ModelReadiness | None = None,
+                 limits: RouterLimits | None = None, counters: LimitCounters | None = None):
         self.table, self.upstream, self.keys, self.readiness = table, upstream.rstrip("/"), keys, readiness
         self.sticky = sticky_header.lower().encode()
-        self.timeout_s, self.min_attempt_s, self.latency_factor = timeout_s, min_attempt_s, latency_factor
+        self.timeout_s = timeout_s
+        # The policy both fronts follow (retry, key renewal, recording, shadows).
+        self.policy = RoutingPolicy(table, timeout_s, min_attempt_s, latency_factor)
         url = urlsplit(self.upstream)
         secure = url.scheme == "https"  # TorchServe configured with its own certificate
         self.pool = UpstreamPool(url.hostname or "127.0.0.1", url.port or (443 if secure else 80),
                                  ssl=ssl.create_default_context() if secure else None)
-        self.listener = Listener(self.handle, max_body, fast=self.route)
+        # router.limits (limits.py; ``max_body``, when given, in place of its body_bytes).
+        self.listener = Listener(self.handle, max_body, fast=self.route, limits=limits, counters=counters)
         # A front of a router of several processes asks the leader, which counts for all.
         self.metrics = metrics
         self._background: set[asyncio.Task] = set()
@@ -116,10 +136,6 @@ class RestRouter:
             request.auth = sent
             request.forward = _with_authorization(request.forward, sent)
 
-    @staticmethod
-    def _refused(request: Request, resp: Response) -> bool:
-        return request.auth is not None and resp.status == 400 and REFUSED_BYTES in resp.body
-
     async def _renew_key(self, request: Request) -> bool:
         """After TorchServe refused the key swapped in: swap in a fresher one, if there is one
         (once: a second refusal is the client's answer)."""
@@ -129,10 +145,6 @@ class RestRouter:
             return False
         request.forward = _with_authorization(request.forward, fresh)
         return True
-
-    def attempt_timeout(self, model: str | None, version: str | None) -> float:
-        """How long the first attempt may take before it is presumed lost (see RoutingTable)."""
-        return self.table.attempt_timeout(model, version, self.timeout_s, self.min_attempt_s, self.latency_factor)
 
     async def _call(self, request: Request) -> tuple[int, bytes, list[bytes]]:
         """A call that names no model (/ping, workflows...), retried once like an inference call."""
@@ -146,9 +158,9 @@ class RestRouter:
                     retried = True
                     continue
                 return self._unreachable(exc)
-            if self._refused(request, resp) and await self._renew_key(request):
+            if _outcome(resp, request.auth is not None) == KEY_REFUSED and await self._renew_key(request):
                 continue
-            if not retried and _retryable(resp.status, resp.body):
+            if not retried and _outcome(resp, False) == DROPPED:
                 retried = True
                 continue
             return resp.status, resp.body, resp.headers
@@ -159,84 +171,62 @@ class RestRouter:
         return 503, _body(503, "ServiceUnavailable", f"TorchServe is not reachable at {self.upstream}: {exc}"), JSON
 
     def predict(self, request: Request, model: str, explicit: str | None, query: str, reply: Reply) -> None:
-        """Route one inference call; its first attempt is all callbacks (upstream.py says why),
-        a retry is a task: it is rare."""
+        """Route one inference call; it is all callbacks (upstream.py says why), but for a key
+        renewal, which waits for the key file in a task: it is rare."""
         sticky = request.headers.get(self.sticky)
-        choice = self.table.choose(model, explicit, sticky.decode("latin-1") if sticky is not None else None)
-        self._first(request, reply, model, choice, query, time.perf_counter())
+        self._attempt(request, reply, self.policy.begin(model, explicit, sticky.decode("latin-1") if sticky else None),
+                      query)
 
-    def _first(self, request: Request, reply: Reply, model: str, choice: Choice, query: str, started: float) -> None:
-        path_for = "/predictions/" + _quoted(model)
-        target = self.table.upstream(model, choice.version)
-
-        def first_done(resp: Response | None, exc: BaseException | None) -> None:
+    def _attempt(self, request: Request, reply: Reply, call: Routed, query: str) -> None:
+        def done(resp: Response | None, exc: BaseException | None) -> None:
             try:
-                if resp is not None and self._refused(request, resp):
-                    self._spawn(self._renew_then(request, reply, model, choice, query, started, resp))
-                    return
-                if resp is not None and not _retryable(resp.status, resp.body):
-                    self._answered(request, reply, model, choice, choice.version, resp.status, resp.body,
-                                   resp.headers, started, False)
-                    return
-                # The client will not see this failure, but the arm's record must.
-                self.table.record(model, choice.version, False, time.perf_counter() - started)
-                second = self.table.alternate(model, choice.version) if not choice.explicit else choice.version
-                self._spawn(self._retry(request, reply, model, choice, second, path_for, query, started))
+                self._attempted(request, reply, call, query, resp, exc)
             except Exception:  # noqa: BLE001 - the client must get an answer whatever went wrong
                 log.exception("router: unhandled error for %s %s", request.method, request.target)
                 reply(request, ROUTER_ERROR)
 
-        self.pool.start(request.method, _path(path_for, target, query), request.forward, request.body,
-                        self.attempt_timeout(model, choice.version), first_done)
+        path = _path("/predictions/" + _quoted(call.model), self.policy.upstream(call), query)
+        self.pool.start(request.method, path, request.forward, request.body, self.policy.attempt_timeout(call), done)
 
-    async def _renew_then(self, request: Request, reply: Reply, model: str, choice: Choice, query: str,
-                          started: float, refusal: Response) -> None:
+    def _attempted(self, request: Request, reply: Reply, call: Routed, query: str, resp: Response | None,
+                   exc: BaseException | None) -> None:
+        outcome = _outcome(resp, request.auth is not None)
+        step = self.policy.after(call, outcome)
+        if step == RETRY:
+            self._attempt(request, reply, call, query)
+            return
+        if step == RENEW:
+            self._spawn(self._renew_then(request, reply, call, query, resp))
+            return
+        self._answer(request, reply, call, outcome, resp, exc)
+
+    async def _renew_then(self, request: Request, reply: Reply, call: Routed, query: str, refusal: Response | None) -> None:
         try:
             if await self._renew_key(request):
-                self._first(request, reply, model, choice, query, started)
+                self._attempt(request, reply, call, query)
             else:
-                self._answered(request, reply, model, choice, choice.version, refusal.status, refusal.body,
-                               refusal.headers, started, False)
+                self._answer(request, reply, call, KEY_REFUSED, refusal, None)
         except Exception:  # noqa: BLE001 - the client must get an answer whatever went wrong
             log.exception("router: unhandled error for %s %s", request.method, request.target)
             reply(request, ROUTER_ERROR)
 
-    async def _retry(self, request: Request, reply: Reply, model: str, choice: Choice, version: str | None,
-                     path_for: str, query: str, started: float) -> None:
-        try:
-            target = self.table.upstream(model, version)
-            try:
-                resp = await self.pool.request(request.method, _path(path_for, target, query), request.forward,
-                                               request.body, self.timeout_s)
-                status, data, headers = resp.status, resp.body, resp.headers
-            except (UpstreamError, asyncio.TimeoutError) as exc:
-                status, data, headers = self._unreachable(exc)
-            self._answered(request, reply, model, choice, version, status, data, headers, started, True)
-        except Exception:  # noqa: BLE001 - the client must get an answer whatever went wrong
-            log.exception("router: unhandled error for %s %s", request.method, request.target)
-            reply(request, ROUTER_ERROR)
-
-    def _answered(self, request: Request, reply: Reply, model: str, choice: Choice, version: str | None,
-                  status: int, data: bytes, headers: list[bytes], started: float, retried: bool) -> None:
-        # TorchServe's 404 is no such model or version: not an arm. Counting it would give
-        # /metrics a new series for every name a client makes up.
-        event = self.table.record(model, version, status < 500, time.perf_counter() - started,
-                                  retried) if status != 404 else None
-        if event:
-            log.warning("rolled back %s %s: %s", model, event["version"], event["reason"])
-        if choice.shadow and status < 500:
-            self._mirror(request, model, choice.shadow, data)
-        if version:
-            headers = [*headers, b"X-Model-Version: " + version.encode()]
+    def _answer(self, request: Request, reply: Reply, call: Routed, outcome: int, resp: Response | None,
+                exc: BaseException | None) -> None:
+        if resp is not None:
+            status, data, headers = resp.status, resp.body, resp.headers
+        else:
+            status, data, headers = self._unreachable(exc or UpstreamError("no answer"))
+        shadow = self.policy.answered(call, outcome)
+        if shadow is not None:
+            self._mirror(request, call.model, shadow, data if outcome == OK else None)
+        if call.version:
+            headers = [*headers, b"X-Model-Version: " + call.version.encode()]
         reply(request, Response(status, data, headers))
 
-    def _mirror(self, request: Request, model: str, version: str, primary: bytes) -> None:
+    def _mirror(self, request: Request, model: str, version: str, primary: bytes | None) -> None:
         def done(resp: Response | None, exc: BaseException | None) -> None:
-            if resp is None:
-                self.table.record_shadow(model, version, False, None)
-                return
-            ok = resp.status < 500
-            self.table.record_shadow(model, version, ok, answers_agree(primary, resp.body) if ok and resp.status < 400 else None)
+            outcome = _outcome(resp, False)
+            self.policy.shadow_done(model, version, outcome, primary, resp.body if resp is not None and outcome == OK else None)
 
         self.pool.start(request.method, _path("/predictions/" + _quoted(model), version, ""), request.forward,
                         request.body, self.timeout_s, done)

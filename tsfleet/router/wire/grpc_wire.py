@@ -1,6 +1,6 @@
 """gRPC over the router's HTTP/2: the client-facing connection, gRPC's message framing and
-status trailers, and answers passed on to clients (grpc_upstream.py: the connection to
-TorchServe).
+status trailers (grpc_answers.py: answers passed on to clients; grpc_upstream.py: the
+connection to TorchServe).
 
 A call is a stream: HEADERS (``:path`` names the method), DATA carrying length-prefixed
 messages, and the answer's HEADERS, DATA and trailers (``grpc-status``, ``grpc-message``).
@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import gzip
 import zlib
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from tsfleet.router.wire.h2frames import ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM, ProtocolError
-from tsfleet.router.wire.hpack_codec import Header
+from tsfleet.router.wire import hpack_codec
+from tsfleet.router.wire.h2frames import (ENHANCE_YOUR_CALM, NO_ERROR, PING, PROTOCOL_ERROR, REFUSED_STREAM, RST_STREAM,
+                                          SETTINGS, Floods, ProtocolError)
+from tsfleet.router.wire.hpack_codec import Header, TooLarge
 from tsfleet.router.wire.http2 import Http2Connection
+from tsfleet.router.wire.limits import DEFAULT_LIMITS, LimitCounters, RouterLimits, size
 
-if TYPE_CHECKING:
-    from tsfleet.router.wire.grpc_upstream import UpstreamCall, UpstreamConnection
-
-OK, UNKNOWN, INVALID_ARGUMENT, NOT_FOUND = 0, 2, 3, 5
+OK, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND = 0, 2, 3, 4, 5
 RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
 M = TypeVar("M", bound=Message)
 # TorchServe's exception names for a model or version it does not have, which it answers INTERNAL.
@@ -91,6 +91,17 @@ class UpstreamGone(ConnectionError):
     """No whole answer came back: refused, reset, connection lost or cancelled."""
 
 
+def _declared(parts: list[bytes | memoryview]) -> int:
+    """The length a request's first message prefix declares (its first 5 bytes are in ``parts``)."""
+    return int.from_bytes(b"".join(bytes(part[:5]) for part in parts[:5])[1:5], "big")
+
+
+class UpstreamSide(Protocol):
+    """Where a client's call went upstream (grpc_upstream.UpstreamConnection), to reset it."""
+
+    def fail(self, stream: int, error: UpstreamGone, reset: bool = False) -> None: ...
+
+
 # ------------------------------------------------------------------ client side
 class Dispatcher(Protocol):
     """What a client connection hands its calls to (the router)."""
@@ -105,7 +116,7 @@ class Dispatcher(Protocol):
 class ServerCall:
     """One call from a client: its headers, its request bytes so far, whether it was cancelled."""
 
-    __slots__ = ("id", "headers", "path", "parts", "size", "cancelled", "queue", "upstream")
+    __slots__ = ("id", "headers", "path", "parts", "size", "cancelled", "queue", "upstream", "since")
 
     def __init__(self, stream: int, headers: list[Header]):
         self.id, self.headers = stream, headers
@@ -116,7 +127,8 @@ class ServerCall:
         self.size = 0
         self.cancelled = False
         self.queue: asyncio.Queue | None = None  # set by a dispatcher that wants DATA as it comes
-        self.upstream: tuple[UpstreamConnection, int] | None = None  # to reset it if the client goes
+        self.upstream: tuple[UpstreamSide, int] | None = None  # to reset it if the client goes
+        self.since: float | None = None  # when its HEADERS came, while a request read whole is not yet whole
 
     @property
     def body(self) -> bytes:
@@ -134,28 +146,112 @@ class ServerCall:
             self.queue.put_nowait(None)
 
 
+_UNCOUNTED = LimitCounters()  # where a connection made without a router's counters counts
+_FLOODS = {RST_STREAM: "resets_per_second", PING: "pings_per_second", SETTINGS: "settings_per_second"}
+
+
 class ServerConnection(Http2Connection):
-    """A client's connection: each new stream is a call handed to the dispatcher."""
+    """A client's connection: each new stream is a call handed to the dispatcher.
+
+    Its limits are ``limits``'s (router.limits, limits.py), read once here; without them the
+    class attributes below, their defaults (tests make these small). Each limit that fires
+    is counted in ``counters``."""
 
     # A request read whole (all but sequences) may be this big: TorchServe enforces its own
     # max_request_size below it, so the router must not undercut it.
-    max_request = 64 * 2**20
+    max_request = DEFAULT_LIMITS.message_bytes
     # What all of one connection's calls may hold of their requests at once: the windows
     # alone let a client send 64 MiB, credited back as read (12 streams x 16 MiB held 192 MiB).
-    max_buffered = 2 * max_request
+    max_buffered = DEFAULT_LIMITS.buffered_bytes
+    max_held = DEFAULT_LIMITS.held_bytes  # of an answer, waiting for the client to read it (Relay)
+    max_connections = DEFAULT_LIMITS.connections
+    head_timeout, body_timeout = DEFAULT_LIMITS.head_timeout_s, DEFAULT_LIMITS.body_timeout_s
 
-    def __init__(self, dispatcher: Dispatcher, connections: set["ServerConnection"]):
+    def __init__(self, dispatcher: Dispatcher, connections: set["ServerConnection"],
+                 limits: RouterLimits | None = None, counters: LimitCounters = _UNCOUNTED):
         super().__init__()
-        self.dispatcher, self.connections = dispatcher, connections
+        if limits is not None:
+            self.header_list_in, self.streams_in = limits.header_list_bytes, limits.streams_per_connection
+            self.max_request, self.max_buffered, self.max_held = limits.message_bytes, limits.buffered_bytes, \
+                limits.held_bytes
+            self.max_connections = limits.connections
+            self.head_timeout, self.body_timeout = limits.head_timeout_s, limits.body_timeout_s
+            self.floods = Floods({RST_STREAM: limits.resets_per_second, PING: limits.pings_per_second,
+                                  SETTINGS: limits.settings_per_second})
+        # A header list past the limit is decoded to its end (HPACK's table stays the
+        # client's) and refuses its own stream, not the connection's others (on_headers).
+        self.decoder = hpack_codec.Decoder(max_list=self.header_list_in, whole=True)
+        self.dispatcher, self.connections, self.counters = dispatcher, connections, counters
         self.calls: dict[int, ServerCall] = {}
         self.last_stream = 0
         self.buffered = 0  # request bytes the calls in ``calls`` hold
+        self.opened = 0.0
+        self.head_since: tuple[object, float] | None = None  # (a header block not whole, when first seen)
+        self.deadlines: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if len(self.connections) >= self.max_connections:
+            # Past the cap, closed at accept with nothing said: grpcio reports UNAVAILABLE at
+            # once and reconnects with its backoff. (A preface and a GOAWAY made it reconnect
+            # at once, dozens of times a second, while its call waited for its deadline.)
+            self.closed = True
+            self.counters.connections += 1
+            transport.close()
+            return
         super().connection_made(transport)
         self.connections.add(self)
+        self.opened = self.loop.time()
+        self.deadlines = self.loop.call_later(self._period(), self._check_deadlines)
+
+    def _period(self) -> float:
+        return min(10.0, self.head_timeout / 4, self.body_timeout / 4)
+
+    def _check_deadlines(self) -> None:
+        """A connection whose preface, or a header block of which, is not whole within the head
+        deadline is closed (its stream cannot be refused alone: HPACK's state is mid-block);
+        a call read whole that is not whole within the body deadline of its HEADERS gets
+        DEADLINE_EXCEEDED. Looked at every quarter deadline (at most 10 s), as http1's are."""
+        if self.closed:
+            return
+        now = self.loop.time()
+        block = self.continuing
+        if block is None:
+            self.head_since = None
+        elif self.head_since is None or self.head_since[0] is not block:
+            self.head_since = (block, now)
+        if (self.preface_pending and now - self.opened > self.head_timeout) or \
+                (self.head_since is not None and now - self.head_since[1] > self.head_timeout):
+            self.counters.head_timeout_s += 1
+            self.close(ENHANCE_YOUR_CALM, f"no whole request head within {self.head_timeout:g} s",
+                       last_stream=self.last_stream)
+            return
+        late = [call for call in self.calls.values() if call.since is not None and now - call.since > self.body_timeout]
+        for call in late:
+            self._drop(call.id)
+            self.counters.body_timeout_s += 1
+            self.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
+                DEADLINE_EXCEEDED, f"the request was not received whole within {self.body_timeout:g} s"))
+            self.reset(call.id, NO_ERROR)  # read no more of it
+            call.cancel()
+        self.deadlines = self.loop.call_later(self._period(), self._check_deadlines)
+
+    def close(self, code: int = NO_ERROR, message: str = "", last_stream: int = 0) -> None:
+        if code == ENHANCE_YOUR_CALM and not self.closed:  # a limit http2.py enforces: counted here
+            if self.floods.tripped is not None:
+                self.counters.hit(_FLOODS[self.floods.tripped])
+            elif message.startswith("header block over"):
+                self.counters.header_list_bytes += 1
+            # The GOAWAY names every stream the client opened, the one past the limit too: with
+            # 0, grpcio read it as "none was seen" and sent the same call again on a new
+            # connection (a second GOAWAY; RFC 9113 6.8 lets the sender name streams it "might
+            # have" acted on).
+            last_stream = max(last_stream, self.last_stream, getattr(self, "peer_high", 0))
+        super().close(code, message, last_stream)
 
     def on_headers(self, stream: int, headers: list[Header], end: bool) -> None:
+        if headers.__class__ is TooLarge:
+            self._too_large(stream, end)
+            return
         call = self.calls.get(stream)
         if call is None:
             if stream % 2 == 0 or stream <= self.last_stream:
@@ -165,12 +261,35 @@ class ServerConnection(Http2Connection):
             # Past the MAX_CONCURRENT_STREAMS it advertised, a stream is refused (RFC 9113
             # 5.1.2): 3,000 were held once.
             if self.dispatcher.stopping or len(self.calls) >= self.streams_in:
+                if not self.dispatcher.stopping:
+                    self.counters.streams_per_connection += 1
                 self.reset(stream, REFUSED_STREAM)
                 return
             call = self.calls[stream] = ServerCall(stream, headers)
             self.dispatcher.opened(self, call)
+            if not end and call.queue is None:  # read whole: its body deadline runs
+                call.since = self.loop.time()
         if end:
             self._end(call)
+
+    def _too_large(self, stream: int, end: bool) -> None:
+        """A header list past the limit, decoded whole: its stream alone is refused with
+        RESOURCE_EXHAUSTED (RFC 9113 10.5.1; a GOAWAY here failed every call on the
+        connection, and grpcio reported UNAVAILABLE)."""
+        self.counters.header_list_bytes += 1
+        call = self._drop(stream)
+        if call is not None:  # trailers past the limit, on a call under way
+            call.cancel()
+            self.reset(stream, ENHANCE_YOUR_CALM)  # gRPC reads it as RESOURCE_EXHAUSTED
+            return
+        if stream % 2 == 0 or stream <= self.last_stream:
+            raise ProtocolError(PROTOCOL_ERROR, f"stream {stream} cannot be opened by a client")
+        self.last_stream = stream
+        self.open_stream(stream)
+        self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
+            RESOURCE_EXHAUSTED, f"metadata over the router's {self.header_list_in}-byte header list limit"))
+        if not end:
+            self.reset(stream, NO_ERROR)  # read no more of it
 
     def on_data(self, stream: int, data: bytes | memoryview, end: bool) -> None:
         call = self.calls.get(stream)
@@ -182,10 +301,14 @@ class ServerConnection(Http2Connection):
             call.parts.append(data)
             call.size += len(data)
             self.buffered += len(data)
-            if call.size > self.max_request + 5 or self.buffered > self.max_buffered:  # 5: the message's prefix
+            # Over the limit, or (once, as its prefix arrives) declaring more: a 4 GB prefix is
+            # refused at once, not after max_request bytes of it were read.
+            over = call.size > self.max_request + 5 or (  # 5: the message's prefix
+                call.size - len(data) < 5 <= call.size and _declared(call.parts) > self.max_request)
+            if over or self.buffered > self.max_buffered:
                 self._drop(stream)
-                why = f"request larger than the router's {self.max_request >> 20} MiB" \
-                    if call.size > self.max_request + 5 else \
+                self.counters.hit("message_bytes" if over else "buffered_bytes")
+                why = f"request larger than the router's {size(self.max_request)}" if over else \
                     f"this connection's requests hold over {self.max_buffered >> 20} MiB of the router's memory"
                 self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(RESOURCE_EXHAUSTED, why))
                 self.reset(stream, NO_ERROR)  # read no more of it
@@ -197,6 +320,7 @@ class ServerConnection(Http2Connection):
         if call.queue is not None:
             call.queue.put_nowait(None)
         else:
+            call.since = None  # whole: no deadline of its reading left
             self.dispatcher.ended(self, call)
 
     def finish(self, call: ServerCall) -> None:
@@ -215,64 +339,10 @@ class ServerConnection(Http2Connection):
             call.cancel()
 
     def on_closed(self, reason: str) -> None:
+        if self.deadlines is not None:
+            self.deadlines.cancel()
         self.connections.discard(self)
         for call in list(self.calls.values()):
             call.cancel()
         self.calls.clear()
         self.buffered = 0
-
-
-# ------------------------------------------------------------------ answers
-def answer_headers(up: UpstreamCall, extra: list[Header]) -> tuple[list[Header], list[Header]]:
-    """(headers, trailers) for the client; a trailers-only answer is split in two so the
-    version still comes back as initial metadata."""
-    assert up.headers is not None
-    if up.trailers is up.headers:
-        return [STATUS_OK, GRPC_TYPE] + extra, _whose_fault([h for h in up.trailers if h[0][0] != 58 and h[0] != b"content-type"])
-    return [h for h in up.headers if h[0] == b":status" or h[0][0] != 58] + extra, \
-        _whose_fault([h for h in up.trailers if h[0][0] != 58])
-
-
-def _whose_fault(trailers: list[Header]) -> list[Header]:
-    """TorchServe's INTERNAL for a model or version it does not have is the client's
-    NOT_FOUND: a client must not read it as a server fault (nor retry it)."""
-    if header(trailers, b"grpc-status") != b"13":  # every answer passes here: the common case first
-        return trailers
-    message = header(trailers, b"grpc-message") or b""
-    if any(mark.encode() in message for mark in NOT_FOUND_MARKS):
-        return [(name, b"5" if name == b"grpc-status" else value) for name, value in trailers]
-    return trailers
-
-
-class Relay:
-    """Passes an upstream answer on to the client as it comes (streams)."""
-
-    max_held = 64 * 2**20  # of an answer, waiting for the client to read it
-
-    def __init__(self, conn: ServerConnection, call: ServerCall, extra: list[Header]):
-        self.conn, self.call, self.stream, self.extra, self.started = conn, call, call.id, extra, False
-
-    def on_headers(self, headers: list[Header], end: bool) -> None:
-        if self.started:
-            self.conn.send(self.stream, trailers=_whose_fault([h for h in headers if h[0][0] != 58]))
-            return
-        self.started = True
-        if end:
-            self.conn.send(self.stream, [STATUS_OK, GRPC_TYPE] + self.extra,
-                           trailers=_whose_fault([h for h in headers if h[0][0] != 58 and h[0] != b"content-type"]))
-        else:
-            self.conn.send(self.stream, [h for h in headers if h[0] == b":status" or h[0][0] != 58] + self.extra)
-
-    def on_data(self, data: bytes | memoryview, end: bool) -> None:
-        self.started = True
-        self.conn.send(self.stream, data=data, end=end)
-        if self.conn.held(self.stream) > self.max_held:
-            # A client that stops reading a stream: drop it rather than hold it without end
-            # (gRPC reads ENHANCE_YOUR_CALM as RESOURCE_EXHAUSTED).
-            self.conn.reset(self.stream, ENHANCE_YOUR_CALM)
-            self.call.cancel()
-
-    def fail(self, code: int, message: str) -> None:
-        head = None if self.started else [STATUS_OK, GRPC_TYPE] + self.extra
-        self.started = True
-        self.conn.send(self.stream, head, trailers=status_trailers(code, message))

@@ -10,6 +10,7 @@ END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
+STREAM_CLOSED = 0x5
 S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
 S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
 DEFAULT_WINDOW, DEFAULT_FRAME = 65535, 16384
@@ -69,6 +70,8 @@ def check_frame(ftype: int, flags: int, stream: int, payload: bytes | memoryview
     if ftype >= len(_NAMES):
         return
     name, n = _NAMES[ftype], len(payload)
+    if ftype == PUSH_PROMISE:  # a client cannot push (8.4), and the router's SETTINGS say ENABLE_PUSH 0 (6.6)
+        raise ProtocolError(PROTOCOL_ERROR, f"PUSH_PROMISE on stream {stream}: pushes are not taken")
     if stream and ftype in _CONNECTION_ONLY:
         raise ProtocolError(PROTOCOL_ERROR, f"{name} on stream {stream}")
     if not stream and ftype in _STREAM_ONLY:
@@ -92,6 +95,36 @@ def _check_padding(ftype: int, flags: int, payload: bytes | memoryview) -> None:
         raise ProtocolError(FRAME_SIZE_ERROR, f"HEADERS with PRIORITY in {n} bytes")
 
 
+def check_stream(conn, ftype: int, flags: int, stream: int) -> None:
+    """RFC 9113 5.1's rules for a frame on a stream in the state it is in, for ``conn`` (an
+    http2.Http2Connection): called for HEADERS, RST_STREAM, WINDOW_UPDATE on a stream not
+    open, and DATA on a stream not open to DATA (not for DATA on an open one: the hot path).
+
+    idle (not opened yet): only HEADERS may come, and only on the peer's own ids (5.1.1);
+    half-closed (remote), a stream of the peer's it ended: only RST_STREAM and WINDOW_UPDATE
+    (STREAM_CLOSED, a connection error as 5.4.1 allows: a dispatcher would see a call end
+    twice); open: a second HEADERS must end the stream (trailers, 8.1). Closed streams take
+    anything, ignored (5.1: frames the peer sent before it saw the stream end). A new stream
+    of the peer's is recorded here (``conn.peer_high``)."""
+    if conn.continuing is not None:  # DATA in a header block (other frames: http2.py's own check)
+        raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
+    if not stream:  # DATA on stream 0, before its flow control (6.1)
+        raise ProtocolError(PROTOCOL_ERROR, f"{_NAMES[ftype]} on stream 0")
+    peers = stream & 1 != conn.client_side  # opened by the peer: odd ones, for a server
+    if stream not in conn.windows and stream > (conn.peer_high if peers else conn.own_high):
+        if ftype != HEADERS or not peers:
+            raise ProtocolError(PROTOCOL_ERROR, f"{_NAMES[ftype]} on idle stream {stream}")
+        conn.peer_high = stream
+        return
+    if not peers or ftype == RST_STREAM or ftype == WINDOW_UPDATE:
+        return
+    if stream in conn.stream_unacked:  # open: HEADERS now are trailers
+        if ftype == HEADERS and not flags & END_STREAM:
+            raise ProtocolError(PROTOCOL_ERROR, f"HEADERS without END_STREAM on open stream {stream}")
+    elif stream in conn.windows:  # half-closed (remote)
+        raise ProtocolError(STREAM_CLOSED, f"{_NAMES[ftype]} on stream {stream} after its END_STREAM")
+
+
 def check_setting(key: int, value: int) -> None:
     """RFC 9113 6.5.2's range for each setting the router reads."""
     if key == S_ENABLE_PUSH and value > 1:
@@ -110,16 +143,19 @@ FLOOD_BUDGET = {RST_STREAM: 500, PING: 1000, SETTINGS: 100}
 
 
 class Floods:
-    """Counts one connection's control frames per type over one-second windows."""
+    """Counts one connection's control frames per type over one-second windows, against
+    ``budget`` (FLOOD_BUDGET's types; a client-facing connection's come from router.limits);
+    ``tripped``: the type that went over, once one has."""
 
-    __slots__ = ("since", "spent")
+    __slots__ = ("since", "spent", "budget", "tripped")
 
-    def __init__(self) -> None:
-        self.since, self.spent = 0.0, dict.fromkeys(FLOOD_BUDGET, 0)
+    def __init__(self, budget: dict[int, int] = FLOOD_BUDGET) -> None:
+        self.since, self.spent, self.budget, self.tripped = 0.0, dict.fromkeys(budget, 0), budget, None
 
     def spend(self, ftype: int, now: float) -> None:
         if now - self.since >= 1.0:
-            self.since, self.spent = now, dict.fromkeys(FLOOD_BUDGET, 0)
+            self.since, self.spent = now, dict.fromkeys(self.budget, 0)
         self.spent[ftype] += 1
-        if self.spent[ftype] > FLOOD_BUDGET[ftype]:
-            raise ProtocolError(ENHANCE_YOUR_CALM, f"more than {FLOOD_BUDGET[ftype]} {_NAMES[ftype]} frames a second")
+        if self.spent[ftype] > self.budget[ftype]:
+            self.tripped = ftype
+            raise ProtocolError(ENHANCE_YOUR_CALM, f"more than {self.budget[ftype]} {_NAMES[ftype]} frames a second")

@@ -27,6 +27,16 @@ class HeaderListTooLarge(HpackError):
     a 23 KiB block of indexed fields once decoded to 74.5 MiB."""
 
 
+class TooLarge(list):
+    """What a decoder made with ``whole=True`` returns for a header list past its limit: no
+    header of it (none past the limit was kept), the block decoded to its end all the same, so
+    the dynamic table is the peer's and the connection can go on; the stream is refused
+    (RFC 9113 10.5.1, a 431's kind of answer)."""
+
+
+TOO_LARGE = TooLarge()
+
+
 def _integer(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
     mask = (1 << prefix_bits) - 1
     value = data[pos] & mask
@@ -72,9 +82,12 @@ class Decoder:
 
     remembered = 256  # blocks, per connection
 
-    def __init__(self, max_size: int = 4096, max_list: int = 64 * 1024):
+    def __init__(self, max_size: int = 4096, max_list: int = 64 * 1024, whole: bool = False):
         self.max_size = self.limit = max_size
         self.max_list = max_list  # decoded size of one header list (RFC 9113 6.5.2), 32 bytes a field more
+        # Past max_list: False, HeaderListTooLarge (a connection error); True, the block is
+        # decoded to its end keeping no more fields, and TOO_LARGE returned (a stream error).
+        self.whole = whole
         self.table: deque[Header] = deque()
         self.size = 0
         self.generation = 0  # changes whenever the table does
@@ -83,6 +96,8 @@ class Decoder:
     def _entry(self, index: int) -> Header:
         if 0 < index <= len(STATIC):
             return STATIC[index - 1]
+        if index <= 0:  # RFC 7541 6.1; a deque would read index 0 as an entry from its end
+            raise HpackError("header index 0 is not a field")
         try:
             return self.table[index - len(STATIC) - 1]
         except IndexError:
@@ -105,6 +120,8 @@ class Decoder:
             return list(seen[1])
         generation = self.generation
         headers = self._decode(block)
+        if headers is TOO_LARGE:
+            return headers
         if self.generation == generation:  # the same bytes decode the same way until the table changes
             if len(self._seen) >= self.remembered:
                 self._seen.clear()
@@ -122,7 +139,8 @@ class Decoder:
                     header = self._entry(index)
                     budget -= len(header[0]) + len(header[1]) + ENTRY_OVERHEAD
                     if budget < 0:
-                        raise HeaderListTooLarge(f"header list over {self.max_list} bytes")
+                        headers = self._over(headers)
+                        continue
                     headers.append(header)
                     continue
                 if byte & 0xE0 == 0x20:  # dynamic table size update
@@ -142,13 +160,21 @@ class Decoder:
                 value, pos = _string(block, pos)
                 budget -= len(name) + len(value) + ENTRY_OVERHEAD
                 if budget < 0:
-                    raise HeaderListTooLarge(f"header list over {self.max_list} bytes")
-                headers.append((name, value))
+                    headers = self._over(headers)
+                else:
+                    headers.append((name, value))
                 if indexing:
                     self._add((name, value))
         except IndexError:
             raise HpackError("truncated header block") from None
         return headers
+
+    def _over(self, headers: list[Header]) -> list[Header]:
+        """The list is past max_list: raise, or (``whole``) go on with TOO_LARGE, which keeps
+        nothing (appending to it is never done: every later field is past the budget too)."""
+        if not self.whole:
+            raise HeaderListTooLarge(f"header list over {self.max_list} bytes")
+        return TOO_LARGE
 
 
 def _encode_integer(value: int, prefix_bits: int, first: int = 0) -> bytes:

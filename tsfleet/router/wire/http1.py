@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from typing import Awaitable, Callable
 
-from tsfleet.router.wire.http1_messages import (LARGE_BODY, MAX_HEAD, MAX_HEADERS, REASONS, Body, HttpError, Request,
-                                           Response, body_mode, encode_response, parse_head)
+from tsfleet.router.wire.http1_messages import (LARGE_BODY, REASONS, Body, HttpError, Request, Response, body_mode,
+                                           encode_response, parse_head)
+from tsfleet.router.wire.limits import DEFAULT_LIMITS, LimitCounters, RouterLimits
 
 log = logging.getLogger(__name__)
-MAX_CONNECTIONS = 4096  # per router process; each holds a socket and its buffers
+MAX_CONNECTIONS = DEFAULT_LIMITS.connections  # per router process; each holds a socket and its buffers
+_UNCOUNTED = LimitCounters()  # where a connection made without a Listener's counters counts
 __all__ = ["HttpError", "Listener", "Request", "Response", "ServerConnection", "ROUTER_ERROR", "Reply", "Fast", "Handler"]
 
 
@@ -32,12 +35,17 @@ ROUTER_ERROR = Response(500, b'{"code": 500, "type": "InternalServerError", "mes
 
 
 class ServerConnection(asyncio.Protocol):
-    """One client connection: requests are answered in order, one at a time (pipelining safe)."""
+    """One client connection: requests are answered in order, one at a time (pipelining safe).
+    Its limits are ``limits``'s (``max_body`` and ``max_connections``, when given, in place of
+    theirs), read once here; each that fires is counted in ``counters``."""
 
-    def __init__(self, handler: Handler, max_body: int, registry: set[ServerConnection], fast: Fast | None = None,
-                 max_connections: int = MAX_CONNECTIONS):
-        self.handler, self.max_body, self.registry, self.fast = handler, max_body, registry, fast
-        self.max_connections = max_connections
+    def __init__(self, handler: Handler, max_body: int | None, registry: set[ServerConnection], fast: Fast | None = None,
+                 max_connections: int | None = None, limits: RouterLimits = DEFAULT_LIMITS,
+                 counters: LimitCounters = _UNCOUNTED):
+        self.handler, self.registry, self.fast, self.counters = handler, registry, fast, counters
+        self.max_body = limits.body_bytes if max_body is None else max_body
+        self.max_connections = limits.connections if max_connections is None else max_connections
+        self.max_head, self.max_headers, self.max_trailers = limits.head_bytes, limits.header_lines, limits.trailer_bytes
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.pending: tuple[bytes, str, dict, list, bool, Body] | None = None
@@ -53,6 +61,7 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if len(self.registry) >= self.max_connections:
             self.refused = True
+            self.counters.connections += 1
             body = b'{"code": 503, "type": "ServiceUnavailable", "message": "too many connections to this router process"}'
             transport.write(encode_response(Response(503, body, [b"Content-Type: application/json"]), False))  # type: ignore[attr-defined]
             transport.close()
@@ -85,7 +94,7 @@ class ServerConnection(asyncio.Protocol):
         if not self.busy:
             self.last_active = asyncio.get_running_loop().time()
             self._next()
-        elif len(self.buf) > MAX_HEAD and not self.paused and self.transport is not None:
+        elif len(self.buf) > self.max_head and not self.paused and self.transport is not None:
             # Requests pipelined behind the one being answered: 200 MiB of them were held once.
             self.paused = True
             self.transport.pause_reading()
@@ -102,6 +111,8 @@ class ServerConnection(asyncio.Protocol):
         try:
             request = self._parse()
         except HttpError as exc:
+            if exc.limit is not None:
+                self.counters.hit(exc.limit)
             self._fail(exc.status, str(exc))
             return
         if request is None:
@@ -125,21 +136,21 @@ class ServerConnection(asyncio.Protocol):
         if self.pending is None:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise HttpError(431, "request head too large")
+                if len(buf) > self.max_head:
+                    raise HttpError(431, "request head too large", "head_bytes")
                 return None
-            if end > MAX_HEAD:  # it all came at once: the limit holds all the same
-                raise HttpError(431, "request head too large")
+            if end > self.max_head:  # it all came at once: the limit holds all the same
+                raise HttpError(431, "request head too large", "head_bytes")
             head = bytes(buf[:end])
             del buf[:end + 4]
-            if head.count(b"\r\n") > MAX_HEADERS:
-                raise HttpError(431, f"more than {MAX_HEADERS} header lines")
+            if head.count(b"\r\n") > self.max_headers:
+                raise HttpError(431, f"more than {self.max_headers} header lines", "header_lines")
             first, headers, forward = parse_head(head.lstrip(b"\r\n"))
             if len(first) != 3 or first[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not first[0].isalpha():
                 raise HttpError(400, f"malformed request line {head[:60]!r}")
             connection = headers.get(b"connection", b"").lower()
             keep = b"close" not in connection if first[2] == b"HTTP/1.1" else b"keep-alive" in connection
-            body = Body(body_mode(headers), self.max_body)
+            body = Body(body_mode(headers), self.max_body, self.max_trailers)
             self.pending = (first[0], first[1].decode("latin-1"), headers, forward, keep, body)
             if headers.get(b"expect", b"").lower() == b"100-continue" and (body.length or body.length is None) \
                     and not buf and self.transport:
@@ -187,6 +198,7 @@ class ServerConnection(asyncio.Protocol):
             self._next()
 
     def _fail(self, status: int, message: str) -> None:
+        self.reading_since = None  # answered: no deadline of its request can fire again
         if self.transport is None:
             return
         kind = REASONS.get(status, b"Error").decode().title().replace(" ", "").replace("-", "")
@@ -198,23 +210,32 @@ class ServerConnection(asyncio.Protocol):
 class Listener:
     """A listening socket and its open connections, so stopping also ends keep-alive clients.
 
-    A connection that sits idle (no request under way) for ``idle_timeout`` s is closed,
-    so clients that vanish without closing do not pile up open sockets; a request not whole
-    ``read_timeout`` s after it began is answered 408 (one byte every second kept a
-    connection open forever under the idle timer); past ``max_connections`` a new one is
-    answered 503 and closed.
+    ``limits`` (limits.py; the keyword arguments, when given, in place of some: tests) hold:
+    a connection that sits idle (no request under way) for ``idle_timeout_s`` is closed,
+    so clients that vanish without closing do not pile up open sockets; a request whose head
+    is not whole ``head_timeout_s`` after its first byte, or that is not whole
+    ``body_timeout_s`` after it, is answered 408 (one byte every second kept a connection
+    open forever under the idle timer); past ``connections`` a new one is answered 503 and
+    closed. Each limit that fires is counted in ``counters``.
     """
 
-    def __init__(self, handler: Handler, max_body: int, idle_timeout: float = 75.0, fast: Fast | None = None,
-                 read_timeout: float = 60.0, max_connections: int = MAX_CONNECTIONS):
-        self.handler, self.max_body, self.idle_timeout, self.fast = handler, max_body, idle_timeout, fast
-        self.read_timeout, self.max_connections = read_timeout, max_connections
+    def __init__(self, handler: Handler, max_body: int | None = None, idle_timeout: float | None = None,
+                 fast: Fast | None = None, read_timeout: float | None = None, max_connections: int | None = None,
+                 limits: RouterLimits | None = None, counters: LimitCounters | None = None):
+        given = {"body_bytes": max_body, "idle_timeout_s": idle_timeout, "head_timeout_s": read_timeout,
+                 "body_timeout_s": read_timeout, "connections": max_connections}
+        self.limits = replace(limits or DEFAULT_LIMITS, **{k: v for k, v in given.items() if v is not None})
+        self.counters = counters if counters is not None else LimitCounters()
+        self.handler, self.fast = handler, fast
+        self.max_body, self.idle_timeout = self.limits.body_bytes, self.limits.idle_timeout_s
+        self.head_timeout, self.body_timeout = self.limits.head_timeout_s, self.limits.body_timeout_s
+        self.read_timeout, self.max_connections = self.body_timeout, self.limits.connections
         self.connections: set[ServerConnection] = set()
         self.server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     def _connection(self) -> ServerConnection:
-        return ServerConnection(self.handler, self.max_body, self.connections, self.fast, self.max_connections)
+        return ServerConnection(self.handler, None, self.connections, self.fast, None, self.limits, self.counters)
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen on host:port (0: any free port); returns the port. ``reuse_port``: share
@@ -233,9 +254,17 @@ class Listener:
             since = conn.idle_since()
             if since is not None and now - since > self.idle_timeout and conn.transport is not None:
                 conn.transport.close()
-            elif conn.reading_since is not None and now - conn.reading_since > self.read_timeout:
-                conn._fail(408, f"request not received whole within {self.read_timeout:g} s")
-        self._sweeper = loop.call_later(min(10.0, self.idle_timeout / 4, self.read_timeout / 4), self._sweep)
+                self.counters.idle_timeout_s += 1
+            elif conn.reading_since is not None and conn.transport is not None:
+                waited = now - conn.reading_since
+                if waited > self.head_timeout and conn.pending is None and conn.collecting is None:
+                    conn._fail(408, f"request head not received whole within {self.head_timeout:g} s")
+                    self.counters.head_timeout_s += 1
+                elif waited > self.body_timeout:
+                    conn._fail(408, f"request not received whole within {self.body_timeout:g} s")
+                    self.counters.body_timeout_s += 1
+        self._sweeper = loop.call_later(min(10.0, self.idle_timeout / 4, self.head_timeout / 4, self.body_timeout / 4),
+                                        self._sweep)
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking connections and close those between requests; answer the requests

@@ -8,9 +8,12 @@ import re
 from dataclasses import dataclass
 from http import HTTPStatus
 
-MAX_HEAD = 64 * 1024
-MAX_HEADERS = 100  # header lines in one request head (Netty, behind, allows any number)
-MAX_TRAILERS = 8 * 1024  # bytes of a chunked body's trailer section (read, never forwarded)
+from tsfleet.router.wire.limits import DEFAULT_LIMITS
+
+# The defaults of fleet.yaml's router.limits (limits.py), which a Listener's connections take.
+MAX_HEAD = DEFAULT_LIMITS.head_bytes
+MAX_HEADERS = DEFAULT_LIMITS.header_lines  # header lines in one request head (Netty, behind, allows any number)
+MAX_TRAILERS = DEFAULT_LIMITS.trailer_bytes  # bytes of a chunked body's trailer section (read, never forwarded)
 # A chunk size is hex digits and nothing else: int(x, 16) would also take "0x5", "+5", "-2".
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 # A body this large (an image) is kept as read while it comes, not appended to a buffer,
@@ -23,11 +26,12 @@ REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
 class HttpError(Exception):
-    """A request the server cannot read; answered with ``status`` and the connection closed."""
+    """A request the server cannot read; answered with ``status`` and the connection closed.
+    ``limit``: the router limit (limits.py) it is over, if that is why, for its counter."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, limit: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.limit = status, limit
 
 
 @dataclass(slots=True)
@@ -65,6 +69,8 @@ _BAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 # The same test, fast (this runs twice per proxied call; the search above costs ~10 us a head,
 # this ~1.6 us): no control byte but CR, LF and HTAB, and every CR and LF in a CRLF pair.
 _CONTROL = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_LINE_CONTROL = _CONTROL + b"\r\n"  # within one line (a chunk's), any CR or LF is a bare one
+_LISTS = frozenset({b"transfer-encoding", b"connection"})  # hop-by-hop lists that decide framing
 
 
 def parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes], list[bytes]]:
@@ -93,10 +99,38 @@ def parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes], list[bytes
         if key in HOP_BY_HOP:
             if key == b"content-length" and headers.get(key, value) != value:
                 raise HttpError(400, "conflicting Content-Length headers")
+            elif key in _LISTS:
+                # A tab is how "chunked" is hidden from one parser of two (TE.TE).
+                if 9 in line and key == b"transfer-encoding":
+                    raise HttpError(400, "a tab in Transfer-Encoding")
+                # Repeated lines are one list (RFC 9110 5.3), not the last line alone: "x" then
+                # "chunked" is a chunked body only to a parser that reads the last, and
+                # "Connection: close" then "Connection: x" closes all the same.
+                if key in headers:
+                    value = headers[key] + b", " + value
         else:
             forward.append(line)
         headers[key] = value
-    return lines[0].split(b" ", 2), headers, forward
+    first = lines[0].split(b" ", 2)
+    # Netty splits a request line on tabs as on spaces: "GET /a\tb HTTP/1.1" has another target
+    # there. (A status line's third part, its reason phrase, may hold tabs.) 9 is HTAB: an int
+    # is looked for with memchr, ten times faster here than b"\t".
+    if 9 in head and (9 in first[0] or len(first) > 1 and 9 in first[1]):
+        raise HttpError(400, "a tab in the request line")
+    return first, headers, forward
+
+
+def _check_trailers(section: bytes) -> None:
+    """A chunked body's trailer lines (``section``: each begins with its CRLF) are held to the
+    head's rules, though never forwarded: a bare LF in one would end the message early for a
+    parser that splits on it, and what follows would be its next request, unanswered here."""
+    bad = _BAD_BYTE.search(section)
+    if bad is not None:
+        raise HttpError(400, f"control character {bad.group()!r} in the chunked trailers")
+    bad = _BAD_LINE.search(section)
+    if bad is not None:
+        line = section[bad.end():].split(b"\r\n", 1)[0]
+        raise HttpError(400, f"malformed trailer line {line[:60]!r}")
 
 
 def body_mode(headers: dict[bytes, bytes]) -> int | None:
@@ -117,12 +151,12 @@ def body_mode(headers: dict[bytes, bytes]) -> int | None:
 class Body:
     """Reads one message body (length or chunked) out of a growing buffer."""
 
-    __slots__ = ("length", "parts", "size", "limit")
+    __slots__ = ("length", "parts", "size", "limit", "trailers")
 
-    def __init__(self, length: int | None, limit: int):
-        self.length, self.parts, self.size, self.limit = length, [], 0, limit
+    def __init__(self, length: int | None, limit: int, trailers: int = MAX_TRAILERS):
+        self.length, self.parts, self.size, self.limit, self.trailers = length, [], 0, limit, trailers
         if length is not None and length > limit:
-            raise HttpError(413, f"body of {length} bytes is over the {limit}-byte limit")
+            raise HttpError(413, f"body of {length} bytes is over the {limit}-byte limit", "body_bytes")
 
     def take(self, buf: bytearray) -> bytes | None:
         """The whole body once it is in ``buf`` (consumed from it) or collected, else None."""
@@ -146,17 +180,27 @@ class Body:
                 if len(buf) > 4096:
                     raise HttpError(400, "chunk size line too long")
                 return None
-            size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip(b" \t")
+            line = bytes(buf[pos:eol])
+            size_text = line.split(b";", 1)[0].strip(b" \t")
             if not _CHUNK_SIZE.fullmatch(size_text):
                 raise HttpError(400, f"bad chunk size {size_text[:20]!r}")
+            if 59 in line and len(line.translate(None, _LINE_CONTROL)) != len(line):
+                # A bare LF or CR in an extension (after ";", 59) ends the line early for a
+                # lenient parser in front: its chunk data would start at another byte than ours.
+                bad = next(byte for byte in line if byte in _LINE_CONTROL)
+                raise HttpError(400, f"control character {bytes([bad])!r} in a chunk line")
             size = int(size_text, 16)
+            if self.size + size > self.limit:  # before its bytes are buffered, not after
+                raise HttpError(413, f"body over the {self.limit}-byte limit", "body_bytes")
             if size == 0:
                 end = buf.find(b"\r\n\r\n", eol)  # trailers, if any, end with an empty line
-                if (end if end >= 0 else len(buf)) - eol > MAX_TRAILERS:
-                    raise HttpError(431, f"chunked trailers over {MAX_TRAILERS} bytes")
+                if (end if end >= 0 else len(buf)) - eol > self.trailers:
+                    raise HttpError(431, f"chunked trailers over {self.trailers} bytes", "trailer_bytes")
                 if end < 0:
                     del buf[:pos]
                     return None
+                if end > eol:
+                    _check_trailers(bytes(buf[eol:end]))
                 del buf[:end + 4]
                 return b"".join(self.parts)
             start, stop = eol + 2, eol + 2 + size
@@ -166,8 +210,6 @@ class Body:
             if buf[stop:stop + 2] != b"\r\n":
                 raise HttpError(400, "chunk not followed by CRLF")
             self.size += size
-            if self.size > self.limit:
-                raise HttpError(413, f"body over the {self.limit}-byte limit")
             self.parts.append(bytes(buf[start:stop]))
             pos = stop + 2
 

@@ -18,23 +18,23 @@ import struct
 from collections import deque
 
 from tsfleet.router.wire import hpack_codec
-from tsfleet.router.wire.h2frames import (ACK, CANCEL, COMPRESSION_ERROR, CONTINUATION, DATA, DEFAULT_FRAME,
-                                     DEFAULT_WINDOW, END_HEADERS, END_STREAM, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR,
-                                     FLOOD_BUDGET, GOAWAY, HEAD, HEADERS, MAX_WINDOW, Floods, check_frame,
-                                     check_setting,
-                                     LARGE, NO_ERROR, PADDED, PING, PREFACE, PRIORITY, PRIORITY_FLAG, PROTOCOL_ERROR,
-                                     PUSH_PROMISE, RECV_CONCURRENT_STREAMS, RECV_CONN_WINDOW, RECV_FRAME,
-                                     RECV_HEADER_LIST, RECV_STREAM_WINDOW, RST_STREAM, ENHANCE_YOUR_CALM,
-                                     S_MAX_HEADER_LIST_SIZE,
-                                     SETTINGS, S_ENABLE_PUSH, S_HEADER_TABLE_SIZE, S_INITIAL_WINDOW_SIZE,
-                                     S_MAX_CONCURRENT_STREAMS, S_MAX_FRAME_SIZE, WINDOW_UPDATE, Data, ProtocolError,
-                                     frame, settings_frame, streamed)
+from tsfleet.router.wire.h2frames import (ACK, COMPRESSION_ERROR, CONTINUATION, DATA, DEFAULT_FRAME, DEFAULT_WINDOW,
+                                          END_HEADERS, END_STREAM, ENHANCE_YOUR_CALM, FLOOD_BUDGET,
+                                          FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GOAWAY, HEAD, HEADERS, LARGE,
+                                          MAX_WINDOW, NO_ERROR, PADDED, PING, PREFACE, PRIORITY_FLAG,
+                                          PROTOCOL_ERROR, RECV_CONCURRENT_STREAMS, RECV_CONN_WINDOW,
+                                          RECV_FRAME, RECV_HEADER_LIST, RECV_STREAM_WINDOW, RST_STREAM, SETTINGS,
+                                          S_ENABLE_PUSH, S_HEADER_TABLE_SIZE, S_INITIAL_WINDOW_SIZE,
+                                          S_MAX_CONCURRENT_STREAMS, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE,
+                                          WINDOW_UPDATE, Floods, ProtocolError, check_frame, check_setting,
+                                          check_stream, frame, settings_frame, streamed)
+from tsfleet.router.wire.h2send import FlowControlledSender
 from tsfleet.router.wire.hpack_codec import Header, HeaderListTooLarge, HpackError
 
 log = logging.getLogger(__name__)
 
 
-class Http2Connection(asyncio.Protocol):
+class Http2Connection(FlowControlledSender, asyncio.Protocol):
     """Frame parsing, SETTINGS/PING/WINDOW_UPDATE handling and flow-controlled sending."""
 
     client_side = False
@@ -60,6 +60,7 @@ class Http2Connection(asyncio.Protocol):
         self.vectored = False  # whether what is queued holds a large payload, not worth joining
         self.closed = False
         self.floods = Floods()
+        self.peer_high = self.own_high = 0  # the highest stream the peer, and this end, opened (check_stream)
 
     # ---------------------------------------------------------------- wiring
     def _write(self, data: bytes) -> None:
@@ -143,11 +144,15 @@ class Http2Connection(asyncio.Protocol):
                 if length > self.frame_in:
                     raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 ftype = length_type & 0xFF
-                if ftype == DATA and (self.unacked + length > self.conn_window_in or self.stream_unacked.get(
-                        stream & 0x7FFFFFFF, 0) + length > self.stream_window_in):
-                    # RFC 9113 6.9.1: past what this end has given (it gives back half a window
-                    # at a time, as it reads), checked on the frame's header, before its bytes.
-                    raise ProtocolError(FLOW_CONTROL_ERROR, f"DATA of {length} bytes past the window")
+                if ftype == DATA:
+                    used = self.stream_unacked.get(stream & 0x7FFFFFFF)
+                    if used is None or self.continuing is not None:  # rare: no stream open to DATA (5.1)
+                        check_stream(self, DATA, flags, stream & 0x7FFFFFFF)  # or a header block cut (6.2)
+                        used = used or 0
+                    if self.unacked + length > self.conn_window_in or used + length > self.stream_window_in:
+                        # RFC 9113 6.9.1: past what this end has given (it gives back half a window
+                        # at a time, as it reads), checked on the frame's header, before its bytes.
+                        raise ProtocolError(FLOW_CONTROL_ERROR, f"DATA of {length} bytes past the window")
                 if end - pos - 9 < length:
                     if streamed(ftype, flags, length):  # a large frame's first part: no buffering
                         if self.continuing is not None:
@@ -201,6 +206,7 @@ class Http2Connection(asyncio.Protocol):
             self._credit(stream, size, flags & END_STREAM)
             self.on_data(stream, payload, bool(flags & END_STREAM))
         elif ftype == HEADERS:
+            check_stream(self, HEADERS, flags, stream)
             if flags & END_STREAM:  # trailers, or a call without a body: no DATA follows
                 self.stream_unacked.pop(stream, None)
             else:
@@ -241,6 +247,7 @@ class Http2Connection(asyncio.Protocol):
                 self.windows[stream] += increment
                 window = self.windows[stream]
             else:
+                check_stream(self, WINDOW_UPDATE, flags, stream)  # an idle stream's is an error
                 window = 0
             if window > MAX_WINDOW:
                 raise ProtocolError(FLOW_CONTROL_ERROR, f"a window of stream {stream} past 2^31-1")
@@ -249,6 +256,7 @@ class Http2Connection(asyncio.Protocol):
             if not flags & ACK:
                 self._write(frame(PING, ACK, 0, payload))
         elif ftype == RST_STREAM:
+            check_stream(self, RST_STREAM, flags, stream)  # an idle stream's is an error (6.4)
             self._forget(stream)
             self.on_reset(stream, int.from_bytes(payload, "big"))
         elif ftype == GOAWAY:
@@ -291,128 +299,16 @@ class Http2Connection(asyncio.Protocol):
         if update:
             self._write(update)
 
-    # -------------------------------------------------------------- sending
+    # ------------------------------------------------------------- streams
     def open_stream(self, stream: int) -> None:
         self.windows[stream] = self.peer_window
+        if stream > self.own_high and stream & 1 == self.client_side:
+            self.own_high = stream
 
     def _forget(self, stream: int) -> None:
         self.windows.pop(stream, None)
         self.blocked.pop(stream, None)
         self.stream_unacked.pop(stream, None)
-
-    def send(self, stream: int, headers: list[Header] | None = None, data: Data | None = None,
-             trailers: list[Header] | None = None, end: bool = False) -> None:
-        """Headers, then data, then trailers, any of them; the last one sent ends the stream
-        when ``end`` (trailers always end it). One write when the windows allow. ``data``
-        must not change afterwards: it is sent from a view of it, later in this loop turn."""
-        if self.closed or stream not in self.windows:
-            return  # the stream was reset or the connection is gone: nothing to say
-        out: list[bytes | memoryview] = []
-        queue = self.blocked.get(stream)
-        if headers is not None:
-            last = end and data is None and trailers is None
-            if queue is None:
-                self._header_frames(out, stream, headers, last)
-            else:
-                queue.append((HEADERS, headers, last))
-        if data is not None:
-            last = end and trailers is None
-            if type(data) is list:
-                for i, piece in enumerate(data):
-                    queue = self._send_data(out, stream, queue, piece, last and i == len(data) - 1)
-            else:
-                queue = self._send_data(out, stream, queue, data, last)
-        if trailers is not None:
-            if queue is None:
-                self._header_frames(out, stream, trailers, True)
-            else:
-                queue.append((HEADERS, trailers, True))
-            end = True
-        if out:
-            self._write_pieces(out)
-        if end and queue is None:
-            self._forget(stream)
-
-    def _send_data(self, out: list[bytes | memoryview], stream: int, queue: deque | None,
-                   data: bytes | memoryview, last: bool) -> deque | None:
-        """Frames for ``data`` while the windows allow; the rest waits in the stream's queue."""
-        if queue is None:
-            rest = self._data_frames(out, stream, data, last)
-            if rest is None:
-                return None
-            data, queue = rest, self.blocked.setdefault(stream, deque())
-        queue.append((DATA, data, last))
-        return queue
-
-    def held(self, stream: int) -> int:
-        """Bytes of ``stream`` waiting for the peer's window."""
-        return sum(len(payload) for kind, payload, _ in self.blocked.get(stream, ()) if kind == DATA)
-
-    def reset(self, stream: int, code: int = CANCEL) -> None:
-        """End a stream the peer has not finished with (the caller knows it is open)."""
-        if not self.closed:
-            self._write(frame(RST_STREAM, 0, stream, code.to_bytes(4, "big")))
-        self._forget(stream)
-
-    def _header_frames(self, out: list[bytes | memoryview], stream: int, headers: list[Header], end: bool) -> None:
-        block = hpack_codec.encode(headers)
-        step = self.peer_frame
-        flags = END_STREAM if end else 0
-        if len(block) <= step:
-            out.append(frame(HEADERS, flags | END_HEADERS, stream, block))
-            return
-        out.append(frame(HEADERS, flags, stream, block[:step]))
-        for i in range(step, len(block), step):
-            out.append(frame(CONTINUATION, END_HEADERS if i + step >= len(block) else 0, stream, block[i:i + step]))
-
-    def _data_frames(self, out: list[bytes | memoryview], stream: int, data: bytes | memoryview,
-                     end: bool) -> bytes | memoryview | None:
-        """Frames for as much of ``data`` as the windows allow, as a header and a view of the
-        payload each; returns what is left (None: all sent)."""
-        window = min(self.conn_window, self.windows[stream])
-        pos, size, step = 0, len(data), self.peer_frame
-        view = data if size <= step or isinstance(data, memoryview) else memoryview(data)
-        while pos < size and window > 0:
-            n = min(step, window, size - pos)
-            out.append(HEAD.pack(n << 8 | DATA, END_STREAM if end and pos + n == size else 0, stream))
-            out.append(view if n == size else view[pos:pos + n])
-            if n > LARGE:
-                self.vectored = True
-            pos += n
-            window -= n
-            self.conn_window -= n
-            self.windows[stream] -= n
-        if pos < size:
-            return view[pos:]
-        if size == 0:
-            out.append(frame(DATA, END_STREAM if end else 0, stream))
-        return None
-
-    def _unblock(self) -> None:
-        if not self.blocked:
-            return
-        out: list[bytes | memoryview] = []
-        for stream in list(self.blocked):
-            queue = self.blocked[stream]
-            while queue:
-                kind, payload, end = queue[0]
-                if kind == HEADERS:
-                    self._header_frames(out, stream, payload, end)
-                else:
-                    rest = self._data_frames(out, stream, payload, end)
-                    if rest is not None:
-                        queue[0] = (DATA, rest, end)
-                        break
-                queue.popleft()
-                if end:
-                    self._forget(stream)
-                    break
-            else:
-                self.blocked.pop(stream, None)
-            if self.conn_window <= 0:
-                break
-        if out:
-            self._write_pieces(out)
 
     # ----------------------------------------------------- for subclasses
     def on_headers(self, stream: int, headers: list[Header], end: bool) -> None:
