@@ -7,46 +7,24 @@ text-embedder and was answered by intent-classifier: the hidden request had reac
 TorchServe as a request of its own.
 
 HTTP/2: a malformed frame closes that connection with RFC 9113's GOAWAY, and the process goes
-on serving everyone else (SETTINGS_MAX_FRAME_SIZE = 0 once froze its event loop)."""
+on serving everyone else (SETTINGS_MAX_FRAME_SIZE = 0 once froze its event loop); RFC 9113's
+other conformance cases are test_router_hostile_h2.py's (helpers: hostile_peers.py)."""
 from __future__ import annotations
 
 import json
 import socket
 import struct
-from typing import Iterator
 
 import grpc
 import pytest
 import requests
 
-from benchmarks.harness import RouterProcessRunner
-from tests.integration.conftest import ROOT
+from tests.integration.hostile_peers import PREDICTIONS, healthy, raw_exchange, router  # noqa: F401 (a fixture)
 from tsfleet.router.wire.h2frames import GOAWAY, PREFACE, PROTOCOL_ERROR, S_MAX_FRAME_SIZE, settings_frame
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def router(server, tmp_path_factory) -> Iterator[RouterProcessRunner]:
-    runner = RouterProcessRunner(ROOT / "fleet.yaml", server.config, tmp_path_factory.mktemp("router"))
-    yield runner
-    runner.stop()
-
-
-def raw_exchange(url: str, data: bytes) -> bytes:
-    """Send ``data`` on a fresh connection and read until the router closes it (or 10 s)."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(data)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except TimeoutError:
-            pass
-        return b"".join(chunks)
 
 
 def smuggling(key: str, separator: bytes) -> bytes:
@@ -76,19 +54,6 @@ def test_a_hidden_header_is_refused_and_no_answer_reaches_another_client(router,
         assert resp.status_code == 200 and len(resp.json()["embedding"]) == 384, resp.text[:200]
 
 
-def healthy(router: RouterProcessRunner, key: str) -> None:
-    """A REST and a gRPC call through the router are answered, by the same router process."""
-    resp = requests.post(router.url + "/predictions/intent-classifier", json={"text": "cancel my plan"},
-                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
-    assert resp.status_code == 200 and resp.json()["intent"] == "cancel", resp.text[:200]
-    with grpc.insecure_channel(router.grpc) as channel:
-        reply = pb_grpc.InferenceAPIsServiceStub(channel).Predictions(
-            pb.PredictionsRequest(model_name="intent-classifier", input={"data": b'{"text": "cancel my plan"}'}),
-            metadata=(("authorization", f"Bearer {key}"),), timeout=10)
-    assert json.loads(reply.prediction)["intent"] == "cancel"
-    assert router.proc.poll() is None
-
-
 @pytest.mark.parametrize("value", [0, 1, 2**24])
 def test_a_frame_size_out_of_range_is_a_goaway_and_the_process_serves_on(router, server, value) -> None:
     pid = router.proc.pid
@@ -105,9 +70,6 @@ def test_a_frame_size_out_of_range_is_a_goaway_and_the_process_serves_on(router,
     assert at >= 0 and struct.unpack(">I", got[at + 10:at + 14])[0] == PROTOCOL_ERROR, got[:200]
     healthy(router, server.keys.inference)
     assert router.proc.pid == pid
-
-
-PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
 
 
 @pytest.mark.parametrize("message", [b"\xff\xfe\xfd\xfc", b"\x0a\x05ab", b"\x0a\x02\xff\xfe", bytes(range(256))],
