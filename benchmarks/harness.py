@@ -36,8 +36,9 @@ class RouterProcessRunner:
     """``tsfleet route`` as its own process, as in production: a router sharing the load
     generator's interpreter would share its GIL and measure that instead."""
 
-    def __init__(self, manifest: Path, config: Path, workdir: Path, processes: int = 1):
-        """``config``: the config.properties of the TorchServe (or stand-in) to route to."""
+    def __init__(self, manifest: Path, config: Path, workdir: Path, processes: int = 1, code: Path | None = None):
+        """``config``: the config.properties of the TorchServe (or stand-in) to route to;
+        ``code``: another checkout whose router to run (to compare two versions of it)."""
         free = Endpoints.on_free_ports()
         port, admin, grpc_port = free.inference, free.management, free.metrics
         self.url = f"http://127.0.0.1:{port}"
@@ -50,7 +51,8 @@ class RouterProcessRunner:
              "--router-key-file", str(workdir / "router_key.json"), "route", "--port", str(port),
              "--admin-port", str(admin), "--grpc-port", str(grpc_port),
              "--state-file", str(workdir / "router_state.json"), "--processes", str(processes)],
-            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": str(code)} if code else {})})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and self.proc.poll() is None:
             # The banner comes once every process listens.

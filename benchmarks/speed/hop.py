@@ -71,35 +71,40 @@ def measure(args: argparse.Namespace, load: HttpLoad, work: Path, log: Callable[
         standin = _standin(ep.inference, batch_ms, ep.grpc_inference, work / "standin.log")
         try:
             for processes in args.processes:
-                router = RouterProcessRunner(ROOT / "fleet.yaml", config, work, processes)
+                routers = {"routed": RouterProcessRunner(ROOT / "fleet.yaml", config, work, processes)}
                 try:
-                    pids = router.pids()
-                    for pid in pids:
+                    if args.before_code is not None:
+                        (work / "before").mkdir(exist_ok=True)
+                        routers["before"] = RouterProcessRunner(args.before_code / "fleet.yaml", config, work / "before",
+                                                                processes, code=args.before_code)
+                    pids = {name: router.pids() for name, router in routers.items()}
+                    for pid in itertools.chain(*pids.values()):
                         pin(pid, far)
                     for protocol, kb in itertools.product(args.protocols, args.body_kb):
-                        urls, run = _targets(protocol, kb, ep, router, model, load)
+                        urls, run = _targets(protocol, kb, ep, routers, model, load)
                         for clients in args.clients:
                             rows.append({"protocol": protocol, "batch_ms": batch_ms, "processes": processes,
                                          "body_bytes": len(body(kb)), **_row(run, urls, pids, clients, args)})
                             log(f"  {protocol:<4} batch {batch_ms:g} ms, {processes} process(es), "
                                 f"body {_size(rows[-1]['body_bytes'])}, " + _line(rows[-1]))
                 finally:
-                    router.stop()
+                    for router in routers.values():
+                        router.stop()
         finally:
             standin.kill()
             standin.wait()
     return rows
 
 
-def _targets(protocol: str, kb: int, ep: Endpoints, router: RouterProcessRunner, model: str,
+def _targets(protocol: str, kb: int, ep: Endpoints, routers: dict[str, RouterProcessRunner], model: str,
              load: HttpLoad) -> tuple[dict[str, str], Callable[[str, int, float], Sample]]:
-    """(direct and routed address, how to load one) for ``protocol`` with a ``kb`` body."""
+    """(direct and each router's address, how to load one) for ``protocol`` with a ``kb`` body."""
     data = body(kb)
     if protocol == "REST":
         return ({"direct": f"http://127.0.0.1:{ep.inference}/predictions/{model}",
-                 "routed": f"{router.url}/predictions/{model}"},
+                 **{name: f"{r.url}/predictions/{model}" for name, r in routers.items()}},
                 lambda url, c, secs: load(url, [data], HEADERS, c, secs))
-    return ({"direct": f"127.0.0.1:{ep.grpc_inference}", "routed": router.grpc},
+    return ({"direct": f"127.0.0.1:{ep.grpc_inference}", **{name: r.grpc for name, r in routers.items()}},
             lambda target, c, secs: run_grpc(target, model, [data], "-", c, secs))
 
 
@@ -107,32 +112,60 @@ def _size(n: int) -> str:
     return f"{n} B" if n < 1024 else f"{n / 1024:g} KiB"
 
 
-def _row(run: Callable[[str, int, float], Sample], urls: dict[str, str], pids: list[int], clients: int,
+def _row(run: Callable[[str, int, float], Sample], urls: dict[str, str], pids: dict[str, list[int]], clients: int,
          args: argparse.Namespace) -> dict:
+    """Direct and each router (``routed``; ``before``: another checkout's), in rotating order."""
     for url in urls.values():
         run(url, clients, args.warmup)
-    samples: dict[str, list] = {"direct": [], "routed": []}
-    cpu = requests = 0.0
+    names = list(urls)
+    samples: dict[str, list] = {name: [] for name in names}
+    cpu = {name: 0.0 for name in pids}
+    requests = {name: 0 for name in pids}
     for n in range(args.runs):
-        for name in ("direct", "routed") if n % 2 == 0 else ("routed", "direct"):
-            before = _cpu(pids)
+        for name in names[n % len(names):] + names[:n % len(names)]:
+            before = _cpu(pids[name]) if name in pids else 0.0
             sample = run(urls[name], clients, args.seconds)
             samples[name].append(sample)
-            if name == "routed":
-                cpu += _cpu(pids) - before
-                requests += sample.requests
-    direct, routed = summarize(samples["direct"]), summarize(samples["routed"])
-    return {"clients": clients, "direct": direct, "routed": routed,
-            "ratio": round(routed["rps"] / direct["rps"], 3) if direct["rps"] else None,
-            "added_p50_ms": round(routed["p50_ms"] - direct["p50_ms"], 3),
-            "router_cpu_us_per_request": round(cpu / requests * 1e6, 1) if requests else None}
+            if name in pids:
+                cpu[name] += _cpu(pids[name]) - before
+                requests[name] += sample.requests
+    stats = {name: summarize(s) for name, s in samples.items()}
+    direct = stats["direct"]
+    row = {"clients": clients}
+    for name, figures in stats.items():
+        row[name] = figures
+        if name == "direct":
+            continue
+        prefix = "" if name == "routed" else f"{name}_"
+        row[prefix + "ratio"] = round(figures["rps"] / direct["rps"], 3) if direct["rps"] else None
+        row[prefix + "added_p50_ms"] = round(figures["p50_ms"] - direct["p50_ms"], 3)
+        row[prefix + "router_cpu_us_per_request"] = round(cpu[name] / requests[name] * 1e6, 1) if requests[name] else None
+    return row
 
 
 def _line(row: dict) -> str:
     direct, routed = row["direct"], row["routed"]
-    return (f"c={row['clients']:<3} direct {direct['rps']:8.0f} req/s p50 {direct['p50_ms']:6.2f} | routed "
+    line = (f"c={row['clients']:<3} direct {direct['rps']:8.0f} req/s p50 {direct['p50_ms']:6.2f} | routed "
             f"{routed['rps']:8.0f} req/s p50 {routed['p50_ms']:6.2f} | ratio {row['ratio']} | router "
             f"{row['router_cpu_us_per_request']} us/request")
+    if "before" in row:
+        line += (f" | before {row['before']['rps']:8.0f} req/s ratio {row['before_ratio']} "
+                 f"{row['before_router_cpu_us_per_request']} us/request")
+    return line
+
+
+def before_table(rows: list[dict], before: str) -> list[str]:
+    """This router beside the one at ``before``, measured in the same runs."""
+    lines = [f"| protocol | upstream | clients | direct req/s | ratio now | ratio at {before} | added p50 ms now | "
+             f"at {before} | router CPU us/request now | at {before} | CPU now / before |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        upstream = "answers at once" if not r["batch_ms"] else f"batches every {r['batch_ms']:g} ms"
+        now, then = r["router_cpu_us_per_request"], r["before_router_cpu_us_per_request"]
+        change = f"{now / then:.2f}" if now and then else "n/a"
+        lines.append(f"| {r['protocol']} | {upstream} | {r['clients']} | {r['direct']['rps']:.0f} | {r['ratio']:.2f} | "
+                     f"{r['before_ratio']:.2f} | {r['added_p50_ms']:+.2f} | {r['before_added_p50_ms']:+.2f} | {now} | "
+                     f"{then} | {change} |")
+    return lines
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -170,8 +203,20 @@ def write(doc: dict, out: Path, stem: str = "router-hop") -> list[Path]:
         "batch window ends is answered at once). The stand-in and the load run on one half of the CPUs, the "
         "router on the other. Behind batches, each answer waits for the router to pass on the ones before it, "
         "so the router's CPU per request, times the batch, is what it adds.", "",
-        *table(doc["rows"]), "", f"![router hop]({plot.name})", ""]))
+        *table(doc["rows"]), "", f"![router hop]({plot.name})", "",
+        *([f"## Beside the router at {meta['before']}", "",
+           f"The router of commit {meta['before']} ran beside this one, on the same stand-in, in the same "
+           "rotation of runs (direct, now, before), so the box's drift falls on both alike.", "",
+           *before_table(doc["rows"], meta["before"]), ""] if meta.get("before") else [])]))
     return [data, text, plot]
+
+
+def _checkout(rev: str, where: Path) -> Path:
+    """The tree of ``rev`` (its files only, from git), to run its router from."""
+    where.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return where
 
 
 def _command(parser: argparse.ArgumentParser, args: argparse.Namespace, processes: list[str]) -> str:
@@ -183,7 +228,7 @@ def _command(parser: argparse.ArgumentParser, args: argparse.Namespace, processe
     for name, values in given.items():
         if values != parser.get_default(name):
             words += [f"--{name.replace('_', '-')}"] + [v if isinstance(v, str) else f"{v:g}" for v in values]
-    return " ".join(words)
+    return " ".join(words + (["--before", args.before] if args.before else []))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all, for CI")
+    parser.add_argument("--before", metavar="REV", help="also run the router of this git revision, in the same runs")
     parser.add_argument("--out", type=Path, default=ROOT, help="write docs/ and benchmarks/results/ under here")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -214,10 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     load = HttpLoad(args.load)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tsfleet-bench-hop-") as tmp:
+        args.before_code = _checkout(args.before, Path(tmp) / "before-code") if args.before else None
         rows = measure(args, load, Path(tmp), log=lambda line: print(line, flush=True))
     command = _command(parser, args, asked)
     doc = {"meta": {**metadata("hop"), "load_tool": load.tool, "runs": args.runs,
-                    "seconds": args.seconds, "duration_s": round(time.monotonic() - started, 1), "command": command},
+                    "seconds": args.seconds, "duration_s": round(time.monotonic() - started, 1), "command": command,
+                    **({"before": args.before} if args.before else {})},
            "rows": rows}
     for path in write(doc, args.out, "router-hop" if args.body_kb == [0] else "router-hop-bodies"):
         print(f"wrote {path}")
