@@ -97,3 +97,22 @@ def test_an_unknown_model_or_version_is_not_found(router, server, model, version
         with pytest.raises(grpc.RpcError) as direct:
             pb_grpc.InferenceAPIsServiceStub(channel).Predictions(request, metadata=auth, timeout=10)
     assert direct.value.code() == grpc.StatusCode.INTERNAL and "NotFoundException" in direct.value.details()
+
+
+@pytest.mark.parametrize("content_type,body", [
+    ("application/x-www-form-urlencoded", b"a=%"),
+    ("application/x-www-form-urlencoded", b"&&&"),
+], ids=["lone-percent", "empty-pairs"])
+def test_a_form_torchserve_cannot_read_is_the_client_s_400_through_the_router(router, server, content_type,
+                                                                               body) -> None:
+    """TorchServe's frontend answers these 500 naming its own Java exception (a server fault
+    to any client or alert); the router says whose fault it is, and what TorchServe said."""
+    headers = {"Authorization": f"Bearer {server.keys.inference}", "Content-Type": content_type}
+    direct = requests.post(server.ep.url("inference") + "/predictions/intent-classifier", data=body,
+                           headers=headers, timeout=10)
+    routed = requests.post(router.url + "/predictions/intent-classifier", data=body, headers=headers, timeout=10)
+    assert direct.status_code == 500 and direct.json()["type"] in ("ErrorDataDecoderException",
+                                                                   "StringIndexOutOfBoundsException")
+    assert routed.status_code == 400, routed.text
+    assert routed.json()["message"].startswith("the form body could not be read"), routed.text
+    healthy(router, server.keys.inference)

@@ -1,9 +1,12 @@
 """The one routing policy both fronts follow, and the two mappings of TorchServe's answers to it."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tsfleet.router.fronts.grpc_predict import outcome as grpc_outcome
+from tsfleet.router.fronts.rest import _for_client
 from tsfleet.router.fronts.rest import _outcome as rest_outcome
 from tsfleet.router.keys import REFUSED
 from tsfleet.router.policy.attempts import (ANSWER, CLIENT_FAULT, DROPPED, KEY_REFUSED, NOT_FOUND, OK, RENEW, RETRY,
@@ -118,3 +121,16 @@ def test_no_answer_at_all_is_a_dropped_request_on_both_fronts() -> None:
 
 def test_a_key_refusal_is_the_client_s_answer_when_the_key_was_the_client_s_own() -> None:
     assert rest_outcome(Response(400, REFUSED.encode(), []), False) == CLIENT_FAULT
+
+
+def test_a_form_torchserve_could_not_read_is_the_client_s_fault_and_its_400() -> None:
+    said = (b'{"code": 500, "type": "ErrorDataDecoderException", '
+            b'"message": "java.lang.IllegalArgumentException: unfinished escape sequence"}')
+    resp = Response(500, said, [])
+    assert rest_outcome(resp, True) == CLIENT_FAULT
+    answer = _for_client(resp)
+    assert answer.status == 400 and json.loads(answer.body) == {
+        "code": 400, "type": "BadRequest",
+        "message": "the form body could not be read: java.lang.IllegalArgumentException: unfinished escape sequence"}
+    other = Response(500, b'{"code": 500, "type": "InternalServerError", "message": "boom"}', [])
+    assert rest_outcome(other, True) == SERVER_FAULT and _for_client(other) is other

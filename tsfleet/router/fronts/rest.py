@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 # TorchServe's words for a request that a dying or retiring worker dropped: safe to retry,
 # since inference has no side effects.
 DROPPED_MARKS = (b"Worker died", b"Worker scaled down", b"has no worker to serve inference request")
+# TorchServe's frontend (Netty) reads a form body itself, before any worker, and answers one
+# it cannot read 500 naming its own exception ("a=%", "&&&", a multipart body without its
+# boundary): the client's fault, so the router says 400.
+FORM_UNREADABLE = (b"ErrorDataDecoderException", b"StringIndexOutOfBoundsException")
 JSON = [b"Content-Type: application/json"]
 
 
@@ -46,7 +50,21 @@ def _outcome(resp: Response | None, own_key: bool) -> int:
         return NOT_FOUND
     if status < 500:
         return KEY_REFUSED if own_key and status == 400 and REFUSED_BYTES in resp.body else CLIENT_FAULT
-    return DROPPED if _retryable(status, resp.body) else SERVER_FAULT
+    if _retryable(status, resp.body):
+        return DROPPED
+    return CLIENT_FAULT if status == 500 and any(mark in resp.body for mark in FORM_UNREADABLE) else SERVER_FAULT
+
+
+def _for_client(resp: Response) -> Response:
+    """TorchServe's answer as the client gets it: as it is, but a 500 for a form body it could
+    not read becomes the 400 it is (its message kept)."""
+    if resp.status != 500 or not any(mark in resp.body for mark in FORM_UNREADABLE):
+        return resp
+    try:
+        said = json.loads(resp.body).get("message", "")
+    except (ValueError, AttributeError):
+        said = ""
+    return Response(400, _body(400, "BadRequest", f"the form body could not be read: {said}".rstrip(": ")), JSON)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -163,6 +181,7 @@ class RestRouter:
             if not retried and _outcome(resp, False) == DROPPED:
                 retried = True
                 continue
+            resp = _for_client(resp)
             return resp.status, resp.body, resp.headers
 
     def _unreachable(self, exc: BaseException) -> tuple[int, bytes, list[bytes]]:
@@ -213,6 +232,7 @@ class RestRouter:
     def _answer(self, request: Request, reply: Reply, call: Routed, outcome: int, resp: Response | None,
                 exc: BaseException | None) -> None:
         if resp is not None:
+            resp = _for_client(resp) if outcome == CLIENT_FAULT else resp
             status, data, headers = resp.status, resp.body, resp.headers
         else:
             status, data, headers = self._unreachable(exc or UpstreamError("no answer"))
