@@ -493,3 +493,17 @@ def test_a_predictions_body_that_is_not_one_message_is_invalid_argument(body: by
 
     channel_box: list = []
     run(test, channel_box=channel_box)
+
+
+def test_a_field_sent_never_indexed_is_passed_on_never_indexed_whatever_its_name() -> None:
+    from tsfleet.router.wire import hpack_codec
+
+    hpack_codec._cache.clear()
+    sent = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(b"x-session", b"s3cret"),
+                                   hpack.NeverIndexedHeaderTuple(b"content-type", b"application/grpc"),
+                                   (b"x-plain", b"p")], huffman=False)
+    got = hpack_codec.Decoder().decode(sent)
+    assert got == [(b"x-session", b"s3cret"), (b"content-type", b"application/grpc"), (b"x-plain", b"p")]
+    again = hpack.Decoder().decode(encode(got), raw=True)  # RFC 7541 6.2.3: as the next hop reads it
+    assert [isinstance(h, hpack.NeverIndexedHeaderTuple) for h in again] == [True, True, False]
+    assert hpack_codec._cache == {}  # nothing sent never indexed is kept, even under a cached name

@@ -37,6 +37,13 @@ class TooLarge(list):
 TOO_LARGE = TooLarge()
 
 
+class NeverIndexed(bytes):
+    """A field value its sender marked never indexed (RFC 7541 6.2.3): an intermediary must
+    pass it on so, whatever its name. Equal to, and hashed as, the plain bytes."""
+
+    __slots__ = ()
+
+
 def _integer(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
     mask = (1 << prefix_bits) - 1
     value = data[pos] & mask
@@ -151,13 +158,15 @@ class Decoder:
                     self.generation += 1
                     self._evict()
                     continue
-                indexing = byte & 0xC0 == 0x40
+                indexing, never = byte & 0xC0 == 0x40, byte & 0xF0 == 0x10
                 index, pos = _integer(block, pos, 6 if indexing else 4)
                 if index:
                     name = self._entry(index)[0]
                 else:
                     name, pos = _string(block, pos)
                 value, pos = _string(block, pos)
+                if never:
+                    value = NeverIndexed(value)
                 budget -= len(name) + len(value) + ENTRY_OVERHEAD
                 if budget < 0:
                     headers = self._over(headers)
@@ -203,15 +212,19 @@ _cache: dict[Header, bytes] = {}
 
 def encode(headers: list[Header]) -> bytes:
     """Literal fields, new names, no Huffman: without indexing (RFC 7541 6.2.2), or never
-    indexed for credentials (6.2.3), so no peer or intermediary keeps them in a table."""
+    indexed (6.2.3) for credentials and for any field its sender sent so (a NeverIndexed
+    value), so no peer or intermediary keeps them in a table."""
     out = []
     for header in headers:
-        field = _cache.get(header)
+        # A value sent never indexed is never looked up: it would find a plain field's encoding.
+        plain = type(header[1]) is bytes
+        field = _cache.get(header) if plain else None
         if field is None:
             name, value = header
-            first = b"\x10" if name in _SENSITIVE else b"\x00"
-            field = first + _encode_integer(len(name), 7) + name + _encode_integer(len(value), 7) + value
-            if name in _CACHED_NAMES and len(value) < 128 and len(_cache) < 4096:
+            never = not plain or name in _SENSITIVE
+            field = (b"\x10" if never else b"\x00") + _encode_integer(len(name), 7) + name \
+                + _encode_integer(len(value), 7) + value
+            if not never and name in _CACHED_NAMES and len(value) < 128 and len(_cache) < 4096:
                 _cache[header] = field
         out.append(field)
     return b"".join(out)
