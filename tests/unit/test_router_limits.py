@@ -346,3 +346,52 @@ def test_grpc_deadlines_end_a_trickled_call_and_a_head_never_whole() -> None:
 
     grpc_run(limits, test)
 
+
+
+def test_a_client_that_opens_its_windows_and_reads_nothing_is_dropped_past_held_bytes() -> None:
+    """Its answers and PING ACKs pile up in the router's write buffer; past held_bytes the
+    connection (and what it left unread) is dropped, and counted."""
+    from tsfleet.router.wire.grpc_wire import ServerConnection
+    from tsfleet.router.wire.h2frames import PING
+
+    class Unread(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unread, self.aborted = 0, False
+
+        def write(self, data: bytes) -> None:
+            self.unread += len(data)  # the client takes none of it
+
+        def get_write_buffer_size(self) -> int:
+            return self.unread
+
+        def is_closing(self) -> bool:
+            return self.aborted
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    class Nobody:
+        stopping = False
+
+        def opened(self, conn: object, call: object) -> None: ...
+
+        def ended(self, conn: object, call: object) -> None: ...
+
+    async def main() -> tuple[Unread, ServerConnection, LimitCounters]:
+        counters = LimitCounters()
+        conn = ServerConnection(Nobody(), set(), RouterLimits(held_bytes=4096, pings_per_second=10_000), counters)
+        transport = Unread()
+        conn.connection_made(transport)
+        conn.data_received(PREFACE + settings_frame({}))
+        for n in range(400):  # 17 bytes of ACK each, under the PING budget
+            conn.data_received(frame(PING, 0, 0, n.to_bytes(8, "big")))
+            await asyncio.sleep(0)  # a turn of the loop: what was queued is written
+            if transport.aborted:
+                break
+        return transport, conn, counters
+
+    transport, conn, counters = asyncio.run(main())
+    assert transport.aborted and conn.closed
+    assert 4096 < transport.unread < 4096 + 200
+    assert counters.held_bytes == 1

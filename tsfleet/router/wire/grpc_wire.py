@@ -163,7 +163,9 @@ class ServerConnection(Http2Connection):
     # What all of one connection's calls may hold of their requests at once: the windows
     # alone let a client send 64 MiB, credited back as read (12 streams x 16 MiB held 192 MiB).
     max_buffered = DEFAULT_LIMITS.buffered_bytes
-    max_held = DEFAULT_LIMITS.held_bytes  # of an answer, waiting for the client to read it (Relay)
+    # Of an answer, waiting for the client to read it (Relay); and of all the connection's
+    # answers and ACKs written and not read (a client that opened its windows wide).
+    max_held = max_unread = DEFAULT_LIMITS.held_bytes
     max_connections = DEFAULT_LIMITS.connections
     head_timeout, body_timeout = DEFAULT_LIMITS.head_timeout_s, DEFAULT_LIMITS.body_timeout_s
 
@@ -174,6 +176,7 @@ class ServerConnection(Http2Connection):
             self.header_list_in, self.streams_in = limits.header_list_bytes, limits.streams_per_connection
             self.max_request, self.max_buffered, self.max_held = limits.message_bytes, limits.buffered_bytes, \
                 limits.held_bytes
+            self.max_unread = limits.held_bytes
             self.max_connections = limits.connections
             self.head_timeout, self.body_timeout = limits.head_timeout_s, limits.body_timeout_s
             self.floods = Floods({RST_STREAM: limits.resets_per_second, PING: limits.pings_per_second,
@@ -188,6 +191,10 @@ class ServerConnection(Http2Connection):
         self.opened = 0.0
         self.head_since: tuple[object, float] | None = None  # (a header block not whole, when first seen)
         self.deadlines: asyncio.TimerHandle | None = None
+
+    def unread(self) -> None:
+        self.counters.held_bytes += 1
+        super().unread()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if len(self.connections) >= self.max_connections:

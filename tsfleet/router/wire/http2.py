@@ -41,6 +41,7 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
     # What this end lets the peer send (class attributes so a test can make them small).
     frame_in, stream_window_in, conn_window_in = RECV_FRAME, RECV_STREAM_WINDOW, RECV_CONN_WINDOW
     header_list_in, streams_in = RECV_HEADER_LIST, RECV_CONCURRENT_STREAMS
+    max_unread = 1 << 62  # bytes written and not yet taken by the peer (a client's side caps it)
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -82,8 +83,18 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
                 self.transport.writelines(self.outgoing)
             else:
                 self.transport.write(b"".join(self.outgoing))
+            # A peer that opens its windows wide and never reads leaves all it asked for here:
+            # answers, and the ACKs of its PINGs and SETTINGS.
+            if self.transport.get_write_buffer_size() > self.max_unread:
+                self.unread()
         self.outgoing.clear()
         self.vectored = False
+
+    def unread(self) -> None:
+        """The peer has left over ``max_unread`` bytes unread: drop the connection and them."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]

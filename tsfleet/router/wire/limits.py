@@ -64,8 +64,11 @@ class RouterLimits:
     # What all calls of one gRPC connection hold of their requests at once (the windows alone
     # let one client send 64 MiB per stream).
     buffered_bytes: int = _limit(128 * MIB, "memory of one connection's requests", grpc="RESOURCE_EXHAUSTED")
-    # Of one stream, waiting for a side that stopped reading (the client, or TorchServe).
-    held_bytes: int = _limit(64 * MIB, "memory of one stream whose reader stopped", grpc="RESOURCE_EXHAUSTED")
+    # Of one stream, waiting for a side that stopped reading (the client, or TorchServe); and
+    # of one connection's answers written and not read (a client that opened its windows wide
+    # and reads nothing: the connection is dropped).
+    held_bytes: int = _limit(64 * MIB, "memory of answers a reader does not take (a stream, or a connection's)",
+                             grpc="RESOURCE_EXHAUSTED (a connection's: dropped)")
     # From a request's first byte to its head being whole (REST); from a connection's start
     # to its preface, or from a header block's first frame to its last (gRPC): slow-loris.
     head_timeout_s: float = _limit(
