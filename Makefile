@@ -49,9 +49,9 @@ isolation: build
 bench: build bench-tools
 	$(PY) -m benchmarks.speed
 
-# The outside load tool: h2load (apt-get install nghttp2-client, with sudo when not root) for the
-# speed suite's gRPC rows and their tests; where it cannot be installed, `make bench` still runs
-# and says so, and those tests skip naming it.
+# The outside load tools: wrk and h2load (apt-get install wrk nghttp2-client, with sudo when not
+# root) for the speed suite's HTTP and gRPC rows and their tests; where they cannot be installed,
+# `make bench` still runs and says so, and those tests skip naming what is missing.
 bench-tools:
 	sh scripts/install-bench-tools.sh
 
