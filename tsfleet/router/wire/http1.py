@@ -2,10 +2,11 @@
 
 Every request through the router is paid for in CPU that, on a small box, comes out of the
 model's own throughput. A general framework spends ~0.3 ms per proxied call building
-request and response objects; a proxy needs far less of HTTP: a head split into lines, a
-Content-Length or chunked body, keep-alive. Messages are read whole (inference bodies are
-small), so streamed (chunked) answers are forwarded once complete, as before. Parsing and
-its limits are http1_messages.py (no I/O); this module moves bytes and keeps connections.
+request and response objects; a proxy needs far less of HTTP: a request's method, target,
+headers and body, keep-alive. Messages are read whole (inference bodies are small), so
+streamed (chunked) answers are forwarded once complete, as before. Requests are read by
+http1_requests.py (llhttp and the router's own checks, no I/O); answers are encoded by
+http1_messages.py; this module moves bytes and keeps connections.
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import logging
 from dataclasses import replace
 from typing import Awaitable, Callable
 
-from tsfleet.router.wire.http1_messages import (LARGE_BODY, REASONS, Body, HttpError, Request, Response, body_mode,
-                                           encode_response, parse_head)
+from tsfleet.router.wire.http1_messages import REASONS, HttpError, Request, Response, encode_response
+from tsfleet.router.wire.http1_requests import RequestReader
 from tsfleet.router.wire.limits import DEFAULT_LIMITS, LimitCounters, RouterLimits
 
 log = logging.getLogger(__name__)
 MAX_CONNECTIONS = DEFAULT_LIMITS.connections  # per router process; each holds a socket and its buffers
+# Requests read whole behind the one being answered before reading pauses (with their bytes
+# past the connection's head_bytes, whichever comes first).
+MAX_QUEUED = 16
 _UNCOUNTED = LimitCounters()  # where a connection made without a Listener's counters counts
 __all__ = ["HttpError", "Listener", "Request", "Response", "ServerConnection", "ROUTER_ERROR", "Reply", "Fast", "Handler"]
 
@@ -46,12 +50,14 @@ class ServerConnection(asyncio.Protocol):
         self.max_body = limits.body_bytes if max_body is None else max_body
         self.max_connections = limits.connections if max_connections is None else max_connections
         self.max_head, self.max_headers, self.max_trailers = limits.head_bytes, limits.header_lines, limits.trailer_bytes
-        self.buf = bytearray()
+        self.reader = RequestReader(self.max_body, self.max_head, self.max_headers, self.max_trailers)
+        self.queue = self.reader.requests  # read whole, not yet answered
         self.transport: asyncio.Transport | None = None
-        self.pending: tuple[bytes, str, dict, list, bool, Body] | None = None
-        self.collecting: Body | None = None  # the pending request's large body, while it comes
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.busy = False
         self.current: Request | None = None  # the request being answered
+        self.error: HttpError | None = None  # a request refused: answered after those before it
+        self.dispatching = False  # in _next: a reply made there goes on in its loop, not deeper
         self.last_active = 0.0
         self.reading_since: float | None = None  # when the request not yet whole began to come
         self.paused = False  # reading paused: pipelined bytes wait in the kernel, not here
@@ -67,37 +73,29 @@ class ServerConnection(asyncio.Protocol):
             transport.close()
             return
         self.transport = transport  # type: ignore[assignment]
-        self.last_active = asyncio.get_running_loop().time()
+        self.loop = asyncio.get_running_loop()
+        self.last_active = self.loop.time()
         self.registry.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.registry.discard(self)
+        self.reader.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.refused:
+        if self.refused or self.error is not None:
             return
-        body = self.collecting
-        if body is None:
-            self.buf += data
-        else:  # the rest of a large body: each read kept as it is, joined once when all is in
-            need = body.length - body.size  # type: ignore[operator]
-            if len(data) > need:
-                self.buf += memoryview(data)[need:]  # a pipelined request behind it
-                data = memoryview(data)[:need]
-            body.parts.append(data)
-            body.size += len(data)
-            if body.size < body.length:  # type: ignore[operator]
-                self.last_active = asyncio.get_running_loop().time()
-                return
-            self.collecting = None
+        try:
+            self.reader.feed(data)
+        except HttpError as exc:
+            if exc.limit is not None:
+                self.counters.hit(exc.limit)
+            self.error = exc
         if not self.busy:
-            self.last_active = asyncio.get_running_loop().time()
+            self.last_active = self.loop.time()  # type: ignore[union-attr]
             self._next()
-        elif len(self.buf) > self.max_head and not self.paused and self.transport is not None:
-            # Requests pipelined behind the one being answered: 200 MiB of them were held once.
-            self.paused = True
-            self.transport.pause_reading()
+        elif self.queue or self.reader.open:
+            self._flow()
 
     def idle_since(self) -> float | None:
         """When the connection last did anything, if it is waiting for a client now."""
@@ -105,69 +103,68 @@ class ServerConnection(asyncio.Protocol):
 
     def between_requests(self) -> bool:
         """No request under way, nor any part of the next one received."""
-        return not self.busy and self.pending is None and self.collecting is None and not self.buf
+        return not self.busy and not self.queue and not self.reader.open and self.error is None
+
+    def head_whole(self) -> bool:
+        """The head of the request coming (reading_since) is whole: its body is what is awaited."""
+        return self.reader.head_done
 
     def _next(self) -> None:
+        """Answer the requests read, in order, one at a time; then wait for the next one."""
+        if self.dispatching:
+            return
+        self.dispatching = True
+        queue = self.queue
         try:
-            request = self._parse()
-        except HttpError as exc:
-            if exc.limit is not None:
-                self.counters.hit(exc.limit)
-            self._fail(exc.status, str(exc))
+            while not self.busy and queue:
+                request = queue.popleft()
+                self.busy, self.current, self.reading_since = True, request, None
+                if self.fast is not None:
+                    try:
+                        if self.fast(request, self.reply):
+                            continue
+                    except Exception:  # noqa: BLE001 - one bad request must not take the connection's others
+                        log.exception("router: unhandled error for %s %s", request.method, request.target)
+                        self.reply(request, ROUTER_ERROR)
+                        continue
+                self.loop.create_task(self._answer(request))  # type: ignore[union-attr]
+        finally:
+            self.dispatching = False
+        if self.busy:
+            if queue or self.reader.open or self.paused:
+                self._flow()
             return
-        if request is None:
-            if self.reading_since is None and not self.between_requests():
-                self.reading_since = asyncio.get_running_loop().time()
+        if self.error is not None:
+            self._fail(self.error.status, str(self.error))
             return
-        self.reading_since = None
-        self.busy, self.current = True, request
-        if self.fast is not None:
-            try:
-                if self.fast(request, self.reply):
-                    return
-            except Exception:  # noqa: BLE001 - one bad request must not take the connection's others
-                log.exception("router: unhandled error for %s %s", request.method, request.target)
-                self.reply(request, ROUTER_ERROR)
-                return
-        asyncio.get_running_loop().create_task(self._answer(request))
+        if self.paused:
+            self._flow()
+        reader = self.reader
+        if not reader.open:
+            self.reading_since = None
+            return
+        if self.reading_since is None:
+            self.reading_since = self.loop.time()  # type: ignore[union-attr]
+        if reader.expect and self.transport is not None:
+            # Its turn, and none of its body came: the client waits for this before sending it.
+            reader.expect = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _parse(self) -> Request | None:
-        buf = self.buf
-        if self.pending is None:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > self.max_head:
-                    raise HttpError(431, "request head too large", "head_bytes")
-                return None
-            if end > self.max_head:  # it all came at once: the limit holds all the same
-                raise HttpError(431, "request head too large", "head_bytes")
-            head = bytes(buf[:end])
-            del buf[:end + 4]
-            if head.count(b"\r\n") > self.max_headers:
-                raise HttpError(431, f"more than {self.max_headers} header lines", "header_lines")
-            first, headers, forward = parse_head(head.lstrip(b"\r\n"))
-            if len(first) != 3 or first[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not first[0].isalpha():
-                raise HttpError(400, f"malformed request line {head[:60]!r}")
-            connection = headers.get(b"connection", b"").lower()
-            keep = b"close" not in connection if first[2] == b"HTTP/1.1" else b"keep-alive" in connection
-            body = Body(body_mode(headers), self.max_body, self.max_trailers)
-            self.pending = (first[0], first[1].decode("latin-1"), headers, forward, keep, body)
-            if headers.get(b"expect", b"").lower() == b"100-continue" and (body.length or body.length is None) \
-                    and not buf and self.transport:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        method, target, headers, forward, keep, reader = self.pending
-        if reader.length is not None and reader.length >= LARGE_BODY and len(buf) < reader.length and not reader.parts:
-            # An image still coming: appending each read to the buffer would copy it again
-            # and again as the buffer grows; its reads are kept and joined once instead.
-            reader.parts.append(buf)  # what came with the head: the buffer itself, uncopied
-            reader.size = len(buf)
-            self.buf, self.collecting = bytearray(), reader
-            return None
-        data = reader.take(buf)
-        if data is None:
-            return None
-        self.pending = None
-        return Request(method.decode("latin-1"), target, headers, forward, data, keep)
+    def _flow(self) -> None:
+        """Pause reading while requests pile up behind the one being answered (200 MiB of
+        pipelined bytes were held once), and read again once it is answered."""
+        over = self.busy and (len(self.queue) >= MAX_QUEUED or self.backlog() > self.max_head)
+        if over is not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.paused = over
+            if over:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def backlog(self) -> int:
+        """Bytes held of the requests read behind the one being answered (bodies and targets)."""
+        reader = self.reader
+        return sum(len(r.body) + len(r.target) for r in self.queue) + (reader.size if reader.open else 0)
 
     async def _answer(self, request: Request) -> None:
         try:
@@ -185,17 +182,13 @@ class ServerConnection(asyncio.Protocol):
         keep = request.keep_alive and resp.keep_alive and not self.draining
         if self.transport is None:
             return
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self.loop.time()  # type: ignore[union-attr]
         self.transport.write(encode_response(resp, keep, request.method == "HEAD"))
         if not keep:
             self.transport.close()
             return
         self.busy = False
-        if self.paused:
-            self.paused = False
-            self.transport.resume_reading()
-        if self.buf:
-            self._next()
+        self._next()
 
     def _fail(self, status: int, message: str) -> None:
         self.reading_since = None  # answered: no deadline of its request can fire again
@@ -257,7 +250,7 @@ class Listener:
                 self.counters.idle_timeout_s += 1
             elif conn.reading_since is not None and conn.transport is not None:
                 waited = now - conn.reading_since
-                if waited > self.head_timeout and conn.pending is None and conn.collecting is None:
+                if waited > self.head_timeout and not conn.head_whole():
                     conn._fail(408, f"request head not received whole within {self.head_timeout:g} s")
                     self.counters.head_timeout_s += 1
                 elif waited > self.body_timeout:

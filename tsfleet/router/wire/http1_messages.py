@@ -1,6 +1,7 @@
-"""HTTP/1.1 messages for the router, with no I/O: a head split and checked, a body (length or
-chunked) read out of a growing buffer, an answer encoded. http1.py (the server side) and
-upstream.py (the client side) move the bytes; every limit a client can hit is here.
+"""HTTP/1.1 messages for the router, with no I/O: the request and answer it passes on, an
+answer encoded for a client (http1.py), and TorchServe's answers read (upstream.py: a head
+split and checked, a body, length or chunked, read out of a growing buffer). Clients'
+requests are read by http1_requests.py (llhttp, and the limits a client can hit).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ MAX_HEADERS = DEFAULT_LIMITS.header_lines  # header lines in one request head (N
 MAX_TRAILERS = DEFAULT_LIMITS.trailer_bytes  # bytes of a chunked body's trailer section (read, never forwarded)
 # A chunk size is hex digits and nothing else: int(x, 16) would also take "0x5", "+5", "-2".
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
-# A body this large (an image) is kept as read while it comes, not appended to a buffer,
-# and is written apart from its head (upstream.py), not copied into one bytes with it.
+# A request body this large (an image) is written apart from its head (upstream.py), not
+# copied into one bytes with it.
 LARGE_BODY = 64 * 1024
 # Headers that describe one hop, not the message: never forwarded in either direction.
 HOP_BY_HOP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
@@ -161,8 +162,6 @@ class Body:
     def take(self, buf: bytearray) -> bytes | None:
         """The whole body once it is in ``buf`` (consumed from it) or collected, else None."""
         if self.length is not None:
-            if self.parts:  # a large body, kept as it was read (ServerConnection.data_received)
-                return b"".join(self.parts) if self.size == self.length else None
             if len(buf) < self.length:
                 return None
             if self.length < 4096:
