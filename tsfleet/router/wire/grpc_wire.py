@@ -93,7 +93,10 @@ class UpstreamGone(ConnectionError):
 
 def _declared(parts: list[bytes | memoryview]) -> int:
     """The length a request's first message prefix declares (its first 5 bytes are in ``parts``)."""
-    return int.from_bytes(b"".join(bytes(part[:5]) for part in parts[:5])[1:5], "big")
+    first = parts[0]
+    if len(first) < 5:  # the prefix came in pieces (rare)
+        first = b"".join(bytes(part[:5]) for part in parts[:5])
+    return int.from_bytes(first[1:5], "big")
 
 
 class UpstreamSide(Protocol):
@@ -305,13 +308,15 @@ class ServerConnection(Http2Connection):
         if call.queue is not None:
             call.queue.put_nowait(data)
         else:
+            n = len(data)
             call.parts.append(data)
-            call.size += len(data)
-            self.buffered += len(data)
+            got = call.size = call.size + n
+            self.buffered += n
             # Over the limit, or (once, as its prefix arrives) declaring more: a 4 GB prefix is
             # refused at once, not after max_request bytes of it were read.
-            over = call.size > self.max_request + 5 or (  # 5: the message's prefix
-                call.size - len(data) < 5 <= call.size and _declared(call.parts) > self.max_request)
+            over = got > self.max_request + 5 or (  # 5: the message's prefix
+                got - n < 5 <= got and (int.from_bytes(data[1:5], "big") if got == n else _declared(call.parts))
+                > self.max_request)
             if over or self.buffered > self.max_buffered:
                 self._drop(stream)
                 self.counters.hit("message_bytes" if over else "buffered_bytes")
@@ -332,7 +337,8 @@ class ServerConnection(Http2Connection):
 
     def finish(self, call: ServerCall) -> None:
         """The call has had its answer (or the client gave up on it)."""
-        self._drop(call.id)
+        if self.calls.pop(call.id, None) is not None:  # _drop, inline: once per call
+            self.buffered -= call.size
 
     def _drop(self, stream: int) -> ServerCall | None:
         call = self.calls.pop(stream, None)

@@ -204,10 +204,11 @@ def _encode_integer(value: int, prefix_bits: int, first: int = 0) -> bytes:
 # beyond its call), and only short values.
 _CACHED_NAMES = frozenset({b":method", b":scheme", b":path", b":authority", b":status", b"content-type", b"te",
                            b"user-agent", b"grpc-accept-encoding", b"grpc-encoding", b"accept-encoding",
-                           b"grpc-status", b"x-model-version"})
+                           b"grpc-status", b"x-model-version", b"grpc-timeout"})
 # Fields a proxy must pass on as never indexed (RFC 7541 6.2.3, 7.1.3): credentials.
 _SENSITIVE = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
 _cache: dict[Header, bytes] = {}
+_cache[(b"grpc-message", b"")] = b"\x00\x0cgrpc-message\x00"  # every OK answer's (messages are not kept)
 
 
 def encode(headers: list[Header]) -> bytes:
@@ -216,15 +217,22 @@ def encode(headers: list[Header]) -> bytes:
     value), so no peer or intermediary keeps them in a table."""
     out = []
     for header in headers:
-        # A value sent never indexed is never looked up: it would find a plain field's encoding.
-        plain = type(header[1]) is bytes
-        field = _cache.get(header) if plain else None
-        if field is None:
-            name, value = header
-            never = not plain or name in _SENSITIVE
-            field = (b"\x10" if never else b"\x00") + _encode_integer(len(name), 7) + name \
-                + _encode_integer(len(value), 7) + value
-            if not never and name in _CACHED_NAMES and len(value) < 128 and len(_cache) < 4096:
-                _cache[header] = field
+        field = _cache.get(header)
+        # A value sent never indexed equals, and so would find, a plain field's encoding.
+        if field is None or type(header[1]) is not bytes:
+            field = _field(header)
         out.append(field)
     return b"".join(out)
+
+
+def _field(header: Header) -> bytes:
+    name, value = header
+    never = type(value) is not bytes or name in _SENSITIVE
+    n, v = len(name), len(value)
+    if n < 127 and v < 127:  # one byte each: nearly every field
+        field = (b"\x10" if never else b"\x00") + bytes((n,)) + name + bytes((v,)) + value
+    else:
+        field = (b"\x10" if never else b"\x00") + _encode_integer(n, 7) + name + _encode_integer(v, 7) + value
+    if not never and name in _CACHED_NAMES and v < 128 and len(_cache) < 4096:
+        _cache[header] = field
+    return field

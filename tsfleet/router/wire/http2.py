@@ -207,9 +207,13 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
     def _frame(self, ftype: int, flags: int, stream: int, payload: bytes | memoryview) -> None:
         if self.continuing is not None and ftype != CONTINUATION:
             raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
-        check_frame(ftype, flags, stream, payload)  # lengths, stream 0 or not, padding
-        if ftype in FLOOD_BUDGET and (ftype == RST_STREAM or not flags & ACK):  # an ACK is our own echoed
-            self.floods.spend(ftype, self.loop.time())
+        if ftype <= HEADERS:  # DATA and HEADERS, nearly every frame: check_frame's checks for them, inline
+            if not stream or flags & (PADDED | PRIORITY_FLAG):
+                check_frame(ftype, flags, stream, payload)
+        else:
+            check_frame(ftype, flags, stream, payload)  # lengths, stream 0 or not, padding
+            if ftype in FLOOD_BUDGET and (ftype == RST_STREAM or not flags & ACK):  # an ACK is our own echoed
+                self.floods.spend(ftype, self.loop.time())
         if ftype == DATA:
             size = len(payload)
             if flags & PADDED:
@@ -217,7 +221,15 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
             self._credit(stream, size, flags & END_STREAM)
             self.on_data(stream, payload, bool(flags & END_STREAM))
         elif ftype == HEADERS:
-            check_stream(self, HEADERS, flags, stream)
+            # check_stream's two common cases inline: the peer opens its next stream, or answers
+            # on one of this end's that is open (trailers, an answer's headers).
+            if stream & 1 != self.client_side:
+                if stream > self.peer_high and stream not in self.windows:
+                    self.peer_high = stream
+                else:
+                    check_stream(self, HEADERS, flags, stream)
+            elif stream not in self.windows:
+                check_stream(self, HEADERS, flags, stream)
             if flags & END_STREAM:  # trailers, or a call without a body: no DATA follows
                 self.stream_unacked.pop(stream, None)
             else:
@@ -295,14 +307,14 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
     def _credit(self, stream: int, size: int, ended: int) -> None:
         """Give the window back once half of it is used: the router does not hold data back."""
         self.unacked += size
-        used = self.stream_unacked.get(stream, 0) + size
         update = b""
         if self.unacked >= self.conn_window_in // 2:
             update = frame(WINDOW_UPDATE, 0, 0, self.unacked.to_bytes(4, "big"))
             self.unacked = 0
         if ended:
             self.stream_unacked.pop(stream, None)
-        elif stream in self.stream_unacked:  # one whose HEADERS came (DATA on others kept an entry each: 100,000 once)
+        elif (used := self.stream_unacked.get(stream)) is not None:  # one whose HEADERS came (DATA on others kept an entry each: 100,000 once)
+            used += size
             if used >= self.stream_window_in // 2:
                 update += frame(WINDOW_UPDATE, 0, stream, used.to_bytes(4, "big"))
                 used = 0
