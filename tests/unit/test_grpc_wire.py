@@ -376,8 +376,13 @@ async def _raw_h2(port: int, frames: bytes, wait: float = 2.0) -> bytes:
     preface and SETTINGS, until it closes or ``wait`` seconds pass."""
     from tsfleet.router.wire.h2frames import PREFACE, settings_frame
 
+    return await raw(port, PREFACE + settings_frame({}) + frames, wait)
+
+
+async def raw(port: int, data: bytes, wait: float = 1.0) -> bytes:
+    """What the router writes back to ``data`` on a raw connection, until it closes or ``wait`` s pass."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(PREFACE + settings_frame({}) + frames)
+    writer.write(data)
     got = b""
     try:
         while chunk := await asyncio.wait_for(reader.read(65536), wait):

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import yaml
 
-from tests.unit.test_grpc_wire import BIG, Upstream, _call_headers, req
+from tests.unit.test_grpc_wire import BIG, Upstream, _call_headers, raw, req
 from tsfleet.errors import ManifestError
 from tsfleet.manifest import parse_fleet
 from tsfleet.router.fronts.grpc_front import GrpcRouter, start_grpc_router, stop_grpc_router
@@ -248,20 +248,6 @@ def grpc_run(limits: RouterLimits, test: Callable[[GrpcRouter, int, pb_grpc.Infe
             await server.stop(0)
 
     asyncio.run(main())
-
-
-async def raw(port: int, data: bytes, wait: float = 1.0) -> bytes:
-    """What the router writes back to ``data`` on a raw connection, until it closes or ``wait`` s pass."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    got = b""
-    try:
-        while chunk := await asyncio.wait_for(reader.read(65536), wait):
-            got += chunk
-    except asyncio.TimeoutError:
-        pass
-    writer.close()
-    return got
 
 
 def goaway_code(got: bytes) -> int | None:
