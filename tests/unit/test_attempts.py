@@ -134,3 +134,13 @@ def test_a_form_torchserve_could_not_read_is_the_client_s_fault_and_its_400() ->
         "message": "the form body could not be read: java.lang.IllegalArgumentException: unfinished escape sequence"}
     other = Response(500, b'{"code": 500, "type": "InternalServerError", "message": "boom"}', [])
     assert rest_outcome(other, True) == SERVER_FAULT and _for_client(other) is other
+
+
+def test_a_client_s_long_made_up_model_names_are_not_kept_by_the_router() -> None:
+    from tsfleet.router.fronts.rest import _quoted, _quoted_short
+
+    before = _quoted_short.cache_info().currsize
+    assert _quoted("m" * 60_000 + "/") == "m" * 60_000 + "%2F"
+    assert _quoted_short.cache_info().currsize == before
+    assert _quoted("text-embedder") == "text-embedder"
+    assert _quoted_short.cache_info().currsize <= before + 1

@@ -512,3 +512,12 @@ def test_a_field_sent_never_indexed_is_passed_on_never_indexed_whatever_its_name
     again = hpack.Decoder().decode(encode(got), raw=True)  # RFC 7541 6.2.3: as the next hop reads it
     assert [isinstance(h, hpack.NeverIndexedHeaderTuple) for h in again] == [True, True, False]
     assert hpack_codec._cache == {}  # nothing sent never indexed is kept, even under a cached name
+
+
+def test_the_decoder_remembers_only_short_blocks() -> None:
+    decoder = Decoder()
+    short = encode([(b":path", b"/p"), (b"x-a", b"b")])
+    large = encode([(b"x-big", b"v" * 4000)])
+    assert decoder.decode(short) == decoder.decode(short) == [(b":path", b"/p"), (b"x-a", b"b")]
+    assert decoder.decode(large) == [(b"x-big", b"v" * 4000)]
+    assert list(decoder._seen) == [short]  # a client's large blocks are not kept past their call

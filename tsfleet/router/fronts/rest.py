@@ -67,9 +67,14 @@ def _for_client(resp: Response) -> Response:
     return Response(400, _body(400, "BadRequest", f"the form body could not be read: {said}".rstrip(": ")), JSON)
 
 
-@functools.lru_cache(maxsize=4096)
 def _quoted(name: str) -> str:
-    """A model or version name as one path segment (cached: it is the same few names all day)."""
+    """A model or version name as one path segment (a short one cached: it is the same few
+    names all day; a client's long made-up ones would fill the cache with its bytes)."""
+    return _quoted_short(name) if len(name) <= 128 else quote(name, safe="")
+
+
+@functools.lru_cache(maxsize=4096)
+def _quoted_short(name: str) -> str:
     return quote(name, safe="")
 
 

@@ -129,7 +129,9 @@ class Decoder:
         headers = self._decode(block)
         if headers is TOO_LARGE:
             return headers
-        if self.generation == generation:  # the same bytes decode the same way until the table changes
+        # The same bytes decode the same way until the table changes. Only short blocks are kept
+        # (a call's, once indexed, is tens of bytes): 256 large ones held 80 MiB per connection.
+        if self.generation == generation and len(block) <= 1024:
             if len(self._seen) >= self.remembered:
                 self._seen.clear()
             self._seen[block] = (generation, tuple(headers))
