@@ -28,3 +28,19 @@ def test_each_key_expires_once_after_its_time_and_a_discarded_one_never() -> Non
         deadlines.close()
 
     asyncio.run(main())
+
+
+def test_a_watch_for_some_seconds_from_now_expires_after_them_and_not_before() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        expired: dict[str, float] = {}
+        deadlines: Deadlines[str] = Deadlines(lambda key: expired.setdefault(key, loop.time()))
+        start = loop.time()
+        deadlines.add_in("soon", 0.1)
+        deadlines.add_in("later", 60)
+        await until("the watch's deadline", lambda: "soon" in expired)
+        assert expired["soon"] - start >= 0.1
+        assert "later" not in expired
+        deadlines.close()
+
+    asyncio.run(main())

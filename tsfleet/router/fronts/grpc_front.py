@@ -105,14 +105,14 @@ class GrpcRouter(StreamCalls):
                     self, conn, call))
                 return
             readable = self._readable(call) if call.path != PING else None
-            if isinstance(readable, str) and call.path in (PREDICT, STREAM):
-                # Bytes that are no PredictionsRequest: the client's fault, said as such
-                # (TorchServe would answer UNKNOWN or INTERNAL, blaming the server).
-                conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(INVALID_ARGUMENT, readable))
-                conn.finish(call)
-                return
-            if not isinstance(readable, tuple):  # Ping, or a method only TorchServe can judge
-                self.spawn(conn, call, self._pass(conn, call))
+            if readable.__class__ is not tuple:
+                if isinstance(readable, str) and call.path in (PREDICT, STREAM):
+                    # Bytes that are no PredictionsRequest: the client's fault, said as such
+                    # (TorchServe would answer UNKNOWN or INTERNAL, blaming the server).
+                    conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(INVALID_ARGUMENT, readable))
+                    conn.finish(call)
+                else:  # Ping, or a method only TorchServe can judge
+                    self.spawn(conn, call, self._pass(conn, call))
                 return
             model, asked, payload, decompressed = readable
             route = self.table.routes.get(model)

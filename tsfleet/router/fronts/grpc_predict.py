@@ -113,33 +113,31 @@ class Prediction:
             self.attempt()
 
     def answered(self, up: UpstreamCall | None, error: UpstreamGone | None) -> None:
+        """TorchServe's answer (or why there is none): answer, retry or renew the key."""
+        host, call = self.host, self.call
         try:
-            self._answered(up, error)
+            if self.upstream is not None:
+                host.pool.settled(*self.upstream)
+                self.upstream = call.upstream = None
+            if call.cancelled:
+                return
+            if error is not None or up is None:
+                up, code, message = None, UNAVAILABLE, host.unreachable(error)
+            else:
+                code, message = up.status()
+            result = outcome(code, message)
+            if result == KEY_REFUSED and not host.own_key(call):
+                result = CLIENT_FAULT  # the client's own key, refused: its answer
+            step = host.policy.after(self.routed, result)
+            if step == RETRY:
+                self.attempt()
+            elif step == RENEW:
+                host.spawn(self.conn, call, self._renew_then_attempt(up, code, message))
+            else:
+                self._answer(up, result, message)
         except Exception:  # noqa: BLE001 - a bug of the router's must not leave the client waiting
             log.exception("gRPC prediction for %s failed in the router", self.routed.model)
-            self.host.abort(self.conn, self.call)
-
-    def _answered(self, up: UpstreamCall | None, error: UpstreamGone | None) -> None:
-        host, call = self.host, self.call
-        if self.upstream is not None:
-            host.pool.settled(*self.upstream)
-            self.upstream = call.upstream = None
-        if call.cancelled:
-            return
-        if error is not None or up is None:
-            up, code, message = None, UNAVAILABLE, host.unreachable(error)
-        else:
-            code, message = up.status()
-        result = outcome(code, message)
-        if result == KEY_REFUSED and not host.own_key(call):
-            result = CLIENT_FAULT  # the client's own key, refused: its answer
-        step = host.policy.after(self.routed, result)
-        if step == RETRY:
-            self.attempt()
-        elif step == RENEW:
-            host.spawn(self.conn, call, self._renew_then_attempt(up, code, message))
-        else:
-            self._answer(up, result, message)
+            host.abort(self.conn, call)
 
     async def _renew_then_attempt(self, up: UpstreamCall | None, code: int, message: str) -> None:
         fresh = await self.host.renewed_key(self.headers)

@@ -161,7 +161,7 @@ class UpstreamPool:
 
     def expire_after(self, conn: UpstreamConnection, stream: int, timeout: float) -> None:
         """Fail (and reset) call ``stream`` of ``conn`` unless ``settled`` within ``timeout`` s."""
-        self._deadlines.add((conn, stream), asyncio.get_running_loop().time() + timeout)
+        self._deadlines.add_in((conn, stream), timeout)
 
     def settled(self, conn: UpstreamConnection, stream: int) -> None:
         self._deadlines.discard((conn, stream))

@@ -313,20 +313,27 @@ class ServerConnection(Http2Connection):
             got = call.size = call.size + n
             self.buffered += n
             # Over the limit, or (once, as its prefix arrives) declaring more: a 4 GB prefix is
-            # refused at once, not after max_request bytes of it were read.
-            over = got > self.max_request + 5 or (  # 5: the message's prefix
-                got - n < 5 <= got and (int.from_bytes(data[1:5], "big") if got == n else _declared(call.parts))
-                > self.max_request)
-            if over or self.buffered > self.max_buffered:
-                self._drop(stream)
-                self.counters.hit("message_bytes" if over else "buffered_bytes")
-                why = f"request larger than the router's {size(self.max_request)}" if over else \
-                    f"this connection's requests hold over {self.max_buffered >> 20} MiB of the router's memory"
-                self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(RESOURCE_EXHAUSTED, why))
-                self.reset(stream, NO_ERROR)  # read no more of it
+            # refused at once, not after max_request bytes of it were read. 5: the prefix.
+            if got > self.max_request + 5 or self.buffered > self.max_buffered or (got - n < 5 <= got and (
+                    int.from_bytes(data[1:5], "big") if got == n else _declared(call.parts)) > self.max_request):
+                self._refuse(stream, got > self.max_request + 5 or (got - n < 5 <= got and (
+                    int.from_bytes(data[1:5], "big") if got == n else _declared(call.parts)) > self.max_request))
                 return
         if end:
-            self._end(call)
+            if call.queue is not None:  # _end, inline: once per call
+                call.queue.put_nowait(None)
+            else:
+                call.since = None  # whole: no deadline of its reading left
+                self.dispatcher.ended(self, call)
+
+    def _refuse(self, stream: int, over: bool) -> None:
+        """A request past max_request (``over``), or past what the connection may buffer."""
+        self._drop(stream)
+        self.counters.hit("message_bytes" if over else "buffered_bytes")
+        why = f"request larger than the router's {size(self.max_request)}" if over else \
+            f"this connection's requests hold over {self.max_buffered >> 20} MiB of the router's memory"
+        self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(RESOURCE_EXHAUSTED, why))
+        self.reset(stream, NO_ERROR)  # read no more of it
 
     def _end(self, call: ServerCall) -> None:
         if call.queue is not None:

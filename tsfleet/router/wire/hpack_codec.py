@@ -213,28 +213,31 @@ _cache: dict[Header, bytes] = {}
 _cache[(b"grpc-message", b"")] = b"\x00\x0cgrpc-message\x00"  # every OK answer's (messages are not kept)
 
 
-def encode(headers: list[Header]) -> bytes:
-    """Literal fields, new names, no Huffman: without indexing (RFC 7541 6.2.2), or never
-    indexed (6.2.3) for credentials and for any field its sender sent so (a NeverIndexed
-    value), so no peer or intermediary keeps them in a table."""
-    out = []
-    for header in headers:
-        field = _cache.get(header)
-        # A value sent never indexed equals, and so would find, a plain field's encoding.
-        if field is None or type(header[1]) is not bytes:
-            field = _field(header)
-        out.append(field)
-    return b"".join(out)
+_BYTES = [bytes((i,)) for i in range(127)]  # a length under 127, as its one-byte HPACK integer
 
 
 def _field(header: Header) -> bytes:
     name, value = header
-    never = type(value) is not bytes or name in _SENSITIVE
+    never = value.__class__ is not bytes or name in _SENSITIVE
     n, v = len(name), len(value)
-    if n < 127 and v < 127:  # one byte each: nearly every field
-        field = (b"\x10" if never else b"\x00") + bytes((n,)) + name + bytes((v,)) + value
+    if n < 127 and v < 127:  # one byte each: nearly every field (one join: a third of the time of four +)
+        field = b"".join((b"\x10" if never else b"\x00", _BYTES[n], name, _BYTES[v], value))
     else:
         field = (b"\x10" if never else b"\x00") + _encode_integer(n, 7) + name + _encode_integer(v, 7) + value
     if not never and name in _CACHED_NAMES and v < 128 and len(_cache) < 4096:
         _cache[header] = field
     return field
+
+
+def encode(headers: list[Header], _get=_cache.get) -> bytes:  # noqa: B008 - bound once: this runs per call
+    """Literal fields, new names, no Huffman: without indexing (RFC 7541 6.2.2), or never
+    indexed (6.2.3) for credentials and for any field its sender sent so (a NeverIndexed
+    value), so no peer or intermediary keeps them in a table."""
+    out = []
+    for header in headers:
+        field = _get(header)
+        # A value sent never indexed equals, and so would find, a plain field's encoding.
+        if field is None or header[1].__class__ is not bytes:
+            field = _field(header)
+        out.append(field)
+    return b"".join(out)

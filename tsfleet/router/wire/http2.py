@@ -151,35 +151,42 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
         try:
             while end - pos >= 9 and not self.closed:
                 length_type, flags, stream = unpack(data, pos)
-                length = length_type >> 8
+                length, ftype, stream = length_type >> 8, length_type & 0xFF, stream & 0x7FFFFFFF
                 if length > self.frame_in:
                     raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
-                ftype = length_type & 0xFF
-                if ftype == DATA:
-                    used = self.stream_unacked.get(stream & 0x7FFFFFFF)
-                    if used is None or self.continuing is not None:  # rare: no stream open to DATA (5.1)
-                        check_stream(self, DATA, flags, stream & 0x7FFFFFFF)  # or a header block cut (6.2)
-                        used = used or 0
-                    if self.unacked + length > self.conn_window_in or used + length > self.stream_window_in:
-                        # RFC 9113 6.9.1: past what this end has given (it gives back half a window
-                        # at a time, as it reads), checked on the frame's header, before its bytes.
-                        raise ProtocolError(FLOW_CONTROL_ERROR, f"DATA of {length} bytes past the window")
+                if ftype != DATA:
+                    if end - pos - 9 < length:
+                        break  # not whole yet
+                    start, pos = pos + 9, pos + 9 + length
+                    self._frame(ftype, flags, stream, data[start:pos])
+                    continue
+                # DATA, every call's message: read here, not in _frame (a fifth of a proxied
+                # call's reading was the calls and checks on its way there).
+                used = self.stream_unacked.get(stream)
+                if used is None or self.continuing is not None:  # rare: no stream open to DATA (5.1)
+                    check_stream(self, DATA, flags, stream)  # or a header block cut (6.2)
+                    used = 0
+                if self.unacked + length > self.conn_window_in or used + length > self.stream_window_in:
+                    # RFC 9113 6.9.1: past what this end has given (it gives back half a window
+                    # at a time, as it reads), checked on the frame's header, before its bytes.
+                    raise ProtocolError(FLOW_CONTROL_ERROR, f"DATA of {length} bytes past the window")
                 if end - pos - 9 < length:
-                    if streamed(ftype, flags, length):  # a large frame's first part: no buffering
-                        if self.continuing is not None:
-                            raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
-                        if not stream & 0x7FFFFFFF:
-                            raise ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
-                        self.streaming = (stream & 0x7FFFFFFF, flags, length)
+                    if length > LARGE and not flags & PADDED:  # a large frame's first part: no buffering
+                        self.streaming = (stream, flags, length)
                         view = view or memoryview(data)
                         pos = end if pos + 9 == end else pos + 9 + self._more_data(view[pos + 9:])
                     break
                 start, pos = pos + 9, pos + 9 + length
-                if ftype == DATA and length > LARGE:  # a view: the receiver copies it where it keeps it
+                if flags & PADDED:
+                    self._frame(DATA, flags, stream, data[start:pos])
+                    continue
+                if length > LARGE:  # a view: the receiver copies it where it keeps it
                     view = view or memoryview(data)
-                    self._frame(ftype, flags, stream & 0x7FFFFFFF, view[start:pos])
+                    payload = view[start:pos]
                 else:
-                    self._frame(ftype, flags, stream & 0x7FFFFFFF, data[start:pos])
+                    payload = data[start:pos]
+                self._credit(stream, length, flags & END_STREAM)
+                self.on_data(stream, payload, bool(flags & END_STREAM))
         except (ProtocolError, HpackError) as exc:
             code = exc.code if isinstance(exc, ProtocolError) else \
                 ENHANCE_YOUR_CALM if isinstance(exc, HeaderListTooLarge) else COMPRESSION_ERROR
@@ -205,22 +212,12 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
 
     # --------------------------------------------------------------- frames
     def _frame(self, ftype: int, flags: int, stream: int, payload: bytes | memoryview) -> None:
+        """Every frame but an unpadded DATA frame (data_received reads those itself)."""
         if self.continuing is not None and ftype != CONTINUATION:
             raise ProtocolError(PROTOCOL_ERROR, "header block interrupted")
-        if ftype <= HEADERS:  # DATA and HEADERS, nearly every frame: check_frame's checks for them, inline
-            if not stream or flags & (PADDED | PRIORITY_FLAG):
+        if ftype == HEADERS:
+            if not stream or flags & (PADDED | PRIORITY_FLAG):  # check_frame's checks for HEADERS
                 check_frame(ftype, flags, stream, payload)
-        else:
-            check_frame(ftype, flags, stream, payload)  # lengths, stream 0 or not, padding
-            if ftype in FLOOD_BUDGET and (ftype == RST_STREAM or not flags & ACK):  # an ACK is our own echoed
-                self.floods.spend(ftype, self.loop.time())
-        if ftype == DATA:
-            size = len(payload)
-            if flags & PADDED:
-                payload = payload[1:len(payload) - payload[0]]
-            self._credit(stream, size, flags & END_STREAM)
-            self.on_data(stream, payload, bool(flags & END_STREAM))
-        elif ftype == HEADERS:
             # check_stream's two common cases inline: the peer opens its next stream, or answers
             # on one of this end's that is open (trailers, an answer's headers).
             if stream & 1 != self.client_side:
@@ -228,8 +225,8 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
                     self.peer_high = stream
                 else:
                     check_stream(self, HEADERS, flags, stream)
-            elif stream not in self.windows:
-                check_stream(self, HEADERS, flags, stream)
+            elif stream > self.own_high:  # one of this end's: an answer on a stream it opened, or
+                check_stream(self, HEADERS, flags, stream)  # an error (idle); ended ones ignored
             if flags & END_STREAM:  # trailers, or a call without a body: no DATA follows
                 self.stream_unacked.pop(stream, None)
             else:
@@ -244,6 +241,19 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
                 self.on_headers(stream, self.decoder.decode(payload), bool(flags & END_STREAM))
             else:
                 self.continuing = (stream, flags, bytearray(payload))
+            return
+        if ftype == WINDOW_UPDATE and len(payload) == 4:  # check_frame's one rule for it, inline:
+            self._window_update(stream, flags, payload)   # each answer brings one or two
+            return
+        check_frame(ftype, flags, stream, payload)  # lengths, stream 0 or not, padding
+        if ftype in FLOOD_BUDGET and (ftype == RST_STREAM or not flags & ACK):  # an ACK is our own echoed
+            self.floods.spend(ftype, self.loop.time())
+        if ftype == DATA:  # padded (data_received reads the others)
+            size = len(payload)
+            if flags & PADDED:
+                payload = payload[1:len(payload) - payload[0]]
+            self._credit(stream, size, flags & END_STREAM)
+            self.on_data(stream, payload, bool(flags & END_STREAM))
         elif ftype == CONTINUATION:
             if self.continuing is None or self.continuing[0] != stream:
                 raise ProtocolError(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
@@ -259,22 +269,6 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
         elif ftype == SETTINGS:
             if not flags & ACK:
                 self._settings(payload)
-        elif ftype == WINDOW_UPDATE:
-            increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-            if increment == 0:  # RFC 9113 6.9: a stream error; here the connection's, as 5.4.1 allows
-                raise ProtocolError(PROTOCOL_ERROR, f"WINDOW_UPDATE of 0 on stream {stream}")
-            if stream == 0:
-                self.conn_window += increment
-                window = self.conn_window
-            elif stream in self.windows:
-                self.windows[stream] += increment
-                window = self.windows[stream]
-            else:
-                check_stream(self, WINDOW_UPDATE, flags, stream)  # an idle stream's is an error
-                window = 0
-            if window > MAX_WINDOW:
-                raise ProtocolError(FLOW_CONTROL_ERROR, f"a window of stream {stream} past 2^31-1")
-            self._unblock()
         elif ftype == PING:
             if not flags & ACK:
                 self._write(frame(PING, ACK, 0, payload))
@@ -286,6 +280,24 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
             last, code = struct.unpack(">II", payload[:8])
             self.on_goaway(last & 0x7FFFFFFF, code, payload[8:].decode(errors="replace"))
         # PRIORITY, PUSH_PROMISE (refused by our SETTINGS) and unknown types: ignored
+
+    def _window_update(self, stream: int, flags: int, payload: bytes | memoryview) -> None:
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if increment == 0:  # RFC 9113 6.9: a stream error; here the connection's, as 5.4.1 allows
+            raise ProtocolError(PROTOCOL_ERROR, f"WINDOW_UPDATE of 0 on stream {stream}")
+        if stream == 0:
+            self.conn_window += increment
+            window = self.conn_window
+        elif stream in self.windows:
+            self.windows[stream] += increment
+            window = self.windows[stream]
+        else:
+            check_stream(self, WINDOW_UPDATE, flags, stream)  # an idle stream's is an error
+            window = 0
+        if window > MAX_WINDOW:
+            raise ProtocolError(FLOW_CONTROL_ERROR, f"a window of stream {stream} past 2^31-1")
+        if self.blocked:
+            self._unblock()
 
     def _settings(self, payload: bytes) -> None:
         for i in range(0, len(payload), 6):  # check_frame: a multiple of 6
