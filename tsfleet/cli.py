@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -186,19 +187,31 @@ def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
     # A gRPC request TorchServe would only reset is refused by the router (limits.under_torchserve).
     ts_max = read_properties(config).get("max_request_size") if config.is_file() else None
     limits = under_torchserve(fleet.router_limits, int(ts_max) if ts_max and ts_max.isdigit() else None)
+    if args.routes_configmap and not args.routes_file:
+        raise FleetError("--routes-configmap names where the routes file's content lives: give --routes-file too")
+    # The pod's environment names the ConfigMap (k8s/base/deployment.yaml); it counts only with a routes file.
+    configmap = args.routes_configmap or os.environ.get("TSFLEET_ROUTES_CONFIGMAP") or None
     serve(fleet, RouterConfig(upstream_rest=ep.url("inference"), upstream_grpc=f"{ep.host}:{ep.grpc_inference}",
                               upstream_management=ep.url("management"), ts_key_file=Path(args.key_file),
                               host=args.host, admin_host=args.admin_host,
                               port=args.port, admin_port=args.admin_port, grpc_port=args.grpc_port,
                               state_file=Path(args.state_file), key_file=Path(args.router_key_file),
                               processes=process_count(args.processes), drain_s=args.drain_s,
-                              limits=limits), _say)
+                              limits=limits, routes_file=Path(args.routes_file) if args.routes_file else None,
+                              routes_configmap=configmap), _say)
     return 0
 
 
 def cmd_rollout(args: argparse.Namespace, fleet: Fleet) -> int:
     from tsfleet import rollout
 
+    if args.kube:
+        from tsfleet import rollout_kube
+
+        where = rollout_kube.RoutesConfigMap(args.namespace, args.configmap, args.configmap_key, args.kubectl)
+        weight = args.weight if args.action == "start" else args.weight_pos
+        rollout_kube.run(where, fleet, args.action, args.model, args.version, weight, _say, Path(args.manifest))
+        return 0
     admin = _admin(args)
     if args.action == "status":
         _say(rollout.render_status(admin.routes(), args.model))
@@ -289,12 +302,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="processes sharing the router's ports: one proxies on one core, so give it "
                         "more where TorchServe answers faster than one core can pass on; auto (the "
                         "default): one per four usable CPUs, at most four")
+    p.add_argument("--routes-file", default="",
+                   help="a routes file to follow (a mounted ConfigMap's key; the format of the state file): "
+                        "its changes move this router's weights within a second (default: none)")
+    p.add_argument("--routes-configmap", default="",
+                   help="the ConfigMap that --routes-file is mounted from: in a pod, automatic rollbacks are "
+                        "written there for every replica (key: the file's name; default: "
+                        "$TSFLEET_ROUTES_CONFIGMAP, else none)")
     p = sub.add_parser("rollout", help="canary, promote or roll back a version through the router")
     p.add_argument("action", choices=["start", "set-weight", "promote", "rollback", "status"])
     p.add_argument("model", nargs="?")
     p.add_argument("version", nargs="?")
     p.add_argument("weight_pos", nargs="?", type=float, metavar="WEIGHT", help="for set-weight")
     p.add_argument("--weight", type=float, default=5.0, help="percent of traffic for start (default 5)")
+    p.add_argument("--kube", action="store_true",
+                   help="on Kubernetes: write the routes ConfigMap every router replica follows, with kubectl, "
+                        "instead of calling one router's admin API")
+    p.add_argument("--namespace", default="tsfleet", help="with --kube: the fleet's namespace (default tsfleet)")
+    p.add_argument("--configmap", default="tsfleet-routes",
+                   help="with --kube: the routes ConfigMap (default tsfleet-routes)")
+    p.add_argument("--configmap-key", default="routes.json",
+                   help="with --kube: its key, the routers' --routes-file name (default routes.json)")
+    p.add_argument("--kubectl", default="kubectl", help="with --kube: the kubectl to run (default: kubectl on PATH)")
     p = sub.add_parser("rotate-key", help="give the router a new inference key (prints it); the old one "
                        "is taken a while longer")
     p.add_argument("--grace-s", type=float, default=3600, help="seconds the old key is still taken (default 3600)")

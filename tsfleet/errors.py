@@ -68,6 +68,17 @@ class WorkflowDidNotStart(FleetError):
         self.workflow = workflow
 
 
+class KubeError(FleetError):
+    """The Kubernetes API refused a call (``status``: its HTTP status, 403 when RBAC forbids
+    it, 409 when the object changed since it was read) or gave no answer (``status`` 0)."""
+
+    http_status = 502
+
+    def __init__(self, what: str, status: int, message: str):
+        super().__init__(f"{what}: {status or 'no answer'} {message}")
+        self.what, self.status, self.server_message = what, status, message
+
+
 class ApiError(FleetError):
     """TorchServe answered a management call with an error."""
 

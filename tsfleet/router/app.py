@@ -8,16 +8,19 @@ import signal
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping
 
 from aiohttp import web
 
+from tsfleet.kube import SERVICE_ACCOUNT_DIR, KubeApi
 from tsfleet.manifest import Fleet
 from tsfleet.router.fronts.admin import AdminApi
 from tsfleet.router.keys import InferenceKeys, previous_keys, rotate_router_key, router_keys
 from tsfleet.router.policy.manifest_routes import fleet_routes, routes_from_fleet, take_fleet
 from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.readiness import ModelReadiness
+from tsfleet.router.rollback_record import RollbackRecorder
+from tsfleet.router.routes_file import RoutesFile
 from tsfleet.router.selfstats import process_metrics
 from tsfleet.router.fronts.rest import RestRouter
 from tsfleet.router.policy.routing import RoutingTable
@@ -43,6 +46,13 @@ class RouterConfig:
     processes: int = 1  # more than 1: the leader and fronts on the same ports (router/processes.py)
     drain_s: float = 10.0  # on stop: how long requests under way may take to be answered
     limits: RouterLimits = DEFAULT_LIMITS  # fleet.yaml's router.limits, for every process's fronts
+    # A routes file every replica follows (a mounted ConfigMap's key, router/routes_file.py);
+    # None: the routes are this router's own, as on one machine.
+    routes_file: Path | None = None
+    # The ConfigMap holding it (key: the file's name): automatic rollbacks are written there.
+    routes_configmap: str | None = None
+    service_account_dir: Path = SERVICE_ACCOUNT_DIR  # the pod's API credentials (kube.py)
+    routes_poll_s: float = 1.0
 
 
 class RouterProcess:
@@ -53,8 +63,17 @@ class RouterProcess:
         self.table = RoutingTable(routes_from_fleet(fleet), config.state_file)
         # The saved weights may predate a manifest edited while the router was down (a version
         # retired, a default moved): they yield to it, as they do to a running apply.
-        for change in take_fleet(self.table, fleet_routes(fleet)):
+        self.specs = fleet_routes(fleet)
+        for change in take_fleet(self.table, self.specs):
             log.info("router: %s", change)
+        self.routes_file: RoutesFile | None = None
+        self.recorder: RollbackRecorder | None = None
+        if config.routes_file is not None:
+            self.routes_file = RoutesFile(config.routes_file, self.table, self.versions, config.routes_poll_s)
+            self.routes_file.start_up()  # before serving: the file's routes, or the saved ones (precedence)
+            self.recorder = RollbackRecorder(self.table, config.routes_configmap, config.routes_file.name,
+                                             KubeApi.in_cluster(config.service_account_dir), self.versions)
+            self.table.on_rollback = self.recorder.rolled_back
         keys = router_keys(config.key_file)
         self.keys = InferenceKeys(keys["inference"], config.ts_key_file, config.upstream_management,
                                   previous_keys(keys)) if config.ts_key_file is not None else None
@@ -64,6 +83,7 @@ class RouterProcess:
         self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys, readiness=self.readiness,
                                metrics=self._metrics, limits=config.limits, counters=self.hits["rest"])
         self.admin = AdminApi(self.table, keys["admin"])
+        self.admin.fleet_taken = self._fleet_taken
         if self.keys is not None:
             self.admin.rotate = self.rotate_key
         self._runners: list[web.AppRunner] = []
@@ -102,6 +122,17 @@ class RouterProcess:
                 metrics=self.metrics_text)
             await self.fronts.start()
             self.admin.settled = self.fronts.settled
+        if self.routes_file is not None and self.recorder is not None:
+            self.routes_file.settled = self.fronts.settled if self.fronts is not None else None
+            self.routes_file.start()
+            self.recorder.start()
+
+    def versions(self) -> Mapping[str, Collection[str]]:
+        """Each routed model's versions in the manifest: what a routes file may name."""
+        return {m: spec["versions"] for m, spec in self.specs.items() if m in self.table.routes}
+
+    def _fleet_taken(self, specs: dict[str, dict[str, Any]]) -> None:
+        self.specs = specs  # apply brought the routes to an edited manifest (PUT /fleet)
 
     def metrics_text(self) -> str:
         """/metrics of the whole router: the routes' statistics (every process's, the leader
@@ -109,7 +140,9 @@ class RouterProcess:
         sources = [self.hits] + ([self.fronts.hits] if self.fronts is not None else [])
         fronts = self.fronts.pids() if self.fronts is not None else []
         processes = {"leader": os.getpid(), **{f"front-{n}": pid for n, pid in enumerate(fronts, 1)}}
-        return self.table.prometheus() + router_limits.prometheus(*sources) + process_metrics(processes)
+        shared = ((self.routes_file.prometheus() if self.routes_file is not None else "")
+                  + (self.recorder.prometheus() if self.recorder is not None else ""))
+        return self.table.prometheus() + shared + router_limits.prometheus(*sources) + process_metrics(processes)
 
     async def _metrics(self) -> str:
         return self.metrics_text()
@@ -129,6 +162,8 @@ class RouterProcess:
     async def stop(self) -> None:
         """Stop taking requests; answer those under way (for up to ``drain_s``), then stop."""
         drain = self.config.drain_s
+        if self.routes_file is not None:
+            self.routes_file.stop()
         stopping = [self.rest.stop(drain)]
         if self.fronts is not None:
             stopping.append(self.fronts.stop(drain + 5))
@@ -139,6 +174,8 @@ class RouterProcess:
         await asyncio.gather(*stopping)
         if self._fresh is not None:
             self._fresh.cancel()
+        if self.recorder is not None:
+            await self.recorder.stop()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self.table.save()

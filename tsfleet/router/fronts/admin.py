@@ -36,6 +36,8 @@ class AdminApi:
             web.put("/fleet", self.take_fleet),
             web.post("/keys/inference", self.rotate_key),
         ])
+        # Told of each manifest taken (PUT /fleet): the router checks a routes file against it.
+        self.fleet_taken: Callable[[dict[str, dict[str, Any]]], None] | None = None
         # Set by the router when it swaps its own inference key for TorchServe's (keys.py).
         self.rotate: Callable[[float], Awaitable[dict[str, Any]]] | None = None
 
@@ -97,6 +99,8 @@ class AdminApi:
             changes = take_fleet(self.table, specs)
         except (ValueError, TypeError) as exc:  # not JSON, not the expected shape
             return _error(400, f"PUT /fleet: {exc}")
+        if self.fleet_taken is not None:
+            self.fleet_taken(specs)
         if self.settled is not None:
             await self.settled()
         return web.json_response({"changes": changes})

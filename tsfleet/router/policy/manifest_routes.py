@@ -27,7 +27,7 @@ def new_route(model: str, spec: dict[str, Any]) -> Route:
     """A route for a model the manifest describes as ``spec``: all traffic to its default."""
     default = spec["default_version"]
     return Route(model, default, {default: 100.0}, rollback=RollbackRule(**spec.get("rollback", {})),
-                 streaming=bool(spec.get("streaming", False)))
+                 streaming=bool(spec.get("streaming", False)), versions=tuple(spec.get("versions", ())))
 
 
 def routes_from_fleet(fleet: Any) -> dict[str, Route]:
@@ -68,7 +68,7 @@ def take_fleet(table: RoutingTable, specs: dict[str, dict[str, Any]]) -> list[st
                 changes.append(f"{model}: new route, all traffic to {default}")
             continue
         fresh = new_route(model, spec)
-        route.rollback, route.streaming = fresh.rollback, fresh.streaming
+        route.rollback, route.streaming, route.versions = fresh.rollback, fresh.streaming, fresh.versions
         kept = {v: w for v, w in route.weights.items() if v in versions}
         if (default in versions and default != route.baseline) or not any(w > 0 for w in kept.values()):
             target = default if default in versions else route.baseline

@@ -51,6 +51,7 @@ class Route:
     # version's batch settings, its traffic goes to a stand-in registered under another name.
     aliases: dict[str, str] = field(default_factory=dict)
     streaming: bool = False  # from the manifest: does the handler answer StreamPredictions?
+    versions: tuple[str, ...] = ()  # the manifest's: each has a rollback counter from 0 in /metrics
 
     def arms(self) -> list[tuple[str, float]]:
         """Arms with weight, candidates (by version) first, baseline last."""
@@ -93,6 +94,12 @@ class RoutingTable:
         self.sink: list[tuple] | None = None
         self.shadow_sink: list[tuple] | None = None
         self.decides = True
+        # Called after each automatic rollback, with (model, version, event): the router
+        # records it where its replicas see it (router/rollback_record.py).
+        self.on_rollback: Callable[[str, str, dict[str, Any]], None] | None = None
+        # The routes file's content (sha256) these routes last took, kept in the state file:
+        # on a restart, a file unchanged since then yields to what the router did after it.
+        self.routes_file_sha256: str | None = None
         self._load_state()
 
     # --------------------------------------------------------------- state
@@ -100,7 +107,9 @@ class RoutingTable:
         if not self.state_path or not self.state_path.is_file():
             return
         try:
-            self.apply_state(json.loads(self.state_path.read_text()))
+            doc = json.loads(self.state_path.read_text())
+            self.apply_state(doc)
+            self.routes_file_sha256 = (doc.get("routes_file") or {}).get("sha256")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise FleetError(f"{self.state_path} is not a routing state the router can read ({exc!r}); fix it, "
                              "or move it away to start from the manifest's routes") from None
@@ -125,8 +134,11 @@ class RoutingTable:
             self.on_change()
         if not self.state_path:
             return
+        doc = self.state()
+        if self.routes_file_sha256:
+            doc["routes_file"] = {"sha256": self.routes_file_sha256}
         try:
-            write_atomically(self.state_path, json.dumps(self.state(), indent=2, sort_keys=True))
+            write_atomically(self.state_path, json.dumps(doc, indent=2, sort_keys=True))
         except OSError as exc:
             if not quiet:
                 raise
@@ -134,7 +146,7 @@ class RoutingTable:
 
     def state(self) -> dict[str, Any]:
         """The live parts of every route, as saved and as apply_state takes them."""
-        return {"routes": {m: {k: v for k, v in asdict(r).items() if k not in ("model", "rollback", "streaming")}
+        return {"routes": {m: {k: v for k, v in asdict(r).items() if k not in ("model", "rollback", "streaming", "versions")}
                            for m, r in self.routes.items()}}
 
     # ------------------------------------------------------------ choosing
@@ -249,7 +261,10 @@ class RoutingTable:
             reason = f"p99 {p99_c * 1000:.0f} ms vs baseline {p99_b * 1000:.0f} ms over {rule.window_s:.0f} s"
         if reason is None:
             return None
-        return self.roll_back(model, version, reason)
+        event = self.roll_back(model, version, reason)
+        if self.on_rollback is not None:
+            self.on_rollback(model, version, event)
+        return event
 
     # ------------------------------------------------------------- changes
     def roll_back(self, model: str, version: str, reason: str) -> dict[str, Any]:
@@ -361,6 +376,8 @@ class RoutingTable:
             lines.append(f'tsfleet_router_latency_seconds_count{{model="{model}",version="{version}"}} {st.requests}')
         lines += ["# HELP tsfleet_router_rollbacks_total Automatic rollbacks of a candidate.",
                   "# TYPE tsfleet_router_rollbacks_total counter"]
-        for (model, version), n in sorted(self.rollbacks_total.items()):
+        # Every arm from 0, so that increase() sees the first rollback too.
+        arms = {(m, v): 0 for m, r in self.routes.items() for v in {*r.versions, *r.weights, r.baseline}}
+        for (model, version), n in sorted({**arms, **self.rollbacks_total}.items()):
             lines.append(f'tsfleet_router_rollbacks_total{{model="{model}",version="{version}"}} {n}')
         return "\n".join(lines) + "\n"
