@@ -11,6 +11,7 @@ def test_a_client_s_content_length_is_not_forwarded_since_the_version_lengthens_
     call = ServerCall(1, [(b":method", b"POST"), (b":path", PREDICT), (b"content-type", b"application/grpc"),
                           (b"content-length", b"42"), (b"te", b"trailers"), (b"authorization", b"Bearer k"),
                           (b"x-user-id", b"u1")])
-    sent = GrpcRouter(RoutingTable({}), "127.0.0.1:7070")._headers(call, PREDICT)
+    sent, sticky = GrpcRouter(RoutingTable({}), "127.0.0.1:7070")._headers(call, PREDICT)
     assert [name for name, _ in sent if name[0] != 58] == [b"content-type", b"te", b"authorization", b"x-user-id",
                                                             b"grpc-timeout"]
+    assert sticky == b"u1"  # the sticky key (x-user-id by default), found in the same pass

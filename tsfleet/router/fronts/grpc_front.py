@@ -121,9 +121,9 @@ class GrpcRouter(StreamCalls):
                 return
             # TorchServe 0.12 kills the worker (failing its whole batch) when a handler that
             # does not stream gets a stream; the answer of such a model is one message anyway.
-            sticky = header(call.headers, self.sticky)
+            headers, sticky = self._headers(call, PREDICT, decompressed)
             routed = self.policy.begin(model, asked, sticky.decode("latin-1") if sticky else None)
-            Prediction(self, conn, call, routed, self._headers(call, PREDICT, decompressed), payload).attempt()
+            Prediction(self, conn, call, routed, headers, payload).attempt()
         except Exception:  # a bug of the router's must not take the client's connection down
             log.exception("gRPC call to %s failed in the router", call.path.decode(errors="replace"))
             self.abort(conn, call)
@@ -150,11 +150,14 @@ class GrpcRouter(StreamCalls):
         conn.finish(call)
 
     # ------------------------------------------------------------- helpers
-    def _headers(self, call: ServerCall, path: bytes, decompressed: bool = False) -> list[Header]:
-        """The upstream call's headers: the client's metadata (the Authorization key above all)."""
+    def _headers(self, call: ServerCall, path: bytes, decompressed: bool = False) -> tuple[list[Header], bytes | None]:
+        """The upstream call's headers: the client's metadata (the Authorization key above
+        all); and the sticky key's value, found on the way (one pass over the client's list)."""
         out = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path), (b":authority", self.pool.authority)]
-        deadline = False
+        deadline, sticky, sticky_name = False, None, self.sticky
         for name, value in call.headers:
+            if name == sticky_name and sticky is None:
+                sticky = value
             # A client's content-length no longer holds once the version is appended (TorchServe
             # then resets the call: h2load and nghttp send one, grpcio does not).
             if name[0] == 58 or name == b"content-length" or (decompressed and name == b"grpc-encoding"):
@@ -165,7 +168,7 @@ class GrpcRouter(StreamCalls):
             out.append((name, value))
         if not deadline:
             out.append((b"grpc-timeout", self.default_timeout))
-        return out
+        return out, sticky
 
     def _request(self, call: ServerCall, flag: int, payload: bytes | memoryview) -> pb.PredictionsRequest | None:
         """The request, readable; None when it is not."""
@@ -244,7 +247,7 @@ class GrpcRouter(StreamCalls):
         """Ping, or a request the router cannot read: passed to TorchServe as it is."""
         try:
             try:
-                headers = self._headers(call, call.path)
+                headers = self._headers(call, call.path)[0]
                 up = await self._call(call, headers, call.body)
                 if outcome(*up.status()) == KEY_REFUSED and self.own_key(call) and (fresh := await self.renewed_key(headers)):
                     up = await self._call(call, fresh, call.body)

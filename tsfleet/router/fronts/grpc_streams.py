@@ -32,7 +32,7 @@ class StreamCalls:
     counters: LimitCounters
 
     if TYPE_CHECKING:  # GrpcRouter's, declared for the type checker only
-        def _headers(self, call: ServerCall, path: bytes, decompressed: bool = False) -> list[Header]: ...
+        def _headers(self, call: ServerCall, path: bytes, decompressed: bool = False) -> tuple[list[Header], bytes | None]: ...
 
         def _request(self, call: ServerCall, flag: int, payload: bytes | memoryview) -> pb.PredictionsRequest | None: ...
 
@@ -46,7 +46,7 @@ class StreamCalls:
 
     async def _stream(self, conn: ServerConnection, call: ServerCall, model: str, asked: str,
                       payload: bytes | memoryview, decompressed: bool) -> None:
-        headers = self._headers(call, STREAM, decompressed)
+        headers = self._headers(call, STREAM, decompressed)[0]
         sticky = header(call.headers, self.sticky)
         routed = self.policy.begin(model, asked, sticky.decode("latin-1") if sticky else None)
         relay = Relay(conn, call, [])
@@ -104,7 +104,7 @@ class StreamCalls:
             except UpstreamGone as exc:
                 relay.fail(UNAVAILABLE, self.unreachable(exc))
                 return
-            up = upstream.start(self._headers(call, call.path, decompressed=rewrite),
+            up = upstream.start(self._headers(call, call.path, decompressed=rewrite)[0],
                                 b"".join(first) or None, False, relay)
             call.upstream = (upstream, up.id)
             while (chunk := await call.queue.get()) is not None:

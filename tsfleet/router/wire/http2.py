@@ -243,7 +243,20 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
                 self.continuing = (stream, flags, bytearray(payload))
             return
         if ftype == WINDOW_UPDATE and len(payload) == 4:  # check_frame's one rule for it, inline:
-            self._window_update(stream, flags, payload)   # each answer brings one or two
+            increment = int.from_bytes(payload, "big") & 0x7FFFFFFF  # each answer brings one or two
+            if increment == 0:  # RFC 9113 6.9: a stream error; here the connection's, as 5.4.1 allows
+                raise ProtocolError(PROTOCOL_ERROR, f"WINDOW_UPDATE of 0 on stream {stream}")
+            if stream == 0:
+                window = self.conn_window = self.conn_window + increment
+            elif stream in self.windows:
+                window = self.windows[stream] = self.windows[stream] + increment
+            else:  # an ended stream's is ignored (5.1), an idle one's is an error
+                check_stream(self, WINDOW_UPDATE, flags, stream)
+                return
+            if window > MAX_WINDOW:
+                raise ProtocolError(FLOW_CONTROL_ERROR, f"a window of stream {stream} past 2^31-1")
+            if self.blocked:
+                self._unblock()
             return
         check_frame(ftype, flags, stream, payload)  # lengths, stream 0 or not, padding
         if ftype in FLOOD_BUDGET and (ftype == RST_STREAM or not flags & ACK):  # an ACK is our own echoed
@@ -280,24 +293,6 @@ class Http2Connection(FlowControlledSender, asyncio.Protocol):
             last, code = struct.unpack(">II", payload[:8])
             self.on_goaway(last & 0x7FFFFFFF, code, payload[8:].decode(errors="replace"))
         # PRIORITY, PUSH_PROMISE (refused by our SETTINGS) and unknown types: ignored
-
-    def _window_update(self, stream: int, flags: int, payload: bytes | memoryview) -> None:
-        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-        if increment == 0:  # RFC 9113 6.9: a stream error; here the connection's, as 5.4.1 allows
-            raise ProtocolError(PROTOCOL_ERROR, f"WINDOW_UPDATE of 0 on stream {stream}")
-        if stream == 0:
-            self.conn_window += increment
-            window = self.conn_window
-        elif stream in self.windows:
-            self.windows[stream] += increment
-            window = self.windows[stream]
-        else:
-            check_stream(self, WINDOW_UPDATE, flags, stream)  # an idle stream's is an error
-            window = 0
-        if window > MAX_WINDOW:
-            raise ProtocolError(FLOW_CONTROL_ERROR, f"a window of stream {stream} past 2^31-1")
-        if self.blocked:
-            self._unblock()
 
     def _settings(self, payload: bytes) -> None:
         for i in range(0, len(payload), 6):  # check_frame: a multiple of 6
