@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from tsfleet.errors import FleetError
 from tsfleet.manifest import Fleet, load_fleet
@@ -15,6 +15,8 @@ from tsfleet.properties import Endpoints, render_properties
 from tsfleet.recipes import ROOT
 
 if TYPE_CHECKING:  # imported lazily below: `tsfleet --help` should not pay for them
+    import http.server
+
     from tsfleet.client import ManagementClient
     from tsfleet.rollout import RouterAdmin
     from tsfleet.server import TorchServe
@@ -123,20 +125,16 @@ def cmd_status(args: argparse.Namespace, fleet: Fleet) -> int:
     return 0
 
 
-def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
+def _metrics_server(host: str, port: int, metrics: Callable[[], str]) -> "http.server.ThreadingHTTPServer":
+    """A Prometheus endpoint (``/metrics``, no key) on ``host``:``port``, serving in a daemon
+    thread. ``host`` is an IPv4 or IPv6 address: "::" serves an IPv6-only pod network."""
     import http.server
+    import socket
     import threading
-
-    from handlers.lifecycle import default_report_dir
-    from tsfleet import up
-    from tsfleet.recycle import Recycler, watched as recycle_watched
-
-    recycler = Recycler(fleet, _client(args), Path(args.report_dir) if args.report_dir else default_report_dir(),
-                        _say, manifest=Path(args.manifest))
 
     class Metrics(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            body = recycler.metrics().encode()
+            body = metrics().encode()
             self.send_response(200 if self.path == "/metrics" else 404)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.end_headers()
@@ -145,10 +143,26 @@ def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
         def log_message(self, *args: object) -> None:
             pass
 
+    class Server(http.server.ThreadingHTTPServer):
+        # The base class binds IPv4 sockets only, which refuse an address such as "::".
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    httpd = Server((host, port), Metrics)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
+    from handlers.lifecycle import default_report_dir
+    from tsfleet import up
+    from tsfleet.recycle import Recycler, watched as recycle_watched
+
+    recycler = Recycler(fleet, _client(args), Path(args.report_dir) if args.report_dir else default_report_dir(),
+                        _say, manifest=Path(args.manifest))
     if args.metrics_port:
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", args.metrics_port), Metrics)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        _say(f"recycler metrics at http://127.0.0.1:{args.metrics_port}/metrics")
+        _metrics_server(args.metrics_host, args.metrics_port, recycler.metrics)
+        shown = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host
+        _say(f"recycler metrics at http://{shown}:{args.metrics_port}/metrics")
     _say("recycling " + recycle_watched(fleet))
     signal.signal(signal.SIGTERM, up.interrupt)
     try:
@@ -287,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("recycle", help="replace workers past their recycle policy, until stopped")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
     p.add_argument("--metrics-port", type=int, default=8083, help="Prometheus port (0: none)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the Prometheus port: loopback by default; 0.0.0.0 (or ::) where "
+                        "Prometheus scrapes from elsewhere, as in a pod")
     p = sub.add_parser("route", help="run the A/B router in front of TorchServe, until stopped")
     p.add_argument("--host", default="127.0.0.1",
                    help="address of the REST and gRPC listeners; 0.0.0.0 serves other machines (clients, "

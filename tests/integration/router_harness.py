@@ -167,15 +167,17 @@ class SteadyLoad:
 
 
 @contextlib.contextmanager
-def served(fleet: Fleet, model_store: Path, workdir: Path, keyed: bool = False) -> Iterator[tuple[TorchServe, RunningRouter]]:
-    """A TorchServe of its own serving ``fleet``, and a router before it; both stopped after."""
+def served(fleet: Fleet, model_store: Path, workdir: Path, keyed: bool = False,
+           **router_options: Any) -> Iterator[tuple[TorchServe, RunningRouter]]:
+    """A TorchServe of its own serving ``fleet``, and a router before it (``router_options``:
+    more of its RouterConfig); both stopped after."""
     from tests.integration.conftest import new_server
 
     ts = new_server(fleet, model_store, workdir)
     ts.start(snapshots=False)
     try:
         ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
-        with RunningRouter.before(ts, fleet, workdir, keyed) as router:
+        with RunningRouter.before(ts, fleet, workdir, keyed, **router_options) as router:
             yield ts, router
     finally:
         ts.stop()

@@ -13,8 +13,8 @@ from tsfleet.manifest import load_fleet
 from tsfleet.properties import LOG_CONFIG
 from tsfleet.router.policy.manifest_routes import routes_from_fleet
 from tsfleet.router.policy.routing import RoutingTable
-from tests.k8s.rendered import (K8S, OVERLAYS, ROOT, arg_value, container, containers, mounts, one, overlay, pod_spec,
-                                quantity_bytes, writable_mount)
+from tests.k8s.rendered import (K8S, OVERLAYS, ROOT, arg_value, container, containers, mounts, objects, one, overlay,
+                                pod_spec, quantity_bytes, writable_mount)
 
 pytestmark = pytest.mark.k8s
 
@@ -164,15 +164,54 @@ def test_only_the_router_holds_an_api_token_for_the_routes_configmap(name):
     holders = {c["name"] for c in containers(spec) for m in c.get("volumeMounts", []) if m["name"] in token_volumes}
     assert holders == {"router"}
     role = one(objs, "Role")
-    routes = env(container(spec, "router"))["TSFLEET_ROUTES_CONFIGMAP"]
+    routes = arg_value(container(spec, "router")["args"], "--routes-configmap")
+    # What tsfleet/kube.py calls: get and merge-patch that one ConfigMap (rollback_record.py),
+    # and create an Event when the patch fails. Nothing else: no list, watch, update or delete,
+    # no other ConfigMap, no Secret.
     assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [routes],
-                              "verbs": ["get", "patch"]}]
+                              "verbs": ["get", "patch"]},
+                             {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
     assert "data" not in one(objs, "ConfigMap", routes), "applying again must not reset live routes"
     binding = one(objs, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
                                     "namespace": "tsfleet"}]
     assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_router_follows_the_routes_configmap_through_a_directory_mount(name):
+    """The kubelet updates a ConfigMap mounted as a directory (its ..data swap) and never one
+    mounted with subPath: the router's --routes-file must be a key under a directory mount of
+    the very ConfigMap --routes-configmap names, or replicas never see a change."""
+    objs = overlay(name)
+    spec = pod_spec(objs)
+    args = container(spec, "router")["args"]
+    routes_file, configmap = arg_value(args, "--routes-file"), arg_value(args, "--routes-configmap")
+    folder, _, key = routes_file.rpartition("/")
+    mount = mounts(spec, "router")[folder]
+    assert "subPath" not in mount and "subPathExpr" not in mount, "a subPath mount never sees an update"
+    assert mount["readOnly"] is True, "the routers write the routes through the API, never to the mount"
+    volume = mount["volume"]
+    assert set(volume) == {"name", "configMap"} and volume["configMap"]["name"] == configmap
+    # Every key, no items list: the ConfigMap starts with no data, and a listed key that is
+    # missing keeps the pod from starting (unless optional); the router waits for the file.
+    assert "items" not in volume["configMap"] and key == "routes.json"
+    assert one(objs, "ConfigMap", configmap)["metadata"]["namespace"] == "tsfleet"
+    holders = {c["name"] for c in containers(spec) for m in c.get("volumeMounts", []) if m["name"] == volume["name"]}
+    assert holders == {"router"}
+    # The RollbackNotRecorded Event names the pod rollback_record.pod_name() finds here.
+    router_env = {e["name"]: e for e in container(spec, "router")["env"]}
+    assert router_env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_the_gpu_overlay_changes_only_the_router_s_process_count():
+    """A strategic-merge patch replaces the router's whole argument list: the gpu overlay must
+    repeat the base's arguments (the routes flags included) and change --processes alone."""
+    base, gpu = (container(pod_spec(objects(path)), "router")["args"] for path in ("k8s/base", "k8s/overlays/gpu"))
+    where = base.index("--processes") + 1
+    assert gpu[:where] + gpu[where + 1:] == base[:where] + base[where + 1:]
+    assert (base[where], gpu[where]) == ("1", "2")
 
 
 @pytest.mark.parametrize("name", OVERLAYS)

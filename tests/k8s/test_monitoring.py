@@ -5,8 +5,8 @@ rule query is checked against one of these lists:
 
 - the real scrape (integration): /metrics of a running TorchServe, router and recycler,
   read without a key as the ServiceMonitor reads them, after REST and gRPC requests through
-  the router and direct, a workflow call, a bad request, a canary rolled back and a worker
-  recycled;
+  the router and direct, a workflow call, a bad request, a canary rolled back, a worker
+  recycled, and a routes file taken and a bad one refused (the router follows one, as in a pod);
 - EVENT_ONLY: names that need what this machine cannot cause (a GPU, a TorchServe 5xx).
   Each is checked, in the unit tier, against the code that writes it;
 - PROMETHEUS_MADE: series Prometheus writes itself (``up``).
@@ -181,6 +181,8 @@ def written_by_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str
     from tsfleet.recycle import Event, Recycler
     from tsfleet.router import selfstats
     from tsfleet.router.keys import InferenceKeys
+    from tsfleet.router.rollback_record import RollbackRecorder
+    from tsfleet.router.routes_file import RoutesFile
     from tsfleet.router.policy.routing import Route, RoutingTable
     from tsfleet.router.wire import limits
     import ts
@@ -189,10 +191,16 @@ def written_by_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str
     table.record("m", "1.0", True, 0.01)
     table.record("m", "1.1", False, 0.01)
     table.roll_back("m", "1.1", "by a test")
+    # A router following a routes file (as in a pod): the content it took, and its rollbacks'
+    # records in the routes ConfigMap.
+    table.routes_file_sha256 = "0" * 64
+    versions = lambda: {"m": ["1.0", "1.1"]}  # noqa: E731
+    routes_file = RoutesFile(tmp_path / "routes.json", table, versions)
+    recorder = RollbackRecorder(table, None, "routes.json", None, versions, pod="p")
     key_file = tmp_path / "key_file.json"
     expires = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
     key_file.write_text(json.dumps({"inference": {"key": "k", "expiration time": expires}, "API": {"key": "a"}}))
-    router = "".join([table.prometheus(),
+    router = "".join([table.prometheus(), routes_file.prometheus(), recorder.prometheus(),
                       limits.prometheus({"rest": limits.LimitCounters(), "grpc": limits.LimitCounters()}),
                       selfstats.process_metrics({"leader": os.getpid()}),
                       InferenceKeys("router-key", key_file, "http://127.0.0.1:9").prometheus()])
@@ -261,6 +269,43 @@ def test_names_seen_only_after_an_event_are_written_by_the_code_named(tmp_path: 
     for name, (event, source) in EVENT_ONLY.items():
         assert name in written[source], f"{name} ({event}) is not written by {source}"
     assert set(EVENT_ONLY) <= queried_names(), "an EVENT_ONLY entry no query uses any more: drop it"
+
+
+def exported_from_0(tmp_path: Path) -> set[str]:
+    """Names a new pod exports at 0 before anything happened: its router (following a routes
+    file, as in k8s/base) and its recycler, fresh."""
+    from tsfleet.manifest import load_fleet
+    from tsfleet.recycle import Recycler
+    from tsfleet.router.policy.manifest_routes import routes_from_fleet
+    from tsfleet.router.policy.routing import RoutingTable
+    from tsfleet.router.rollback_record import RollbackRecorder
+    from tsfleet.router.routes_file import RoutesFile
+
+    fleet = load_fleet(ROOT / "fleet.yaml")
+    table = RoutingTable(routes_from_fleet(fleet))
+    versions = lambda: {name: list(model.versions) for name, model in fleet.models.items()}  # noqa: E731
+    text = "".join([table.prometheus(), RoutesFile(tmp_path / "routes.json", table, versions).prometheus(),
+                    RollbackRecorder(table, None, "routes.json", None, versions, pod="p").prometheus(),
+                    Recycler(fleet, client=None, report_dir=tmp_path, progress=lambda line: None).metrics()])
+    return set(re.findall(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{[^}]*\})? 0(?:\.0)?$", text, re.M))
+
+
+# An alert's branch for a series new in the window: "(X unless X offset 10m)", or "(X > 0 unless ...)".
+_NEW_SERIES = re.compile(r"\(\s*([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s*(>\s*0\s+)?unless\s+\1\b")
+
+
+def test_counters_a_new_pod_exports_at_0_fire_no_alert(tmp_path: Path) -> None:
+    """increase() misses a counter whose series starts above 0, hence the "new in the window"
+    branches; for a counter exported from 0 that branch must ask for more than 0, or every
+    new pod (a scale-up, a rollout) fires it for as long as its window."""
+    zeros = exported_from_0(tmp_path)
+    assert {"tsfleet_router_rollbacks_total", "tsfleet_router_routes_file_refused_total",
+            "tsfleet_router_rollback_unrecorded_total"} <= zeros
+    branches = [(rule["alert"], m) for rule in alerts() for m in _NEW_SERIES.finditer(rule["expr"])]
+    assert len(branches) >= 3, "the reader found the branches at all"
+    for alert, m in branches:
+        if m.group(1) in zeros:
+            assert m.group(3), f"{alert}: {m.group(1)} starts at 0 in every new pod; its new-series branch needs > 0"
 
 
 def operations_alert_rows() -> list[tuple[str, str]]:
@@ -364,13 +409,17 @@ def recycled_manifest(workdir: Path) -> Path:
 @pytest.fixture(scope="module")
 def live(fleet, model_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:  # noqa: F811
     """Scrapes of a real TorchServe, router and recycler after traffic and events, with the
-    status each scrape got without a key, and the router admin port's answer to /metrics."""
+    status each scrape got without a key, and the router admin port's answer to /metrics.
+    The router follows a routes file laid out as the kubelet mounts the routes ConfigMap."""
+    from tests.configmap_mount import MountedConfigMap
     from tests.integration.router_harness import served
     from tsfleet.router.proto import inference_pb2 as pb
     from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 
     workdir = tmp_path_factory.mktemp("monitoring")
-    with served(fleet, model_store, workdir, keyed=True) as (ts, router):
+    routes = MountedConfigMap(workdir / "routes")
+    routes.publish(json.dumps({"routes": {"intent-classifier": {"baseline": "1.0", "weights": {"1.0": 100}}}}))
+    with served(fleet, model_store, workdir, keyed=True, routes_file=routes.path, routes_poll_s=0.2) as (ts, router):
         ts.register_workflows(fleet)
         (port,) = free_ports(1)
         log = (workdir / "recycle.log").open("w")
@@ -414,6 +463,11 @@ def live(fleet, model_store, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 return got if 'outcome="ok"' in got else None
 
             wait_for("the recycler's first recycle in its /metrics", recycled, timeout=180, interval=0.2)
+            # A version the manifest does not list: refused, and counted.
+            routes.publish(json.dumps({"routes": {"intent-classifier": {"baseline": "9.9", "weights": {"9.9": 100}}}}))
+            wait_for("the refused routes file in the router's /metrics",
+                     lambda: re.search(r"^tsfleet_router_routes_file_refused_total 1$", scrape(router.url).text, re.M),
+                     timeout=30)
             # The workers' metrics reach TorchServe's frontend through their logs: wait for the rejection.
             wait_for("HandlerRejected in TorchServe's /metrics",
                      lambda: "HandlerRejected{" in scrape(ts.ep.url("metrics")).text, timeout=60)
