@@ -21,7 +21,7 @@ from typing import Callable
 import yaml
 
 from tsfleet.errors import BuildError
-from tsfleet.files import write_atomically
+from tsfleet.files import replacing, write_atomically
 from tsfleet.manifest import Fleet, VersionSpec, WorkflowSpec
 from tsfleet.recipes import ROOT, STAMP, check_params, ensure
 
@@ -60,9 +60,9 @@ def tree_digest(root: Path) -> str:
 
 
 def write_zip(src: Path, dest: Path) -> None:
-    """Zip ``src`` reproducibly (sorted, fixed times, createdOn pinned), atomically."""
-    tmp = dest.with_name(dest.name + ".partial")
-    with zipfile.ZipFile(tmp, "w") as zf:
+    """Zip ``src`` reproducibly (sorted, fixed times, createdOn pinned), atomically: a
+    build that fails (a full disk) leaves the previous archive as it was, and no partial file."""
+    with replacing(dest) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         for path in sorted(p for p in src.rglob("*") if p.is_file()):
             rel = path.relative_to(src).as_posix()
             data = path.read_bytes()
@@ -75,7 +75,6 @@ def write_zip(src: Path, dest: Path) -> None:
             # Weights barely compress; storing them keeps builds and loads fast.
             info.compress_type = zipfile.ZIP_STORED if len(data) > 1 << 20 else zipfile.ZIP_DEFLATED
             zf.writestr(info, data)
-    os.replace(tmp, dest)
 
 
 def model_config(spec: VersionSpec, fleet_workers: int) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from tsfleet.errors import FleetError
+from tsfleet.files import write_atomically
 from tsfleet.manifest import Fleet, load_fleet
 from tsfleet.properties import Endpoints, render_properties
 from tsfleet.recipes import ROOT
@@ -48,7 +49,7 @@ def cmd_config(args: argparse.Namespace, fleet: Fleet) -> int:
             return 1
         _say(f"{target} matches {args.manifest}")
         return 0
-    target.write_text(text)
+    write_atomically(target, text)
     _say(f"wrote {target}")
     return 0
 

@@ -1,9 +1,10 @@
 """Processes that run beside TorchServe (the recycler, the router), started by `up`.
 
 Each runs as ``python -m tsfleet <command>`` in its own session, logs to
-``logs/<name>.log`` and leaves ``logs/<name>.pid`` so ``tsfleet down`` can stop it after a
-detached ``up``. While `up` runs in the foreground, a ``Supervisor`` starts again one that
-exits (a crash, an out-of-memory kill), as systemd's ``Restart=always`` would.
+``logs/<name>.log`` (rolled and pruned: rolling_log.py) and leaves ``logs/<name>.pid`` so
+``tsfleet down`` can stop it after a detached ``up``. While `up` runs in the foreground, a
+``Supervisor`` starts again one that exits (a crash, an out-of-memory kill), as systemd's
+``Restart=always`` would.
 """
 from __future__ import annotations
 
@@ -18,21 +19,39 @@ from pathlib import Path
 from typing import Callable
 
 from handlers.handover import pid_alive
+from tsfleet import rolling_log
+from tsfleet.errors import StorageError
+from tsfleet.files import write_atomically
 
 
 def _pid_file(workdir: Path, name: str) -> Path:
     return workdir / "logs" / f"{name}.pid"
 
 
+# The log writers started so far, reaped once they have ended (each ends after its companion).
+_writers: list[subprocess.Popen] = []
+
+
 def start(workdir: Path, name: str, args: list[str]) -> subprocess.Popen:
-    """Start ``tsfleet <args>`` in the background; its output goes to logs/<name>.log."""
+    """Start ``tsfleet <args>`` in the background; its output (stdout and stderr, its child
+    processes' too) goes to logs/<name>.log, which rolls (rolling_log.py)."""
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"{name}.log", "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tsfleet", *args], cwd=workdir, stdout=out,
+    _writers[:] = [w for w in _writers if w.poll() is None]
+    writer = rolling_log.start(logs / f"{name}.log")
+    _writers.append(writer)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "tsfleet", *args], cwd=workdir, stdout=writer.stdin,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    _pid_file(workdir, name).write_text(str(proc.pid))
+    finally:
+        writer.stdin.close()  # only the companion holds the pipe now: the writer ends when it does
+    try:
+        write_atomically(_pid_file(workdir, name), str(proc.pid))
+    except StorageError:
+        proc.kill()  # not stoppable by `tsfleet down` without its pid file: not left running
+        proc.wait()
+        raise
     return proc
 
 

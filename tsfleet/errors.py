@@ -6,6 +6,8 @@ turned into types by ``api_error`` with the server's message kept.
 """
 from __future__ import annotations
 
+import errno
+from pathlib import Path
 from typing import ClassVar
 
 
@@ -23,6 +25,40 @@ class ManifestError(FleetError):
 
 class BuildError(FleetError):
     """An archive could not be built."""
+
+
+class StorageError(FleetError, OSError):
+    """A file could not be written: a full disk, a read-only mount, no permission. The file
+    keeps its previous content (files.py replaces files whole). An OSError too, so code that
+    already copes with a failed write (the router's quiet saves) goes on coping."""
+
+    http_status = 507  # Insufficient Storage
+
+    # The causes people act on, in their words; any other errno gets the system's message.
+    CAUSES: ClassVar[dict[int, str]] = {
+        errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+    }
+
+    @classmethod
+    def writing(cls, path: object, exc: OSError, replaced: bool = False) -> "StorageError":
+        """The error for ``exc`` raised while writing ``path``; ``replaced``: the new content
+        was already in place when ``exc`` came (flushing its directory failed)."""
+        name = Path(str(path)).name
+        after = (f"the new {name} is in place but may not survive a power cut" if replaced
+                 else f"{name} is as it was")
+        error = cls(f"cannot write {path}: {cls.cause(exc)}; {after}")
+        error.errno, error.strerror, error.filename = exc.errno, exc.strerror, str(path)
+        return error
+
+    @classmethod
+    def cause(cls, exc: OSError) -> str:
+        """Why ``exc`` refused a write, in the words people act on: "disk full (No space left on device)"."""
+        cause, said = cls.CAUSES.get(exc.errno, ""), exc.strerror or str(exc)
+        return cause if said.lower() == cause else f"{cause} ({said})" if cause else said
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class ServerError(FleetError):

@@ -12,6 +12,7 @@ and that version waits ``cooldown_s`` before the next try.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import zlib
@@ -22,7 +23,7 @@ from typing import Callable
 
 from handlers.handover import pid_alive
 from tsfleet.client import ManagementClient
-from tsfleet.errors import ApiError, FleetError, Unreachable
+from tsfleet.errors import ApiError, FleetError, StorageError, Unreachable
 from tsfleet.files import write_atomically
 from tsfleet.locks import report_dir_of, version_lock
 from tsfleet.manifest import Fleet, RecyclePolicy, VersionSpec, load_fleet
@@ -231,8 +232,10 @@ class Recycler:
         flag = folder / f"{pid}.retire"
         started, asked = time.monotonic(), time.time()
         self.progress(f"recycling {spec.model} {spec.version} worker {pid}: {why}")
-        flag.write_text(why)
         try:
+            # Whole or not at all: a flag the disk could not take is a failed recycle, said
+            # as such, and the recycler goes on.
+            write_atomically(flag, why)
             self._wait_replaced(folder, pid, old.process if old else pid, asked, flag)
             took = time.monotonic() - started
             event = Event(spec.model, spec.version, pid, why, True, seconds=round(took, 2))
@@ -241,7 +244,10 @@ class Recycler:
             self._replace_s = 0.5 * self._replace_s + 0.5 * took
             self._seen.pop(pid, None)
         except FleetError as exc:
-            flag.unlink(missing_ok=True)  # the worker stops its successor and goes on serving
+            # The worker stops its successor and goes on serving. A read-only disk refuses even
+            # to remove a flag it never took: nothing to undo then, and the recycler goes on.
+            with contextlib.suppress(OSError):
+                flag.unlink(missing_ok=True)
             self._cooldown[(spec.model, spec.version)] = time.monotonic() + self.cooldown_s
             event = Event(spec.model, spec.version, pid, why, False, str(exc),
                           round(time.monotonic() - started, 2))
@@ -276,12 +282,16 @@ class Recycler:
 
     def _log(self, event: Event) -> None:
         # Appended, one JSON line per recycle, so `tsfleet status` can say when and why.
-        self.report_dir.mkdir(parents=True, exist_ok=True)
         path = self.report_dir / EVENTS
-        with open(path, "a") as fh:
-            fh.write(json.dumps(event.__dict__) + "\n")
-        if path.stat().st_size > EVENTS_MAX_BYTES:  # a fleet that runs for months
-            write_atomically(path, "".join(json.dumps(doc) + "\n" for doc in last_events(self.report_dir).values()))
+        try:
+            self.report_dir.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as fh:
+                fh.write(json.dumps(event.__dict__) + "\n")
+            if path.stat().st_size > EVENTS_MAX_BYTES:  # a fleet that runs for months
+                write_atomically(path, "".join(json.dumps(doc) + "\n" for doc in last_events(self.report_dir).values()))
+        except OSError as exc:  # a full disk: the recycle happened, /metrics counts it; only the record is lost
+            said = str(exc) if isinstance(exc, StorageError) else f"{path}: {StorageError.cause(exc)}"
+            self.progress(f"recycle of {event.model} {event.version} worker {event.pid} not recorded: {said}")
 
     def metrics(self) -> str:
         """Prometheus text: recycles and failed recycles per model, version and reason."""

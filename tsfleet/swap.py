@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Collection
 
 from tsfleet.client import ManagementClient, VersionState
 from tsfleet.errors import Conflict, FleetError, NoRouter, NotFound, ServerFault, VersionDidNotStart
+from tsfleet.files import replacing
 from tsfleet.manifest import Fleet, VersionSpec
 
 if TYPE_CHECKING:
@@ -57,8 +58,8 @@ def derive_archive(store: Path, spec: VersionSpec) -> str:
     src_path, dest = store / spec.archive_name, store / stand_in_archive(spec)
     if not src_path.is_file():
         raise FleetError(f"{spec.model} {spec.version}: archive {src_path} is missing; run `tsfleet build`")
-    tmp = dest.with_suffix(".tmp")
-    with zipfile.ZipFile(src_path) as src, zipfile.ZipFile(tmp, "w") as out:
+    # Written beside it and renamed: a full disk leaves no half archive for TorchServe to load.
+    with replacing(dest) as tmp, zipfile.ZipFile(src_path) as src, zipfile.ZipFile(tmp, "w") as out:
         for info in src.infolist():
             data = src.read(info.filename)
             if info.filename == "MAR-INF/MANIFEST.json":
@@ -66,7 +67,6 @@ def derive_archive(store: Path, spec: VersionSpec) -> str:
                 manifest["model"]["modelVersion"] = stand_in(spec.version)
                 data = json.dumps(manifest, indent=2).encode()
             out.writestr(info, data)  # same entry metadata: the copy is reproducible too
-    tmp.replace(dest)
     return dest.name
 
 

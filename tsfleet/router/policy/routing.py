@@ -139,10 +139,11 @@ class RoutingTable:
             doc["routes_file"] = {"sha256": self.routes_file_sha256}
         try:
             write_atomically(self.state_path, json.dumps(doc, indent=2, sort_keys=True))
-        except OSError as exc:
+        except OSError as exc:  # StorageError: it names the file and the cause (a full disk, a read-only mount)
             if not quiet:
                 raise
-            log.error("router: cannot save the routes to %s (%s): they hold until the router restarts", self.state_path, exc)
+            log.error("router: cannot save the routes: %s. They hold until the router restarts, which starts "
+                      "from the saved ones", exc)
 
     def state(self) -> dict[str, Any]:
         """The live parts of every route, as saved and as apply_state takes them."""
