@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TSFLEET := $(VENV)/bin/tsfleet
 
-.PHONY: setup build config up down test test-fast fuzz isolation bench bench-tools k8s-tools gpu-check clean
+.PHONY: setup build config up down test test-fast test-reliability fuzz isolation bench bench-tools k8s-tools gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -31,8 +31,15 @@ down: setup
 test: build bench-tools k8s-tools
 	$(PY) -m pytest
 
+# The unit tier: every test in tests/unit and nothing that starts TorchServe (tests/conftest.py
+# marks each test by its folder; tests/unit/test_tiers.py checks each tier selects what it says).
 test-fast: setup
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest -m unit
+
+# The reliability tier: tests/reliability and the tests marked `reliability` elsewhere (the
+# property tier, with CI's fixed 200 bodies per path), against the real fleet.
+test-reliability: build
+	$(PY) -m pytest -m reliability
 
 # The property tier's long run: 2,000 fresh hostile bodies per path instead of CI's fixed 200
 # (about 10 minutes on 2 cores). A failure prints the shrunk body: add it to

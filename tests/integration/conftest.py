@@ -19,8 +19,6 @@ from tsfleet.server import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.integration
-
 
 def free_ports(n: int) -> list[int]:
     """``n`` distinct ports the kernel says are free right now."""

@@ -74,12 +74,26 @@ def test_canary_from_start_to_promote(stack) -> None:
     start = cli(ts, router, workdir, "start", "intent-classifier", "1.1", "--weight", "10")
     assert start.returncode == 0, start.stderr
     assert "1.0 90%, 1.1 10%" in start.stdout
-    assert versions_served(ts, router, 200) == Counter({"1.0": 180, "1.1": 20})
+    served = versions_served(ts, router, 200)
+    assert served == Counter({"1.0": 180, "1.1": 20})
 
     assert cli(ts, router, workdir, "set-weight", "intent-classifier", "1.1", "50").returncode == 0
-    assert versions_served(ts, router, 100) == Counter({"1.0": 50, "1.1": 50})
+    served_after = versions_served(ts, router, 100)
+    assert served_after == Counter({"1.0": 50, "1.1": 50})
     status = cli(ts, router, workdir, "status")
-    assert status.returncode == 0 and "candidate" in status.stdout and "baseline" in status.stdout
+    assert status.returncode == 0, status.stderr
+    header, *rows = [line.split() for line in status.stdout.splitlines()]
+    assert header == ["MODEL", "VERSION", "ROLE", "WEIGHT", "REQUESTS", "ERRORS", "P50", "ms", "P99", "ms",
+                      "SHADOW", "(req/err/disagree)"]
+    # What an operator decides on: each version's role and weight now, and every answer it gave
+    # since the router started (both splits above), none of them an error. No shadow column.
+    total = served + served_after
+    assert [row[:6] for row in rows] == [
+        ["intent-classifier", "1.0", "baseline", "50", str(total["1.0"]), "0.0%"],
+        ["intent-classifier", "1.1", "candidate", "50", str(total["1.1"]), "0.0%"],
+    ]
+    for row in rows:  # both arms answered within the rollback window: latencies, not "-"
+        assert len(row) == 8 and 0 < float(row[6]) <= float(row[7]), row
 
     promoted = cli(ts, router, workdir, "promote", "intent-classifier", "1.1")
     assert promoted.returncode == 0, promoted.stderr

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tsfleet.cli import main
+from tsfleet.manifest import load_fleet
 from tsfleet.router.policy import routes_doc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,8 +91,20 @@ def test_a_canary_from_start_to_promote_in_the_configmap(kube: Path, tmp_path: P
 
     assert rollout(tmp_path, capsys, "set-weight", "intent-classifier", "1.1", "50")[0] == 0
     assert routes(kube)["routes"]["intent-classifier"]["weights"] == {"1.0": 50.0, "1.1": 50.0}
-    code, out, _ = rollout(tmp_path, capsys, "status")
-    assert code == 0 and "candidate" in out and "baseline" in out and "per replica" in out
+    code, out, err = rollout(tmp_path, capsys, "status")
+    assert code == 0, err
+    header, *rows, note = out.splitlines()
+    assert header.split()[:6] == ["MODEL", "VERSION", "ROLE", "WEIGHT", "REQUESTS", "ERRORS"]
+    # The ConfigMap holds routes, not traffic: each model's weights as the routers will take
+    # them, the canary's and the manifest's defaults, and no made-up counts or latencies.
+    defaults = {name: spec.default_version for name, spec in load_fleet(manifest(tmp_path)).models.items()}
+    expected = [[name, version, "baseline", "100", "0", "0.0%", "-", "-"]
+                for name, version in defaults.items() if name != "intent-classifier"]
+    expected += [["intent-classifier", "1.0", "baseline", "50", "0", "0.0%", "-", "-"],
+                 ["intent-classifier", "1.1", "candidate", "50", "0", "0.0%", "-", "-"]]
+    assert sorted(row.split() for row in rows) == sorted(expected)
+    assert note == ("(routes from ConfigMap tsfleet/tsfleet-routes (key routes.json); requests and latency "
+                    "are per replica, in each router's /metrics)")
 
     code, out, err = rollout(tmp_path, capsys, "promote", "intent-classifier", "1.1")
     assert code == 0, err
