@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tsfleet.client import VersionState, Worker
 from tsfleet.router.keys import InferenceKeys
-from tsfleet.router.readiness import ModelReadiness
+from tsfleet.router.readiness import Look, ModelReadiness
 from tsfleet.router.policy.routing import Route, RoutingTable
 
 
@@ -20,13 +20,15 @@ def version(model: str, v: str, ready: int, default: bool = False) -> VersionSta
 class Described(ModelReadiness):
     """Answers from ``seen`` instead of TorchServe, counting the looks."""
 
-    def __init__(self, table: RoutingTable, seen: dict, tmp: Path):
-        super().__init__(table, InferenceKeys("k", tmp / "key_file.json", "http://127.0.0.1:1"))
-        self.seen, self.looks = seen, 0
+    def __init__(self, table: RoutingTable, seen: dict, tmp: Path, workflows: tuple[str, ...] = (),
+                 registered: list[str] | str = ()):
+        super().__init__(table, InferenceKeys("k", tmp / "key_file.json", "http://127.0.0.1:1"), workflows)
+        self.seen, self.looks, self.registered = seen, 0, registered
 
-    def _describe_all(self, models: list[str]) -> dict:
+    def _describe_all(self, models: list[str]) -> Look:
         self.looks += 1
-        return {m: self.seen[m] for m in models if m in self.seen}
+        return Look({m: self.seen[m] for m in models if m in self.seen},
+                    self.registered if isinstance(self.registered, str) else list(self.registered))
 
 
 def test_the_versions_that_count_are_where_the_traffic_goes(tmp_path: Path) -> None:
@@ -72,3 +74,20 @@ def test_probes_share_one_look_a_second(tmp_path: Path) -> None:
 def test_a_router_without_torchserve_s_key_file_says_so() -> None:
     found = asyncio.run(ModelReadiness(RoutingTable({"a": Route("a", "1.0", {"1.0": 100})}), None).check(["a"]))
     assert not found.ready and "without TorchServe's key file (--key-file)" in found.problems[0]
+
+
+def test_all_models_also_waits_for_the_manifest_s_workflows(tmp_path: Path) -> None:
+    # up (and a pod's TorchServe container) registers workflows once every model has a worker:
+    # a probe that asked about models alone passed while /wfpredict still answered 404.
+    table = RoutingTable({"a": Route("a", "1.0", {"1.0": 100})})
+    seen = {"a": [version("a", "1.0", 1)]}
+    found = asyncio.run(Described(table, seen, tmp_path, ("flow",), []).check(["a"], workflows=True))
+    assert not found.ready and found.problems == ["workflow flow: not registered in TorchServe"]
+    assert found.workflows == {"flow": False}
+    found = asyncio.run(Described(table, seen, tmp_path, ("flow",), ["flow", "other"]).check(["a"], workflows=True))
+    assert found.ready and found.workflows == {"flow": True}
+    found = asyncio.run(Described(table, seen, tmp_path, ("flow",), "listing them failed: 503").check(["a"], True))
+    assert not found.ready and found.problems == ["workflows: listing them failed: 503"]
+    # Models named one by one (a load balancer that needs a model, gRPC's health check): no workflows.
+    found = asyncio.run(Described(table, seen, tmp_path, ("flow",), []).check(["a"]))
+    assert found.ready and found.workflows is None

@@ -77,7 +77,7 @@ class RouterProcess:
         keys = router_keys(config.key_file)
         self.keys = InferenceKeys(keys["inference"], config.ts_key_file, config.upstream_management,
                                   previous_keys(keys)) if config.ts_key_file is not None else None
-        self.readiness = ModelReadiness(self.table, self.keys)
+        self.readiness = ModelReadiness(self.table, self.keys, workflows=list(fleet.workflows))
         # How often each limit fired here, per front; /metrics adds the front processes' to it.
         self.hits = {"rest": LimitCounters(), "grpc": LimitCounters()}
         self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys, readiness=self.readiness,
@@ -118,6 +118,7 @@ class RouterProcess:
                 "host": self.config.host, "port": self.ports["rest"], "grpc_port": self.ports.get("grpc", 0),
                 "upstream_management": self.config.upstream_management, "key_file": str(self.config.key_file),
                 "drain_s": self.config.drain_s, "limits": asdict(self.config.limits),
+                "workflows": self.readiness.workflows,
                 "ts_key_file": str(self.config.ts_key_file) if self.config.ts_key_file is not None else None},
                 metrics=self.metrics_text)
             await self.fronts.start()

@@ -328,7 +328,7 @@ async def _front(options: dict[str, Any], fd: int) -> None:
     hits = {front: LimitCounters() for front in FRONTS}
     limits = with_values(options["limits"]) if options.get("limits") else None
     leader = _Leader(reader, writer, table, keys, Path(options["key_file"]), first.get("keys", 0), hits)
-    readiness = ModelReadiness(table, keys)
+    readiness = ModelReadiness(table, keys, workflows=options.get("workflows", []))
     rest = RestRouter(table, options["upstream_rest"], metrics=leader.metrics, keys=keys, readiness=readiness,
                       limits=limits, counters=hits["rest"])
     await rest.start(options["host"], options["port"], reuse_port=True)

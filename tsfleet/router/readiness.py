@@ -7,6 +7,10 @@ gRPC names one model as the health service. The answer comes from TorchServe's m
 API (the management key is read, and renewed, like the CLI's), looked at once per
 ``CACHE_S`` however many probes ask.
 
+``?models=all`` also waits for the manifest's workflows to be registered: ``up`` (and a pod's
+TorchServe container) registers them only once every model has a worker, so without this a
+pod could join its Service and answer /wfpredict with 404 for a few seconds.
+
 A model is ready when one of the versions its traffic goes to (the weighted arms, or
 TorchServe's default when it has none) has a worker READY: the router retries a request
 that found no worker on the model's other arm, so a candidate without workers costs
@@ -18,7 +22,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 from urllib.parse import urlsplit
 
 from tsfleet.errors import ApiError, FleetError, NotFound
@@ -39,28 +43,40 @@ class ModelsReady:
 
     ready: bool
     versions: dict[str, dict[str, int]]  # model -> {TorchServe version its traffic goes to: workers READY}
-    problems: list[str]  # one line per model that is not ready
+    problems: list[str]  # one line per model (or workflow) that is not ready
+    workflows: dict[str, bool] | None = None  # when asked: each manifest workflow -> registered
+
+
+@dataclass(frozen=True)
+class Look:
+    """One look at TorchServe: each model's versions (or why not), the registered workflows (or why not)."""
+
+    models: dict[str, list[VersionState] | str]
+    workflows: list[str] | str
 
 
 class ModelReadiness:
     """Answers "are these models ready?" from the routing table and TorchServe's management API."""
 
-    def __init__(self, table: RoutingTable, keys: InferenceKeys | None):
+    def __init__(self, table: RoutingTable, keys: InferenceKeys | None, workflows: Sequence[str] = ()):
         self.table = table
         self.keys = keys  # TorchServe's key file and management address come with it
+        self.workflows = list(workflows)  # the manifest's, which ?models=all waits for too
         self._client: ManagementClient | None = None
         self._look: asyncio.Future | None = None
-        self._seen: tuple[float, dict[str, list[VersionState] | str]] | None = None
+        self._seen: tuple[float, Look] | None = None
 
     def unknown(self, models: list[str]) -> list[str]:
         return [m for m in models if m not in self.table.routes]
 
-    async def check(self, models: list[str]) -> ModelsReady:
-        """Whether each of ``models`` (names the table routes) has a worker ready where its traffic goes."""
+    async def check(self, models: list[str], workflows: bool = False) -> ModelsReady:
+        """Whether each of ``models`` (names the table routes) has a worker ready where its
+        traffic goes; with ``workflows``, and whether the manifest's workflows are registered."""
         if self.keys is None:
             return ModelsReady(False, {}, ["the router was started without TorchServe's key file (--key-file), "
                                            "so it cannot ask TorchServe which versions have workers"])
-        seen = await self._described(models)
+        look = await self._described(models)
+        seen = look.models
         versions: dict[str, dict[str, int]] = {}
         problems = []
         for model in models:
@@ -78,7 +94,15 @@ class ModelReadiness:
                 problems.append(f"{model}: no worker ready on " + ", ".join(
                     f"{v} ({'not registered' if v not in ready else '0 ready'})" for v in targets) if targets
                     else f"{model}: TorchServe has no default version for it")
-        return ModelsReady(not problems, versions, problems)
+        registered = None
+        if workflows and self.workflows:
+            if isinstance(look.workflows, str):
+                problems.append(f"workflows: {look.workflows}")
+                registered = dict.fromkeys(self.workflows, False)
+            else:
+                registered = {name: name in look.workflows for name in self.workflows}
+                problems += [f"workflow {name}: not registered in TorchServe" for name, ok in registered.items() if not ok]
+        return ModelsReady(not problems, versions, problems, registered)
 
     def _targets(self, model: str, described: list[VersionState]) -> list[str]:
         """The TorchServe versions ``model``'s traffic goes to now."""
@@ -87,10 +111,10 @@ class ModelReadiness:
             return [self.table.upstream(model, version) or version for version, _ in arms]
         return [v.version for v in described if v.is_default]  # no route: TorchServe picks its default
 
-    async def _described(self, models: list[str]) -> dict[str, list[VersionState] | str]:
+    async def _described(self, models: list[str]) -> Look:
         now = time.monotonic()
         # A model routed since the last look (apply added it) is looked at now, not in a second.
-        if self._seen is not None and now - self._seen[0] < CACHE_S and all(m in self._seen[1] for m in models):
+        if self._seen is not None and now - self._seen[0] < CACHE_S and all(m in self._seen[1].models for m in models):
             return self._seen[1]
         if self._look is None:  # one look at a time; probes arriving meanwhile wait for it
             self._look = asyncio.ensure_future(asyncio.to_thread(self._describe_all, list(self.table.routes)))
@@ -102,8 +126,9 @@ class ModelReadiness:
         if not look.cancelled() and look.exception() is None:
             self._seen = (time.monotonic(), look.result())
 
-    def _describe_all(self, models: list[str]) -> dict[str, list[VersionState] | str]:
-        """Each model's versions as TorchServe describes them, or why they could not be read (blocking)."""
+    def _describe_all(self, models: list[str]) -> Look:
+        """Each model's versions as TorchServe describes them, and the registered workflows,
+        or why they could not be read (blocking)."""
         if self._client is None:
             from tsfleet.client import ManagementClient  # requests: only for a router whose probes ask
 
@@ -122,5 +147,11 @@ class ModelReadiness:
             except (OSError, ValueError, KeyError, TypeError) as exc:  # requests' own errors are OSErrors
                 out[model] = f"describing it failed: {exc!r}"
             except FleetError as exc:  # TorchServe away, its key file unreadable: the same for every model
-                return {m: out.get(m, str(exc)) for m in models}
-        return out
+                return Look({m: out.get(m, str(exc)) for m in models}, str(exc))
+        flows: list[str] | str = []
+        if self.workflows:
+            try:
+                flows = self._client.list_workflows()
+            except (FleetError, OSError, ValueError, KeyError, TypeError) as exc:
+                flows = f"listing them failed: {exc}"
+        return Look(out, flows)

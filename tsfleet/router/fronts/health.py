@@ -67,8 +67,9 @@ def _error(status: int, kind: str, message: str, **more: object) -> tuple[int, b
     return status, _json({"code": status, "type": kind, "message": message, **more})
 
 
-def _models_asked(query: str, readiness: ModelReadiness | None) -> list[str] | tuple[int, bytes] | None:
-    """The models ``/readyz?models=...`` names (None: the query asks for none), or the 4xx answer."""
+def _models_asked(query: str, readiness: ModelReadiness | None) -> tuple[list[str], bool] | tuple[int, bytes] | None:
+    """The models ``/readyz?models=...`` names and whether it asks for all (the workflows
+    too), None when the query asks for none; or the 4xx answer."""
     if not query:
         return None
     asked = parse_qs(query, keep_blank_values=True)
@@ -79,32 +80,35 @@ def _models_asked(query: str, readiness: ModelReadiness | None) -> list[str] | t
         return _error(404, "NotFound", "this router does not check models' readiness")
     names = [m.strip() for m in asked["models"][0].split(",") if m.strip()]
     if names == ["all"]:
-        return sorted(readiness.table.routes)
+        return sorted(readiness.table.routes), True
     unknown = readiness.unknown(names)
     if unknown:
         return _error(404, "ModelNotFound", f"unknown model(s) {', '.join(map(repr, unknown))}: the router routes "
                       + ", ".join(sorted(readiness.table.routes)))
-    return names
+    return names, False
 
 
 async def rest_ready(pool: UpstreamPool, upstream: str, query: str = "",
                      readiness: ModelReadiness | None = None) -> tuple[int, bytes]:
     """(status, body) of ``/readyz``: 200 when TorchServe answers at ``upstream`` (and, when
     the query names models, each has a worker ready where its traffic goes), else 503."""
-    models = _models_asked(query, readiness)
-    if isinstance(models, tuple):
-        return models
+    asked = _models_asked(query, readiness)
+    if asked is not None and isinstance(asked[0], int):
+        return asked  # type: ignore[return-value]  # the 4xx answer
     try:
         await pool.request("GET", "/ping", [], b"", PROBE_TIMEOUT_S)
     except (UpstreamError, asyncio.TimeoutError) as exc:
         reason = f"no answer within {PROBE_TIMEOUT_S:.0f} s" if isinstance(exc, asyncio.TimeoutError) else str(exc)
         return _error(503, "ServiceUnavailable", f"not ready: TorchServe is not reachable at {upstream}: {reason}")
-    if models is None or readiness is None:
+    if asked is None or readiness is None:
         return 200, _json({"status": "ready", "torchserve": upstream})
-    found = await readiness.check(models)
+    models, everything = asked
+    found = await readiness.check(models, workflows=everything)
+    more = {"workflows": found.workflows} if found.workflows is not None else {}
     if not found.ready:
-        return _error(503, "ServiceUnavailable", "not ready: " + "; ".join(found.problems), models=found.versions)
-    return 200, _json({"status": "ready", "torchserve": upstream, "models": found.versions})
+        return _error(503, "ServiceUnavailable", "not ready: " + "; ".join(found.problems), models=found.versions,
+                      **more)
+    return 200, _json({"status": "ready", "torchserve": upstream, "models": found.versions, **more})
 
 
 def _service(call: ServerCall) -> str | None:
