@@ -5,8 +5,8 @@ without anyone remembering a mark. A test may also carry a tier's mark explicitl
 belongs to that tier from another folder: the benchmark smoke runs and the live monitoring
 checks in tests/k8s start a real TorchServe and are marked ``integration``; the property tier
 in tests/integration is marked ``reliability``; tests/integration/test_gpu_serving.py ``gpu``.
-``unit`` is the folder only: ``make test-fast`` (``-m unit``) must never start TorchServe, and
-tests/integration/conftest.py's fixtures, which do, are not visible from tests/unit.
+``unit`` is the folder only: ``make test-fast`` (``-m unit``) must never start TorchServe; the
+fixtures that do (tests/fleet_fixtures.py) fail a unit test that asks for them.
 tests/unit/test_tiers.py checks every tier's selection against this.
 """
 from __future__ import annotations
@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# The real TorchServe and router fixtures, shared by tests/integration and tests/reliability:
+# loaded once here, so a run of both folders starts one server (tests/fleet_fixtures.py).
+pytest_plugins = ["tests.fleet_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"

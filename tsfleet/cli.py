@@ -141,6 +141,22 @@ def _metrics_server(host: str, port: int, metrics: Callable[[], str]) -> "http.s
             self.end_headers()
             self.wfile.write(body if self.path == "/metrics" else b"")
 
+        def do_HEAD(self) -> None:  # noqa: N802
+            # A probe's HEAD: the GET's status and headers, no body.
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+
+        def _not_allowed(self) -> None:
+            # http.server answers a method it has no do_ for with 501, a server fault; the
+            # fault is the client's: 405, naming what is allowed.
+            self.send_response(405)
+            self.send_header("Allow", "GET, HEAD")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
         def log_message(self, *args: object) -> None:
             pass
 

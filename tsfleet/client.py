@@ -7,6 +7,7 @@ becomes a typed exception (``tsfleet.errors``) carrying the server's message.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,23 @@ from typing import Any
 
 import requests
 
-from tsfleet.errors import ApiError, Unauthorized, Unreachable, api_error
+from tsfleet.errors import ApiError, BadRequest, Unauthorized, Unreachable, api_error
 from tsfleet.properties import Endpoints
+
+
+# What a model, version or workflow name may hold in a management path. The names go into
+# the path as they are, and both ends resolve what they hold: requests/urllib3 drop "x/.."
+# (unregister("x/../intent-classifier", "1.1") went to /models/intent-classifier/1.1), and
+# TorchServe decodes "%2F" before it splits the path, so encoding does not help. TorchServe's
+# own names (a stand-in's "1.0~swap", a workflow's "pipe__model") all fit.
+PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.~-]*")
+
+
+def _named(what: str, *names: str) -> None:
+    for name in names:
+        if not isinstance(name, str) or not PATH_NAME.fullmatch(name):
+            raise BadRequest(what, 400, f"{name!r} is not a name TorchServe takes in a path "
+                                        "(a letter or digit, then letters, digits, '_', '-', '.', '~')")
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,7 @@ class ManagementClient:
     def describe(self, model: str, retry: bool = True) -> list[VersionState]:
         """Every registered version of ``model``, the default flagged (``retry``: after a
         dropped connection, twice more)."""
+        _named(f"describing {model!r}", model)
         default = self.call("GET", f"/models/{model}", f"describing {model}", retry=retry)
         default_version = str(default[0]["modelVersion"]) if default else None
         raw = self.call("GET", f"/models/{model}/all", f"describing {model}", retry=retry)
@@ -158,17 +175,20 @@ class ManagementClient:
         return self.call("POST", "/models", f"registering {archive}", params, timeout=timeout).get("status", "")
 
     def unregister(self, model: str, version: str, timeout: float = 180) -> None:
+        _named(f"unregistering {model!r} {version!r}", model, version)
         self.call("DELETE", f"/models/{model}/{version}", f"unregistering {model} {version}", timeout=timeout)
 
     def scale(self, model: str, version: str, min_workers: int, max_workers: int | None = None,
               timeout: float = 300) -> None:
         """Set the worker count and wait until TorchServe has done it."""
+        _named(f"scaling {model!r} {version!r}", model, version)
         params = {"min_worker": min_workers, "max_worker": max_workers if max_workers is not None else min_workers,
                   "synchronous": "true"}
         self.call("PUT", f"/models/{model}/{version}", f"scaling {model} {version}", params,
                   retry=True, timeout=timeout)
 
     def set_default(self, model: str, version: str) -> None:
+        _named(f"making {model!r} {version!r} the default", model, version)
         self.call("PUT", f"/models/{model}/{version}/set-default", f"making {model} {version} the default",
                   retry=True)
 
@@ -182,6 +202,7 @@ class ManagementClient:
                   {"url": archive, "workflow_name": name}, timeout=timeout)
 
     def unregister_workflow(self, name: str) -> None:
+        _named(f"unregistering workflow {name!r}", name)
         self.call("DELETE", f"/workflows/{name}", f"unregistering workflow {name}", timeout=180)
 
     # --------------------------------------------------------------- other

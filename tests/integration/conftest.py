@@ -1,103 +1,26 @@
-"""A real TorchServe (Java frontend, Python workers) for the integration tier.
+"""The integration tier's setup.
 
-One server per test session, on free loopback ports, token auth on, serving the fleet
-built from fleet.yaml; stopped at the end. Tests talk to it over HTTP.
+Its real TorchServe (one per test session, on free loopback ports, token auth on, serving
+the fleet built from fleet.yaml; stopped at the end) and the fixtures around it live in
+tests/fleet_fixtures.py, loaded by tests/conftest.py, because tests/reliability uses the
+same server: defined here they would be a second definition, and a session that runs both
+folders would start two servers. The names stay importable from here for the modules that
+import them.
 """
 from __future__ import annotations
 
-import json
-import socket
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import pytest
-import requests
+from tests import fleet_fixtures
+from tests.fleet_fixtures import ROOT, Client, free_ports, new_server
 
-from tsfleet.archive import Builder
-from tsfleet.manifest import Fleet, load_fleet
-from tsfleet.server import TorchServe
-
-ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["ROOT", "Client", "free_ports", "new_server"]
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports the kernel says are free right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class Client:
-    """Small REST client for one test server; sends the inference key unless told not to."""
-
-    def __init__(self, server: TorchServe, fleet: Fleet):
-        self.server, self.fleet = server, fleet
-        self.session = requests.Session()
-
-    @property
-    def inference_url(self) -> str:
-        return self.server.ep.url("inference")
-
-    def post(self, path: str, data: Any = None, *, content_type: str | None = "application/json",
-             key: str | None = "inference", headers: dict | None = None, **kw: Any) -> requests.Response:
-        hdrs = dict(headers or {})
-        if key:
-            hdrs.update(self.server.keys.header(key))
-        if content_type:
-            hdrs["Content-Type"] = content_type
-        if isinstance(data, (dict, list)):
-            data = json.dumps(data)
-        return self.session.post(self.inference_url + path, data=data, headers=hdrs, timeout=60, **kw)
-
-    def predict(self, model: str, data: Any = None, version: str | None = None, **kw: Any) -> requests.Response:
-        return self.post(f"/predictions/{model}" + (f"/{version}" if version else ""), data, **kw)
-
-    def metrics(self) -> str:
-        return requests.get(self.server.ep.url("metrics") + "/metrics", timeout=10).text
-
-
-@pytest.fixture(scope="session")
-def fleet() -> Fleet:
-    return load_fleet(ROOT / "fleet.yaml")
-
-
-@pytest.fixture(scope="session")
-def model_store(fleet: Fleet) -> Path:
-    store = ROOT / "model_store"
-    Builder(fleet, store, ROOT / "build" / "artifacts", progress=lambda line: None).build_all()
-    return store
-
-
-def new_server(fleet: Fleet, model_store: Path, workdir: Path, load_models: bool = True) -> TorchServe:
-    """A TorchServe of its own (free ports, private temp dir, auth on), not yet started."""
-    return TorchServe.isolated(fleet, model_store, workdir, load_models)
-
-
-@pytest.fixture(scope="session")
-def server(fleet: Fleet, model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
-    ts = new_server(fleet, model_store, tmp_path_factory.mktemp("torchserve"))
-    ts.start(snapshots=False)
-    try:
-        ts.wait_ready(fleet, timeout=300, progress=lambda line: None)
-        ts.register_workflows(fleet)
-        yield ts
-    finally:
-        ts.stop()
-
-
-@pytest.fixture(scope="session")
-def client(server: TorchServe, fleet: Fleet) -> Client:
-    return Client(server, fleet)
-
-
-@pytest.fixture
-def headers(server: TorchServe) -> dict[str, str]:
-    """The inference key and a JSON body's content type, for tests that post by hand."""
-    return {**server.keys.header("inference"), "Content-Type": "application/json"}
+def __getattr__(name: str) -> Any:
+    # The fixtures (``from tests.integration.conftest import model_store``) are handed out
+    # on demand, not bound in this module: pytest registers every fixture a conftest holds as
+    # its own definition, which would give this folder a second TorchServe.
+    if name in {"fleet", "model_store", "server", "client", "headers", "fleet_router"}:
+        return getattr(fleet_fixtures, name)
+    raise AttributeError(name)

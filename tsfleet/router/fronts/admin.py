@@ -5,6 +5,7 @@ beside the state file; send it as ``Authorization: Bearer <key>``.
 """
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Any, Awaitable, Callable
 
@@ -19,6 +20,36 @@ MAX_GRACE_S = 30 * 86400
 def _error(status: int, message: str) -> web.Response:
     kinds = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 409: "Conflict"}
     return web.json_response({"code": status, "type": kinds[status], "message": message}, status=status)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _version(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _checked_change(doc: dict[str, Any], weights_now: dict[str, float]) -> tuple[
+        dict[str, float], str | None, tuple[str | None, float], dict[str, str]]:
+    """A PUT /routes/{model} body's weights, baseline, shadow (version, share) and aliases,
+    or ValueError naming the first part that is not what the route can take."""
+    weights = doc.get("weights", weights_now)
+    if not isinstance(weights, dict) or not all(_version(v) and _number(w) for v, w in weights.items()):
+        raise ValueError("weights must map version strings to numbers")
+    baseline = doc.get("baseline")
+    if baseline is not None and not _version(baseline):
+        raise ValueError("baseline must be a version string")
+    shadow = doc.get("shadow") or {}
+    if not isinstance(shadow, dict):
+        raise ValueError('shadow must be {"version": version, "share": 0..1} or null')
+    version, share = shadow.get("version"), shadow.get("share", 0.0)
+    if (version is not None and not _version(version)) or not _number(share) or not 0 <= share <= 1:
+        raise ValueError('shadow must be {"version": version, "share": 0..1} or null')
+    aliases = doc.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(_version(k) and _version(v) for k, v in aliases.items()):
+        raise ValueError("aliases must map version strings to version strings")
+    return {v: float(w) for v, w in weights.items()}, baseline, (version, float(share)), aliases
 
 
 class AdminApi:
@@ -62,18 +93,17 @@ class AdminApi:
             return _error(400, 'expected {"weights": {version: 0..100}, "baseline": version, "shadow": {...}, '
                                  '"aliases": {version: torchserve_version}}')
         try:
+            # Every part is checked before any is applied: a refused change leaves the route
+            # as it was (a bad shadow after good weights used to keep the weights), and
+            # nothing but version strings and finite numbers reaches the routes, which the
+            # request path and GET /routes (strict JSON: no NaN) rely on.
+            weights, baseline, shadow, aliases = _checked_change(doc, self.table.routes[model].weights)
             if "weights" in doc or "baseline" in doc:
-                weights = doc.get("weights", self.table.routes[model].weights)
-                if not isinstance(weights, dict) or not all(isinstance(w, (int, float)) for w in weights.values()):
-                    raise ValueError("weights must map versions to numbers")
-                self.table.set_weights(model, {str(v): float(w) for v, w in weights.items()}, doc.get("baseline"))
+                self.table.set_weights(model, weights, baseline)
             if "shadow" in doc:
-                shadow = doc["shadow"] or {}
-                self.table.set_shadow(model, shadow.get("version"), float(shadow.get("share", 0.0)))
+                self.table.set_shadow(model, *shadow)
             if "aliases" in doc:
-                if not isinstance(doc["aliases"], dict):
-                    raise ValueError("aliases must be an object")
-                self.table.set_aliases(model, doc["aliases"])
+                self.table.set_aliases(model, aliases)
         except (ValueError, TypeError) as exc:
             return _error(400, f"{model}: {exc}")
         if self.settled is not None:

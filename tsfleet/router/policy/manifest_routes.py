@@ -9,6 +9,7 @@ before it retires anything, and the router takes it with ``take_fleet``.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Collection
 
 from tsfleet.router.policy.routing import RollbackRule, Route, RoutingTable
@@ -40,11 +41,23 @@ def check_fleet_routes(doc: Any) -> dict[str, dict[str, Any]]:
     """``doc`` if it is what ``fleet_routes`` makes, else ValueError saying what is wrong."""
     if not isinstance(doc, dict) or not all(isinstance(m, str) and isinstance(s, dict) for m, s in doc.items()):
         raise ValueError("expected {model: {default_version, versions, rollback, streaming}}")
+    # All of it is checked before take_fleet changes anything: it removes routes first, so a
+    # version that failed there (a list, unhashable) used to leave routes removed behind a 400;
+    # and a rollback rule of strings or NaN reached the rollback checks.
     for model, spec in doc.items():
         if not isinstance(spec.get("default_version"), str) or not isinstance(spec.get("versions"), list):
             raise ValueError(f"{model}: default_version (a string) and versions (a list) are needed")
+        if not all(isinstance(v, str) and v for v in spec["versions"]) or not spec["default_version"]:
+            raise ValueError(f"{model}: versions must be version strings")
+        rollback = spec.get("rollback", {})
+        if not isinstance(rollback, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in rollback.values()):
+            raise ValueError(f"{model}: rollback must map its settings to numbers of 0 or more")
+        if not isinstance(spec.get("streaming", False), bool):
+            raise ValueError(f"{model}: streaming must be true or false")
         try:
-            RollbackRule(**spec.get("rollback", {}))
+            RollbackRule(**rollback)
         except TypeError as exc:
             raise ValueError(f"{model}: rollback: {exc}") from None
     return doc
