@@ -7,19 +7,110 @@ message that names them, so a typo in the manifest cannot silently fall back to 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 AMP_DTYPES = ("off", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Where the kernel shows a process its CPU quota. In a container with a cgroup namespace of its
+# own (Kubernetes on cgroup v2) this is the container's cgroup; elsewhere the process's cgroup
+# is found from /proc/self/cgroup under it.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+# cgroup v1 mounts the cpu controller under either name, alone or joined with cpuacct.
+_V1_CPU_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:  # absent (no such controller, another cgroup version) or unreadable
+        return None
+
+
+def _own_cgroup(self_cgroup: Path, controller: str) -> str:
+    """This process's cgroup path for ``controller`` ("" for v2's unified line), relative to
+    the hierarchy's root, from /proc/self/cgroup ("0::/a/b", "4:cpu,cpuacct:/a/b")."""
+    for line in (_read(self_cgroup) or "").splitlines():
+        _, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if (controllers == "" and controller == "") or (controller and controller in controllers.split(",")):
+            return path.strip("/")
+    return ""
+
+
+def _with_ancestors(base: Path, relative: str) -> list[Path]:
+    """``base`` and every folder from it down to ``base/relative``: a parent's quota binds
+    its children too (a pod's cgroup holds its containers')."""
+    found, here = [base], base
+    for part in (p for p in relative.split("/") if p and p not in (".", "..")):
+        here = here / part
+        found.append(here)
+    return found
+
+
+def _quota_v2(text: str | None) -> float | None:
+    """cpu.max: "QUOTA PERIOD" in microseconds, or "max PERIOD" for none."""
+    parts = (text or "").split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _quota_v1(quota_text: str | None, period_text: str | None) -> float | None:
+    """cpu.cfs_quota_us (-1 for none) over cpu.cfs_period_us."""
+    try:
+        quota, period = int(quota_text or ""), int(period_text or "")
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cgroup_cpu_quota(root: Path | None = None, self_cgroup: Path | None = None) -> float | None:
+    """The CPU quota this process runs under, in CPUs (1.5 for "150000 100000"), the
+    smallest of its cgroup's and its ancestors', cgroup v2 or v1; None where there is none."""
+    root = CGROUP_ROOT if root is None else root
+    self_cgroup = PROC_SELF_CGROUP if self_cgroup is None else self_cgroup
+    quotas = [_quota_v2(_read(d / "cpu.max")) for d in _with_ancestors(root, _own_cgroup(self_cgroup, ""))]
+    for name in _V1_CPU_DIRS:
+        base = root / name
+        if base.is_dir():
+            quotas += [_quota_v1(_read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us"))
+                       for d in _with_ancestors(base, _own_cgroup(self_cgroup, "cpu"))]
+            break
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
+
+
+def available_cpus(root: Path | None = None, self_cgroup: Path | None = None) -> int:
+    """The CPUs this process may use: the fewest of the machine's (os.cpu_count: in a pod,
+    the node's), its affinity (a cpuset, taskset) and its cgroup CPU quota (a container's
+    CPU limit). A fractional quota rounds down, at least 1: threads that together want more
+    than the quota are throttled for the rest of each period, which stalls whole batches."""
+    count = os.cpu_count() or 1
+    try:
+        affinity = len(os.sched_getaffinity(0)) or count
+    except (AttributeError, OSError):  # not offered on every platform
+        affinity = count
+    quota = cgroup_cpu_quota(root, self_cgroup)
+    limits = [count, affinity] + ([max(1, math.floor(quota))] if quota is not None else [])
+    return min(limits)
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeSettings:
     """Settings every handler understands."""
 
-    # Torch intra-op threads per worker; 0 means "cores / workers in the fleet" so that
+    # Torch intra-op threads per worker; 0 means "CPUs / workers in the fleet" so that
     # workers x threads never oversubscribe the machine (that costs several-fold throughput).
+    # The CPUs are those this process may use (available_cpus): in a pod, its quota and
+    # cpuset, not the node's count.
     torch_threads: int = 0
     fleet_workers: int = 1
     amp_cuda: str = "fp16"
@@ -39,7 +130,7 @@ class RuntimeSettings:
         """Resolved torch thread count for this worker."""
         if self.torch_threads > 0:
             return self.torch_threads
-        cores = cpu_count or os.cpu_count() or 1
+        cores = cpu_count or available_cpus()
         return max(1, cores // max(1, self.fleet_workers))
 
 
