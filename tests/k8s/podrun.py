@@ -220,6 +220,11 @@ def run_container(spec: dict[str, Any]) -> None:
         fs.bind(sources[m["target"]], m["target"], m["read_only"], is_dir=m["is_dir"])
     for m in spec["tmpfs"]:
         fs.tmpfs(m["target"], m["size"])
+    if spec.get("app_also_at"):
+        # The venv's scripts (torchserve, tsfleet) start with the absolute path of the python
+        # they were installed with, the repo's; the image's name /opt/tsfleet. A repo that the
+        # pod's volumes hide (a clone in /tmp) is bound back at its own path, read-only.
+        fs.bind(app_fd, spec["app_also_at"], read_only_=True)
     fs.finish()
     doc: dict[str, Any] = {"mounts": mounts_seen(), "refused_as_root": refused_writes(spec["probe_writes"])}
     drop_privileges(user["uid"], user["gid"], user["groups"])

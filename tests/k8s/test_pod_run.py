@@ -210,7 +210,7 @@ def container_spec(c: dict[str, Any], pod: dict[str, Any], objs: list[dict[str, 
     scratch.mkdir(parents=True)
     return {
         "netns": netns, "scratch": str(scratch), "report": report or str(work / "reports" / f"{c['name']}.json"),
-        "app_source": str(ROOT), "app_target": img.workdir,
+        "app_source": str(ROOT), "app_target": img.workdir, "app_also_at": str(ROOT),
         "binds": binds, "tmpfs": tmpfs, "writable": writable,
         # Where nothing may be written: the image's tree, the venv, the repo the venv points
         # at, the root and the other folders of the root filesystem.
@@ -219,7 +219,10 @@ def container_spec(c: dict[str, Any], pod: dict[str, Any], objs: list[dict[str, 
         "reachable": [os.path.realpath(sys.base_prefix)],
         "user": {"name": "tsfleet", "uid": uid, "gid": gid, "groups": groups, "home": "/tmp"},
         "cwd": c.get("workingDir", img.workdir),
-        "env": env_of(c, objs, img),
+        # The image installs the project in editable mode at its WORKDIR, so `tsfleet` imports
+        # from there. This venv was installed at ROOT, which may lie under the pod's own /tmp
+        # (a clone in /tmp: hidden by the pod's emptyDir), so the image's import path is given.
+        "env": {**env_of(c, objs, img), "PYTHONPATH": img.workdir},
         "command": command or [*c.get("command", []), *c.get("args", [])],
     }
 
