@@ -110,7 +110,9 @@ class Rootfs:
         if not any(parent == f or parent.startswith(f.rstrip("/") + "/") for f in self.volumes + self.layered):
             self.layer(parent)
         if is_dir:
-            os.makedirs(target)
+            # exist_ok: as a runtime's mkdir -p (a full suite's run once found the folder made
+            # between the check above and here)
+            os.makedirs(target, exist_ok=True)
         else:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             Path(target).touch()
