@@ -189,6 +189,12 @@ class InferenceKeys:
         keys = router_keys(router_key_file)
         self.take(keys["inference"], previous_keys(keys))
 
+    def is_current(self, presented: bytes) -> bool:
+        """``presented`` is the router's key now (not one a rotation replaced, whose grace
+        ends with time): what ``swap`` makes of it holds until ``presented``, ``previous`` or
+        ``current`` is replaced."""
+        return hmac.compare_digest(presented.strip(), self.presented)
+
     def swap(self, presented: bytes | None) -> bytes | None:
         """The Authorization value to send TorchServe when a client sent ``presented``; None
         when that is not the router's key (it then goes on as it is)."""

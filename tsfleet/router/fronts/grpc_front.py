@@ -23,7 +23,7 @@ from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, STATUS_O
                                            status_trailers)
 from tsfleet.router.wire.grpc_answers import Relay, answer_headers
 from tsfleet.router.wire.h2frames import INTERNAL_ERROR, Data
-from tsfleet.router.wire.hpack_codec import Header
+from tsfleet.router.wire.hpack_codec import Encoded, Header
 from tsfleet.router.wire.limits import LimitCounters, RouterLimits
 from tsfleet.router.keys import InferenceKeys
 from tsfleet.router.proto import inference_pb2 as pb
@@ -83,6 +83,8 @@ class GrpcRouter(StreamCalls):
         self.server: asyncio.base_events.Server | None = None
         self._calls: set[asyncio.Task] = set()
         self._background: set[asyncio.Task] = set()
+        # By version: (TorchServe's header and trailer lists, what the client gets of them); send().
+        self._answers: dict[str | None, tuple[list[Header] | None, list[Header], Encoded, Encoded]] = {}
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
@@ -121,7 +123,7 @@ class GrpcRouter(StreamCalls):
                 return
             # TorchServe 0.12 kills the worker (failing its whole batch) when a handler that
             # does not stream gets a stream; the answer of such a model is one message anyway.
-            headers, sticky = self._headers(call, PREDICT, decompressed)
+            headers, sticky = self._forwarded(conn, call, decompressed)
             routed = self.policy.begin(model, asked, sticky.decode("latin-1") if sticky else None)
             Prediction(self, conn, call, routed, headers, payload).attempt()
         except Exception:  # a bug of the router's must not take the client's connection down
@@ -169,6 +171,30 @@ class GrpcRouter(StreamCalls):
         if not deadline:
             out.append((b"grpc-timeout", self.default_timeout))
         return out, sticky
+
+    def _forwarded(self, conn: ServerConnection, call: ServerCall, decompressed: bool) -> tuple[list[Header], bytes | None]:
+        """``_headers`` for a Predictions call, encoded once per connection: a client sends the
+        same metadata with every call, which its decoder gives as the same list (hpack_codec),
+        and building and encoding the upstream list was a twentieth of a routed call's CPU.
+        Remembered only while the keys the swap read stay as they are, and never for a key
+        a rotation replaced (its grace ends with time, not with a change here)."""
+        keys, memo, sent = self.keys, conn.remembered, call.headers
+        if memo is not None and memo[0] is sent and memo[1] == decompressed and memo[2] is not None and (
+                keys is None or (memo[4] is keys.current and memo[5] is keys.presented and memo[6] is keys.previous)):
+            return memo[2], memo[3]
+        headers, sticky = self._headers(call, PREDICT, decompressed)
+        if memo is None or memo[0] is not sent:
+            # Seen once: remembered from the second time (a client whose metadata changes
+            # with every call, a grpc-timeout counting down, would pay for it every call).
+            conn.remembered = (sent, decompressed, None, None, None, None, None)
+            return headers, sticky
+        headers = Encoded(headers)
+        presented = header(sent, b"authorization")
+        if keys is None:
+            conn.remembered = (sent, decompressed, headers, sticky, None, None, None)
+        elif presented is None or keys.is_current(presented) or keys.swap(presented) is None:
+            conn.remembered = (sent, decompressed, headers, sticky, keys.current, keys.presented, keys.previous)
+        return headers, sticky
 
     def _request(self, call: ServerCall, flag: int, payload: bytes | memoryview) -> pb.PredictionsRequest | None:
         """The request, readable; None when it is not."""
@@ -235,11 +261,22 @@ class GrpcRouter(StreamCalls):
     def send(self, conn: ServerConnection, call: ServerCall, up: UpstreamCall | None, version: str | None,
              error: str = "") -> None:
         """Answer ``call`` with TorchServe's answer ``up``, or (None) UNAVAILABLE and ``error``."""
-        extra = [(b"x-model-version", version.encode())] if version else []
         if up is None:
+            extra = [(b"x-model-version", version.encode())] if version else []
             conn.send(call.id, [STATUS_OK, GRPC_TYPE] + extra, trailers=status_trailers(UNAVAILABLE, error))
             return
-        head, trailers = answer_headers(up, extra)
+        # TorchServe's answers to a version carry the same headers and trailers, which the
+        # upstream decoder gives as the same lists (hpack_codec): what the client gets of
+        # them is made and encoded once (a twentieth of a routed call's CPU, as _forwarded).
+        memo = self._answers.get(version)
+        if memo is not None and memo[0] is up.headers and memo[1] is up.trailers:
+            head, trailers = memo[2], memo[3]
+        else:
+            head, trailers = answer_headers(up, [(b"x-model-version", version.encode())] if version else [])
+            head, trailers = Encoded(head), Encoded(trailers)
+            if len(self._answers) >= 256:  # versions come and go over a router's life
+                self._answers.clear()
+            self._answers[version] = (up.headers, up.trailers, head, trailers)
         conn.send(call.id, head, bytes(up.body) if up.body else None, trailers)
 
     # ---------------------------------------------------------------- calls

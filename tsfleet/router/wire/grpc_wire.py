@@ -194,6 +194,9 @@ class ServerConnection(Http2Connection):
         self.opened = 0.0
         self.head_since: tuple[object, float] | None = None  # (a header block not whole, when first seen)
         self.deadlines: asyncio.TimerHandle | None = None
+        # The dispatcher's own per-connection note (grpc_front.py: what it made of the last
+        # header list this connection's calls sent), kept with the connection, gone with it.
+        self.remembered: tuple | None = None
 
     def unread(self) -> None:
         self.counters.held_bytes += 1

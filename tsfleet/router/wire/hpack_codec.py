@@ -98,7 +98,7 @@ class Decoder:
         self.table: deque[Header] = deque()
         self.size = 0
         self.generation = 0  # changes whenever the table does
-        self._seen: dict[bytes, tuple[int, tuple[Header, ...]]] = {}
+        self._seen: dict[bytes, tuple[int, list[Header]]] = {}
 
     def _entry(self, index: int) -> Header:
         if 0 < index <= len(STATIC):
@@ -122,9 +122,12 @@ class Decoder:
             self.size -= len(name) + len(value) + ENTRY_OVERHEAD
 
     def decode(self, block: bytes) -> list[Header]:
+        """The block's header list. The same bytes, the table unchanged, give the same list
+        object: a caller may remember what it made of a list by the list's identity, and
+        must not change it."""
         seen = self._seen.get(block)
         if seen is not None and seen[0] == self.generation:
-            return list(seen[1])
+            return seen[1]
         generation = self.generation
         headers = self._decode(block)
         if headers is TOO_LARGE:
@@ -134,7 +137,7 @@ class Decoder:
         if self.generation == generation and len(block) <= 1024:
             if len(self._seen) >= self.remembered:
                 self._seen.clear()
-            self._seen[block] = (generation, tuple(headers))
+            self._seen[block] = (generation, headers)
         return headers
 
     def _decode(self, block: bytes) -> list[Header]:
@@ -229,10 +232,24 @@ def _field(header: Header) -> bytes:
     return field
 
 
+class Encoded(list):
+    """A header list that carries its own encoding (``encoded``), made once for a list sent
+    again and again (a client connection's upstream headers, grpc_front.py). Not to be
+    changed once made."""
+
+    __slots__ = ("encoded",)
+
+    def __init__(self, headers: list[Header]):
+        super().__init__(headers)
+        self.encoded = encode(headers)
+
+
 def encode(headers: list[Header], _get=_cache.get) -> bytes:  # noqa: B008 - bound once: this runs per call
     """Literal fields, new names, no Huffman: without indexing (RFC 7541 6.2.2), or never
     indexed (6.2.3) for credentials and for any field its sender sent so (a NeverIndexed
     value), so no peer or intermediary keeps them in a table."""
+    if headers.__class__ is Encoded:
+        return headers.encoded  # type: ignore[attr-defined]
     out = []
     for header in headers:
         field = _get(header)
