@@ -127,46 +127,10 @@ def cmd_status(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def _metrics_server(host: str, port: int, metrics: Callable[[], str]) -> "http.server.ThreadingHTTPServer":
-    """A Prometheus endpoint (``/metrics``, no key) on ``host``:``port``, serving in a daemon
-    thread. ``host`` is an IPv4 or IPv6 address: "::" serves an IPv6-only pod network."""
-    import http.server
-    import socket
-    import threading
+    """The recycler's Prometheus endpoint (metrics_http.py), serving in a daemon thread."""
+    from tsfleet.metrics_http import serve_metrics
 
-    class Metrics(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            body = metrics().encode()
-            self.send_response(200 if self.path == "/metrics" else 404)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-            self.wfile.write(body if self.path == "/metrics" else b"")
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            # A probe's HEAD: the GET's status and headers, no body.
-            self.send_response(200 if self.path == "/metrics" else 404)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-
-        def _not_allowed(self) -> None:
-            # http.server answers a method it has no do_ for with 501, a server fault; the
-            # fault is the client's: 405, naming what is allowed.
-            self.send_response(405)
-            self.send_header("Allow", "GET, HEAD")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    class Server(http.server.ThreadingHTTPServer):
-        # The base class binds IPv4 sockets only, which refuse an address such as "::".
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    httpd = Server((host, port), Metrics)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
+    return serve_metrics(host, port, metrics)
 
 
 def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:

@@ -15,6 +15,7 @@ from aiohttp import web
 from tsfleet.kube import SERVICE_ACCOUNT_DIR, KubeApi
 from tsfleet.manifest import Fleet
 from tsfleet.router.fronts.admin import AdminApi
+from tsfleet.router.fronts.admin_site import DeadlineSite
 from tsfleet.router.keys import InferenceKeys, previous_keys, rotate_router_key, router_keys
 from tsfleet.router.policy.manifest_routes import fleet_routes, routes_from_fleet, take_fleet
 from tsfleet.router.memory import keep_freed_memory
@@ -82,7 +83,7 @@ class RouterProcess:
         self.hits = {"rest": LimitCounters(), "grpc": LimitCounters()}
         self.rest = RestRouter(self.table, config.upstream_rest, keys=self.keys, readiness=self.readiness,
                                metrics=self._metrics, limits=config.limits, counters=self.hits["rest"])
-        self.admin = AdminApi(self.table, keys["admin"])
+        self.admin = AdminApi(self.table, keys["admin"], config.limits)
         self.admin.fleet_taken = self._fleet_taken
         if self.keys is not None:
             self.admin.rotate = self.rotate_key
@@ -97,9 +98,9 @@ class RouterProcess:
         if self.keys is not None:
             self._fresh = asyncio.get_running_loop().create_task(self.keys.keep_fresh())
         self.ports["rest"] = await self.rest.start(self.config.host, self.config.port, reuse_port=many)
-        runner = web.AppRunner(self.admin.app, access_log=None)
+        runner = self.admin.connections.runner(self.admin.app)
         await runner.setup()
-        await web.TCPSite(runner, self.config.admin_host, self.config.admin_port).start()
+        await DeadlineSite(runner, self.config.admin_host, self.config.admin_port, self.admin.connections).start()
         self._runners.append(runner)
         self.ports["admin"] = runner.addresses[0][1]
         try:

@@ -5,20 +5,24 @@ beside the state file; send it as ``Authorization: Bearer <key>``.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from tsfleet.router.fronts.admin_site import AdminConnections
 from tsfleet.router.policy.manifest_routes import check_fleet_routes, take_fleet
 from tsfleet.router.policy.routing import RoutingTable
+from tsfleet.router.wire.limits import DEFAULT_LIMITS, RouterLimits
 
 MAX_GRACE_S = 30 * 86400
 
 
 def _error(status: int, message: str) -> web.Response:
-    kinds = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 409: "Conflict"}
+    kinds = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 408: "RequestTimeout", 409: "Conflict",
+             415: "UnsupportedMediaType"}
     return web.json_response({"code": status, "type": kinds[status], "message": message}, status=status)
 
 
@@ -55,8 +59,10 @@ def _checked_change(doc: dict[str, Any], weights_now: dict[str, float]) -> tuple
 class AdminApi:
     """GET /routes, PUT /routes/{model}, POST /routes/{model}/rollback, PUT /fleet, POST /keys/inference."""
 
-    def __init__(self, table: RoutingTable, key: str):
+    def __init__(self, table: RoutingTable, key: str, limits: RouterLimits = DEFAULT_LIMITS):
         self.table, self.key = table, key
+        # Its connections, served by admin_site.DeadlineSite: deadlines on heads and bodies.
+        self.connections = AdminConnections(limits)
         # With several router processes: wait until every one routes by a change made here.
         self.settled: Callable[[], Awaitable[None]] | None = None
         self.app = web.Application(middlewares=[self._auth])
@@ -74,9 +80,28 @@ class AdminApi:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if not secrets.compare_digest(request.headers.get("Authorization", ""), f"Bearer {self.key}"):
-            return _error(401, "admin token missing or wrong (see router_key.json)")
-        return await handler(request)
+        conn = self.connections.of(request)
+        if conn is not None:
+            conn.head_done()
+        try:
+            if not secrets.compare_digest(request.headers.get("Authorization", ""), f"Bearer {self.key}"):
+                return _error(401, "admin token missing or wrong (see router_key.json)")
+            coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+            if coding != "identity":  # no client of the admin API compresses; a coding is a bomb's way in
+                return _error(415, f"the admin API takes no Content-Encoding (got {coding[:40]!r}): send the "
+                                   "body as it is")
+            if conn is not None and request.can_read_body:
+                # Read here, within the body deadline (aiohttp has none); handlers get it from
+                # aiohttp's cache. Its size limit (client_max_size) is checked as it is read.
+                timeout = self.connections.limits.body_timeout_s
+                try:
+                    await asyncio.wait_for(request.read(), timeout)
+                except asyncio.TimeoutError:
+                    return _error(408, f"the request body was not received whole within {timeout:g} s")
+            return await handler(request)
+        finally:
+            if conn is not None:
+                conn.answered(request.content.at_eof())
 
     async def list_routes(self, request: web.Request) -> web.Response:
         return web.json_response(self.table.snapshot())
@@ -141,7 +166,8 @@ class AdminApi:
             return _error(409, "this router takes no key of its own: it was started without TorchServe's "
                                "key file (--key-file)")
         try:
-            doc = await request.json() if request.can_read_body else {}
+            # Read already by the middleware (within its deadline): can_read_body is False then.
+            doc = await request.json() if await request.read() else {}
         except ValueError:
             return _error(400, "body must be JSON")
         grace = doc.get("grace_s", 3600) if isinstance(doc, dict) else None

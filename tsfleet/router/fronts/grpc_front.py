@@ -24,7 +24,7 @@ from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, STATUS_O
 from tsfleet.router.wire.grpc_answers import Relay, answer_headers
 from tsfleet.router.wire.h2frames import INTERNAL_ERROR, Data
 from tsfleet.router.wire.hpack_codec import Encoded, Header
-from tsfleet.router.wire.limits import LimitCounters, RouterLimits
+from tsfleet.router.wire.limits import DEFAULT_LIMITS, LimitCounters, RouterLimits
 from tsfleet.router.keys import InferenceKeys
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.wire.protoscan import request_names
@@ -197,8 +197,16 @@ class GrpcRouter(StreamCalls):
         return headers, sticky
 
     def _request(self, call: ServerCall, flag: int, payload: bytes | memoryview) -> pb.PredictionsRequest | None:
-        """The request, readable; None when it is not."""
-        return read_message(pb.PredictionsRequest, call.headers, flag, payload)
+        """The request, readable; None when it is not. A call's one message arrives decompressed
+        by its connection (``call.plain``, bounded there); a sequence's messages are
+        decompressed here, to at most the router's message limit each."""
+        if flag and call.plain is not None:
+            flag, payload = 0, call.plain
+        try:
+            return read_message(pb.PredictionsRequest, call.headers, flag, payload,
+                                (self.limits or DEFAULT_LIMITS).message_bytes)
+        except ValueError:  # MessageTooLarge, NotEncoded (grpc_inflate.py): not a request the router reads
+            return None
 
     def _readable(self, call: ServerCall) -> tuple[str, str, bytes | memoryview, bool] | str:
         """(model, version asked for, the request's serialized bytes, whether they were

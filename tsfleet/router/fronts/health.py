@@ -116,7 +116,13 @@ def _service(call: ServerCall) -> str | None:
     messages = split_messages(bytearray(call.body))  # a few bytes
     if len(messages) != 1:
         return None
-    request = read_message(health_pb2.HealthCheckRequest, call.headers, *messages[0])
+    flag, payload = messages[0]
+    if flag and call.plain is not None:  # decompressed, and bounded, by its connection
+        flag, payload = 0, call.plain
+    try:
+        request = read_message(health_pb2.HealthCheckRequest, call.headers, flag, payload)
+    except ValueError:  # too large or corrupt once decompressed (grpc_inflate.py): unreadable
+        return None
     return None if request is None else request.service
 
 

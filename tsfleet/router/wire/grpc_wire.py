@@ -8,13 +8,12 @@ messages, and the answer's HEADERS, DATA and trailers (``grpc-status``, ``grpc-m
 from __future__ import annotations
 
 import asyncio
-import gzip
-import zlib
 from typing import Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
 from tsfleet.router.wire import hpack_codec
+from tsfleet.router.wire.grpc_inflate import MessageTooLarge, NotEncoded, decompress
 from tsfleet.router.wire.h2frames import (ENHANCE_YOUR_CALM, NO_ERROR, PING, PROTOCOL_ERROR, REFUSED_STREAM, RST_STREAM,
                                           SETTINGS, Floods, ProtocolError)
 from tsfleet.router.wire.hpack_codec import Header, TooLarge
@@ -48,20 +47,13 @@ def split_messages(buffer: bytearray) -> list[tuple[int, bytes]]:
     return out
 
 
-def decompress(payload: bytes | memoryview, encoding: bytes) -> bytes | None:
-    """A compressed message's bytes; None for an encoding the router cannot read."""
-    if encoding == b"gzip":
-        return gzip.decompress(payload)
-    if encoding == b"deflate":
-        return zlib.decompress(payload)
-    return None
-
-
-def read_message(kind: type[M], headers: list[Header], flag: int, payload: bytes | memoryview) -> M | None:
+def read_message(kind: type[M], headers: list[Header], flag: int, payload: bytes | memoryview,
+                 limit: int = DEFAULT_LIMITS.message_bytes) -> M | None:
     """A client's message of protobuf type ``kind``, decompressed as its call's grpc-encoding
-    says; None when the router cannot read it."""
+    says (to at most ``limit`` bytes: MessageTooLarge past it, NotEncoded for bytes not in
+    that encoding); None when the router cannot read it."""
     if flag:
-        payload = decompress(payload, header(headers, b"grpc-encoding") or b"identity")
+        payload = decompress(payload, header(headers, b"grpc-encoding") or b"identity", limit)
         if payload is None:
             return None
     try:
@@ -119,7 +111,7 @@ class Dispatcher(Protocol):
 class ServerCall:
     """One call from a client: its headers, its request bytes so far, whether it was cancelled."""
 
-    __slots__ = ("id", "headers", "path", "parts", "size", "cancelled", "queue", "upstream", "since")
+    __slots__ = ("id", "headers", "path", "parts", "size", "cancelled", "queue", "upstream", "since", "plain")
 
     def __init__(self, stream: int, headers: list[Header]):
         self.id, self.headers = stream, headers
@@ -132,6 +124,7 @@ class ServerCall:
         self.queue: asyncio.Queue | None = None  # set by a dispatcher that wants DATA as it comes
         self.upstream: tuple[UpstreamSide, int] | None = None  # to reset it if the client goes
         self.since: float | None = None  # when its HEADERS came, while a request read whole is not yet whole
+        self.plain: bytes | None = None  # its one message decompressed, when it came compressed (_inflated)
 
     @property
     def body(self) -> bytes:
@@ -327,7 +320,31 @@ class ServerConnection(Http2Connection):
                 call.queue.put_nowait(None)
             else:
                 call.since = None  # whole: no deadline of its reading left
+                first = call.parts[0] if call.parts else b""
+                if call.size > 5 and (not first or first[0]) and not self._inflated(call):  # compressed: rare
+                    return
                 self.dispatcher.ended(self, call)
+
+    def _inflated(self, call: ServerCall) -> bool:
+        """Whether ``call`` may go on: a compressed message is decompressed here, at most
+        max_request bytes of it (kept as ``call.plain``), as the limit holds for what the
+        router reads, not what was sent; past it RESOURCE_EXHAUSTED (counted as message_bytes),
+        bytes not in the call's grpc-encoding INVALID_ARGUMENT. A body that is not one message,
+        or an encoding the router cannot read, is left to the dispatcher to judge."""
+        data = call.body
+        if not data[0] or len(data) != 5 + int.from_bytes(data[1:5], "big"):
+            return True
+        try:
+            call.plain = decompress(memoryview(data)[5:], header(call.headers, b"grpc-encoding") or b"identity",
+                                    self.max_request)
+            return True
+        except (MessageTooLarge, NotEncoded) as exc:
+            self._drop(call.id)
+            if isinstance(exc, MessageTooLarge):
+                self.counters.message_bytes += 1
+            code = RESOURCE_EXHAUSTED if isinstance(exc, MessageTooLarge) else INVALID_ARGUMENT
+            self.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(code, str(exc)))
+            return False
 
     def _refuse(self, stream: int, over: bool) -> None:
         """A request past max_request (``over``), or past what the connection may buffer."""
@@ -343,6 +360,8 @@ class ServerConnection(Http2Connection):
             call.queue.put_nowait(None)
         else:
             call.since = None  # whole: no deadline of its reading left
+            if call.size > 5 and not self._inflated(call):
+                return
             self.dispatcher.ended(self, call)
 
     def finish(self, call: ServerCall) -> None:
