@@ -21,7 +21,6 @@ import itertools
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote
 
