@@ -111,7 +111,7 @@ class FleetHandler:
             if self.settings.compile and not self.settings.debug:
                 self.model = torch.compile(self.model, mode=self.settings.compile_mode)
         started = time.perf_counter()
-        for size in self.settings.warmup_batch_sizes:
+        for size in self._warmup_sizes(context):
             items = self.warmup_items(size)
             if items:
                 self._run(items)
@@ -123,6 +123,16 @@ class FleetHandler:
             (time.perf_counter() - started) * 1000,
         )
         self.initialized = True
+
+    def _warmup_sizes(self, context: Any) -> list[int]:
+        """The configured warm-up batch sizes; compiled, also a batch of one and one of
+        TorchServe's batch_size (at least 2: a text request may carry a list), so that the
+        worker is READY only once every graph it serves is compiled, whatever the manifest's
+        ``warmup_batch_sizes`` say."""
+        sizes = set(self.settings.warmup_batch_sizes)
+        if self.settings.compile and not self.settings.debug:
+            sizes |= {1, max(2, int(context.system_properties.get("batch_size") or 1))}
+        return sorted(sizes)
 
     def _run(self, items: list[Any]) -> tuple[list[Any], float, float, float]:
         phase = "preprocess"

@@ -17,11 +17,12 @@ import torch
 from handlers.base import FleetHandler
 from handlers.errors import BadRequest, PayloadTooLarge
 from handlers.intent_head import load_intent_head
-from handlers.minilm import MiniLM, mean_pool_normalize
+from handlers.minilm import MiniLM, mark_dynamic, mean_pool_normalize, warmup_texts
 from handlers.payload import Payload
 from handlers.text import TEXT_ACCEPTS, TextItem, read_texts
 
 FIELDS = ("text", "embedding", "embeddings")
+SAMPLE_TEXT = "book me a flight to Lisbon next week"
 
 
 class IntentClassifier(FleetHandler):
@@ -74,6 +75,7 @@ class IntentClassifier(FleetHandler):
         if texts:
             ids, mask = self.minilm.tokenizer.encode_batch(texts, self.options["max_length"])
             batch["ids"], batch["mask"] = ids.to(self.device), mask.to(self.device)
+            mark_dynamic(batch["ids"], batch["mask"])
         if vectors:
             batch["vectors"] = torch.tensor(vectors, dtype=torch.float32, device=self.device)
         return batch
@@ -106,7 +108,8 @@ class IntentClassifier(FleetHandler):
 
     @classmethod
     def sample_request(cls) -> tuple[str, bytes] | None:
-        return "application/json", b'{"text": "book me a flight to Lisbon next week"}'
+        return "application/json", b'{"text": "%s"}' % SAMPLE_TEXT.encode()
 
     def warmup_items(self, batch_size: int) -> list[TextItem]:
-        return [TextItem(["book me a flight to Lisbon next week"], True) for _ in range(batch_size)]
+        texts = warmup_texts(self.minilm.tokenizer, batch_size, SAMPLE_TEXT, self.options["max_length"])
+        return [TextItem([text], True) for text in texts]

@@ -214,13 +214,41 @@ class MiniLMEncoder(nn.Module):
         x = (e.word_embeddings(input_ids) + e.position_embeddings.weight[:t]
              + e.token_type_embeddings.weight[0])
         x = e.LayerNorm(x)
-        # Skip the mask when nothing is padded: SDPA then takes its fastest path.
+        # Skip the mask when nothing is padded: SDPA then takes its fastest path. Compiled,
+        # the branch may not read the mask's values (that splits the graph, and each piece
+        # compiles again for every new shape): a lone sequence is never padded, and a batch
+        # of several always takes the mask.
         mask = None
-        if not bool(attention_mask.all()):
+        if input_ids.shape[0] > 1 if torch.compiler.is_compiling() else not bool(attention_mask.all()):
             mask = attention_mask.bool()[:, None, None, :]  # True = may attend
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
+
+
+def mark_dynamic(*tensors: torch.Tensor) -> None:
+    """Let ``torch.compile`` take the batch and sequence dimensions of these ``[B, T]`` inputs
+    as dynamic from their first compile, so a compiled encoder warmed with one batch of one
+    and one of several serves every length and batch size without compiling again. A
+    dimension of 1 stays specialised (a lone text is its own graph). No effect uncompiled."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+
+
+def warmup_texts(tokenizer: "WordPieceTokenizer", n: int, text: str, max_length: int) -> list[str]:
+    """``n`` texts of mixed lengths (so a batch of several is padded) for the load-time warm-up.
+
+    Their padded length is never ``n``: compiling with dynamic shapes, torch takes two equal
+    sizes for one symbol, and every later batch whose size differs from its length would
+    compile again on a client's request.
+    """
+    texts = [text + " again" * ((n + i) % 7) for i in range(n)]
+    for _ in range(8):  # bounded: a max_length of n would cut every longer text back to n
+        if n == 1 or max(tokenizer.count_tokens(t, max_length) for t in texts) != n:
+            break
+        texts[0] += " again"
+    return texts
 
 
 def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from handlers.base import FleetHandler
-from handlers.minilm import MiniLM, mean_pool_normalize
+from handlers.minilm import MiniLM, mark_dynamic, mean_pool_normalize, warmup_texts
 from handlers.payload import Payload
 from handlers.text import TEXT_ACCEPTS, TextItem, read_texts
 
@@ -34,7 +34,9 @@ class TextEmbedder(FleetHandler):
     def preprocess(self, items: list[TextItem]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [text for item in items for text in item.texts]
         ids, mask = self.minilm.tokenizer.encode_batch(texts, self.options["max_length"])
-        return ids.to(self.device), mask.to(self.device)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        mark_dynamic(ids, mask)
+        return ids, mask
 
     def inference(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch
@@ -53,7 +55,7 @@ class TextEmbedder(FleetHandler):
         return "application/json", b'{"text": "%s"}' % WARMUP_TEXT.encode()
 
     def warmup_items(self, batch_size: int) -> list[TextItem]:
-        # Mixed lengths: with compile on, the warm-up batches differ in both dimensions and
-        # a batch > 1 is padded (the masked attention path), so torch.compile makes both
-        # dimensions dynamic and compiles both paths at load, not on a client's request.
-        return [TextItem([WARMUP_TEXT + " Again." * ((batch_size + i) % 7)], True) for i in range(batch_size)]
+        # With compile on, a batch of one and one of several (padded) compile the encoder's
+        # two graphs at load, both with dynamic shapes (mark_dynamic): no client pays for it.
+        texts = warmup_texts(self.minilm.tokenizer, batch_size, WARMUP_TEXT, self.options["max_length"])
+        return [TextItem([text], True) for text in texts]
