@@ -67,6 +67,28 @@ def test_answers_like_torchserve_and_names_the_version(router, client, headers) 
     assert pipe.status_code == 200 and pipe.json()["intent"] == "weather"
 
 
+def test_a_fleet_workflow_torchserve_has_not_registered_yet_is_a_503_not_a_404(router, server, fleet, headers) -> None:
+    # Between a restarted TorchServe's start and `up` registering the workflow again, TorchServe
+    # answers 404 WorkflowNotFoundException: a client must read "not yet", not "no such thing".
+    server.client.unregister_workflow("intent-pipeline")
+    try:
+        direct = requests.post(server.ep.url("inference") + "/wfpredict/intent-pipeline", data=body("hello"),
+                               headers=headers, timeout=60)
+        assert direct.status_code == 404 and direct.json()["type"] == "WorkflowNotFoundException"
+        routed = router.post("/wfpredict/intent-pipeline", body("hello"), headers)
+        assert routed.status_code == 503 and routed.json() == {
+            "code": 503, "type": "ServiceUnavailable",
+            "message": f"workflow intent-pipeline is not registered in TorchServe at {server.ep.url('inference')} "
+                       "yet (started again?); try again shortly"}
+        # A workflow the fleet does not declare is TorchServe's 404, as it is.
+        other = router.post("/wfpredict/no-such-pipeline", body("hello"), headers)
+        assert other.status_code == 404 and other.json()["type"] == "WorkflowNotFoundException"
+    finally:
+        server.register_workflows(fleet)
+    pipe = router.post("/wfpredict/intent-pipeline", body("what's the weather tomorrow"), headers)
+    assert pipe.status_code == 200 and pipe.json()["intent"] == "weather"
+
+
 def test_a_camera_sized_image_gets_torchserve_s_answer(router, server) -> None:
     image = camera_image()
     assert len(image) > 300_000

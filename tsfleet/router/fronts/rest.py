@@ -32,6 +32,7 @@ DROPPED_MARKS = (b"Worker died", b"Worker scaled down", b"has no worker to serve
 # boundary): the client's fault, so the router says 400.
 FORM_UNREADABLE = (b"ErrorDataDecoderException", b"StringIndexOutOfBoundsException")
 JSON = [b"Content-Type: application/json"]
+WORKFLOWS = "/wfpredict/"
 
 
 def _retryable(status: int, body: bytes) -> bool:
@@ -187,6 +188,14 @@ class RestRouter:
                 retried = True
                 continue
             resp = _for_client(resp)
+            if resp.status == 404 and request.path.startswith(WORKFLOWS) and b"WorkflowNotFoundException" in resp.body:
+                name = request.path[len(WORKFLOWS):].partition("/")[0]
+                if self.readiness is not None and name in self.readiness.workflows:
+                    # The fleet declares it: TorchServe was started again and `up` (or a pod's
+                    # start) has not registered it yet. Not found would be the wrong answer
+                    # for a client to act on; the outage's own 503 is the right one.
+                    return 503, _body(503, "ServiceUnavailable", f"workflow {name} is not registered in TorchServe "
+                                      f"at {self.upstream} yet (started again?); try again shortly"), JSON
             return resp.status, resp.body, resp.headers
 
     def _unreachable(self, exc: BaseException) -> tuple[int, bytes, list[bytes]]:
