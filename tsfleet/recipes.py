@@ -6,9 +6,12 @@ files, data and params) are hashed, and a folder whose stamp matches is reused, 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -113,11 +116,36 @@ def inputs_digest(recipe: Recipe, params: dict[str, Any]) -> str:
 
 
 def ensure(recipe: Recipe, params: dict[str, Any], out: Path, progress: Progress, cache: Path) -> Path:
-    """Make the recipe's files in ``out`` unless a matching stamp says they are there already."""
+    """Make the recipe's files in ``out`` unless a matching stamp says they are there already.
+
+    Two builds at once (two shells, two test sessions) take turns on ``out`` (a ``flock`` the
+    kernel drops if a builder dies), and each works in a folder of its own: with one fixed
+    ``.partial`` folder, the second deleted the first's mid-build and a stamped artifact
+    came out without its model files."""
     digest = inputs_digest(recipe, params)
     stamp = out / STAMP
     if stamp.is_file() and stamp.read_text().strip() == digest:
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a build of the same output under way
+        if stamp.is_file() and stamp.read_text().strip() == digest:
+            return out  # the other builder made it
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
+        try:
+            try:
+                recipe.build(tmp, params, progress, cache)
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise BuildError(f"recipe {recipe.name} failed: {exc}") from exc
+            (tmp / STAMP).write_text(digest + "\n")
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed
+    finally:
+        os.close(fd)  # and with it the lock
+    return out
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
