@@ -108,7 +108,7 @@ class FleetHandler:
         self.load(Path(context.system_properties.get("model_dir", ".")))
         if self.model is not None:
             self.model.eval()
-            if self.settings.compile and not self.settings.debug:
+            if self.compiled:
                 self.model = torch.compile(self.model, mode=self.settings.compile_mode)
         started = time.perf_counter()
         for size in self._warmup_sizes(context):
@@ -119,10 +119,15 @@ class FleetHandler:
             "%s %s ready on %s: %d torch threads, amp=%s, compile=%s, warm-up %.0f ms",
             self.model_name, self.version, self.device, threads,
             self.settings.amp_cuda if self.device.type == "cuda" else self.settings.amp_cpu,
-            self.settings.compile and not self.settings.debug,
+            self.compiled,
             (time.perf_counter() - started) * 1000,
         )
         self.initialized = True
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the model is (to be) ``torch.compile``d: on, and not in debug."""
+        return bool(self.settings.compile and not self.settings.debug)
 
     def _warmup_sizes(self, context: Any) -> list[int]:
         """The configured warm-up batch sizes; compiled, also a batch of one and one of
@@ -130,7 +135,7 @@ class FleetHandler:
         worker is READY only once every graph it serves is compiled, whatever the manifest's
         ``warmup_batch_sizes`` say."""
         sizes = set(self.settings.warmup_batch_sizes)
-        if self.settings.compile and not self.settings.debug:
+        if self.compiled:
             sizes |= {1, max(2, int(context.system_properties.get("batch_size") or 1))}
         return sorted(sizes)
 

@@ -75,7 +75,8 @@ class IntentClassifier(FleetHandler):
         if texts:
             ids, mask = self.minilm.tokenizer.encode_batch(texts, self.options["max_length"])
             batch["ids"], batch["mask"] = ids.to(self.device), mask.to(self.device)
-            mark_dynamic(batch["ids"], batch["mask"])
+            if self.compiled:  # torch._dynamo, once touched, costs a worker ~70 MiB
+                mark_dynamic(batch["ids"], batch["mask"])
         if vectors:
             batch["vectors"] = torch.tensor(vectors, dtype=torch.float32, device=self.device)
         return batch

@@ -35,7 +35,8 @@ class TextEmbedder(FleetHandler):
         texts = [text for item in items for text in item.texts]
         ids, mask = self.minilm.tokenizer.encode_batch(texts, self.options["max_length"])
         ids, mask = ids.to(self.device), mask.to(self.device)
-        mark_dynamic(ids, mask)
+        if self.compiled:  # torch._dynamo, once touched, costs a worker ~70 MiB
+            mark_dynamic(ids, mask)
         return ids, mask
 
     def inference(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -215,3 +215,21 @@ def test_each_handlers_sample_request_is_answered(cls, model) -> None:
     [(status, answer)] = run(handler, ctx, [(body, content_type)])
     assert status == 200, answer
     assert "embedding" in answer or "intent" in answer or "label" in answer
+
+
+def test_a_worker_that_does_not_compile_never_imports_torch_dynamo(embedder_dir) -> None:
+    # torch._dynamo, once imported, adds ~70 MiB to every worker (218 -> 290 MiB here): only a
+    # compiled model may touch it (minilm.mark_dynamic). In a process of its own: other tests
+    # here compile.
+    script = (
+        "import sys, json; from pathlib import Path\n"
+        "from tests.unit.test_handlers import load, run, TextEmbedder, IntentClassifier, artifacts\n"
+        "for cls, model in ((TextEmbedder, 'text-embedder'), (IntentClassifier, 'intent-classifier')):\n"
+        "    handler, ctx = load(cls, model, artifacts(model), warmup_batch_sizes=[1, 4])\n"
+        "    out = run(handler, ctx, [({'text': 'hello there'}, 'application/json'),\n"
+        "                             ({'text': 'a longer sentence than that'}, 'application/json')])\n"
+        "    assert [status for status, _ in out] == [200, 200], out\n"
+        "print(json.dumps('torch._dynamo' in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "false"
