@@ -70,7 +70,9 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
         cmd_build(args, fleet)
     return up.run(_server(args), fleet, up.UpOptions(
         manifest=args.manifest, timeout=args.timeout, recycler_port=args.recycler_port,
-        router_processes=args.router_processes, router_host=args.router_host, detach=args.detach), _say)
+        router_processes=args.router_processes, router_host=args.router_host, detach=args.detach,
+        router_port=args.router_port, router_grpc_port=args.router_grpc_port,
+        router_admin_port=args.router_admin_port), _say)
 
 
 def _client(args: argparse.Namespace) -> "ManagementClient":
@@ -276,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="router processes sharing its ports, or auto (see `route --processes`)")
     p.add_argument("--router-host", default="127.0.0.1",
                    help="address of the router's REST and gRPC ports (see `route --host`)")
+    p.add_argument("--router-port", type=int, default=8090, help="the router's REST port (see `route --port`)")
+    p.add_argument("--router-grpc-port", type=int, default=7090,
+                   help="the router's gRPC port (see `route --grpc-port`)")
+    p.add_argument("--router-admin-port", type=int, default=8091,
+                   help="the router's admin API, on loopback; other commands reach it with --router-admin")
     sub.add_parser("down", help="stop a running fleet")
     sub.add_parser("plan", help="show what apply would change on the running server")
     sub.add_parser("apply", help="take the running server to the manifest")

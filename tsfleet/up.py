@@ -26,7 +26,7 @@ Say = Callable[[str], None]
 # TorchServe that keeps dying soon after each start is not started a fifth time: something
 # a restart cannot fix (a port taken, a broken archive) needs a person.
 MAX_QUICK_RESTARTS = 4
-ROUTER_ADMIN = "http://127.0.0.1:8091"  # where `route` (as up starts it) serves its admin API
+ROUTER_ADMIN = "http://127.0.0.1:8091"  # where `route` (as up starts it by default) serves its admin API
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,16 @@ class UpOptions:
     router_processes: str = "auto"
     router_host: str = "127.0.0.1"
     detach: bool = False
+    # The router's ports (`route --port/--grpc-port/--admin-port`): 8090/7090/8091 unless two
+    # fleets share a machine (a test run beside another).
+    router_port: int = 8090
+    router_grpc_port: int = 7090
+    router_admin_port: int = 8091
+
+    @property
+    def router_admin(self) -> str:
+        """The URL of the router's admin API (it listens on loopback only)."""
+        return f"http://127.0.0.1:{self.router_admin_port}"
 
 
 def run(server: TorchServe, fleet: Fleet, options: UpOptions, say: Say) -> int:
@@ -52,7 +62,8 @@ def run(server: TorchServe, fleet: Fleet, options: UpOptions, say: Say) -> int:
             say("running in the background; `make down` stops it")
             return 0
         say("Ctrl-C stops the fleet; TorchServe, the router or the recycler exiting is started again")
-        watch(server, fleet, supervisor, options.timeout, say, manifest=options.manifest)
+        watch(server, fleet, supervisor, options.timeout, say, manifest=options.manifest,
+              router_admin=options.router_admin)
         stop_companions(server)
         say("TorchServe was stopped (tsfleet down); the router and the recycler are stopped too")
         return 0
@@ -168,10 +179,11 @@ def _manifest_now(manifest: str, fleet: Fleet, say: Say) -> Fleet:
 
 
 def watch(server: TorchServe, fleet: Fleet, supervisor: companions.Supervisor, timeout: float, say: Say,
-          sleep: Callable[[float], None] = time.sleep, manifest: str | None = None) -> None:
+          sleep: Callable[[float], None] = time.sleep, manifest: str | None = None,
+          router_admin: str = ROUTER_ADMIN) -> None:
     """Keep the companions and TorchServe running until TorchServe is stopped on purpose.
-    TorchServe that died is started again, as ``manifest`` reads then; FleetError once it
-    keeps dying."""
+    TorchServe that died is started again, as ``manifest`` reads then (the router's routes,
+    at ``router_admin``, mended); FleetError once it keeps dying."""
     manifest = manifest or str(fleet.root / "fleet.yaml")
     backoff, failed = companions.Backoff(), False
     while True:
@@ -197,7 +209,7 @@ def watch(server: TorchServe, fleet: Fleet, supervisor: companions.Supervisor, t
         server.stop()  # whatever is left of it (its workers, a stale pid file)
         try:
             fleet = _manifest_now(manifest, fleet, say)
-            bring_up(server, fleet, timeout, say, RouterAdmin(ROUTER_ADMIN, server.workdir / "router_key.json"))
+            bring_up(server, fleet, timeout, say, RouterAdmin(router_admin, server.workdir / "router_key.json"))
             failed = False
             say("TorchServe is back; the router serves again")
         except FleetError as exc:
@@ -211,16 +223,19 @@ def _start_companions(server: TorchServe, fleet: Fleet, options: UpOptions, say:
     supervisor = companions.Supervisor(server.workdir, say)
     supervisor.start("recycle", [*common, "recycle", "--metrics-port", str(options.recycler_port)])
     say(f"recycler started (log: logs/recycle.log, metrics: http://127.0.0.1:{options.recycler_port}/metrics)")
+    rest, grpc = options.router_port, options.router_grpc_port
     router = supervisor.start("route", [*common, "route", "--processes", options.router_processes,
-                                        "--host", options.router_host])
+                                        "--host", options.router_host, "--port", str(rest),
+                                        "--grpc-port", str(grpc), "--admin-port", str(options.router_admin_port)])
     host = companions.reachable(options.router_host)
-    for port in (8090, 7090):
+    for port in (rest, grpc):
         if not companions.wait_listening(router, host, port):
             raise FleetError(f"the router did not start listening on {host}:{port}; see logs/route.log")
-    say(f"router started: clients use http://{host}:8090 and gRPC {host}:7090 like TorchServe's "
+    say(f"router started: clients use http://{host}:{rest} and gRPC {host}:{grpc} like TorchServe's "
         "8080/7070, with TorchServe's key or the router's own, which does not expire ('inference' in "
-        f"{server.workdir / 'router_key.json'}); probes need none: /livez, /readyz, /readyz?models=all (log: logs/route.log)")
-    print_endpoints(server, fleet, f"http://{host}:8090", say)
+        f"{server.workdir / 'router_key.json'}; admin API {options.router_admin}); probes need none: /livez, /readyz, "
+        "/readyz?models=all (log: logs/route.log)")
+    print_endpoints(server, fleet, f"http://{host}:{rest}", say)
     return supervisor
 
 

@@ -3,100 +3,24 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
 import requests
 import yaml
 
+from tests.fleet_up import alive as _alive, port_open as _port_open, running_up
 from tests.integration.conftest import ROOT
 from tests.polling import wait_for
-from tsfleet import companions
 from tsfleet.client import ManagementClient
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.properties import Endpoints, render_properties
 from tsfleet.server import Keys
 
 pytestmark = pytest.mark.slow
-
-
-def _lines(proc: subprocess.Popen) -> "queue.Queue[str]":
-    q: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [q.put(line) for line in proc.stdout], daemon=True).start()
-    return q
-
-
-def _wait_for(q: "queue.Queue[str]", text: str, deadline: float, seen: list[str]) -> None:
-    while time.monotonic() < deadline:
-        try:
-            line = q.get(timeout=1)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        if text in line:
-            return
-    raise AssertionError(f"{text!r} not printed in time:\n{''.join(seen)}")
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@dataclass
-class Up:
-    """A running `tsfleet up`: its process, ports, and the lines it printed so far."""
-
-    proc: subprocess.Popen
-    ep: Endpoints
-    lines: "queue.Queue[str]"
-    seen: list[str]
-    argv: list[str]
-    env: dict[str, str]
-
-    def wait_for(self, text: str, seconds: float) -> None:
-        _wait_for(self.lines, text, time.monotonic() + seconds, self.seen)
-
-
-@contextmanager
-def running_up(fleet, model_store: Path, tmp_path: Path, *options: str,
-               manifest: Path = ROOT / "fleet.yaml") -> Iterator[Up]:
-    """`tsfleet up` in ``tmp_path`` on free ports (config.properties rendered from ``fleet``),
-    until it says the fleet serves; stopped after."""
-    ep = Endpoints.on_free_ports()
-    config = tmp_path / "config.properties"
-    config.write_text(render_properties(fleet, ep, str(model_store)))
-    (tmp_path / "tmp").mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TEMP": str(tmp_path / "tmp"), "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "tsfleet", "--manifest", str(manifest), "--config", str(config), "--model-store",
-            str(model_store), "up", "--no-build", *options]
-    proc = subprocess.Popen(
-        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        # As from a terminal: a test run under nohup would otherwise pass on its ignored SIGHUP.
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
-    )
-    try:
-        up = Up(proc, ep, _lines(proc), [], argv, env)
-        up.wait_for("Ctrl-C stops the fleet", 240)
-        yield up
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for name in ("route", "recycle"):  # what a failed test's `up` left running
-            companions.stop(tmp_path, name)
-        subprocess.run([str(Path(sys.executable).with_name("torchserve")), "--stop"], env=env,
-                       capture_output=True, timeout=60)
 
 
 def test_up_serves_the_fleet_and_stops_on_ctrl_c(fleet, model_store, tmp_path: Path) -> None:
@@ -228,11 +152,3 @@ def test_up_starts_torchserve_again_when_it_dies_and_the_router_s_clients_carry_
         assert up.proc.wait(timeout=90) == 0
         assert not _port_open(up.ep.inference), "TorchServe still listening after Ctrl-C"
         assert not [name for name, pid in pids.items() if _alive(pid)], "a companion outlived Ctrl-C"
-
-
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
