@@ -10,7 +10,8 @@ sets none), the serving process of one worker killed with SIGKILL, and a canary 
 `tsfleet rollout start` and taken off with `tsfleet rollout rollback`.
 
 Every ~5 s it samples each process's RSS and prints the window's requests, failures and p99.
-After the warm-up (the first 20% of the run) it fits a line to each process's RSS (a replaced
+After the warm-up (the first 20% of the run; TorchServe's JVM from 180 s of load, its own
+warm-up, see benchmarks/soak/memory.py) it fits a line to each process's RSS (a replaced
 or killed worker's process starts a new series, per pid). Prints the summary and writes
 DIR/benchmarks/results/soak.json, DIR/docs/soak.md and DIR/docs/soak.png (DIR: the repo).
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.soak.memory import SETTLE_S  # noqa: E402
+from benchmarks.soak.memory import fit_from  # noqa: E402
 
 STYLE = {"serving": "-", "": "-", "waiter": ":", "successor": "--"}
 
@@ -30,8 +30,7 @@ def _marks(ax: plt.Axes, doc: dict, legend: bool) -> None:
 
 def _fitted(p: dict, warmup_s: float) -> list[list[float]]:
     """The samples a series is fitted on (memory.fit's rule)."""
-    first = p["samples"][0][0]
-    since = warmup_s if first <= warmup_s else first + SETTLE_S
+    since = fit_from(p["kind"], p["samples"][0][0], warmup_s)
     return [s for s in p["samples"] if s[0] >= since]
 
 
