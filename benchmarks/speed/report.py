@@ -244,6 +244,12 @@ def discussion(doc: dict, checks: list[dict]) -> list[str]:
         if comp and "max_abs_deviation" in comp:
             lines.append(f"- **{model}**: torch.compile + bf16 autocast answers differ from fp32 eager by at most "
                          f"{comp['max_abs_deviation']:.2e} (largest absolute difference over the request set).")
+    if meta.get("cpu_native_bf16") is False and any(e.get("scenarios", {}).get("compiled")
+                                                     for e in doc.get("models", {}).values()):
+        lines.append("- **This CPU has no native bf16** (neither AVX512-BF16 nor AMX in /proc/cpuinfo): bf16 "
+                     "autocast is emulated here, so the compile + bf16 rows measure the emulation, not compile. "
+                     "On a CPU with it (an Intel Xeon, 2026-11-26) the same rows led the minimal handler by "
+                     "1.4-1.6x; set `amp_cpu: \"off\"` on a CPU without it.")
     lines += [
         "",
         f"- The machine has {meta['cpu_count']} CPU cores. The load generator ({meta['load_tool']}), TorchServe's "
