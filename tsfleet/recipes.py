@@ -146,14 +146,3 @@ def ensure(recipe: Recipe, params: dict[str, Any], out: Path, progress: Progress
     finally:
         os.close(fd)  # and with it the lock
     return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        recipe.build(tmp, params, progress, cache)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise BuildError(f"recipe {recipe.name} failed: {exc}") from exc
-    (tmp / STAMP).write_text(digest + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
