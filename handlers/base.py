@@ -152,7 +152,7 @@ class FleetHandler:
             phase = "postprocess"
             answers = self.postprocess(output, items)
             if len(answers) != len(items):
-                raise RuntimeError(f"postprocess gave {len(answers)} answers for {len(items)} items")
+                raise AnswerCountMismatch(len(answers), len(items))
             t3 = time.perf_counter()
         except Exception as exc:
             raise BatchFailed(phase, exc) from exc
@@ -248,6 +248,11 @@ class FleetHandler:
             return cause
         if isinstance(exc, BatchFailed) and exc.phase == "preprocess":
             return self._client_error(cause)  # turning its decoded input into tensors
+        if isinstance(cause, AnswerCountMismatch):
+            # The handler's own fault, whatever the request: say so, not "prediction failed".
+            log.error("%s %s: %s; the request is answered 500", self.model_name, self.version, cause)
+            return InternalError(f"the handler's postprocess gave {cause.answers} answers for this one request; "
+                                 "it must give one per request (a fault of the handler, not of the request)")
         log.error("%s %s: %s failed for one request", self.model_name, self.version,
                   getattr(exc, "phase", "answering"), exc_info=cause)
         return InternalError(f"prediction failed for this request ({type(cause).__name__}); "
@@ -257,6 +262,14 @@ class FleetHandler:
         rejected[0] += 1
         context.set_response_status(exc.code, exc.type, idx)
         return exc.body(self.model_name, self.version)
+
+
+class AnswerCountMismatch(RuntimeError):
+    """``postprocess`` gave a number of answers other than its items': a fault of the handler."""
+
+    def __init__(self, answers: int, items: int):
+        super().__init__(f"postprocess gave {answers} answers for {items} items")
+        self.answers, self.items = answers, items
 
 
 class BatchFailed(Exception):

@@ -162,6 +162,12 @@ class Swapper:
                 left = "TorchServe did not keep it, so the server is as it was"
             except FleetError as cleanup:
                 left = f"unregistering it failed too ({cleanup})"
+            if exc.server_message.startswith("Failed to save model"):
+                # An I/O error reading or unpacking the archive (corrupt, truncated): no worker
+                # ever ran, so model_log.log has nothing to say; a build makes it again.
+                raise VersionDidNotStart(spec.model, spec.version, f"{spec.model} {version} was not registered: "
+                                         f"{exc}; {left}. TorchServe could not unpack {archive} (corrupt or "
+                                         "truncated?): `tsfleet build` makes it again") from None
             raise VersionDidNotStart(spec.model, spec.version, f"{spec.model} {version} did not start: {exc}; "
                                      f"{left}. The workers' error is in logs/model_log.log where TorchServe runs") from None
         if s.worker_ceiling != s.workers:

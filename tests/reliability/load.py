@@ -1,5 +1,6 @@
 """Closed-loop clients of the router (REST and gRPC) that record every answer by kind, for
-the fault tests of a real `tsfleet up` (test_faults_under_load.py).
+the fault tests of a real `tsfleet up` (test_faults_under_load.py); test_fault_models.py runs
+its own clients of TorchServe and the router on ``Load``.
 
 Each client sends its next request as soon as its last one is answered, with the router's
 own inference key, read once: a client that needs a new key after a fault would show up

@@ -85,6 +85,24 @@ def test_a_failed_forward_pass_is_retried_in_halves_not_item_by_item() -> None:
     assert handler.batches == [8, 4, 2, 2, 1, 1, 4]
 
 
+class Miscounting(Fragile):
+    """A postprocess that drops the last answer of every batch: a handler bug, not a request's."""
+
+    def postprocess(self, output: list[Any], items: list[Any]) -> list[Any]:
+        return super().postprocess(output, items)[:-1]
+
+
+def test_a_postprocess_that_miscounts_is_a_500_per_request_naming_the_fault() -> None:
+    handler = Miscounting()
+    ctx = Context("fragile", ".", {"model": {"modelVersion": "2.0"}}, 8, None, "0.12.0",
+                  model_yaml_config={"handler": {"warmup_batch_sizes": [], "report_dir": REPORTS}})
+    handler.initialize(ctx)
+    results = send(handler, ctx, [b"1", b"2", b"3"])
+    assert results == [(500, {"code": 500, "type": "InternalServerError", "message": (
+        "fragile 2.0: the handler's postprocess gave 0 answers for this one request; it must give one per "
+        "request (a fault of the handler, not of the request)")})] * 3
+
+
 def test_answers_survive_bookkeeping_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     handler, ctx = make()
 
