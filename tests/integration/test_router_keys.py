@@ -7,6 +7,8 @@ import copy
 import json
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -204,3 +206,26 @@ def test_rotation_is_refused_with_a_reason_when_the_router_swaps_no_keys(fleet_o
         assert resp.status_code == 409 and "--key-file" in resp.json()["message"]
     finally:
         plain.stop()
+
+
+def test_an_expired_management_key_is_refused_and_changes_nothing(server: TorchServe, fleet_of_one: Fleet) -> None:
+    # TorchServe's management key expires like its inference key (15 s here); once it has, a
+    # call with it is refused whatever it asks, and a key renewed through the token API works.
+    url, old = server.ep.url("management"), torchserve_keys(server)
+    doc = json.loads((server.workdir / "key_file.json").read_text())
+    expires = datetime.fromisoformat(doc["management"]["expiration time"]).timestamp()
+    wait_for("the management key's expiry", lambda: time.time() > expires + 1, timeout=LIFETIME_MIN * 60 + 30)
+    before = requests.get(url + "/models", headers=old.header("api"), timeout=30)  # the API key: not management's
+    for method, path, params in (("GET", "/models", {}), ("PUT", f"/models/{MODEL}", {"min_worker": 2}),
+                                 ("DELETE", f"/models/{MODEL}/1.0", {})):
+        resp = requests.request(method, url + path, params=params, headers=old.header("management"), timeout=30)
+        assert resp.status_code == 400 and resp.json()["message"] == (
+            "Token Authorization failed. Token either incorrect, expired, or not provided correctly"), resp.text
+    renewed = requests.get(url + "/token", params={"type": "management"}, headers=old.header("api"), timeout=30)
+    assert renewed.status_code == 200, renewed.text
+    fresh = torchserve_keys(server)
+    assert fresh.management != old.management
+    models = requests.get(url + f"/models/{MODEL}", headers=fresh.header("management"), timeout=30)
+    assert models.status_code == 200 and [v["modelVersion"] for v in models.json()] == ["1.0"]
+    assert len(models.json()[0]["workers"]) == fleet_of_one.models[MODEL].versions["1.0"].serving.workers
+    assert before.status_code == 400  # the token-API key opens no management call either
