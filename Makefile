@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TSFLEET := $(VENV)/bin/tsfleet
 
-.PHONY: setup build config up down test test-fast test-reliability fuzz isolation bench bench-tools k8s-tools gpu-check clean
+.PHONY: setup build config up down test test-fast test-reliability fuzz isolation bench bench-peers peers bench-tools k8s-tools gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,7 @@ up: setup
 down: setup
 	$(TSFLEET) down
 
-test: build bench-tools k8s-tools
+test: build bench-tools k8s-tools peers
 	$(PY) -m pytest
 
 # The unit tier: every test in tests/unit and nothing that starts TorchServe (tests/conftest.py
@@ -55,6 +55,19 @@ isolation: build
 # The speed suite (about 25 minutes on 2 cores): docs/benchmarks.md, its plots, benchmarks/results/latest.json.
 bench: build bench-tools
 	$(PY) -m benchmarks.speed
+
+# tsfleet beside the servers users pick (about 30 minutes on 2 cores): FastAPI, LitServe, mosec
+# and Ray Serve, each swept over the same configurations as tsfleet; docs/benchmarks-peers.md,
+# its plots, benchmarks/results/peers.json.
+bench-peers: build bench-tools peers
+	$(PY) -m benchmarks.speed --peers
+
+# The comparison's peers, pinned in benchmarks/requirements-peers.txt, into $(VENV).
+peers: $(VENV)/.peers-installed
+
+$(VENV)/.peers-installed: $(VENV)/.installed benchmarks/requirements-peers.txt
+	$(PY) -m pip install --quiet -r benchmarks/requirements-peers.txt
+	@touch $@
 
 # The outside load tools: wrk and h2load (apt-get install wrk nghttp2-client, with sudo when not
 # root) for the speed suite's HTTP and gRPC rows and their tests; where they cannot be installed,

@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.speed import processes, report
+from benchmarks.speed import peer_report, processes, report
 from benchmarks.speed.fleets import Serve
+from benchmarks.speed.peers import KINDS
 from benchmarks.speed.processes import run_processes
 from benchmarks.speed.scenarios import ALL, Options, run_all
 from benchmarks.speed.workload import ROOT
@@ -29,6 +30,17 @@ DEFAULT_MODELS = ["text-embedder", "image-classifier"]
 SPLIT_SCENARIOS = ("toolkit-tuned", "router-rest", "grpc-direct", "router-grpc")
 SWEEP_QUICK = {m: c[:2] for m, c in SWEEP_FULL.items()}
 SWEEP_SMOKE = {m: [Serve(4, 5, 1, 1)] for m in SWEEP_FULL}
+
+# --peers: tsfleet beside the servers users pick (peer_runs.py, peer_report.py).
+PEER_SCENARIOS = {"limit", "peers", "toolkit-tuned", "router-rest", "minimal", "shipped"}
+PEER_MODES = {
+    "full": dict(concurrency=[4, 16, 64], sweep_concurrency=[16, 64], runs=3, seconds=3.0, warmup=2.0,
+                 limit_batches=[1, 8, 16, 32], limit_seconds=2.0, sweep=SWEEP_FULL),
+    "quick": dict(concurrency=[16, 64], sweep_concurrency=[64], runs=1, seconds=3.0, warmup=1.0,
+                  limit_batches=[8, 16], limit_seconds=2.0, sweep=SWEEP_QUICK),
+    "smoke": dict(concurrency=[4], sweep_concurrency=[4], runs=1, seconds=2.0, warmup=0.5, limit_batches=[8],
+                  limit_seconds=1.0, sweep=SWEEP_SMOKE),
+}
 
 MODES = {
     "full": dict(concurrency=[16, 64], runs=3, seconds=3.0, warmup=2.0, limit_batches=[1, 4, 8, 16, 32],
@@ -105,17 +117,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="side of the image requests: 64 (the model's own size, PNGs of ~0.3 KiB) or larger, "
                              "noisy JPEGs as a camera sends (640: ~165 KiB); a run with another size is written "
                              "as its own variant, e.g. docs/benchmarks-images-640px.md")
+    parser.add_argument("--peers", nargs="*", choices=KINDS, metavar="PEER",
+                        help="the peer comparison instead of the router suite: tsfleet (as shipped and tuned, "
+                             "direct and routed, and the minimal handler) beside each peer (default: all of "
+                             f"{', '.join(KINDS)}), every one swept over the same configurations; written as "
+                             "docs/benchmarks-peers.md")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary archives and logs")
     args = parser.parse_args(argv)
     if not 64 <= args.image_px <= 4096:
         parser.error("--image-px: from 64 (the model's own size) to 4096 (the handler's limit)")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    cfg = dict(MODES[mode])
+    peers = args.peers is not None
+    cfg = dict(PEER_MODES[mode], scenarios=set(PEER_SCENARIOS), overhead=False,
+               peer_kinds=tuple(args.peers or KINDS)) if peers else dict(MODES[mode])
     for key in ("runs", "seconds", "concurrency"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.scenarios or args.split_cores:
         cfg["scenarios"] = set(args.scenarios or SPLIT_SCENARIOS)
+    if peers and (args.split_cores or len(args.router_processes) > 1 or args.image_px != 64):
+        parser.error("--peers runs alone: no --split-cores, one --router-processes, 64 px images")
     try:
         counts = sorted({process_count(n) for n in args.router_processes})
     except ValueError as exc:
@@ -145,11 +166,16 @@ def main(argv: list[str] | None = None) -> None:
                     + (" --models " + " ".join(args.models) if args.models != DEFAULT_MODELS else "")
                     + (" --split-cores" if args.split_cores else "")
                     + (" --router-processes " + " ".join(map(str, counts)) if counts != [1] else "")
-                    + (f" --image-px {args.image_px}" if args.image_px != 64 else ""),
+                    + (f" --image-px {args.image_px}" if args.image_px != 64 else "")
+                    + (" --peers" + "".join(f" {k}" for k in args.peers or ()) if peers else ""),
                     "image_px": args.image_px},
            **results}
     images = f"images-{args.image_px}px" if args.image_px != 64 else None
-    if sweep_processes:
+    if peers:
+        doc["meta"]["router_processes"] = counts[0]
+        doc["meta"]["peer_versions"] = peer_report.versions()
+        written = peer_report.write(doc, args.out)
+    elif sweep_processes:
         written = processes.write(doc, args.out, images)
     else:
         doc["meta"]["router_processes"] = counts[0]

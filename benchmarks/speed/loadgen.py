@@ -7,7 +7,8 @@ the router's added latency is measured at (at saturation every client waits for 
 and any CPU the router takes shows up as queueing, not as its own work).
 
 Every generator cycles through the same fixed bodies and returns one ``Sample``: requests,
-failures (non-2xx, socket errors, timeouts), throughput and latency percentiles.
+failures (non-2xx, socket errors, timeouts, and with an ``AnswerCheck`` every 200 whose body
+is not the model's answer), throughput and latency percentiles.
 
 The ``*_side_by_side`` forms load two targets (direct and through the router) in the same
 window: the same batches, the same busy cores, the same slow second of a noisy machine land on
@@ -27,6 +28,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """What every 200 must carry: ``lua``, a Lua expression over ``body`` for wrk's
+    ``response`` hook, and ``py`` the same test for the Python generator. A 200 that fails
+    it counts as failed (a server that answers fast but wrong gains nothing)."""
+
+    lua: str
+    py: Callable[[bytes], bool]
 
 
 @dataclass
@@ -61,7 +72,8 @@ def _lua_string(data: bytes) -> str:
     return '"' + "".join(f"\\{b:03d}" for b in data) + '"'
 
 
-def _lua_script(bodies: list[bytes], headers: dict[str, str], think_s: float = 0.0, seed: int = 1) -> str:
+def _lua_script(bodies: list[bytes], headers: dict[str, str], think_s: float = 0.0, seed: int = 1,
+                check: AnswerCheck | None = None) -> str:
     # Its own seed per wrk process: side by side, two processes must not think in lockstep.
     lines = [f"math.randomseed({seed})",
              "local bodies = {" + ",\n".join(_lua_string(b) for b in bodies) + "}",
@@ -76,6 +88,18 @@ def _lua_script(bodies: list[bytes], headers: dict[str, str], think_s: float = 0
         lines += [f"local think = {think_s * 1000:.3f}",
                   "delay = function()",
                   "  return -math.log(1 - math.random()) * think",
+                  "end"]
+    if check:  # `bad` is global: done() reads each thread's count with thread:get
+        lines += ["bad = 0",
+                  "local threads = {}",
+                  "setup = function(thread) table.insert(threads, thread) end",
+                  "response = function(status, headers, body)",
+                  f"  if status == 200 and not ({check.lua}) then bad = bad + 1 end",
+                  "end",
+                  "done = function(summary, latency, requests)",
+                  "  local n = 0",
+                  "  for _, t in ipairs(threads) do n = n + t:get(\"bad\") end",
+                  '  io.write(string.format("bad answers: %d\\n", n))',
                   "end"]
     return "\n".join(lines) + "\n"
 
@@ -106,25 +130,27 @@ def _wrk_sample(proc: subprocess.Popen, seconds: float) -> Sample:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {out}{err}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    failed = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    bad = re.search(r"^bad answers: (\d+)", out, re.M)
+    failed = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0) \
+        + (int(bad.group(1)) if bad else 0)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     return Sample(int(total.group(1)), failed, rps, _wrk_ms(out, "50"), _wrk_ms(out, "99"))
 
 
 def run_wrk(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float,
-            think_s: float = 0.0) -> Sample:
+            think_s: float = 0.0, check: AnswerCheck | None = None) -> Sample:
     """``wrk -t1 -c clients`` for ``seconds``: one thread, so it takes as little CPU as it can."""
-    return run_wrk_side_by_side([url], bodies, headers, clients, seconds, think_s)[0]
+    return run_wrk_side_by_side([url], bodies, headers, clients, seconds, think_s, check)[0]
 
 
 def run_wrk_side_by_side(urls: list[str], bodies: list[bytes], headers: dict[str, str], clients: int,
-                         seconds: float, think_s: float = 0.0) -> list[Sample]:
+                         seconds: float, think_s: float = 0.0, check: AnswerCheck | None = None) -> list[Sample]:
     """One wrk per URL, all started together, ``clients`` connections shared out among them."""
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         procs = []
         for n, url in enumerate(urls):
             script = Path(tmp) / f"post-{n}.lua"
-            script.write_text(_lua_script(bodies, headers, think_s, seed=n + 1))
+            script.write_text(_lua_script(bodies, headers, think_s, seed=n + 1, check=check))
             procs.append(_start_wrk(script, url, max(1, clients // len(urls)), seconds))
         return [_wrk_sample(proc, seconds) for proc in procs]
 
@@ -157,7 +183,7 @@ async def _closed_loop(calls: list[Callable[[int], Awaitable[bool]]], clients: i
 
 
 async def _http_loop(urls: list[str], bodies: list[bytes], headers: dict[str, str], clients: int,
-                     seconds: float, think_s: float) -> list[Sample]:
+                     seconds: float, think_s: float, check: AnswerCheck | None = None) -> list[Sample]:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=clients * len(urls), force_close=False)
@@ -167,8 +193,8 @@ async def _http_loop(urls: list[str], bodies: list[bytes], headers: dict[str, st
             async def call(i: int) -> bool:
                 try:
                     async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as resp:
-                        await resp.read()
-                        return resp.status == 200
+                        body = await resp.read()
+                        return resp.status == 200 and (check is None or check.py(body))
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     return False
             return call
@@ -177,9 +203,9 @@ async def _http_loop(urls: list[str], bodies: list[bytes], headers: dict[str, st
 
 
 def run_python(url: str, bodies: list[bytes], headers: dict[str, str], clients: int, seconds: float,
-               think_s: float = 0.0) -> Sample:
+               think_s: float = 0.0, check: AnswerCheck | None = None) -> Sample:
     """The fallback HTTP generator: ``clients`` coroutines on one event loop."""
-    return asyncio.run(_http_loop([url], bodies, headers, clients, seconds, think_s))[0]
+    return asyncio.run(_http_loop([url], bodies, headers, clients, seconds, think_s, check))[0]
 
 
 def run_python_side_by_side(urls: list[str], bodies: list[bytes], headers: dict[str, str], clients: int,
@@ -244,9 +270,9 @@ class HttpLoad:
             raise RuntimeError("--load wrk asked for, but wrk is not on PATH")
 
     def __call__(self, url: str, bodies: list[bytes], headers: dict[str, str], clients: int,
-                 seconds: float, think_s: float = 0.0) -> Sample:
+                 seconds: float, think_s: float = 0.0, check: AnswerCheck | None = None) -> Sample:
         run = run_wrk if self.tool == "wrk" else run_python
-        return run(url, bodies, headers, clients, seconds, think_s)
+        return run(url, bodies, headers, clients, seconds, think_s, check)
 
     def side_by_side(self, urls: list[str], bodies: list[bytes], headers: dict[str, str], clients: int,
                      seconds: float, think_s: float = 0.0) -> list[Sample]:

@@ -21,12 +21,10 @@ from benchmarks.speed.fleets import Serve, Variant
 from benchmarks.speed.h2load_target import H2loadTarget
 from benchmarks.speed.limit import peak_rss_mb, run_limit
 from benchmarks.speed.loadgen import HttpLoad, Sample, run_grpc, run_grpc_side_by_side
-from benchmarks.speed.peer import PeerProcess
-from benchmarks.speed.workload import Workload, workload
-from tsfleet.properties import Endpoints
+from benchmarks.speed.workload import Workload, answer_check, workload
 
 ALL = ("limit", "peer", "toolkit-b1", "toolkit-tuned", "router-rest", "grpc-direct", "router-grpc",
-       "compiled", "minimal", "cold-start")
+       "compiled", "minimal", "cold-start", "peers", "shipped")
 LABELS = {
     "peer": "FastAPI + uvicorn (peer)",
     "toolkit-b1": "TorchServe + toolkit, batch 1",
@@ -38,6 +36,13 @@ LABELS = {
     "router-grpc-h2load": "tuned, through the router (gRPC, h2load)",
     "compiled": "tuned + torch.compile + bf16",
     "minimal": "minimal hand-written handler",
+    "shipped": "tsfleet as `make up` ships it, direct",
+    "shipped-router": "tsfleet as `make up` ships it, through the router",
+    "fastapi-default": "FastAPI + uvicorn, sync def, 1 worker (tutorial default)",
+    "fastapi": "FastAPI + uvicorn, best layout",
+    "litserve": "LitServe, batching",
+    "mosec": "mosec, batching",
+    "ray": "Ray Serve, @serve.batch",
 }
 Target = Callable[..., Sample]  # (clients, seconds, think_s=0.0) -> Sample
 # (clients, seconds, think_s=0.0) -> one Sample per side, all loaded in the same window
@@ -75,6 +80,9 @@ class Options:
     split_cores: bool = False  # workers on half the CPUs, the serving path on the rest
     router_processes: int = 1
     image_px: int = 64  # the image requests' side: 64 is the model's own size (see shape_images)
+    overhead: bool = True  # the router's paced and side-by-side added-latency windows
+    peer_kinds: tuple[str, ...] = ()  # the peers (peers/KINDS) the "peers" scenario runs
+    sweep_concurrency: list[int] | None = None  # the sweep's levels (tsfleet's and the peers'); default: concurrency
 
 
 def summarize(samples: list[Sample]) -> dict:
@@ -192,8 +200,9 @@ def _record(opts: Options, model: str, scenario: str, clients: int, figures: dic
 
 
 def http_target(load: HttpLoad, url: str, w: Workload, headers: dict[str, str]) -> Target:
-    hdrs = {**headers, "Content-Type": w.content_type}
-    return lambda clients, seconds, think_s=0.0: load(url, w.items, hdrs, clients, seconds, think_s)
+    """Closed-loop HTTP load on ``url``; every answer checked (answer_check)."""
+    hdrs, check = {**headers, "Content-Type": w.content_type}, answer_check(w.model)
+    return lambda clients, seconds, think_s=0.0: load(url, w.items, hdrs, clients, seconds, think_s, check)
 
 
 def grpc_target(address: str, w: Workload, key: str) -> Target:
@@ -208,20 +217,6 @@ def http_pair(load: HttpLoad, urls: list[str], w: Workload, headers: dict[str, s
 def grpc_pair(addresses: list[str], w: Workload, key: str) -> PairTarget:
     return lambda clients, seconds, think_s=0.0: run_grpc_side_by_side(addresses, w.model, w.items, key, clients,
                                                                        seconds, think_s)
-
-
-def run_peer(opts: Options, load: HttpLoad, w: Workload) -> None:
-    port = Endpoints.on_free_ports().inference
-    opts.log(f"peer: FastAPI + uvicorn for {w.model}")
-    peer = PeerProcess(w.model, w.artifacts, port, opts.work / f"peer-{w.model}.log")
-    try:
-        target = http_target(load, peer.url, w, {})
-        for clients in opts.concurrency:
-            figures = measure({"peer": target}, opts, clients)["peer"]
-            _record(opts, w.model, "peer", clients, figures, config={"uvicorn_workers": 1},
-                    peak_rss_mb=[round(peak_rss_mb(peer.pid), 1)])
-    finally:
-        peer.stop()
 
 
 def _geomean(values: list[float]) -> float:
@@ -257,7 +252,7 @@ def run_sweep(opts: Options, load: HttpLoad, workloads: list[Workload]) -> dict[
             table = []
             for v in candidates:
                 by_c = {str(c): measure({"x": http_target(load, base + v.path(), w, auth)}, opts, c, runs=1)["x"]
-                        for c in opts.concurrency}
+                        for c in opts.sweep_concurrency or opts.concurrency}
                 score = _geomean([r["rps"] for r in by_c.values()])
                 table.append({"config": v.serve.as_dict(), "label": v.serve.label(), "score_rps": round(score, 1),
                               "by_concurrency": {c: {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "failed")}
@@ -348,6 +343,8 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                         config = {**serve.as_dict(), **({"compile": True, "amp_cpu": "bf16"} if name == "compiled" else {})}
                         _record(opts, w.model, name, clients, figures, config=config,
                                 peak_rss_mb=fleets.worker_rss(ts, model, variant))
+                    if not opts.overhead:
+                        continue
                     for proto, row in measure_overhead(targets, measured, opts, clients).items():
                         model_entry(opts, w.model).setdefault("overhead", {}).setdefault(proto, {})[str(clients)] = row
                     for proto, row in measure_side_by_side(pairs, measured, opts, clients).items():
@@ -387,12 +384,20 @@ def run_all(opts: Options) -> dict:
             entry["limit"] = run_limit(w.model, opts.limit_batches, opts.runs, opts.limit_seconds,
                                        image_px=opts.image_px)
             opts.log(f"  ceiling {entry['limit']['ceiling']:.1f} {w.unit}/s at batch {entry['limit']['ceiling_batch']}")
-    if "peer" in opts.scenarios:
-        for w in workloads:
-            run_peer(opts, load, w)
+    if {"peer", "peers"} & opts.scenarios:
+        from benchmarks.speed import peer_runs  # it builds on this module
+
+        for w in workloads if "peer" in opts.scenarios else ():
+            peer_runs.run_tutorial_peer(opts, load, w)
+        if "peers" in opts.scenarios:
+            peer_runs.run_peers(opts, load, workloads, list(opts.peer_kinds))
     tuned = run_sweep(opts, load, workloads)
     if {"toolkit-tuned", "router-rest", "router-grpc", "grpc-direct", "compiled", "minimal"} & opts.scenarios:
         run_main(opts, load, workloads, tuned)
+    if "shipped" in opts.scenarios:
+        from benchmarks.speed import peer_runs
+
+        peer_runs.run_shipped(opts, load, workloads)
     if "cold-start" in opts.scenarios:
         opts.log("cold start: the repo's fleet from model_store/")
         bodies = {w.model: (w.bodies[0], w.content_type) for w in workloads}

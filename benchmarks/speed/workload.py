@@ -10,6 +10,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from benchmarks.speed.loadgen import AnswerCheck
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "build" / "artifacts"
@@ -98,6 +101,51 @@ def workload(model: str, image_px: int = 64) -> Workload:
     return WORKLOADS[model]()
 
 
+def _is_embedding(body: bytes) -> bool:
+    try:
+        row = json.loads(body)["embedding"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(row, list) and len(row) == 384
+
+
+def _is_top_k(body: bytes) -> bool:
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and "label" in answer and len(answer.get("top_k") or ()) == 3
+
+
+# Every 200 of every system must be the model's answer: an embedding's 384 floats are 383
+# commas and nothing else in the body has one; an image's answer names 4 labels (its own and
+# the top 3).
+ANSWER_CHECKS = {
+    "text-embedder": AnswerCheck('body:find(\'"embedding"\', 1, true) and select(2, body:gsub(",", "")) == 383',
+                                 _is_embedding),
+    "image-classifier": AnswerCheck('select(2, body:gsub(\'"label"\', "")) == 4', _is_top_k),
+}
+
+
+def answer_check(model: str) -> AnswerCheck:
+    """What every answer of ``model`` must look like under load."""
+    return ANSWER_CHECKS[model]
+
+
+def deviation(answer: dict[str, Any], reference: dict[str, Any]) -> float:
+    """Largest absolute difference between two answers (embedding components, or class
+    scores by label; a different top label counts as 1.0)."""
+    if "embedding" in reference:
+        got = answer.get("embedding") or []
+        if len(got) != len(reference["embedding"]):
+            return float("inf")
+        return max(abs(a - b) for a, b in zip(got, reference["embedding"]))
+    if answer.get("label") != reference["label"]:
+        return 1.0
+    mine = {t["label"]: t["score"] for t in answer.get("top_k", [])}
+    return max(abs(mine.get(t["label"], 0.0) - t["score"]) for t in reference["top_k"])
+
+
 class Pipeline:
     """The model's own work for a batch of request bodies, in process: decode, tokenize or
     resize, forward pass, pooling or softmax. No server, no JSON answers."""
@@ -114,9 +162,22 @@ class Pipeline:
         else:
             from handlers.shapes import load_shape_cnn
 
-            self.cnn, _ = load_shape_cnn(workload.artifacts / "shape_cnn.pt")
+            self.cnn, self.labels = load_shape_cnn(workload.artifacts / "shape_cnn.pt")
 
-    def __call__(self, bodies: list[bytes]) -> None:
+    def answers(self, bodies: list[bytes]) -> list[dict[str, Any]]:
+        """The model's answer to each body, as the fleet's handlers answer (the reference
+        every server's answers are compared with)."""
+        rows = self(bodies)
+        if self.model_name == "text-embedder":
+            return [{"embedding": row} for row in rows]
+        out = []
+        for row in rows:
+            top = sorted(((score, self.labels[i]) for i, score in enumerate(row)), reverse=True)[:3]
+            out.append({"label": top[0][1], "score": top[0][0],
+                        "top_k": [{"label": label, "score": score} for score, label in top]})
+        return out
+
+    def __call__(self, bodies: list[bytes]) -> list[list[float]]:
         torch = self.torch
         with torch.inference_mode():
             if self.model_name == "text-embedder":
@@ -124,11 +185,11 @@ class Pipeline:
 
                 texts = [json.loads(b)["text"] for b in bodies]
                 ids, mask = self.minilm.tokenizer.encode_batch(texts, 256)
-                mean_pool_normalize(self.minilm.encoder(ids, mask), mask).tolist()
+                return mean_pool_normalize(self.minilm.encoder(ids, mask), mask).tolist()
             else:
                 from PIL import Image
 
                 from handlers.shapes import IMAGE_SIZE, image_to_tensor
 
                 x = torch.stack([image_to_tensor(Image.open(io.BytesIO(b)), IMAGE_SIZE) for b in bodies])
-                torch.softmax(self.cnn(x), dim=-1).tolist()
+                return torch.softmax(self.cnn(x), dim=-1).tolist()

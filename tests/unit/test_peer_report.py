@@ -1,0 +1,51 @@
+"""The peer comparison's bars, judged from a results document: against the best peer of the
+same concurrency (not the weakest), each with its value and whether it is met."""
+from __future__ import annotations
+
+from benchmarks.speed.peer_report import best_peer, checks, markdown
+
+
+def row(rps: float, p99: float = 50.0) -> dict:
+    return {"rps": rps, "rps_spread": 1.0, "p50_ms": p99 / 2, "p99_ms": p99, "failed": 0, "requests": int(rps * 3)}
+
+
+def doc(**rps: float) -> dict:
+    scenarios = {name: {"label": name, "by_concurrency": {"16": row(v), "64": row(v, 80.0)}} for name, v in rps.items()}
+    return {"meta": {"settings": {"concurrency": [4, 16, 64], "runs": 3, "seconds": 3.0}, "command": "x",
+                     "date": "d", "cpu_count": 2, "cpu_model": "cpu", "python": "3.11", "torch": "t",
+                     "load_tool": "wrk", "duration_s": 60},
+            "models": {"text-embedder": {"limit": {"ceiling": 400.0, "ceiling_batch": 8}, "unit": "sentences",
+                                         "scenarios": scenarios}}}
+
+
+def by_check(found: list[dict], clients: int = 16) -> dict[str, dict]:
+    return {c["check"]: c for c in found if c["clients"] == clients}
+
+
+def test_the_best_peer_is_the_fastest_rival_not_the_tutorial_default() -> None:
+    d = doc(**{"fastapi-default": 50, "fastapi": 80, "litserve": 200, "mosec": 300, "ray": 100})
+    assert best_peer(d["models"]["text-embedder"], 16)[0] == "mosec"
+
+
+def test_bars_met_and_missed_with_their_values() -> None:
+    d = doc(shipped=390, **{"shipped-router": 380, "toolkit-tuned": 360, "router-rest": 330, "minimal": 340,
+                            "fastapi-default": 50, "litserve": 200, "mosec": 300})
+    found = by_check(checks(d))
+    assert found["as shipped >= 1.3x the best peer (mosec)"]["value"] == 1.3
+    assert found["as shipped >= 1.3x the best peer (mosec)"]["met"]
+    assert found["tuned fp32 >= 1.1x mosec"] == {"check": "tuned fp32 >= 1.1x mosec", "model": "text-embedder",
+                                                 "clients": 16, "value": 1.2, "target": ">= 1.10", "met": True}
+    assert found["tuned fp32 >= 1.5x litserve"]["value"] == 1.8
+    assert not found["toolkit handler >= 1.1x the minimal handler"]["met"]  # 360 / 340 = 1.06
+    assert found["tuned >= 85% of the in-process limit"]["value"] == 0.9
+    assert not found["tuned: through the router within 5% of direct"]["met"]  # 330 / 360 = 0.92
+    assert found["shipped: through the router within 5% of direct"]["met"]  # 380 / 390 = 0.97
+    # Below 16 clients there is no bar.
+    assert not by_check(checks(d), 4)
+
+
+def test_missing_rows_give_no_check_and_the_report_still_writes() -> None:
+    d = doc(**{"toolkit-tuned": 300})
+    assert [c["check"] for c in checks(d) if c["clients"] == 16] == ["tuned >= 85% of the in-process limit"]
+    text = markdown(d)
+    assert "| tsfleet tuned |" in text and "mosec" in text
