@@ -34,6 +34,9 @@ SWEEP_SMOKE = {m: [Serve(4, 5, 1, 1)] for m in SWEEP_FULL}
 # --peers: tsfleet beside the servers users pick (peer_runs.py, peer_report.py).
 PEER_SCENARIOS = {"limit", "peers", "toolkit-tuned", "router-rest", "minimal", "shipped"}
 PEER_MODES = {
+    # About 40 minutes on 2 cores. The sweep scores each configuration at 16 and 64 clients:
+    # scored at 64 alone (31 minutes with 2 windows per figure) it picked batches of 16-32 that
+    # served half as much at 16 clients (benchmarks/results/peers-sweep-at-64.json).
     "full": dict(concurrency=[4, 16, 64], sweep_concurrency=[16, 64], runs=3, seconds=3.0, warmup=2.0,
                  limit_batches=[1, 8, 16, 32], limit_seconds=2.0, sweep=SWEEP_FULL),
     "quick": dict(concurrency=[16, 64], sweep_concurrency=[64], runs=1, seconds=3.0, warmup=1.0,

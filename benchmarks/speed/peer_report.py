@@ -160,7 +160,7 @@ def markdown(doc: dict) -> str:
             lines.append("")
         for kind, error in (entry.get("peer_errors") or {}).items():
             lines += [f"**{NAMES.get(kind, kind)} did not run:** `{error.splitlines()[0][:300]}`", ""]
-        lines += _sweeps(entry)
+        lines += _sweeps(entry) + _stages(entry, meta["settings"]["concurrency"][-1])
     lines += ["## Plots", ""]
     for model in doc["models"]:
         lines += [f"![{model}: throughput by clients; latency by throughput](bench_peers_{model}.png)", ""]
@@ -177,6 +177,33 @@ def _label(config: dict) -> str:
     threads = config.get("torch_threads", "auto")
     return (f"batch {config.get('batch_size')} / {config.get('max_batch_delay_ms')} ms, "
             f"{config.get('workers')} x {threads} thread")
+
+
+def _stages(entry: dict, clients: int) -> list[str]:
+    """Where the time goes: each profiled system's CPU per request by process group and stage."""
+    rows = []
+    for name in ORDER:
+        scen = entry.get("scenarios", {}).get(name, {})
+        cpu = (scen.get("by_concurrency", {}).get(str(clients)) or {}).get("cpu_ms_per_request") or {}
+        if not scen.get("stages"):
+            continue
+        if "frontend_user_ms" in cpu:
+            jvm = cpu["frontend_user_ms"] + cpu.get("frontend_sys_ms", 0.0)
+            rows.append(f"| {NAMES[name]} | TorchServe frontend (Java) | {jvm:.2f} | not sampled (JVM) |")
+        for group, prof in scen["stages"].items():
+            if not prof["samples"] and prof["cpu_ms"] < 0.01:
+                continue  # a role this system does not have apart (FastAPI's front is its worker)
+            split = ", ".join(f"{stage} {ms:.2f}" for stage, ms in prof["ms_per_request"].items() if ms >= 0.005)
+            rows.append(f"| {NAMES[name]} | {group} | {prof['cpu_ms']:.2f} | "
+                        f"{split or 'no samples'} ({prof['samples']} samples) |")
+    if not rows:
+        return []
+    return [f"### Where the time goes ({clients} clients)", "",
+            "CPU milliseconds per request of each process group in the timed windows, split by the stage "
+            "py-spy found each group's Python processes in during one more window of the same load "
+            "(benchmarks/speed/stages.py; native time inside a call is charged to its Python caller).", "",
+            "| system | processes | CPU ms per request | by stage (ms per request) |", "|---|---|---:|---|",
+            *rows, ""]
 
 
 def _sweeps(entry: dict) -> list[str]:
@@ -199,7 +226,8 @@ def plot(doc: dict, model: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     entry = doc["models"][model]
-    fig_, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig_, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    levels: set[int] = set()
     for name in ORDER:
         scen = entry.get("scenarios", {}).get(name)
         if not scen:
@@ -207,20 +235,24 @@ def plot(doc: dict, model: str, path: Path) -> None:
         pts = sorted((int(c), r) for c, r in scen["by_concurrency"].items() if r.get("rps"))
         if not pts:
             continue
-        style = "-" if name in OURS else "--"
+        levels.update(c for c, _ in pts)
+        style = "-" if name in OURS else "--"  # solid: tsfleet on TorchServe; dashed: the peers
         xs, rps = [c for c, _ in pts], [r["rps"] for _, r in pts]
-        left.plot(xs, rps, style, marker="o", label=NAMES[name])
-        right.plot(rps, [r["p50_ms"] for _, r in pts], style, marker="o", label=f"{NAMES[name]} p50")
-        right.plot(rps, [r["p99_ms"] for _, r in pts], style, marker="x", alpha=0.5)
+        (line,) = left.plot(xs, rps, style, marker="o", label=NAMES[name])
+        right.plot(rps, [r["p50_ms"] for _, r in pts], style, marker="o", color=line.get_color())
+        right.plot(rps, [r["p99_ms"] for _, r in pts], ":", marker="x", color=line.get_color(), alpha=0.6)
     limit = (entry.get("limit") or {}).get("ceiling")
     if limit:
         left.axhline(limit, color="grey", linestyle=":", label="in-process limit")
     left.set(xscale="log", xlabel="clients (closed loop)", ylabel="requests/s", title=f"{model}: throughput")
-    right.set(yscale="log", xlabel="requests/s", ylabel="latency ms (o p50, x p99)", title=f"{model}: latency")
-    left.legend(fontsize=7)
+    left.set_xticks(sorted(levels), [str(c) for c in sorted(levels)])
+    left.minorticks_off()
+    right.set(yscale="log", xlabel="requests/s", ylabel="latency, ms (o and solid/dashed: p50; x and dotted: p99)",
+              title=f"{model}: latency by throughput (one point per client level)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    fig_.tight_layout()
+    fig_.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig_.tight_layout(rect=(0, 0.14, 1, 1))
     fig_.savefig(path, dpi=110)
     plt.close(fig_)
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import requests
 
 from benchmarks.harness import RouterProcessRunner
-from benchmarks.speed import fleets
+from benchmarks.speed import fleets, stages
 from benchmarks.speed.cpu import CpuMeter
 from benchmarks.speed.fleets import Serve
 from benchmarks.speed.limit import peak_rss_mb
@@ -133,13 +133,17 @@ def run_peer_kind(opts: Options, load: HttpLoad, w: Workload, kind: str, referen
         with started(kind, best, w, opts.work) as server:
             dev = check_answers(server.url, w, reference, {})
             meter = CpuMeter({role: (lambda r=role: roles(server)[r]) for role in ("front", "rest")})
-            target = meter.wrap(kind, checked_target(load, server.url, w, {}))
+            plain = checked_target(load, server.url, w, {})
+            target = meter.wrap(kind, plain)
             for clients in opts.concurrency:
                 figures = measure({kind: target}, opts, clients, on_warm=meter.reset)[kind]
                 figures["cpu_ms_per_request"] = meter.per_request(kind)
                 _record(opts, w.model, kind, clients, figures, config=config_dict(best), config_label=config_label(best),
                         max_abs_deviation=dev, sweep=table,
                         peak_rss_mb=[round(peak_rss_mb(p), 1) for p in roles(server)["rest"]])
+            top = opts.concurrency[-1]
+            model_entry(opts, w.model)["scenarios"][kind]["stages"] = stages.profile(
+                roles(server), opts.seconds, lambda: plain(top, opts.seconds), figures["cpu_ms_per_request"])
     except RuntimeError as exc:
         opts.log(f"  {kind}: FAILED: {str(exc).splitlines()[0]}")
         model_entry(opts, w.model).setdefault("peer_errors", {})[kind] = str(exc)[:2000]
@@ -201,5 +205,13 @@ def run_shipped(opts: Options, load: HttpLoad, workloads: list[Workload]) -> Non
                         figures["cpu_ms_per_request"] = meter.per_request(name)
                         _record(opts, w.model, name, clients, figures, config=config, max_abs_deviation=dev,
                                 peak_rss_mb=fleets.worker_rss(ts, w.model, spec.version))
+                # The routed path's profile: the workers' stages and the router's, in one window.
+                top = opts.concurrency[-1]
+                row = model_entry(opts, w.model)["scenarios"]["shipped-router"]
+                cpu = row["by_concurrency"][str(top)]["cpu_ms_per_request"]
+                routed_load = checked_target(load, routed, w, auth)
+                row["stages"] = stages.profile(
+                    {"workers": fleets.worker_pids(ts), "router": router.pids()}, opts.seconds,
+                    lambda: routed_load(top, opts.seconds), cpu)
         finally:
             router.stop()

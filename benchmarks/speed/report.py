@@ -264,11 +264,11 @@ def discussion(doc: dict, checks: list[dict]) -> list[str]:
         "server differ by a millisecond or more on their own, so the side-by-side table loads direct and "
         "routed clients in the same windows; its A/A column (both halves direct) is the resolution of that "
         "method.",
-        "- The FastAPI peer is written as its docs suggest: one uvicorn process, default torch threads, one "
-        "forward pass per request. For MiniLM a plain `def` endpoint over sentence-transformers (FastAPI runs "
-        "it in a thread pool, so concurrent requests run the model in parallel threads, each wanting every "
-        "core); for the image model an `async def` endpoint that reads the raw body and runs the small CNN "
-        "in the event loop (one request at a time, no thread contention). Neither batches.",
+        "- The FastAPI peer here is the tutorial's default, as a baseline: one uvicorn process, default torch "
+        "threads, a `def` endpoint over the model (FastAPI runs it in a thread pool, so concurrent requests "
+        "run the model in parallel threads, each wanting every core), one forward pass per request. It is "
+        "not the best peer: tsfleet beside FastAPI with uvicorn workers, LitServe, mosec and Ray Serve, each "
+        "swept like tsfleet, is docs/benchmarks-peers.md (`make bench-peers`).",
         "- Where a bar is not met the table above says by how much; nothing in the suite is tuned to one run.",
     ]
     if not meta.get("gpu"):
