@@ -65,11 +65,13 @@ def test_plan_apply_converge_and_a_second_apply_does_nothing(empty_server: Torch
     lines: list[str] = []
     apply(fleet, client, lines.append)
     assert len(lines) == 5 and lines[0].startswith("[1/5] register")
+    workers = {(s.model, s.version): s.serving.workers for s in fleet.versions()}  # image-classifier ships 2
     assert versions(client) == {
-        ("intent-classifier", "1.0"): (True, 8, 1),
-        ("intent-classifier", "1.1"): (False, 8, 1),
-        ("image-classifier", "1.0"): (True, 8, 1),
+        ("intent-classifier", "1.0"): (True, 8, workers["intent-classifier", "1.0"]),
+        ("intent-classifier", "1.1"): (False, 8, workers["intent-classifier", "1.1"]),
+        ("image-classifier", "1.0"): (True, 8, workers["image-classifier", "1.0"]),
     }
+    assert workers["image-classifier", "1.0"] == 2
     assert current_plan(fleet, client) == []
     assert apply(fleet, client, lines.append) == []
     assert collect(fleet, client)["in_sync"] is True

@@ -120,12 +120,15 @@ def test_the_router_s_key_outlives_torchserve_s(server: TorchServe, router: Runn
     assert len(left) == 1 and 0 < left[0] <= LIFETIME_MIN * 60, metrics[-400:]
 
 
-def test_readiness_by_model_outlives_torchserve_s_management_key(server: TorchServe, router: RunningRouter) -> None:
+def test_readiness_by_model_outlives_torchserve_s_management_key(server: TorchServe, router: RunningRouter,
+                                                                  fleet_of_one: Fleet) -> None:
+    ready = {MODEL: {"1.0": fleet_of_one.models[MODEL].versions["1.0"].serving.workers}}  # the workers fleet.yaml ships
+
     def probe() -> requests.Response:
         return requests.get(f"{router.url}/readyz?models=all", timeout=10)
 
     first = probe()
-    assert first.status_code == 200 and first.json()["models"] == {MODEL: {"1.0": 1}}, first.text
+    assert first.status_code == 200 and first.json()["models"] == ready, first.text
     key = torchserve_keys(server).management
 
     def refused() -> bool:
@@ -136,7 +139,7 @@ def test_readiness_by_model_outlives_torchserve_s_management_key(server: TorchSe
     wait_for("TorchServe to refuse the management key the probe used", refused,
              timeout=LIFETIME_MIN * 60 * 3, interval=0.5)
     again = probe()  # the router's management client renews the key it was refused, as the CLI does
-    assert again.status_code == 200 and again.json()["models"] == {MODEL: {"1.0": 1}}, again.text
+    assert again.status_code == 200 and again.json()["models"] == ready, again.text
 
 
 def renew_behind_the_router_s_back(server: TorchServe) -> None:
