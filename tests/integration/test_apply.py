@@ -76,15 +76,16 @@ def test_plan_apply_converge_and_a_second_apply_does_nothing(empty_server: Torch
     assert apply(fleet, client, lines.append) == []
     assert collect(fleet, client)["in_sync"] is True
 
-    # Scale up, switch the default, then retire the old version.
+    # Scale (fleet.yaml ships image-classifier with 2: down to 1), switch the default, then
+    # retire the old version.
     def edit(doc):
-        doc["models"]["image-classifier"]["serving"] = {"workers": 2}
+        doc["models"]["image-classifier"]["serving"] = {"workers": 1}
         doc["models"]["intent-classifier"]["default_version"] = "1.1"
     changed = small_fleet(edit)
     assert [s.action for s in current_plan(changed, client)] == ["scale", "set-default"]
     apply(changed, client, lines.append, report_dir=empty_server.report_dir)
     got = versions(client)
-    assert got[("image-classifier", "1.0")] == (True, 8, 2)
+    assert got[("image-classifier", "1.0")] == (True, 8, 1)
     assert got[("intent-classifier", "1.1")][0] is True
 
     def retire(doc):
