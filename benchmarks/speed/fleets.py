@@ -22,7 +22,7 @@ from tsfleet.recipes import RECIPES, ensure
 from tsfleet.server import TorchServe
 
 from benchmarks.speed.limit import peak_rss_mb
-from benchmarks.speed.workload import ARTIFACTS, ROOT
+from benchmarks.speed.workload import ARTIFACTS, ROOT, deviation
 
 MINIMAL = {"text-embedder": "benchmarks/speed/minimal_text.py",
            "image-classifier": "benchmarks/speed/minimal_image.py"}
@@ -184,19 +184,13 @@ def cold_start(work: Path, bodies: dict[str, tuple[bytes, str]], samples: int = 
 
 
 def answers_deviation(url_a: str, url_b: str, bodies: list[bytes], headers: dict[str, str]) -> float:
-    """Largest absolute difference between two servers' answers to the same requests
-    (embedding components, or class scores by label)."""
+    """Largest difference between two servers' answers to the same requests (workload.deviation:
+    embedding components, or class scores by label; another top label counts as 1.0)."""
     worst = 0.0
     session = requests.Session()
     for body in bodies:
         a, b = (session.post(u, data=body, headers=headers, timeout=60) for u in (url_a, url_b))
         if a.status_code != 200 or b.status_code != 200:
             raise RuntimeError(f"deviation check: {a.status_code} / {b.status_code}")
-        ja, jb = json.loads(a.content), json.loads(b.content)
-        if "embedding" in ja:
-            worst = max(worst, max(abs(x - y) for x, y in zip(ja["embedding"], jb["embedding"])))
-        else:
-            sa = {t["label"]: t["score"] for t in ja["top_k"]}
-            sb = {t["label"]: t["score"] for t in jb["top_k"]}
-            worst = max(worst, max(abs(sa[k] - sb.get(k, 0.0)) for k in sa))
+        worst = max(worst, deviation(json.loads(b.content), json.loads(a.content)))
     return worst

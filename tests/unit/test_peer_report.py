@@ -49,3 +49,15 @@ def test_missing_rows_give_no_check_and_the_report_still_writes() -> None:
     assert [c["check"] for c in checks(d) if c["clients"] == 16] == ["tuned >= 85% of the in-process limit"]
     text = markdown(d)
     assert "| tsfleet tuned |" in text and "mosec" in text
+
+
+def test_deviation_of_an_answer_from_its_reference() -> None:
+    from benchmarks.speed.workload import deviation
+
+    ref = {"embedding": [0.5, 0.25]}
+    assert abs(deviation({"embedding": [0.5, 0.2]}, ref) - 0.05) < 1e-12
+    assert deviation({"embedding": [0.5]}, ref) == float("inf")  # a shorter embedding is another model
+    top = {"label": "circle", "score": 0.9, "top_k": [{"label": "circle", "score": 0.9}, {"label": "square", "score": 0.1}]}
+    assert abs(deviation({**top, "top_k": [{"label": "circle", "score": 0.85}, {"label": "square", "score": 0.1}]},
+                         top) - 0.05) < 1e-12
+    assert deviation({**top, "label": "square"}, top) == 1.0  # another top label
