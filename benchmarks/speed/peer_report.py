@@ -152,7 +152,7 @@ def markdown(doc: dict) -> str:
                 if not row:
                     continue
                 ratio = f"{row['rps'] / best[1]['rps']:.2f}" if best else ""
-                config = scen.get("config_label") or _label(scen.get("config") or {})
+                config = config_label(scen.get("config") or {})
                 dev = scen.get("max_abs_deviation")
                 lines.append(f"| {NAMES[name]} | {config} | {row['rps']:.1f} | {row['rps_spread']:.1f} | "
                              f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['failed']} | {ratio} | "
@@ -171,12 +171,15 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def _label(config: dict) -> str:
+def config_label(config: dict) -> str:
+    """A configuration as the tables name it: batching (where there is any), then processes x threads."""
     if not config:
         return ""
     threads = config.get("torch_threads", "auto")
-    return (f"batch {config.get('batch_size')} / {config.get('max_batch_delay_ms')} ms, "
-            f"{config.get('workers')} x {threads} thread")
+    threads = f"{threads} thread" if isinstance(threads, int) else f"{threads} threads"
+    batch = (f"batch {config.get('batch_size')} / {config.get('max_batch_delay_ms')} ms, "
+             if config.get("batch_size", 1) > 1 else "")
+    return f"{batch}{config.get('workers')} x {threads}"
 
 
 def _stages(entry: dict, clients: int) -> list[str]:

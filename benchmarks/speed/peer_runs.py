@@ -21,6 +21,7 @@ from benchmarks.speed.cpu import CpuMeter
 from benchmarks.speed.fleets import Serve
 from benchmarks.speed.limit import peak_rss_mb
 from benchmarks.speed.loadgen import HttpLoad
+from benchmarks.speed.peer_report import config_label
 from benchmarks.speed.peers import LABELS as PEER_LABELS
 from benchmarks.speed.peers import PeerServer
 from benchmarks.speed.peers.models import PeerConfig
@@ -47,12 +48,6 @@ def peer_configs(kind: str, w: Workload, sweep: list[Serve]) -> list[PeerConfig]
 def config_dict(cfg: PeerConfig) -> dict:
     return {"batch_size": cfg.batch_size, "max_batch_delay_ms": cfg.delay_ms, "workers": cfg.workers,
             "torch_threads": cfg.threads or "default"}
-
-
-def config_label(cfg: PeerConfig) -> str:
-    threads = f"{cfg.threads} thread" if cfg.threads else "default threads"
-    batch = f"batch {cfg.batch_size} / {cfg.delay_ms} ms, " if cfg.batch_size > 1 else ""
-    return f"{batch}{cfg.workers} x {threads}"
 
 
 def check_answers(url: str, w: Workload, reference: list[dict], headers: dict[str, str]) -> float:
@@ -105,7 +100,8 @@ def roles(server: PeerServer) -> dict[str, list[int]]:
 def run_peer_kind(opts: Options, load: HttpLoad, w: Workload, kind: str, reference: list[dict]) -> None:
     """Sweep ``kind``'s configurations, then measure its best at every concurrency level."""
     table, configs = [], peer_configs(kind, w, opts.sweep[w.model])
-    for cfg in configs if len(configs) > 1 else []:
+    swept = configs if len(configs) > 1 else []  # one configuration: nothing to choose
+    for cfg in swept:
         try:
             with started(kind, cfg, w, opts.work) as server:
                 dev = check_answers(server.url, w, reference, {})
@@ -113,15 +109,15 @@ def run_peer_kind(opts: Options, load: HttpLoad, w: Workload, kind: str, referen
                 by_c = {str(c): measure({"x": target}, opts, c, runs=1)["x"]
                         for c in opts.sweep_concurrency or opts.concurrency}
         except RuntimeError as exc:
-            opts.log(f"  sweep {kind:<15} {config_label(cfg):<36} FAILED: {str(exc).splitlines()[0]}")
-            table.append({"config": config_dict(cfg), "label": config_label(cfg), "error": str(exc)[:2000]})
+            opts.log(f"  sweep {kind:<15} {config_label(config_dict(cfg)):<36} FAILED: {str(exc).splitlines()[0]}")
+            table.append({"config": config_dict(cfg), "label": config_label(config_dict(cfg)), "error": str(exc)[:2000]})
             continue
         score = _geomean([r["rps"] for r in by_c.values()])
-        table.append({"config": config_dict(cfg), "label": config_label(cfg), "score_rps": round(score, 1),
+        table.append({"config": config_dict(cfg), "label": config_label(config_dict(cfg)), "score_rps": round(score, 1),
                       "max_abs_deviation": dev, "_cfg": cfg,
                       "by_concurrency": {c: {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "failed")}
                                          for c, r in by_c.items()}})
-        opts.log(f"  sweep {w.model:<16} {kind:<15} {config_label(cfg):<36} {score:8.1f} req/s (geometric mean)")
+        opts.log(f"  sweep {w.model:<16} {kind:<15} {config_label(config_dict(cfg)):<36} {score:8.1f} req/s (geometric mean)")
     scored = [row for row in table if "score_rps" in row]
     if len(configs) > 1 and not scored:
         model_entry(opts, w.model).setdefault("peer_errors", {})[kind] = table[0]["error"]
@@ -138,7 +134,7 @@ def run_peer_kind(opts: Options, load: HttpLoad, w: Workload, kind: str, referen
             for clients in opts.concurrency:
                 figures = measure({kind: target}, opts, clients, on_warm=meter.reset)[kind]
                 figures["cpu_ms_per_request"] = meter.per_request(kind)
-                _record(opts, w.model, kind, clients, figures, config=config_dict(best), config_label=config_label(best),
+                _record(opts, w.model, kind, clients, figures, config=config_dict(best),
                         max_abs_deviation=dev, sweep=table,
                         peak_rss_mb=[round(peak_rss_mb(p), 1) for p in roles(server)["rest"]])
             top = opts.concurrency[-1]

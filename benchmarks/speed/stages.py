@@ -99,10 +99,8 @@ def profile(pid_groups: dict[str, list[int]], seconds: float, load: Callable[[],
             cpu: dict[str, float]) -> dict[str, dict]:
     """One sampled window of ``load`` over every group's pids at once; per group, its samples
     and its CPU ms per request (``cpu``: CpuMeter.per_request of the timed windows) by stage."""
-    tool_missing = py_spy() is None
     counts: dict[str, Counter] = {group: Counter() for group in pid_groups}
-    everyone = [pid for pids in pid_groups.values() for pid in pids]
-    merged = sample_each(everyone, seconds, load) if not tool_missing else {}
+    merged = sample_each([pid for pids in pid_groups.values() for pid in pids], seconds, load)
     for group, pids in pid_groups.items():
         for pid in pids:
             counts[group] += merged.get(pid, Counter())

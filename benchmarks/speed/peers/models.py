@@ -77,13 +77,12 @@ class Model:
         if self.kind == "text-embedder":
             rows = self.st.encode(items, batch_size=max(1, len(items)), convert_to_numpy=True)
             return [{"embedding": row.tolist()} for row in rows]
-        bodies = items
         from PIL import Image
 
         from handlers.shapes import image_to_tensor
 
         torch = self.torch
-        x = torch.stack([image_to_tensor(Image.open(io.BytesIO(b))) for b in bodies])
+        x = torch.stack([image_to_tensor(Image.open(io.BytesIO(b))) for b in items])
         with torch.inference_mode():
             probs = torch.softmax(self.cnn(x), dim=-1)
         out = []

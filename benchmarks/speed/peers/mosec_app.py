@@ -35,8 +35,9 @@ class Predict(Worker):
 def main() -> None:
     cfg = PeerConfig.from_env()
     server = Server()
+    # The workers inherit PeerConfig's environment (threads included) from this process.
     server.append_worker(Predict, num=cfg.workers, max_batch_size=cfg.batch_size, max_wait_time=cfg.delay_ms,
-                         env=[cfg.env()] * cfg.workers, route="/predict")
+                         route="/predict")
     server.run()
 
 
