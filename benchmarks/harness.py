@@ -16,8 +16,8 @@ import psutil
 import requests
 
 from tsfleet.manifest import Fleet
-from tsfleet.properties import Endpoints
-from tsfleet.server import TorchServe
+from tsfleet.build.properties import Endpoints
+from tsfleet.control.server import TorchServe
 
 
 def start_torchserve(fleet: Fleet, store: Path, workdir: Path) -> TorchServe:

@@ -23,9 +23,9 @@ import yaml
 
 from tests.fixtures.leaky import leaky_manifest
 from benchmarks.harness import RouterProcessRunner, closed_loop, start_torchserve
-from tsfleet.archive import Builder
+from tsfleet.build.archive import Builder
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.recycle import Recycler, read_reports
+from tsfleet.control.recycle import Recycler, read_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAK_KB = 100  # a slow leak, as real ones are: 1 GB per ~10,000 requests

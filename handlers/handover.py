@@ -38,6 +38,8 @@ import time
 from types import FrameType
 from typing import Any, Callable
 
+from handlers.contract import pid_alive
+
 log = logging.getLogger(__name__)
 SLOT_ENV = "TSFLEET_SLOT_PID"
 SUCCESSOR_ENV = "TSFLEET_SUCCESSOR"
@@ -253,17 +255,6 @@ def _exit_with_slot(slot: int) -> threading.Event:
         os._exit(1)
     threading.Thread(target=watch, name="slot-watch", daemon=True).start()
     return serving
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process exists (someone else's counts)."""
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def _children() -> list[int]:

@@ -1,6 +1,6 @@
 """Intent classifier head over 384-d, L2-normalised all-MiniLM-L6-v2 sentence embeddings.
 
-The head is trained at build time by ``tsfleet.training.intents`` and saved with
+The head is trained at build time by ``tsfleet.build.training.intents`` and saved with
 ``torch.save`` as ``{"state_dict": ..., "labels": [...], "config": {...}}``.
 """
 from __future__ import annotations

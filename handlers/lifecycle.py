@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,17 +25,13 @@ from pathlib import Path
 import torch
 
 from handlers import handover
+from handlers.contract import DRAIN_FLAG, pid_alive, default_report_dir, report_path, retire_path, state_path, version_folder
 from handlers.runtime import process_rss_mb
 
 log = logging.getLogger(__name__)
 REPORT_EVERY_S = 0.5
-DRAIN_FLAG = "drain"
 DRAIN_POLL_S = 0.2
 STATE_EVERY_S = 0.02
-
-
-def default_report_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "tsfleet-workers"
 
 
 def _idle_in_main_thread() -> bool:
@@ -54,12 +49,12 @@ class WorkerLifecycle:
 
     def __init__(self, report_dir: str, model: str, version: str, device: torch.device):
         base = Path(report_dir) if report_dir else default_report_dir()
-        self.dir = base / model / version
+        self.dir = version_folder(base, model, version)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pid = handover.slot_pid()  # the pid TorchServe shows, which names the files
-        self.path = self.dir / f"{self.pid}.json"
-        self.retire_flag = self.dir / f"{self.pid}.retire"
-        self.state_path = self.dir / f"{self.pid}.state"
+        self.path = report_path(self.dir, self.pid)
+        self.retire_flag = retire_path(self.dir, self.pid)
+        self.state_path = state_path(self.dir, self.pid)
         self.device = device
         self.started = time.time()
         self.requests = 0
@@ -81,7 +76,7 @@ class WorkerLifecycle:
         readers skip them, but a pid used again by an unrelated process would revive one."""
         for path in self.dir.iterdir():
             pid = path.name.split(".", 1)[0]
-            if pid.isdigit() and int(pid) != self.pid and not handover.pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != self.pid and not pid_alive(int(pid)):
                 path.unlink(missing_ok=True)
 
     def _start(self) -> None:

@@ -2,7 +2,7 @@
 
 Serving-time code: it imports only ``torch`` and the standard library so that a
 TorchServe worker needs neither transformers, tokenizers nor numpy. Files are
-produced at build time by ``tsfleet.minilm_export.export_minilm``.
+produced at build time by ``tsfleet.build.minilm_export.export_minilm``.
 """
 
 from __future__ import annotations

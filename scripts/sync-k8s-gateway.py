@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tsfleet.manifest import Fleet, parse_fleet  # noqa: E402
-from tsfleet.properties import render_properties  # noqa: E402
+from tsfleet.build.properties import render_properties  # noqa: E402
 
 BASE = ROOT / "k8s" / "base" / "files"
 OVERLAY = ROOT / "k8s" / "overlays" / "gateway"

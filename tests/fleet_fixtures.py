@@ -16,9 +16,9 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from tsfleet.archive import Builder
+from tsfleet.build.archive import Builder
 from tsfleet.manifest import Fleet, load_fleet
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 ROOT = Path(__file__).resolve().parents[1]
 

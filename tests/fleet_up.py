@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 from tests.fleet_fixtures import ROOT, free_ports
-from tsfleet import companions
+from tsfleet.control import companions
 from tsfleet.manifest import Fleet
-from tsfleet.properties import Endpoints, render_properties
+from tsfleet.build.properties import Endpoints, render_properties
 
 
 def _lines(proc: subprocess.Popen) -> "queue.Queue[str]":

@@ -9,18 +9,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from handlers.contract import default_report_dir
 from tsfleet.errors import FleetError
 from tsfleet.files import write_atomically
 from tsfleet.manifest import Fleet, load_fleet
-from tsfleet.properties import Endpoints, render_properties
-from tsfleet.recipes import ROOT
+from tsfleet.build.properties import Endpoints, render_properties
+from tsfleet.build.recipes import ROOT
 
 if TYPE_CHECKING:  # imported lazily below: `tsfleet --help` should not pay for them
     import http.server
 
-    from tsfleet.client import ManagementClient
-    from tsfleet.rollout import RouterAdmin
-    from tsfleet.server import TorchServe
+    from tsfleet.control.client import ManagementClient
+    from tsfleet.control.router_admin import RouterAdmin
+    from tsfleet.control.server import TorchServe
 
 
 def _say(line: str) -> None:
@@ -31,7 +32,7 @@ def _say(line: str) -> None:
 
 
 def cmd_build(args: argparse.Namespace, fleet: Fleet) -> int:
-    from tsfleet.archive import Builder
+    from tsfleet.build.archive import Builder
 
     started = time.monotonic()
     built = Builder(fleet, Path(args.model_store), Path(args.cache), _say).build_all()
@@ -55,7 +56,7 @@ def cmd_config(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def _server(args: argparse.Namespace) -> "TorchServe":
-    from tsfleet.server import TorchServe
+    from tsfleet.control.server import TorchServe
 
     config = Path(args.config).resolve()
     if not config.is_file():
@@ -64,8 +65,7 @@ def _server(args: argparse.Namespace) -> "TorchServe":
 
 
 def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
-    from tsfleet import up
-
+    from tsfleet.control import up
     if not args.no_build:
         cmd_build(args, fleet)
     return up.run(_server(args), fleet, up.UpOptions(
@@ -76,7 +76,7 @@ def cmd_up(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def _client(args: argparse.Namespace) -> "ManagementClient":
-    from tsfleet.client import ManagementClient
+    from tsfleet.control.client import ManagementClient
 
     config = Path(args.config)
     if not config.is_file():
@@ -85,7 +85,7 @@ def _client(args: argparse.Namespace) -> "ManagementClient":
 
 
 def cmd_plan(args: argparse.Namespace, fleet: Fleet) -> int:
-    from tsfleet.apply import current_plan
+    from tsfleet.control.apply import current_plan
 
     steps = current_plan(fleet, _client(args))
     routed = _router_preview(args, fleet)
@@ -112,7 +112,7 @@ def _router_preview(args: argparse.Namespace, fleet: Fleet) -> list[str]:
 
 
 def cmd_apply(args: argparse.Namespace, fleet: Fleet) -> int:
-    from tsfleet.apply import apply
+    from tsfleet.control.apply import apply
 
     steps = apply(fleet, _client(args), _say, store=Path(args.model_store),
                   report_dir=Path(args.report_dir) if args.report_dir else None, router=_admin(args))
@@ -121,7 +121,7 @@ def cmd_apply(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def cmd_status(args: argparse.Namespace, fleet: Fleet) -> int:
-    from tsfleet.status import as_json, collect, render
+    from tsfleet.control.status import as_json, collect, render
 
     doc = collect(fleet, _client(args), Path(args.report_dir) if args.report_dir else None)
     _say(as_json(doc) if args.json else render(doc))
@@ -130,15 +130,14 @@ def cmd_status(args: argparse.Namespace, fleet: Fleet) -> int:
 
 def _metrics_server(host: str, port: int, metrics: Callable[[], str]) -> "http.server.ThreadingHTTPServer":
     """The recycler's Prometheus endpoint (metrics_http.py), serving in a daemon thread."""
-    from tsfleet.metrics_http import serve_metrics
+    from tsfleet.control.metrics_http import serve_metrics
 
     return serve_metrics(host, port, metrics)
 
 
 def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
-    from handlers.lifecycle import default_report_dir
-    from tsfleet import up
-    from tsfleet.recycle import Recycler, watched as recycle_watched
+    from tsfleet.control import up
+    from tsfleet.control.recycle import Recycler, watched as recycle_watched
 
     recycler = Recycler(fleet, _client(args), Path(args.report_dir) if args.report_dir else default_report_dir(),
                         _say, manifest=Path(args.manifest))
@@ -156,7 +155,7 @@ def cmd_recycle(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def _admin(args: argparse.Namespace) -> "RouterAdmin":
-    from tsfleet.rollout import RouterAdmin
+    from tsfleet.control.router_admin import RouterAdmin
 
     return RouterAdmin(args.router_admin, Path(args.router_key_file))
 
@@ -174,7 +173,7 @@ def _processes_arg(text: str) -> str:
 
 
 def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
-    from tsfleet.properties import read_properties
+    from tsfleet.build.properties import read_properties
     from tsfleet.router.app import RouterConfig, serve
     from tsfleet.router.processes import process_count
     from tsfleet.router.wire.limits import under_torchserve
@@ -200,11 +199,9 @@ def cmd_route(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace, fleet: Fleet) -> int:
-    from tsfleet import rollout
-
+    from tsfleet.control import rollout
     if args.kube:
-        from tsfleet import rollout_kube
-
+        from tsfleet.k8s import rollout as rollout_kube
         where = rollout_kube.RoutesConfigMap(args.namespace, args.configmap, args.configmap_key, args.kubectl)
         weight = args.weight if args.action == "start" else args.weight_pos
         rollout_kube.run(where, fleet, args.action, args.model, args.version, weight, _say, Path(args.manifest))
@@ -242,8 +239,7 @@ def cmd_rotate_key(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
-    from tsfleet import up
-
+    from tsfleet.control import up
     server = _server(args)
     ran = server.state() == "running"
     up.stop_all(server)

@@ -1,6 +1,6 @@
 """The fleet manifest (fleet.yaml): typed, validated, with errors that say where.
 
-A model has versions; each version is built by a named recipe (``tsfleet.recipes``) from
+A model has versions; each version is built by a named recipe (``tsfleet.build.recipes``) from
 its ``params`` and served with ``serving`` settings (TorchServe's batching, workers and
 timeouts) and handler ``settings`` (packed into the .mar's model-config.yaml). Values are
 merged defaults -> model -> version.

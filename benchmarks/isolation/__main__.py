@@ -32,7 +32,7 @@ from benchmarks.isolation.bodies import HOSTILE, IMAGE, INTENT, TEXT, Hostile, g
 from tsfleet.manifest import load_fleet
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 PATHS = ("direct-rest", "router-rest", "direct-grpc", "router-grpc")

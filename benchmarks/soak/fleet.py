@@ -23,11 +23,13 @@ from typing import Callable
 import psutil
 import yaml
 
-from tsfleet import companions, up
+from tsfleet.control import companions
+
+from tsfleet.control import up
 from tsfleet.errors import FleetError
 from tsfleet.manifest import Fleet, load_fleet
-from tsfleet.recycle import EVENTS, read_reports
-from tsfleet.server import TorchServe
+from tsfleet.control.recycle import EVENTS, read_reports
+from tsfleet.control.server import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 Say = Callable[[str], None]
@@ -184,14 +186,14 @@ class SoakFleet:
                 tree = []
             for proc in tree:
                 out.append(self._worker(proc, slots))
-        # The companions' log writers (tsfleet/rolling_log.py) run as children of whoever
+        # The companions' log writers (tsfleet/control/rolling_log.py) run as children of whoever
         # started the companions: this process.
         for child in psutil.Process().children():
             try:
                 cmd = child.cmdline()
             except psutil.NoSuchProcess:
                 continue
-            if "tsfleet.rolling_log" in cmd and any(a.startswith(str(self.ts.workdir)) for a in cmd):
+            if "tsfleet.control.rolling_log" in cmd and any(a.startswith(str(self.ts.workdir)) for a in cmd):
                 log = next(Path(a).name for a in cmd if a.startswith(str(self.ts.workdir)))
                 out.append(Proc(child.pid, "log writer", f"log writer ({log})"))
         for name, kind in (("route", "router"), ("recycle", "recycler")):

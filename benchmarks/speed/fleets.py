@@ -16,10 +16,10 @@ from typing import Iterator
 import requests
 import yaml
 
-from tsfleet.archive import Builder
+from tsfleet.build.archive import Builder
 from tsfleet.manifest import Fleet, load_fleet, parse_fleet
-from tsfleet.recipes import RECIPES, ensure
-from tsfleet.server import TorchServe
+from tsfleet.build.recipes import RECIPES, ensure
+from tsfleet.control.server import TorchServe
 
 from benchmarks.speed.limit import peak_rss_mb
 from benchmarks.speed.workload import ARTIFACTS, ROOT, deviation

@@ -29,7 +29,7 @@ from benchmarks.speed.plots import plot_hop
 from benchmarks.speed.scenarios import summarize
 from benchmarks.speed.workload import ROOT
 from tsfleet.manifest import load_fleet
-from tsfleet.properties import Endpoints
+from tsfleet.build.properties import Endpoints
 from tsfleet.router.processes import process_count
 
 BODY = b'{"text": "book me a flight to Rome"}'

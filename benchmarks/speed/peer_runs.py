@@ -28,7 +28,7 @@ from benchmarks.speed.peers.models import PeerConfig
 from benchmarks.speed.scenarios import Options, Target, _geomean, _record, measure, model_entry
 from benchmarks.speed.workload import ROOT, Pipeline, Workload, answer_check, deviation
 from tsfleet.manifest import load_fleet
-from tsfleet.properties import Endpoints
+from tsfleet.build.properties import Endpoints
 
 # FastAPI has no batching: its sweep is the process and thread layout, as many as the others'.
 FASTAPI_LAYOUTS = ((2, 1), (1, 2), (4, 1), (3, 1))

@@ -12,10 +12,10 @@ import requests
 
 from tests.fixtures.leaky import leaky_manifest
 from tests.integration.conftest import ROOT, new_server
-from tsfleet.archive import Builder
+from tsfleet.build.archive import Builder
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.recycle import Recycler, read_reports
-from tsfleet.server import TorchServe
+from tsfleet.control.recycle import Recycler, read_reports
+from tsfleet.control.server import TorchServe
 
 LEAK_MB = 2
 

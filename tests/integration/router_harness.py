@@ -14,7 +14,7 @@ from benchmarks.speed.workload import camera_jpeg
 
 from tsfleet.manifest import Fleet
 from tsfleet.router.app import RouterConfig, RouterProcess
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 
 def camera_image() -> bytes:

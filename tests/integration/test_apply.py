@@ -18,14 +18,14 @@ import requests
 import yaml
 
 from tests.integration.conftest import ROOT, new_server
-from tsfleet.apply import apply, current_plan
-from tsfleet.archive import Builder
-from tsfleet.client import ManagementClient
+from tsfleet.control.apply import apply, current_plan
+from tsfleet.build.archive import Builder
+from tsfleet.control.client import ManagementClient
 from tsfleet.errors import FleetError, Unreachable
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.server import TorchServe
-from tsfleet.status import collect
-from tsfleet.up import bring_up
+from tsfleet.control.server import TorchServe
+from tsfleet.control.status import collect
+from tsfleet.control.up import bring_up
 
 pytestmark = pytest.mark.slow
 BASE = yaml.safe_load((ROOT / "fleet.yaml").read_text())
@@ -127,7 +127,7 @@ def test_bad_manifest_leaves_the_server_untouched(empty_server: TorchServe, tmp_
 
 
 def test_unreachable_server_is_a_clear_error(empty_server: TorchServe, tmp_path: Path) -> None:
-    from tsfleet.properties import Endpoints
+    from tsfleet.build.properties import Endpoints
 
     gone = ManagementClient(Endpoints("127.0.0.1", 1, 1, 1), empty_server.workdir / "key_file.json", timeout=5)
     with pytest.raises(Unreachable, match="does not answer"):

@@ -19,10 +19,10 @@ from tests.integration.conftest import ROOT
 from tests.integration.router_harness import RunningRouter, SteadyLoad
 from tests.integration.router_harness import served as served_with_router
 from tests.polling import wait_for
-from tsfleet.apply import apply
+from tsfleet.control.apply import apply
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.rollout import RouterAdmin
-from tsfleet.server import TorchServe
+from tsfleet.control.router_admin import RouterAdmin
+from tsfleet.control.server import TorchServe
 
 pytestmark = pytest.mark.slow
 INTENT, IMAGE, TEXT = "intent-classifier", "image-classifier", "text-embedder"

@@ -16,9 +16,9 @@ import yaml
 from tests.fleet_up import alive as _alive, port_open as _port_open, running_up
 from tests.integration.conftest import ROOT
 from tests.polling import wait_for
-from tsfleet.client import ManagementClient
+from tsfleet.control.client import ManagementClient
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.server import Keys
+from tsfleet.control.server import Keys
 
 pytestmark = pytest.mark.slow
 

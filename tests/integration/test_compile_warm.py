@@ -19,9 +19,9 @@ import requests
 import yaml
 
 from tests.fleet_fixtures import new_server
-from tsfleet.archive import Builder
+from tsfleet.build.archive import Builder
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from tests.integration.test_handover_models import IMAGES, worker_pids
 from tests.polling import wait_for
 from tests.unit.test_handlers import artifacts, load, run
 from tsfleet.manifest import Fleet
-from tsfleet.recycle import Recycler, read_reports
+from tsfleet.control.recycle import Recycler, read_reports
 
 pytestmark = [
     pytest.mark.gpu,

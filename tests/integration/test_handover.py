@@ -13,9 +13,9 @@ import requests
 from tests.fixtures.leaky_handler import FAIL_SUCCESSOR
 from tests.integration.leaky_server import LEAK_MB, Load, leaky, leaky_fleet  # noqa: F401 (fixture)
 from tests.polling import wait_for
-from tsfleet.recycle import Event, Recycler, read_reports
-from tsfleet.server import TorchServe
-from tsfleet.status import collect
+from tsfleet.control.recycle import Event, Recycler, read_reports
+from tsfleet.control.server import TorchServe
+from tsfleet.control.status import collect
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 
 from handlers.shapes import LABELS, draw_shape
 from tsfleet.manifest import Fleet
-from tsfleet.recycle import Recycler, read_reports
+from tsfleet.control.recycle import Recycler, read_reports
 
 pytestmark = pytest.mark.slow
 TEXTS = ("How do I reset my password?", "The volcano erupted and covered the village in ash.",

@@ -17,8 +17,8 @@ from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 from tests.integration.conftest import new_server
 from tests.polling import wait_for
-from tsfleet import server as server_module
-from tsfleet.server import TorchServe
+from tsfleet.control import server as server_module
+from tsfleet.control.server import TorchServe
 
 MODEL = "intent-classifier"
 LOGS = ("torchserve.out", "ts_log.log", "model_log.log")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from handlers.shapes import LABELS, draw_shape
-from tsfleet.training.intents import load_rows
+from tsfleet.build.training.intents import load_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAPHRASES = ("How do I reset my password?", "I forgot my password, how can I change it?")

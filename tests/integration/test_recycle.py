@@ -11,9 +11,9 @@ from tests.fixtures.leaky import leaky_manifest
 from tests.fixtures.locking import held_elsewhere
 from tests.integration.conftest import ROOT
 from tests.integration.leaky_server import LEAK_MB, Load, leaky, leaky_fleet, recycle_during  # noqa: F401 (fixture)
-from tsfleet.locks import version_lock
+from tsfleet.control.locks import version_lock
 from tsfleet.manifest import parse_fleet
-from tsfleet.recycle import Recycler, read_reports
+from tsfleet.control.recycle import Recycler, read_reports
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_recycling_under_load_through_the_router_fails_no_request(leaky, tmp_pat
 
 
 def test_recycler_and_apply_take_turns_on_a_version(leaky) -> None:
-    from tsfleet.apply import apply
+    from tsfleet.control.apply import apply
 
     ts, reports = leaky
     fleet = leaky_fleet(reports, max_requests=20)

@@ -23,7 +23,7 @@ from tests.polling import wait_for
 from tsfleet.manifest import Fleet, parse_fleet
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
-from tsfleet.server import Keys, TorchServe
+from tsfleet.control.server import Keys, TorchServe
 
 pytestmark = pytest.mark.slow
 MODEL = "image-classifier"

@@ -25,7 +25,7 @@ from tsfleet.router.policy.manifest_routes import fleet_routes
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 from tsfleet.router.policy.routing import RollbackRule
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 pytestmark = pytest.mark.slow
 INTENT = "intent-classifier"

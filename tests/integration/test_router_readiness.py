@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.integration.router_harness import RunningRouter
 from tests.polling import wait_for
 from tsfleet.manifest import Fleet
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 pytestmark = pytest.mark.slow
 INTENT = "intent-classifier"

@@ -17,7 +17,7 @@ from tests.integration.conftest import free_ports
 from tests.integration.router_harness import Forwarder, RunningRouter, camera_image
 from tsfleet.router.policy.compare import answers_agree
 from tsfleet.router.policy.routing import RollbackRule
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 pytestmark = pytest.mark.slow
 INTENT = "intent-classifier"

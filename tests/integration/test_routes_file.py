@@ -22,7 +22,7 @@ from tests.integration.router_harness import RunningRouter
 from tests.polling import wait_for
 from tsfleet.manifest import Fleet
 from tsfleet.router.policy.routing import RollbackRule
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 INTENT = "intent-classifier"

@@ -15,11 +15,11 @@ from tests.integration.conftest import ROOT
 from tests.integration.router_harness import SENTENCES, RunningRouter, SteadyLoad
 from tests.integration.router_harness import served as served_with_router
 from tests.polling import wait_for
-from tsfleet.apply import apply, current_plan
+from tsfleet.control.apply import apply, current_plan
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.rollout import RouterAdmin
-from tsfleet.server import TorchServe
-from tsfleet.swap import Swapper, RouterLink, derive_archive, stand_in, stand_in_archive
+from tsfleet.control.router_admin import RouterAdmin
+from tsfleet.control.server import TorchServe
+from tsfleet.control.swap import Swapper, RouterLink, derive_archive, stand_in, stand_in_archive
 
 pytestmark = pytest.mark.slow
 MODEL = "intent-classifier"

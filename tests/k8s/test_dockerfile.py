@@ -9,7 +9,7 @@ import shlex
 import pytest
 
 from tsfleet.manifest import load_fleet
-from tsfleet.recipes import RECIPES
+from tsfleet.build.recipes import RECIPES
 from tests.k8s.rendered import K8S, ROOT, container, containers, overlay, pod_spec
 
 pytestmark = pytest.mark.k8s
@@ -137,7 +137,7 @@ def test_the_runtime_writes_only_to_the_pod_s_volumes():
     for path in ("model_store", "handlers", "tsfleet", ".venv", "fleet.yaml", "config.properties"):
         assert any(f"{APP}/{path}" in a for a in copied), f"the runtime stage does not copy {path}"
     cmd = [a for ins, a in runtime if ins == "CMD"][-1]
-    assert '"tsfleet.pod", "torchserve"' in cmd
+    assert '"tsfleet.k8s.pod", "torchserve"' in cmd
     ts = container(pod_spec(overlay("gpu")), "torchserve")
     assert ts["args"][ts["args"].index("--model-store") + 1] == f"{APP}/model_store"
 
@@ -187,4 +187,4 @@ def test_the_build_context_leaves_out_local_state_and_secrets(path):
 
 
 def test_the_context_matcher_can_say_yes():
-    assert in_context("tsfleet/pod.py") and in_context("requirements.txt")
+    assert in_context("tsfleet/k8s/pod.py") and in_context("requirements.txt")

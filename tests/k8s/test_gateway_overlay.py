@@ -21,7 +21,7 @@ import yaml
 from tests.k8s.rendered import K8S, ROOT, container, one, overlay, run, tool
 from tests.k8s.test_render_validate import CUSTOM_KINDS, VERSIONS, validate
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.properties import read_properties, render_properties
+from tsfleet.build.properties import read_properties, render_properties
 from tsfleet.router.policy import routes_doc
 
 pytestmark = pytest.mark.k8s

@@ -11,9 +11,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tsfleet import cli, pod, rollout_kube
+from tsfleet import cli
+
+from tsfleet.k8s import pod
+
+from tsfleet.k8s import rollout as rollout_kube
 from tsfleet.manifest import load_fleet
-from tsfleet.properties import Endpoints, read_properties, render_properties
+from tsfleet.build.properties import Endpoints, read_properties, render_properties
 from tsfleet.router.app import RouterConfig
 from tsfleet.router.fronts import health
 from tsfleet.router.policy.manifest_routes import routes_from_fleet
@@ -216,7 +220,7 @@ def test_recycler_command_line_is_tsfleet_recycle(name, pod_files, monkeypatch):
 def test_torchserve_command_line_is_tsfleet_pod(name, monkeypatch):
     spec = pod_spec(overlay(name))
     torchserve = container(spec, "torchserve")
-    assert torchserve["command"] == ["python", "-m", "tsfleet.pod", "torchserve"]
+    assert torchserve["command"] == ["python", "-m", "tsfleet.k8s.pod", "torchserve"]
     seen = {}
     monkeypatch.setattr(pod, "serve", lambda *a, **kw: seen.setdefault("serve", a) and 0)
     assert pod.main(["torchserve", *torchserve["args"]]) == 0
@@ -267,7 +271,7 @@ def test_torchserve_probes_ping_the_listener_config_properties_names(pod_files, 
     monkeypatch.setattr(pod, "ping", lambda config, timeout: seen.append((config, timeout)) or True)
     for kind in ("startup", "liveness"):
         command = torchserve[f"{kind}Probe"]["exec"]["command"]
-        assert command[:3] == ["python", "-m", "tsfleet.pod"]
+        assert command[:3] == ["python", "-m", "tsfleet.k8s.pod"]
         assert pod.main(command[3:]) == 0
         config, timeout = seen[-1]
         assert str(config) == "/opt/tsfleet/config.properties"

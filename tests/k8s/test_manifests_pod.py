@@ -8,9 +8,9 @@ import xml.etree.ElementTree as ET
 import pytest
 import yaml
 
-from tsfleet import server
+from tsfleet.control import server
 from tsfleet.manifest import load_fleet
-from tsfleet.properties import LOG_CONFIG
+from tsfleet.build.properties import LOG_CONFIG
 from tsfleet.router.policy.manifest_routes import routes_from_fleet
 from tsfleet.router.policy.routing import RoutingTable
 from tests.k8s.rendered import (K8S, OVERLAYS, ROOT, arg_value, container, containers, mounts, objects, one, overlay,
@@ -39,7 +39,7 @@ def test_every_path_a_process_writes_is_a_volume_shared_with_its_readers(name):
     spec = pod_spec(overlay(name))
     ts, recycler, router = (container(spec, n) for n in ("torchserve", "recycler", "router"))
     workdir = arg_value(ts["args"], "--workdir")
-    # TorchServe: key_file.json in its working directory, logs/ in it (tsfleet.server), TMPDIR
+    # TorchServe: key_file.json in its working directory, logs/ in it (tsfleet.control.server), TMPDIR
     # and TEMP (pid file, java.io.tmpdir: unpacked archives, worker sockets; worker reports).
     home = writable_mount(spec, "torchserve", f"{workdir}/{server.KEY_FILE}")
     logs = writable_mount(spec, "torchserve", f"{workdir}/logs/ts_log.log")
@@ -99,7 +99,7 @@ def test_grace_period_covers_the_router_s_drain_and_torchserve_s_stop():
     assert pre_stop[0] == "sleep"
     drain = float(arg_value(router["args"], "--drain-s"))
     # The router's preStop and drain, then TorchServe's stop (torchserve --stop, then up to
-    # STOP_WAIT_S for the frontend), then the wrapper's exit (tsfleet.pod: 10 s at most).
+    # STOP_WAIT_S for the frontend), then the wrapper's exit (tsfleet.k8s.pod: 10 s at most).
     needed = float(pre_stop[1]) + drain + server.STOP_WAIT_S + 10
     assert spec["terminationGracePeriodSeconds"] >= needed
 
@@ -165,7 +165,7 @@ def test_only_the_router_holds_an_api_token_for_the_routes_configmap(name):
     assert holders == {"router"}
     role = one(objs, "Role")
     routes = arg_value(container(spec, "router")["args"], "--routes-configmap")
-    # What tsfleet/kube.py calls: get and merge-patch that one ConfigMap (rollback_record.py),
+    # What tsfleet/k8s/kubectl.py calls: get and merge-patch that one ConfigMap (rollback_record.py),
     # and create an Event when the patch fails. Nothing else: no list, watch, update or delete,
     # no other ConfigMap, no Secret.
     assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [routes],

@@ -178,7 +178,7 @@ def written_by_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str
     every event that adds a series: a rollback, a failed recycle, a rejected request, a GPU)."""
     from handlers.runtime import HandlerMetrics
     from tsfleet.manifest import Fleet
-    from tsfleet.recycle import Event, Recycler
+    from tsfleet.control.recycle import Event, Recycler
     from tsfleet.router import selfstats
     from tsfleet.router.keys import InferenceKeys
     from tsfleet.router.rollback_record import RollbackRecorder
@@ -275,7 +275,7 @@ def exported_from_0(tmp_path: Path) -> set[str]:
     """Names a new pod exports at 0 before anything happened: its router (following a routes
     file, as in k8s/base) and its recycler, fresh."""
     from tsfleet.manifest import load_fleet
-    from tsfleet.recycle import Recycler
+    from tsfleet.control.recycle import Recycler
     from tsfleet.router.policy.manifest_routes import routes_from_fleet
     from tsfleet.router.policy.routing import RoutingTable
     from tsfleet.router.rollback_record import RollbackRecorder

@@ -1,4 +1,4 @@
-"""tsfleet.pod, the TorchServe container's entry point: its probe, and its foreground
+"""tsfleet.k8s.pod, the TorchServe container's entry point: its probe, and its foreground
 TorchServe's life (started, watched, stopped with `torchserve --stop` on SIGTERM), with a
 stand-in `torchserve` so that no JVM is needed."""
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tsfleet import pod
+from tsfleet.k8s import pod
 from tests.k8s.rendered import ROOT
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.k8s
 
-# What the real `torchserve` does, as far as tsfleet.pod sees it: `--start --foreground`
+# What the real `torchserve` does, as far as tsfleet.k8s.pod sees it: `--start --foreground`
 # writes the frontend's pid file in the temp dir and key_file.json in the working directory,
 # and serves until SIGTERM; `--stop` sends SIGTERM to the pid the file names and removes the
 # file. The stand-in is its own frontend; it records what it saw in $STANDIN_LOG.
@@ -58,13 +58,13 @@ STANDIN = textwrap.dedent("""\
     sys.exit(3)
 """)
 
-# tsfleet.pod.serve with `up.bring_up` cut down to the start (the real one then registers
+# tsfleet.k8s.pod.serve with `up.bring_up` cut down to the start (the real one then registers
 # workflows and waits for workers through the management API, which the stand-in lacks).
 DRIVER = textwrap.dedent("""\
     import sys, time
     from pathlib import Path
-    from tsfleet import pod, up
-
+    from tsfleet.k8s import pod
+    from tsfleet.control import up
     def bring_up(server, fleet, timeout, say):
         server.start()
         server.wait_for_keys(time.monotonic() + 30)

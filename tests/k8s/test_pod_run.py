@@ -50,7 +50,7 @@ import yaml
 from tests.k8s.rendered import ROOT, container, containers, one, overlay, pod_spec
 from tests.k8s.test_dockerfile import DOCKERFILE, stages
 from tests.polling import wait_for
-from tsfleet.archive import handler_class
+from tsfleet.build.archive import handler_class
 from tsfleet.manifest import Fleet, parse_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.k8s]

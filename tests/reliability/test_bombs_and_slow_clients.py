@@ -41,7 +41,7 @@ from tests.grpc_raw import bomb, call, framed
 from tests.integration.hostile_peers import healthy
 from tests.polling import wait_for
 from tests.reliability.test_hostile_admin import metrics_answer, recycler  # noqa: F401 (a fixture)
-from tsfleet.metrics_http import METRICS_HEAD_TIMEOUT_S
+from tsfleet.control.metrics_http import METRICS_HEAD_TIMEOUT_S
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.wire.limits import VERSION_ROOM, size
 

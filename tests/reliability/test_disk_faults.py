@@ -20,10 +20,10 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.fixtures.leaky import ROOT, leaky_manifest
-from tsfleet.archive import Builder
+from tsfleet.build.archive import Builder
 from tsfleet.errors import StorageError
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.recycle import Recycler
+from tsfleet.control.recycle import Recycler
 from tsfleet.router.keys import rotate_router_key, router_keys
 from tsfleet.router.policy.routing import RollbackRule, Route, RoutingTable
 

@@ -5,7 +5,7 @@ archive, and a worker's serving process killed under load, direct and through th
 One TorchServe for the module, serving intent-classifier 1.0 and image-classifier 1.0 of
 fleet.yaml from a tmp model store (their archives from the session's store), and a router
 before it as ``up`` starts one. The fault archives are built into that store by
-tsfleet.archive.Builder: the real image classifier (its recipe, weights and settings) with a
+tsfleet.build.archive.Builder: the real image classifier (its recipe, weights and settings) with a
 handler that subclasses it and overrides only the hook it breaks (tests/fixtures/
 hang_handler.py, miscount_handler.py). Each test ends with the two checks Triton's and
 TorchServe's own fault suites end with: every other model answers a healthy request, and
@@ -37,11 +37,11 @@ from tests.fleet_up import alive
 from tests.integration.router_harness import RunningRouter
 from tests.polling import wait_for
 from tests.reliability.load import OK, Call, Load, tally
-from tsfleet.apply import current_plan
-from tsfleet.archive import Builder
+from tsfleet.control.apply import current_plan
+from tsfleet.build.archive import Builder
 from tsfleet.errors import ApiError, NotFound
 from tsfleet.manifest import Fleet, parse_fleet
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 pytestmark = pytest.mark.slow
 

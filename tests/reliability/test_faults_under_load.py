@@ -26,8 +26,8 @@ from tests.fleet_up import CompanionPorts, Up, alive, running_up
 from tests.polling import wait_for
 from tests.reliability.load import (NO_ROUTER, OK, TS_DOWN, WORKFLOW_NOT_YET, Call, Load, Record, grpc_call,
                                     intent_is, json_answer, outside, rest_call, tally)
-from tsfleet import companions
-from tsfleet.client import ManagementClient
+from tsfleet.control import companions
+from tsfleet.control.client import ManagementClient
 from tsfleet.manifest import Fleet, load_fleet
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 

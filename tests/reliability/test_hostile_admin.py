@@ -34,9 +34,9 @@ from tests.integration.router_harness import RunningRouter
 from tests.polling import wait_for
 from tsfleet.errors import ApiError
 from tsfleet.manifest import Fleet
-from tsfleet.properties import Endpoints
+from tsfleet.build.properties import Endpoints
 from tsfleet.router.policy.manifest_routes import fleet_routes
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 HEALTH_EVERY = 10
 # Examples run so far per test, to check health every HEALTH_EVERY of them (a count, not a

@@ -18,11 +18,12 @@ from typing import Iterator
 import pytest
 
 from tests.polling import wait_for
-from tsfleet import companions, rolling_log
+from tsfleet.control import companions
+from tsfleet.control import rolling_log
 from tsfleet.errors import FleetError
 from tsfleet.manifest import load_fleet
-from tsfleet.properties import Endpoints, render_properties
-from tsfleet.recipes import ROOT
+from tsfleet.build.properties import Endpoints, render_properties
+from tsfleet.build.recipes import ROOT
 
 pytestmark = pytest.mark.reliability
 

@@ -31,11 +31,11 @@ import requests
 
 from tests.fleet_fixtures import ROOT
 from tests.polling import wait_for
-from tsfleet import companions
-from tsfleet.properties import Endpoints
+from tsfleet.control import companions
+from tsfleet.build.properties import Endpoints
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
-from tsfleet.server import TorchServe
+from tsfleet.control.server import TorchServe
 
 LOOPBACK = {"127.0.0.1", "::1"}
 TS_REFUSAL = {"code": 400, "type": "InvalidKeyException",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tsfleet.archive import Builder, write_zip
+from tsfleet.build.archive import Builder, write_zip
 from tsfleet.manifest import parse_fleet
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,8 +7,6 @@ import io
 import pytest
 
 from tsfleet import cli
-
-
 class Pipe(io.StringIO):
     """Stdout as a pipe to a log collector: counts the flushes."""
 

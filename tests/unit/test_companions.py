@@ -6,9 +6,7 @@ import time
 from pathlib import Path
 
 from tests.polling import wait_for
-from tsfleet import companions
-
-
+from tsfleet.control import companions
 def test_a_companion_that_keeps_exiting_is_started_again_later_each_time(tmp_path: Path) -> None:
     said: list[str] = []
     supervisor = companions.Supervisor(tmp_path, said.append)

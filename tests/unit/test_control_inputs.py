@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from tsfleet import cli
-from tsfleet.client import ManagementClient
+from tsfleet.control.client import ManagementClient
 from tsfleet.errors import BadRequest
-from tsfleet.properties import Endpoints
+from tsfleet.build.properties import Endpoints
 from tsfleet.router.fronts.admin import _checked_change
 from tsfleet.router.policy.manifest_routes import check_fleet_routes
 
@@ -43,7 +43,7 @@ def test_the_management_client_refuses_a_name_a_path_would_resolve_without_sendi
 
 
 def test_the_management_client_takes_every_name_torchserve_gives() -> None:
-    from tsfleet.client import PATH_NAME
+    from tsfleet.control.client import PATH_NAME
 
     for name in ("intent-classifier", "1.0", "1.0~swap", "intent-pipeline__text-embedder", "a.b_c-d"):
         assert PATH_NAME.fullmatch(name)

@@ -25,7 +25,7 @@ from handlers.shapes import draw_shape
 from handlers.text_embedder import TextEmbedder
 from tests.polling import wait_for
 from tsfleet.manifest import load_fleet
-from tsfleet.recipes import RECIPES, ensure
+from tsfleet.build.recipes import RECIPES, ensure
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "build" / "artifacts"

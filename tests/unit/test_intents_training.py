@@ -17,7 +17,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from handlers.intent_head import IntentHead, load_intent_head
-from tsfleet.training.intents import load_rows, save_intent_head, train_intent_head
+from tsfleet.build.training.intents import load_rows, save_intent_head, train_intent_head
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "intents"
 INTENTS = {"travel", "billing", "weather", "greeting", "cancel"}

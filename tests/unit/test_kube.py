@@ -1,4 +1,4 @@
-"""The Kubernetes API client (tsfleet/kube.py) and the rollback recorder built on it
+"""The Kubernetes API client (tsfleet/k8s/kubectl.py) and the rollback recorder built on it
 (tsfleet/router/rollback_record.py): their unit tests. There is no cluster here: a small
 aiohttp server on 127.0.0.1 plays the API server (over HTTPS with a CA of its own where
 openssl is installed, as a pod's service account sees it), records what it was sent and
@@ -21,7 +21,7 @@ from aiohttp import web
 
 from tests.polling import until
 from tsfleet.errors import KubeError
-from tsfleet.kube import KubeApi
+from tsfleet.k8s.kubectl import KubeApi
 from tsfleet.router.policy import routes_doc
 from tsfleet.router.policy.routing import RollbackRule, Route, RoutingTable
 from tsfleet.router.rollback_record import RollbackRecorder

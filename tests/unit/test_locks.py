@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 from tests.fixtures.locking import held_elsewhere
-from tsfleet.locks import lock_path, version_lock
+from tsfleet.control.locks import lock_path, version_lock
 
 
 def test_second_holder_is_refused_then_waits_until_release(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_second_holder_is_refused_then_waits_until_release(tmp_path: Path) -> No
 
 def test_a_holder_that_dies_leaves_the_version_free(tmp_path: Path) -> None:
     path = lock_path(tmp_path, "m", "1.0")
-    code = ("import sys, time; from pathlib import Path; from tsfleet.locks import version_lock\n"
+    code = ("import sys, time; from pathlib import Path; from tsfleet.control.locks import version_lock\n"
             "with version_lock(Path(sys.argv[1]), 'm', '1.0'):\n"
             "    print('held', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,

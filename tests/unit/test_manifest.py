@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tsfleet.archive import check_settings
+from tsfleet.build.archive import check_settings
 from tsfleet.errors import ManifestError
 from tsfleet.manifest import load_fleet, parse_fleet
-from tsfleet.properties import render_properties
+from tsfleet.build.properties import render_properties
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = yaml.safe_load((ROOT / "fleet.yaml").read_text())

@@ -22,7 +22,7 @@ from handlers.minilm import (  # noqa: E402
     WordPieceTokenizer,
     mean_pool_normalize,
 )
-from tsfleet.minilm_export import export_minilm  # noqa: E402
+from tsfleet.build.minilm_export import export_minilm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = Path(gt_minilm.get_model_path())

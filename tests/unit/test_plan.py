@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from tsfleet.apply import plan
-from tsfleet.client import VersionState
+from tsfleet.control.apply import plan
+from tsfleet.control.client import VersionState
 from tsfleet.manifest import Fleet, parse_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ class StateOnly:
 def test_a_version_up_skips_leaves_its_stand_in_serving() -> None:
     # up, after 1.0 would not start again: the stand-in that serves 1.0's traffic stays, and
     # 1.0 is neither registered nor made the default.
-    from tsfleet.apply import apply
+    from tsfleet.control.apply import apply
 
     state = {"intent-classifier": [registered("1.1", False), registered("1.0~swap", True)]}
     assert [s.action for s in plan(fleet(), state, [])] == ["register", "set-default", "unregister"]
@@ -92,7 +92,7 @@ class RefusingRouter:
 def test_apply_retires_nothing_a_router_that_did_not_take_the_manifest_may_still_route_to(tmp_path: Path) -> None:
     import pytest
 
-    from tsfleet.apply import apply
+    from tsfleet.control.apply import apply
     from tsfleet.errors import FleetError
 
     state = {"intent-classifier": [registered("1.0", True), registered("1.1", False), registered("0.9", False)]}
@@ -114,8 +114,8 @@ def test_no_router_listening_is_told_from_one_whose_key_cannot_be_read(tmp_path:
     import pytest
 
     from tsfleet.errors import NoRouter, Unreachable
-    from tsfleet.rollout import RouterAdmin
-    from tsfleet.swap import RouterLink
+    from tsfleet.control.router_admin import RouterAdmin
+    from tsfleet.control.swap import RouterLink
 
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""Recipe outputs (tsfleet/recipes.py ``ensure``): made once, whole, however many build at once."""
+"""Recipe outputs (tsfleet/build/recipes.py ``ensure``): made once, whole, however many build at once."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tsfleet.errors import BuildError
-from tsfleet.recipes import STAMP, Recipe, ensure
+from tsfleet.build.recipes import STAMP, Recipe, ensure
 
 
 class SlowRecipe:

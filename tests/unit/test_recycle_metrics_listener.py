@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tsfleet import cli
-from tsfleet.recycle import Recycler
+from tsfleet.control.recycle import Recycler
 
 ROOT = Path(__file__).resolve().parents[2]
 

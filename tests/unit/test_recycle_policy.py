@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tsfleet.manifest import RecyclePolicy
-from tsfleet.recycle import Report, Trend, over_limit, request_limit
+from tsfleet.control.recycle import Report, Trend, over_limit, request_limit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def test_a_recycler_running_for_months_keeps_its_records_bounded(tmp_path) -> No
     # 20,000 recycles (a busy fleet for weeks): the events file that `tsfleet status` reads
     # and the recycler's memory stay small; /metrics still counts them all.
     from tsfleet.manifest import Fleet
-    from tsfleet.recycle import EVENTS, EVENTS_MAX_BYTES, KEPT_EVENTS, Event, Recycler, last_events
+    from tsfleet.control.recycle import EVENTS, EVENTS_MAX_BYTES, KEPT_EVENTS, Event, Recycler, last_events
 
     recycler = Recycler(Fleet(tmp_path, {}), client=None, report_dir=tmp_path, progress=lambda line: None)
     for n in range(20_000):
@@ -64,9 +64,9 @@ def test_the_recycler_follows_the_manifest_as_apply_changes_it(tmp_path) -> None
 
     import yaml
 
-    from tsfleet.client import VersionState, Worker
+    from tsfleet.control.client import VersionState, Worker
     from tsfleet.manifest import load_fleet
-    from tsfleet.recycle import Recycler
+    from tsfleet.control.recycle import Recycler
 
     root = tmp_path / "repo"
     shutil.copytree(ROOT / "handlers", root / "handlers")

@@ -1,4 +1,4 @@
-"""``tsfleet rollout ... --kube`` (tsfleet/rollout_kube.py) with a stand-in for kubectl: a small
+"""``tsfleet rollout ... --kube`` (tsfleet/k8s/rollout.py) with a stand-in for kubectl: a small
 script that keeps one ConfigMap in a JSON file and answers ``get -o json`` and ``patch --type
 merge`` as kubectl does (a stale resourceVersion is a Conflict), logging each call."""
 from __future__ import annotations

@@ -102,7 +102,7 @@ def test_limits_travel_to_a_front_process_and_back_unchanged() -> None:
 
 def test_the_grpc_message_limit_is_never_more_than_torchserve_takes() -> None:
     """TorchServe's grpc-java resets a message over its max_request_size without a status."""
-    from tsfleet.properties import read_properties
+    from tsfleet.build.properties import read_properties
     from tsfleet.router.wire.limits import VERSION_ROOM, under_torchserve
 
     ts_max = int(read_properties(ROOT / "config.properties")["max_request_size"])  # 10 MiB, as rendered

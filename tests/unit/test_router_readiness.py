@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from tsfleet.client import VersionState, Worker
+from tsfleet.control.client import VersionState, Worker
 from tsfleet.router.keys import InferenceKeys
 from tsfleet.router.readiness import Look, ModelReadiness
 from tsfleet.router.policy.routing import Route, RoutingTable

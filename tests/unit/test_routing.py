@@ -171,7 +171,7 @@ def test_a_front_takes_the_leader_s_routes_and_tells_of_changes() -> None:
 
 
 def test_rollout_status_shows_no_latency_for_an_arm_with_nothing_in_the_window() -> None:
-    from tsfleet.rollout import render_status
+    from tsfleet.control.rollout import render_status
 
     t = table(v1_0=90, v1_1=10)
     for i in range(10):

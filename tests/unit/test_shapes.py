@@ -20,7 +20,7 @@ from handlers.shapes import (
     image_to_tensor,
     load_shape_cnn,
 )
-from tsfleet.training.shapes import make_dataset, save_shape_cnn, train_shape_cnn
+from tsfleet.build.training.shapes import make_dataset, save_shape_cnn, train_shape_cnn
 
 EVAL_SEED = 20240611  # far from any training seed, so these shapes were never seen
 N_EVAL = 150

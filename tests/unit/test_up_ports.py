@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tsfleet import cli, companions, up
+from tsfleet import cli
+
+from tsfleet.control import companions
+
+from tsfleet.control import up
 from tsfleet.manifest import Fleet
-from tsfleet.properties import Endpoints
+from tsfleet.build.properties import Endpoints
 
 
 def options_of(monkeypatch: pytest.MonkeyPatch, *argv: str) -> up.UpOptions:

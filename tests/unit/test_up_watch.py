@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.polling import wait_for
-from tsfleet import companions
+from tsfleet.control import companions
 from tsfleet.errors import FleetError, ServerError
 from tsfleet.manifest import Fleet
-from tsfleet.up import MAX_QUICK_RESTARTS, UpOptions, run, watch
+from tsfleet.control.up import MAX_QUICK_RESTARTS, UpOptions, run, watch
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Collection, Mapping
 
 from aiohttp import web
 
-from tsfleet.kube import SERVICE_ACCOUNT_DIR, KubeApi
+from tsfleet.k8s.kubectl import SERVICE_ACCOUNT_DIR, KubeApi
 from tsfleet.manifest import Fleet
 from tsfleet.router.fronts.admin import AdminApi
 from tsfleet.router.fronts.admin_site import DeadlineSite

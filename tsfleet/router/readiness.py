@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Sequence
 from urllib.parse import urlsplit
 
 from tsfleet.errors import ApiError, FleetError, NotFound
-from tsfleet.properties import Endpoints
+from tsfleet.build.properties import Endpoints
 
 if TYPE_CHECKING:
-    from tsfleet.client import ManagementClient, VersionState
+    from tsfleet.control.client import ManagementClient, VersionState
     from tsfleet.router.keys import InferenceKeys
     from tsfleet.router.policy.routing import RoutingTable
 
@@ -130,7 +130,7 @@ class ModelReadiness:
         """Each model's versions as TorchServe describes them, and the registered workflows,
         or why they could not be read (blocking)."""
         if self._client is None:
-            from tsfleet.client import ManagementClient  # requests: only for a router whose probes ask
+            from tsfleet.control.client import ManagementClient  # requests: only for a router whose probes ask
 
             assert self.keys is not None
             url = urlsplit(self.keys.management_url)

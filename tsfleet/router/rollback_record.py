@@ -4,7 +4,7 @@ The leader that sees a canary regress sets its weight to 0 at once (policy/routi
 saves that locally. With a routes file (router/routes_file.py) that is only this replica:
 the others go on sending the canary traffic, and a pod started later takes the file's
 weights. So the rollback is also written into the routes ConfigMap, through the API with
-the pod's service account (tsfleet/kube.py): the file's content for the model is read,
+the pod's service account (tsfleet/k8s/kubectl.py): the file's content for the model is read,
 the version's weight set to 0 and the event recorded, and patched back only if nobody
 changed the ConfigMap in between (its resourceVersion; a conflict reads it again, three
 tries in all). The kubelets then give every replica the new file, as for a ``kubectl apply``.
@@ -28,7 +28,7 @@ import socket
 from typing import Any, Callable, Collection, Mapping
 
 from tsfleet.errors import KubeError
-from tsfleet.kube import KubeApi
+from tsfleet.k8s.kubectl import KubeApi
 from tsfleet.router.policy import routes_doc
 from tsfleet.router.policy.routing import RoutingTable
 

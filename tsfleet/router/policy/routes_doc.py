@@ -1,7 +1,7 @@
 """The routes document: what a routes file (on Kubernetes, a key of the routes ConfigMap)
 holds, checked and edited with no I/O, so that the router watching it (router/routes_file.py),
 the router recording a rollback in it (router/rollback_record.py) and
-``tsfleet rollout --kube`` (tsfleet/rollout_kube.py) agree on one format.
+``tsfleet rollout --kube`` (tsfleet/k8s/rollout.py) agree on one format.
 
 The format is ``RoutingTable.state()``'s::
 

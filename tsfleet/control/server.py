@@ -13,11 +13,11 @@ from typing import Callable
 
 import psutil
 
-from handlers.handover import pid_alive
-from tsfleet.client import ManagementClient
+from handlers.contract import pid_alive
+from tsfleet.control.client import ManagementClient
 from tsfleet.errors import ApiError, Conflict, NotAllReady, ServerError, Unreachable
 from tsfleet.manifest import Fleet
-from tsfleet.properties import LOG_CONFIG, Endpoints
+from tsfleet.build.properties import LOG_CONFIG, Endpoints
 
 KEY_FILE = "key_file.json"
 FAILED_STARTS = 2  # worker processes of a version that died at start before it counts as failing
@@ -87,7 +87,7 @@ class TorchServe:
     def isolated(cls, fleet: Fleet, model_store: Path, workdir: Path, load_models: bool = True) -> "TorchServe":
         """A TorchServe of its own in ``workdir`` (free loopback ports, private temp dir,
         auth on), not yet started: for tests and benchmarks beside a running fleet."""
-        from tsfleet.properties import render_properties
+        from tsfleet.build.properties import render_properties
 
         ep = Endpoints.on_free_ports()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,7 @@ class TorchServe:
         """
         import requests
 
-        from tsfleet.archive import handler_class
+        from tsfleet.build.archive import handler_class
 
         session, sent = requests.Session(), 0
         targets = [(f"/predictions/{spec.model}/{spec.version}", spec) for spec in fleet.versions()]

@@ -7,12 +7,13 @@ from pathlib import Path
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from tsfleet.apply import is_private, plan
-from tsfleet.client import ManagementClient, Worker
+from handlers.contract import default_report_dir
+from tsfleet.control.apply import is_private, plan
+from tsfleet.control.client import ManagementClient, Worker
 from tsfleet.manifest import Fleet
 
 if TYPE_CHECKING:
-    from tsfleet.recycle import Report
+    from tsfleet.control.recycle import Report
 
 _SAMPLE = re.compile(r'^ts_inference_requests_total\{([^}]*)\}\s+(\S+)', re.M)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
@@ -59,8 +60,7 @@ def _worker(w: Worker, report: Report | None, now: datetime) -> dict[str, Any]:
 
 def collect(fleet: Fleet, client: ManagementClient, report_dir: Path | None = None) -> dict[str, Any]:
     """Everything status shows, as plain data (what --json prints)."""
-    from handlers.lifecycle import default_report_dir
-    from tsfleet.recycle import last_events, read_reports
+    from tsfleet.control.recycle import last_events, read_reports
 
     report_dir = report_dir or default_report_dir()
     recycled = last_events(report_dir)

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from handlers.handover import pid_alive
-from tsfleet.client import ManagementClient
+from handlers.contract import pid_alive, retire_path
+from tsfleet.control.client import ManagementClient
 from tsfleet.errors import ApiError, FleetError, StorageError, Unreachable
 from tsfleet.files import write_atomically
-from tsfleet.locks import report_dir_of, version_lock
+from tsfleet.control.locks import report_dir_of, version_lock
 from tsfleet.manifest import Fleet, RecyclePolicy, VersionSpec, load_fleet
 
 EVENTS = "recycle-events.jsonl"
@@ -229,7 +229,7 @@ class Recycler:
         """Replace the process behind worker ``pid`` of a version, in place."""
         folder = self.report_dir / spec.model / spec.version
         old = read_reports(self.report_dir, spec.model, spec.version).get(pid)
-        flag = folder / f"{pid}.retire"
+        flag = retire_path(folder, pid)
         started, asked = time.monotonic(), time.time()
         self.progress(f"recycling {spec.model} {spec.version} worker {pid}: {why}")
         try:

@@ -5,59 +5,16 @@ It talks to the router's admin API (weights live there) and to TorchServe's mana
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
-import requests
-
-from tsfleet.client import ManagementClient
-from tsfleet.companions import accepting
-from tsfleet.errors import FleetError, NoRouter, NotFound, Unreachable
+from handlers.contract import default_report_dir
+from tsfleet.control.client import ManagementClient
+from tsfleet.control.locks import LOCK_WAIT_S, version_lock
+from tsfleet.control.router_admin import RouterAdmin
+from tsfleet.control.swap import RouterLink, Swapper
+from tsfleet.errors import FleetError, NotFound
 from tsfleet.manifest import Fleet
-
-
-@dataclass
-class RouterAdmin:
-    """The router's admin API at ``url`` with the token from ``key_file``."""
-
-    url: str
-    key_file: Path
-
-    def _headers(self) -> dict[str, str]:
-        try:
-            key = json.loads(Path(self.key_file).read_text())["admin"]
-        except (OSError, ValueError, KeyError):
-            url = urlsplit(self.url)
-            if not accepting(url.hostname or "127.0.0.1", url.port or 80, timeout=5):
-                raise NoRouter(f"no router's admin API answers at {self.url}") from None
-            raise Unreachable(f"a router answers at {self.url} but its admin key cannot be read from "
-                              f"{self.key_file}; run this where the router was started, or give "
-                              "--router-key-file") from None
-        return {"Authorization": f"Bearer {key}"}
-
-    def call(self, method: str, path: str, body: dict | None = None) -> Any:
-        headers = self._headers()
-        try:
-            resp = requests.request(method, self.url + path, json=body, headers=headers, timeout=30)
-        except requests.ConnectTimeout:
-            raise Unreachable(f"the router's admin API at {self.url} did not accept a connection within 30 s") from None
-        except requests.ConnectionError:
-            raise NoRouter(f"no router's admin API answers at {self.url}") from None
-        except requests.Timeout:
-            raise Unreachable(f"the router's admin API at {self.url} did not answer within 30 s") from None
-        if resp.status_code >= 400:
-            try:
-                message = resp.json()["message"]
-            except (ValueError, KeyError):
-                message = resp.text
-            raise FleetError(f"router: {message}")
-        return resp.json()
-
-    def routes(self) -> dict[str, Any]:
-        return self.call("GET", "/routes")
 
 
 def _ready(client: ManagementClient, model: str, version: str) -> None:
@@ -101,11 +58,7 @@ def promote(admin: RouterAdmin, client: ManagementClient, fleet: Fleet, model: s
             say: Callable[[str], None], manifest: Path | None = None, report_dir: Path | None = None) -> None:
     """All traffic to ``version``, make it TorchServe's default and the manifest's, and
     retire the old version (drained first) if the manifest no longer lists it."""
-    from handlers.lifecycle import default_report_dir
-    from tsfleet.apply import LOCK_WAIT_S
-    from tsfleet.locks import version_lock
     from tsfleet.manifest_edit import set_default_version
-    from tsfleet.swap import RouterLink, Swapper
 
     route = _route(admin, model)
     _ready(client, model, version)

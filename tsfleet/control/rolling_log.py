@@ -1,6 +1,6 @@
 """The writer of a companion's log (logs/route.log, logs/recycle.log): it rolls and prunes it.
 
-``python -m tsfleet.rolling_log PATH ROLL_BYTES KEEP`` copies what it reads on stdin, a line
+``python -m tsfleet.control.rolling_log PATH ROLL_BYTES KEEP`` copies what it reads on stdin, a line
 at a time, into PATH through a RotatingFileHandler: past ROLL_BYTES, PATH becomes PATH.1
 (PATH.1 becomes PATH.2 ...) and only KEEP such archives are kept, so a companion's log never
 takes more than (KEEP + 1) x ROLL_BYTES of disk.
@@ -68,7 +68,7 @@ def start(path: Path) -> subprocess.Popen:
     # Should the writer itself fail to start, its traceback is at the end of the log.
     with open(path, "ab") as own_errors:
         return subprocess.Popen(
-            [sys.executable, "-m", "tsfleet.rolling_log", str(path), str(roll_bytes), str(keep)],
+            [sys.executable, "-m", "tsfleet.control.rolling_log", str(path), str(roll_bytes), str(keep)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=own_errors,
             # Its own session: Ctrl-C on `up` reaches the companion, which says its last words
             # here; the writer stays until it has written them.

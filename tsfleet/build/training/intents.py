@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from handlers.intent_head import IntentHead
-from tsfleet.training import deterministic, save_checkpoint
+from tsfleet.build.training import deterministic, save_checkpoint
 
 
 def load_rows(path: str | os.PathLike[str]) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ import yaml
 from tsfleet.errors import BuildError
 from tsfleet.files import replacing, write_atomically
 from tsfleet.manifest import Fleet, VersionSpec, WorkflowSpec
-from tsfleet.recipes import ROOT, STAMP, check_params, ensure
+from tsfleet.build.recipes import ROOT, STAMP, check_params, ensure
 
 INDEX = "index.json"
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)

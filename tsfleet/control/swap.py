@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection
 
-from tsfleet.client import ManagementClient, VersionState
+from handlers.contract import DRAIN_FLAG, state_path
+from tsfleet.control.client import ManagementClient, VersionState
 from tsfleet.errors import Conflict, FleetError, NoRouter, NotFound, ServerFault, VersionDidNotStart
 from tsfleet.files import replacing
 from tsfleet.manifest import Fleet, VersionSpec
 
 if TYPE_CHECKING:
-    from tsfleet.rollout import RouterAdmin
+    from tsfleet.control.router_admin import RouterAdmin
 
 SUFFIX = "~swap"
 HEAR_WITHIN_S = 3.0  # workers look for the flag every 0.2 s
@@ -226,7 +227,7 @@ def _idle_snapshot(client: ManagementClient, model: str, version: str, folder: P
         if worker.pid is None:
             continue
         try:
-            doc = json.loads((folder / f"{worker.pid}.state").read_text())
+            doc = json.loads(state_path(folder, worker.pid).read_text())
         except (OSError, ValueError):
             busy = True
             continue
@@ -243,7 +244,6 @@ def drain(client: ManagementClient, model: str, version: str, report_dir: Path,
     """Wait until TorchServe holds no request of ``version``: its queue empty and all its
     workers idle, seen twice ``quiet_s`` apart (longer than a batch takes to gather) with
     no request served in between. None when drained, else why not."""
-    from handlers.lifecycle import DRAIN_FLAG  # the file the workers watch for (imports torch: late)
 
     folder = report_dir / model / version
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from handlers.handover import pid_alive
-from tsfleet import rolling_log
+from handlers.contract import pid_alive
+from tsfleet.control import rolling_log
 from tsfleet.errors import StorageError
 from tsfleet.files import write_atomically
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 LOCK_NAME = "change.lock"
+# How long apply or promote waits for a worker replacement to let go of a version.
+LOCK_WAIT_S = 330.0  # a replacement's own deadline (its ready timeout, 300 s) ends before this
 
 
 def report_dir_of(spec: Any, default: Path) -> Path:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from handlers.shapes import IMAGE_SIZE, LABELS, ShapeCNN, draw_shape, image_to_tensor
-from tsfleet.training import deterministic, save_checkpoint
+from tsfleet.build.training import deterministic, save_checkpoint
 
 
 def make_dataset(n: int, seed: int, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Any
 import requests
 
 from tsfleet.errors import ApiError, BadRequest, Unauthorized, Unreachable, api_error
-from tsfleet.properties import Endpoints
+from tsfleet.build.properties import Endpoints
 
 
 # What a model, version or workflow name may hold in a management path. The names go into

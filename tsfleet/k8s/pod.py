@@ -1,4 +1,4 @@
-"""What the TorchServe container of a Kubernetes pod runs (k8s/): ``python -m tsfleet.pod``.
+"""What the TorchServe container of a Kubernetes pod runs (k8s/): ``python -m tsfleet.k8s.pod``.
 
 On one machine ``tsfleet up`` starts TorchServe, the router and the recycler and restarts
 whichever exits. In a pod the kubelet does that, one container each (k8s/README.md says
@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from tsfleet.properties import Endpoints
+from tsfleet.build.properties import Endpoints
 
 PING_TIMEOUT_S = 5.0
 # Loopback calls must never go through an HTTP proxy from the pod's environment.
@@ -68,8 +68,8 @@ def torchserve_executable() -> str:
 def _foreground_server(executable: str):
     """A ``TorchServe`` whose start runs the frontend as a child of this process, its output
     on ours (the container's log) instead of logs/torchserve.out."""
-    from tsfleet.properties import LOG_CONFIG
-    from tsfleet.server import KEY_FILE, TorchServe
+    from tsfleet.build.properties import LOG_CONFIG
+    from tsfleet.control.server import KEY_FILE, TorchServe
 
     class ForegroundTorchServe(TorchServe):
         proc: subprocess.Popen | None = None
@@ -99,7 +99,7 @@ def _foreground_server(executable: str):
 def serve(config: Path, manifest: Path, model_store: Path, workdir: Path, timeout: float,
           say: Callable[[str], None], poll_s: float = 1.0, executable: str | None = None) -> int:
     """Run TorchServe until SIGTERM (0) or until it exits by itself (1)."""
-    from tsfleet import up
+    from tsfleet.control import up
     from tsfleet.errors import FleetError
     from tsfleet.manifest import load_fleet
 
@@ -131,7 +131,7 @@ def serve(config: Path, manifest: Path, model_store: Path, workdir: Path, timeou
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsfleet.pod", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tsfleet.k8s.pod", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("torchserve", help="TorchServe in the foreground, brought to the manifest")
     p.add_argument("--config", required=True, type=Path, help="config.properties")

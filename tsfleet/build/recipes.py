@@ -19,7 +19,7 @@ from typing import Any, Callable
 from tsfleet.errors import BuildError
 
 Progress = Callable[[str], None]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STAMP = ".inputs.sha256"
 
 
@@ -33,7 +33,7 @@ class Recipe:
 
 
 def _export_minilm(out: Path, params: dict[str, Any], progress: Progress, cache: Path) -> None:
-    from tsfleet.minilm_export import export_minilm
+    from tsfleet.build.minilm_export import export_minilm
 
     progress("exporting all-MiniLM-L6-v2 weights and vocabulary")
     export_minilm(out)
@@ -48,7 +48,7 @@ def _minilm_into(out: Path, progress: Progress, cache: Path) -> None:
 
 def _intent_head(out: Path, params: dict[str, Any], progress: Progress, cache: Path) -> None:
     from handlers.minilm import MiniLM
-    from tsfleet.training.intents import load_rows, save_intent_head, train_intent_head
+    from tsfleet.build.training.intents import load_rows, save_intent_head, train_intent_head
 
     _minilm_into(out, progress, cache)
     rows = load_rows(ROOT / "data/intents/train.jsonl")
@@ -60,7 +60,7 @@ def _intent_head(out: Path, params: dict[str, Any], progress: Progress, cache: P
 
 
 def _shape_cnn(out: Path, params: dict[str, Any], progress: Progress, cache: Path) -> None:
-    from tsfleet.training.shapes import save_shape_cnn, train_shape_cnn
+    from tsfleet.build.training.shapes import save_shape_cnn, train_shape_cnn
 
     progress(f"drawing shapes and training the CNN (seed {params['seed']}, about a minute)")
     save_shape_cnn(train_shape_cnn(seed=int(params["seed"]), progress=progress), out / "shape_cnn.pt")
@@ -72,16 +72,16 @@ def _nothing(out: Path, params: dict[str, Any], progress: Progress, cache: Path)
 
 RECIPES: dict[str, Recipe] = {
     "none": Recipe("none", _nothing, ()),
-    "minilm": Recipe("minilm", _export_minilm, ("tsfleet/minilm_export.py",)),
+    "minilm": Recipe("minilm", _export_minilm, ("tsfleet/build/minilm_export.py",)),
     "intent-head": Recipe(
         "intent-head", _intent_head,
-        ("tsfleet/minilm_export.py", "handlers/minilm.py", "handlers/intent_head.py",
-         "tsfleet/training/__init__.py", "tsfleet/training/intents.py", "data/intents/train.jsonl"),
+        ("tsfleet/build/minilm_export.py", "handlers/minilm.py", "handlers/intent_head.py",
+         "tsfleet/build/training/__init__.py", "tsfleet/build/training/intents.py", "data/intents/train.jsonl"),
         ("seed",),
     ),
     "shape-cnn": Recipe(
         "shape-cnn", _shape_cnn,
-        ("handlers/shapes.py", "tsfleet/training/__init__.py", "tsfleet/training/shapes.py"),
+        ("handlers/shapes.py", "tsfleet/build/training/__init__.py", "tsfleet/build/training/shapes.py"),
         ("seed",),
     ),
 }

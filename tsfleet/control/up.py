@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from tsfleet import companions
+from tsfleet.control import companions
 from tsfleet.errors import FleetError, ManifestError, NotAllReady, NotFound, VersionDidNotStart, WorkflowDidNotStart
 from tsfleet.manifest import Fleet, load_fleet
-from tsfleet.recipes import ROOT
-from tsfleet.rollout import RouterAdmin
+from tsfleet.build.recipes import ROOT
+from tsfleet.control.router_admin import RouterAdmin
 
 if TYPE_CHECKING:
-    from tsfleet.server import TorchServe
+    from tsfleet.control.server import TorchServe
 
 Say = Callable[[str], None]
 # TorchServe that keeps dying soon after each start is not started a fifth time: something
@@ -118,7 +118,7 @@ def _converge(server: TorchServe, fleet: Fleet, deadline: float, say: Say, route
     tried again while TorchServe's first workers load (a default needs a ready worker).
     A version whose workers do not start (a broken archive, a GPU without room for it) is
     left out and said, so the rest of the fleet serves: returns the fleet that does."""
-    from tsfleet.apply import apply
+    from tsfleet.control.apply import apply
 
     server.wait_for_keys(deadline)
     said, serving, skip = "", fleet, set()

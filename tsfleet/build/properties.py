@@ -19,7 +19,7 @@ HEADER = """\
 # Security defaults stay on: token authorization (keys in key_file.json where the server
 # starts), loopback-only listeners, and the model API limited to archives already in
 # model_store (registered by file name; allowed_urls matches no URL, so nothing is fetched).
-# Logging: tsfleet/log4j2.xml (one access line per request, files rolled and capped).
+# Logging: tsfleet/build/log4j2.xml (one access line per request, files rolled and capped).
 """
 
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")
@@ -143,6 +143,6 @@ def render_properties(fleet: Fleet, ep: Endpoints = Endpoints(), model_store: st
         ("decode_input_request", "false"),
         # Relative, like model_store: a plain `torchserve --start` from the repo finds it;
         # tsfleet passes the absolute path with --log-config, which takes its place.
-        ("vmargs", f"-Dlog4j.configurationFile={LOG_CONFIG.parent.name}/{LOG_CONFIG.name}"),
+        ("vmargs", f"-Dlog4j.configurationFile={'/'.join(LOG_CONFIG.parts[-3:])}"),
     ]
     return HEADER + "".join(f"{key}={value}\n" for key, value in props)

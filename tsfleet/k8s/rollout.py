@@ -125,7 +125,7 @@ def _weights(route: dict[str, Any]) -> str:
 
 def status(where: RoutesConfigMap, fleet: Fleet, model: str | None = None) -> str:
     """The routes as the ConfigMap holds them, in ``tsfleet rollout status``'s table."""
-    from tsfleet.rollout import render_status
+    from tsfleet.control.rollout import render_status
 
     doc, _ = where.read()
     routes = {}

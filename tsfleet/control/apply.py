@@ -4,7 +4,7 @@
 in a safe order (register and warm new versions, then scale, then switch defaults, then
 retire), so no model is ever left without a ready default version. Every step is
 idempotent, so after a failure a second apply finishes the job. A change of batch settings
-swaps the version through a stand-in (``tsfleet.swap``), serving its traffic throughout;
+swaps the version through a stand-in (``tsfleet.control.swap``), serving its traffic throughout;
 versions leave only once drained.
 """
 from __future__ import annotations
@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection
 
-from tsfleet.client import ManagementClient, VersionState
+from handlers.contract import default_report_dir
+from tsfleet.control.client import ManagementClient, VersionState
 from tsfleet.errors import ApiError, Conflict, FleetError, ServerFault, VersionDidNotStart, WorkflowDidNotStart
-from tsfleet.locks import report_dir_of, version_lock
+from tsfleet.control.locks import LOCK_WAIT_S, report_dir_of, version_lock
 from tsfleet.manifest import Fleet, VersionSpec
-from tsfleet.swap import RouterLink, Swapper, base_version, is_stand_in
+from tsfleet.control.swap import RouterLink, Swapper, base_version, is_stand_in
 
 if TYPE_CHECKING:
-    from tsfleet.rollout import RouterAdmin
+    from tsfleet.control.router_admin import RouterAdmin
 
 ORDER = ("register", "replace", "scale", "set-default", "unregister", "register-workflow", "unregister-workflow")
 
@@ -100,7 +101,6 @@ def current_plan(fleet: Fleet, client: ManagementClient) -> list[Step]:
 
 # Steps that change the workers of a version the recycler may be replacing one of.
 LOCKED = ("replace", "scale", "unregister")
-LOCK_WAIT_S = 330.0  # a replacement's own deadline (its ready timeout, 300 s) ends before this
 
 
 def _run_step(step: Step, fleet: Fleet, client: ManagementClient, swapper: Swapper,
@@ -166,7 +166,6 @@ def apply(fleet: Fleet, client: ManagementClient, progress: Callable[[str], None
     router's traffic on a version while its settings are swapped, and to bring its routes
     to the manifest.
     """
-    from handlers.lifecycle import default_report_dir
 
     link = RouterLink(router, progress)
     swapper = Swapper(client, store or fleet.root / "model_store", report_dir or default_report_dir(), link, progress)

@@ -1,0 +1,1 @@
+"""Build time: archives, their recipes and training, TorchServe's config.properties."""
