@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from handlers.config import RuntimeSettings, parse_settings
-from handlers.errors import BadRequest, HandlerError, InternalError, PayloadTooLarge, UnsupportedMediaType
+from handlers.errors import BadInput, HandlerError, InternalError, PayloadTooLarge, UnsupportedMediaType
 from handlers.lifecycle import WorkerLifecycle
 from handlers.payload import FORM_TYPES, JsonLimits, Payload, extract
 from handlers.runtime import CudaCleanup, HandlerMetrics, autocast_for, pick_device, quiet_bad_input_logs
@@ -44,6 +44,11 @@ class FleetHandler:
     ACCEPTS: ClassVar[tuple[str, ...]] = ()
     #: How deeply nested, and how long a number, a JSON body may be (400 past either).
     JSON_LIMITS: ClassVar[JsonLimits] = JsonLimits()
+    #: How the default ``postprocess`` wraps an item's rows: an item that carried one input
+    #: (``item.single``) answers ``{ONE_KEY: row}`` (the row itself when None), one that carried
+    #: a list answers ``{MANY_KEY: rows}``. Items without ``single`` answer their one row.
+    ONE_KEY: ClassVar[str | None] = None
+    MANY_KEY: ClassVar[str] = "predictions"
 
     def __init__(self) -> None:
         self.initialized = False
@@ -73,8 +78,22 @@ class FleetHandler:
         return self.model(batch)
 
     def postprocess(self, output: Any, items: list[Any]) -> list[Any]:
-        """One JSON-able answer per item."""
-        raise NotImplementedError
+        """One JSON-able answer per item: the output's rows in order (``answer_row`` each), an
+        item taking as many as it carried inputs (``item.inputs``, else one)."""
+        rows = [self.answer_row(row) for row in output.cpu().tolist()]
+        answers, at = [], 0
+        for item in items:
+            n = getattr(item, "inputs", 1)
+            chunk, at = rows[at : at + n], at + n
+            if not getattr(item, "single", True):
+                answers.append({self.MANY_KEY: chunk})
+            else:
+                answers.append(chunk[0] if self.ONE_KEY is None else {self.ONE_KEY: chunk[0]})
+        return answers
+
+    def answer_row(self, row: list[float]) -> Any:
+        """What one row of the model's output answers (the default postprocess calls it)."""
+        return row
 
     def warmup_items(self, batch_size: int) -> list[Any]:
         """Representative decoded items used to warm up (and compile) at load time."""
@@ -231,11 +250,11 @@ class FleetHandler:
         if isinstance(exc, HandlerError):
             return exc
         if isinstance(exc, RecursionError):
-            error: HandlerError = BadRequest("the request is nested too deeply to read")
+            error: HandlerError = BadInput("the request is nested too deeply to read")
         elif isinstance(exc, MemoryError):
             error = PayloadTooLarge("the request is too large to read")
         else:
-            error = BadRequest(f"the request could not be read ({_short(exc)})")
+            error = BadInput(f"the request could not be read ({_short(exc)})")
         # One line, no traceback: a client's bytes, not a fault of this worker.
         log.warning("%s %s: request answered %d: %s was not foreseen while reading it",
                     self.model_name, self.version, error.code, type(exc).__name__)

@@ -36,8 +36,10 @@ class InternalError(HandlerError):
     type = "InternalServerError"
 
 
-class BadRequest(HandlerError):
-    """Malformed or invalid input (400)."""
+class BadInput(HandlerError):
+    """Malformed or invalid input (400). Its wire type stays "BadRequest", as clients know it;
+    the class name differs from the control plane's ``tsfleet.errors.BadRequest`` (a 400 from
+    TorchServe's management API) so neither reads as the other."""
 
     code = 400
     type = "BadRequest"

@@ -12,7 +12,7 @@ import warnings
 
 from PIL import Image
 
-from handlers.errors import BadRequest, PayloadTooLarge
+from handlers.errors import BadInput, PayloadTooLarge
 from handlers.payload import Payload, is_empty
 
 FORMATS = ("PNG", "JPEG")
@@ -26,20 +26,20 @@ JSON_FIELDS = ("image", "b64")
 def _image_bytes(payload: Payload) -> bytes:
     media, value = payload.media_type, payload.value
     if is_empty(value):
-        raise BadRequest("empty body; send a PNG or JPEG image")
+        raise BadInput("empty body; send a PNG or JPEG image")
     if media == JSON_TYPE or isinstance(value, (dict, list)):
         doc = payload.json()
         if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in JSON_FIELDS:
-            raise BadRequest('expected JSON like {"image": "<base64 PNG or JPEG>"}')
+            raise BadInput('expected JSON like {"image": "<base64 PNG or JPEG>"}')
         encoded = next(iter(doc.values()))
         if not isinstance(encoded, str) or not encoded:
-            raise BadRequest("'image' must be a non-empty base64 string")
+            raise BadInput("'image' must be a non-empty base64 string")
         try:
             return base64.b64decode(encoded.split(",", 1)[-1], validate=True)
         except (binascii.Error, ValueError):
-            raise BadRequest("'image' is not valid base64") from None
+            raise BadInput("'image' is not valid base64") from None
     if isinstance(value, str):
-        raise BadRequest("body is text, not a PNG or JPEG image")
+        raise BadInput("body is text, not a PNG or JPEG image")
     return bytes(value)
 
 
@@ -55,14 +55,14 @@ def read_image(payload: Payload, max_pixels: int, max_bytes: int) -> Image.Image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(f"image dimensions exceed the limit of {max_pixels} pixels") from None
     except (OSError, ValueError, SyntaxError):
-        raise BadRequest("body is not a PNG or JPEG image") from None
+        raise BadInput("body is not a PNG or JPEG image") from None
     width, height = img.size
     if width * height > max_pixels:
         raise PayloadTooLarge(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
     if width == 0 or height == 0:
-        raise BadRequest("image has no pixels")
+        raise BadInput("image has no pixels")
     try:
         img.load()
     except (OSError, ValueError, SyntaxError) as exc:
-        raise BadRequest(f"{img.format} image is truncated or corrupt ({exc})") from None
+        raise BadInput(f"{img.format} image is truncated or corrupt ({exc})") from None
     return img

@@ -34,14 +34,11 @@ class ImageClassifier(FleetHandler):
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(batch).float(), dim=-1)
 
-    def postprocess(self, output: torch.Tensor, items: list[Image.Image]) -> list[Any]:
+    def answer_row(self, probs: list[float]) -> dict[str, Any]:
         k = max(1, min(self.options["top_k"], len(self.labels)))
-        scores, indices = output.topk(k, dim=-1)
-        answers = []
-        for row_scores, row_idx in zip(scores.cpu().tolist(), indices.cpu().tolist()):
-            top = [{"label": self.labels[i], "score": s} for s, i in zip(row_scores, row_idx)]
-            answers.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top})
-        return answers
+        best = sorted(range(len(probs)), key=lambda i: -probs[i])[:k]
+        top = [{"label": self.labels[i], "score": probs[i]} for i in best]
+        return {"label": top[0]["label"], "score": top[0]["score"], "top_k": top}
 
     @classmethod
     def sample_request(cls) -> tuple[str, bytes] | None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from handlers.base import FleetHandler
-from handlers.errors import BadRequest, PayloadTooLarge
+from handlers.errors import BadInput, PayloadTooLarge
 from handlers.intent_head import load_intent_head
 from handlers.minilm import MiniLM, mark_dynamic, mean_pool_normalize, warmup_texts
 from handlers.payload import Payload
@@ -39,7 +39,7 @@ class IntentClassifier(FleetHandler):
         if item is not None:
             return item
         if len(doc) != 1:
-            raise BadRequest("send exactly one of 'text', 'embedding' or 'embeddings'")
+            raise BadInput("send exactly one of 'text', 'embedding' or 'embeddings'")
         single = "embedding" in doc
         vectors = [doc["embedding"]] if single else doc["embeddings"]
         return TextItem([], single, self._check_vectors(vectors))
@@ -47,14 +47,14 @@ class IntentClassifier(FleetHandler):
     def _check_vectors(self, vectors: Any) -> list[list[float]]:
         dim = self.head.config["input_dim"]
         if not isinstance(vectors, list) or not vectors:
-            raise BadRequest("'embeddings' must be a non-empty list of vectors")
+            raise BadInput("'embeddings' must be a non-empty list of vectors")
         if len(vectors) > self.options["max_texts"]:
             raise PayloadTooLarge(f"{len(vectors)} embeddings in one request; the limit is {self.options['max_texts']}")
         for vec in vectors:
             if not isinstance(vec, list) or len(vec) != dim:
-                raise BadRequest(f"an embedding must be a list of {dim} numbers")
+                raise BadInput(f"an embedding must be a list of {dim} numbers")
             if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vec):
-                raise BadRequest("an embedding must contain finite numbers only")
+                raise BadInput("an embedding must contain finite numbers only")
         return vectors
 
     def preprocess(self, items: list[TextItem]) -> dict[str, Any]:
@@ -64,7 +64,7 @@ class IntentClassifier(FleetHandler):
         vectors = [v for item in items for v in item.vectors]
         order, n_text, n_vec = [], 0, 0
         for item in items:
-            for _ in range(item.size):
+            for _ in range(item.inputs):
                 if item.texts:
                     order.append(n_text)
                     n_text += 1
@@ -91,21 +91,10 @@ class IntentClassifier(FleetHandler):
         embeddings = torch.cat(parts)[batch["order"]]
         return torch.softmax(self.head(embeddings).float(), dim=-1)
 
-    def postprocess(self, output: torch.Tensor, items: list[TextItem]) -> list[Any]:
-        rows = output.cpu().tolist()
-        preds = []
-        for probs in rows:
-            best = max(range(len(probs)), key=probs.__getitem__)
-            preds.append({
-                "intent": self.labels[best],
-                "confidence": probs[best],
-                "probabilities": dict(zip(self.labels, probs)),
-            })
-        answers, at = [], 0
-        for item in items:
-            chunk, at = preds[at : at + item.size], at + item.size
-            answers.append(chunk[0] if item.single else {"predictions": chunk})
-        return answers
+    def answer_row(self, probs: list[float]) -> dict[str, Any]:
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {"intent": self.labels[best], "confidence": probs[best],
+                "probabilities": dict(zip(self.labels, probs))}
 
     @classmethod
     def sample_request(cls) -> tuple[str, bytes] | None:

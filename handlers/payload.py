@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from handlers.errors import BadRequest, UnsupportedMediaType
+from handlers.errors import BadInput, UnsupportedMediaType
 
 RAW_FIELDS = ("body", "data")
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -41,7 +41,7 @@ class Payload:
         return self.content_type.split(";", 1)[0].strip().lower()
 
     def json(self) -> Any:
-        """The body as a JSON document within ``limits``, or a BadRequest naming what is wrong."""
+        """The body as a JSON document within ``limits``, or a BadInput naming what is wrong."""
         return as_json(self.value, self.limits)
 
 
@@ -67,7 +67,7 @@ def extract(request: Mapping[str, Any], headers: Mapping[str, Any], limits: Json
                 f"content type {media!r} is not accepted; send the body with its real type,"
                 " e.g. -H 'Content-Type: application/json'"
             )
-        raise BadRequest("empty body")
+        raise BadInput("empty body")
     for name in RAW_FIELDS:
         if name in request and request[name] is not None:
             return Payload(request[name], _content_type(headers, name), name, limits)
@@ -86,16 +86,16 @@ _CONTAINERS = (dict, list)
 def _number(kind: type, limits: JsonLimits) -> Any:
     def parse(text: str) -> Any:
         if len(text) > limits.max_number_chars:
-            raise BadRequest(f"a number in the JSON has {len(text)} characters; the limit is {limits.max_number_chars}")
+            raise BadInput(f"a number in the JSON has {len(text)} characters; the limit is {limits.max_number_chars}")
         number = kind(text)
         if kind is float and not math.isfinite(number):  # 1e999
-            raise BadRequest(OUT_OF_RANGE)
+            raise BadInput(OUT_OF_RANGE)
         return number
     return parse
 
 
 def _no_constant(name: str) -> Any:
-    raise BadRequest(f"{name} is not a JSON value")
+    raise BadInput(f"{name} is not a JSON value")
 
 
 def _check_depth(doc: Any, limits: JsonLimits) -> Any:
@@ -107,7 +107,7 @@ def _check_depth(doc: Any, limits: JsonLimits) -> Any:
     while level:
         depth += 1
         if depth > limits.max_depth:
-            raise BadRequest(f"JSON nested deeper than {limits.max_depth} levels")
+            raise BadInput(f"JSON nested deeper than {limits.max_depth} levels")
         below: list[Any] = []
         for node in level:
             below += [c for c in (node.values() if isinstance(node, dict) else node) if c.__class__ in _CONTAINERS]
@@ -124,12 +124,12 @@ def check_shape(doc: Any, limits: JsonLimits) -> Any:
         node, depth = stack.pop()
         if isinstance(node, (dict, list)):
             if depth > limits.max_depth:
-                raise BadRequest(f"JSON nested deeper than {limits.max_depth} levels")
+                raise BadInput(f"JSON nested deeper than {limits.max_depth} levels")
             stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
         elif isinstance(node, float) and not math.isfinite(node):
-            raise BadRequest(OUT_OF_RANGE)
+            raise BadInput(OUT_OF_RANGE)
         elif isinstance(node, int) and not isinstance(node, bool) and abs(node) >= too_big:
-            raise BadRequest(f"a number in the JSON has more than {limits.max_number_chars} digits")
+            raise BadInput(f"a number in the JSON has more than {limits.max_number_chars} digits")
     return doc
 
 
@@ -142,18 +142,18 @@ def as_json(value: Any, limits: JsonLimits | None = None) -> Any:
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise BadRequest(f"body is not valid UTF-8 (byte {exc.start})") from None
+            raise BadInput(f"body is not valid UTF-8 (byte {exc.start})") from None
     if isinstance(value, str):
         try:
             doc = json.loads(value, parse_int=_number(int, limits), parse_float=_number(float, limits),
                              parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
-            raise BadRequest(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+            raise BadInput(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
         except RecursionError:
             # The parser gives up near a thousand levels: far past the limit either way.
-            raise BadRequest(f"JSON nested deeper than {limits.max_depth} levels") from None
+            raise BadInput(f"JSON nested deeper than {limits.max_depth} levels") from None
         return _check_depth(doc, limits)
-    raise BadRequest(f"cannot read a JSON document from a {type(value).__name__}")
+    raise BadInput(f"cannot read a JSON document from a {type(value).__name__}")
 
 
 def as_text(value: Any) -> str:
@@ -164,5 +164,5 @@ def as_text(value: Any) -> str:
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise BadRequest(f"body is not valid UTF-8 (byte {exc.start})") from None
-    raise BadRequest(f"expected text, got {type(value).__name__}")
+            raise BadInput(f"body is not valid UTF-8 (byte {exc.start})") from None
+    raise BadInput(f"expected text, got {type(value).__name__}")

@@ -6,7 +6,6 @@ Answer: ``{"embedding": [...]}`` for one text, ``{"embeddings": [[...], ...]}`` 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,6 +20,7 @@ WARMUP_TEXT = "A short warm-up sentence of typical length for this model."
 class TextEmbedder(FleetHandler):
     OPTIONS = {"max_texts": 64, "max_text_chars": 20000, "max_length": 256}
     ACCEPTS = TEXT_ACCEPTS
+    ONE_KEY, MANY_KEY = "embedding", "embeddings"
 
     def load(self, model_dir: Path) -> None:
         self.minilm = MiniLM.load(model_dir, self.device)
@@ -42,14 +42,6 @@ class TextEmbedder(FleetHandler):
     def inference(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         ids, mask = batch
         return mean_pool_normalize(self.model(ids, mask).float(), mask)
-
-    def postprocess(self, output: torch.Tensor, items: list[TextItem]) -> list[Any]:
-        rows = output.cpu().tolist()
-        answers, at = [], 0
-        for item in items:
-            chunk, at = rows[at : at + len(item.texts)], at + len(item.texts)
-            answers.append({"embedding": chunk[0]} if item.single else {"embeddings": chunk})
-        return answers
 
     @classmethod
     def sample_request(cls) -> tuple[str, bytes] | None:

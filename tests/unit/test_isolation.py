@@ -12,7 +12,7 @@ import pytest
 from ts.context import Context, RequestProcessor
 
 from handlers.base import FleetHandler
-from handlers.errors import BadRequest
+from handlers.errors import BadInput
 from handlers.payload import JsonLimits, Payload, as_json, extract
 
 REPORTS = tempfile.mkdtemp(prefix="tsfleet-test-reports-")
@@ -161,7 +161,7 @@ def test_json_limits(body: bytes, message: str | None) -> None:
     if message is None:
         as_json(body, LIMITS)
     else:
-        with pytest.raises(BadRequest) as err:
+        with pytest.raises(BadInput) as err:
             as_json(body, LIMITS)
         assert err.value.message.startswith(message), err.value.message
 
@@ -177,7 +177,7 @@ def test_json_that_torchserve_parsed_is_held_to_the_same_limits(doc: Any, messag
     if message is None:
         assert payload.json() == doc
     else:
-        with pytest.raises(BadRequest, match=message):
+        with pytest.raises(BadInput, match=message):
             payload.json()
 
 
