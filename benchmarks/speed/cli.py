@@ -18,7 +18,8 @@ from benchmarks.speed import peer_report, processes, report
 from benchmarks.speed.fleets import Serve
 from benchmarks.speed.peers import KINDS
 from benchmarks.speed.processes import run_processes
-from benchmarks.speed.scenarios import ALL, Options, run_all
+from benchmarks.speed.run import run_all
+from benchmarks.speed.scenarios import ALL, Options
 from benchmarks.speed.workload import ROOT
 from tsfleet.router.processes import process_count
 
