@@ -238,6 +238,19 @@ def cmd_rotate_key(args: argparse.Namespace, fleet: Fleet) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Write fleet.yaml's JSON Schema, from its typed models, where editors and CI read it."""
+    from tsfleet.manifest import json_schema
+
+    text = json_schema()
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    write_atomically(Path(args.output), text)
+    _say(f"wrote {args.output}")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace, fleet: Fleet) -> int:
     from tsfleet.control import up
     server = _server(args)
@@ -328,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("rotate-key", help="give the router a new inference key (prints it); the old one "
                        "is taken a while longer")
     p.add_argument("--grace-s", type=float, default=3600, help="seconds the old key is still taken (default 3600)")
+    p = sub.add_parser("schema", help="write fleet.yaml's JSON Schema (editors show its help and check the file)")
+    p.add_argument("-o", "--output", default=str(ROOT / "fleet.schema.json"),
+                   help="where to write it (default: fleet.schema.json in the repo); - for stdout")
     p = sub.add_parser("status", help="models, versions and workers on the running server")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
@@ -335,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 "plan": cmd_plan, "apply": cmd_apply, "status": cmd_status, "recycle": cmd_recycle,
                 "route": cmd_route, "rollout": cmd_rollout, "rotate-key": cmd_rotate_key}
     try:
+        if args.command == "schema":  # describes any manifest: reads none
+            return cmd_schema(args)
         return handlers[args.command](args, load_fleet(args.manifest))
     except FleetError as exc:
         print(f"tsfleet: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@ import yaml
 
 from tsfleet.errors import ManifestError
 from tsfleet.files import write_atomically
-from tsfleet.manifest import parse_fleet
+from tsfleet.manifest.read import in_file, parse_fleet
 
 _VALUE = re.compile(r"""^(?P<head>\s*default_version:\s*)(?P<value>"[^"]*"|'[^']*'|[^\s#]+)(?P<tail>.*)$""")
 
@@ -37,7 +37,10 @@ def set_default_version(path: Path, model: str, version: str) -> bool:
     else:
         new.insert(block + 1, f'{" " * child}default_version: "{version}"\n')
     text = "".join(new)
-    fleet = parse_fleet(yaml.safe_load(text), Path(path).resolve().parent)  # still a valid manifest?
+    try:  # still a valid manifest?
+        fleet = parse_fleet(yaml.safe_load(text), Path(path).resolve().parent)
+    except ManifestError as exc:
+        raise in_file(path, exc) from None
     if fleet.models[model].default_version != version:
         raise ManifestError(f"{path}: editing default_version of {model} did not take; edit it by hand")
     write_atomically(path, text)

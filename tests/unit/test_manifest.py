@@ -64,7 +64,7 @@ def _edit(path: list, value) -> dict:
 
 BAD = [
     (["models", "text-embedder", "versions", "1.0", "sead"], 1, "models.text-embedder.versions.1.0: unknown key(s) sead"),
-    (["defaults", "serving", "batch_size"], "8", "defaults.serving.batch_size: expected a non-negative integer"),
+    (["defaults", "serving", "batch_size"], "8", "defaults.serving.batch_size: expected a positive integer, got '8'"),
     (["models", "image-classifier", "serving"], {"workers": 3, "max_workers": 2}, "workers (3) is more than max_workers (2)"),
     (["models", "text-embedder", "handler"], "handlers/nope.py", "file handlers/nope.py does not exist"),
     (["models", "text-embedder", "versions"], {"v1": {}}, "version 'v1' must look like"),
@@ -129,3 +129,35 @@ def test_a_fleet_without_a_version_falls_back_to_another_default_and_drops_what_
     assert less.workflows == {}
     assert set(fleet.models["intent-classifier"].versions) == {"1.0", "1.1"}  # the original is unchanged
     assert "text-embedder" not in less.without("text-embedder", "1.0").models
+
+
+def test_each_typed_section_merges_into_its_runtime_dataclass_key_for_key() -> None:
+    from dataclasses import fields
+
+    from tsfleet.manifest import RecyclePolicy
+    from tsfleet.manifest.document import RecycleDoc, RollbackDoc, RouterLimitsDoc, ServingDoc
+    from tsfleet.manifest.fleet import Serving
+    from tsfleet.router.policy.routing import RollbackRule
+    from tsfleet.router.wire.limits import RouterLimits
+
+    for typed, runtime in [(ServingDoc, Serving), (RecycleDoc, RecyclePolicy), (RollbackDoc, RollbackRule),
+                           (RouterLimitsDoc, RouterLimits)]:
+        assert {name: f.default for name, f in typed.model_fields.items()} == \
+            {f.name: f.default for f in fields(runtime)}, typed.__name__
+
+
+def test_a_problem_reads_as_the_file_the_place_and_what_was_wrong(tmp_path: Path) -> None:
+    doc = _edit(["models", "text-embedder", "versions", "1.0"], {"serving": {"batch_size": 0}})
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(doc).replace("handlers/", str(ROOT / "handlers") + "/"))
+    with pytest.raises(ManifestError) as err:
+        load_fleet(path)
+    assert str(err.value) == f"{path}: models.text-embedder.versions.1.0.serving.batch_size: " \
+                             "expected a positive integer, got 0"
+
+
+def test_a_broken_yaml_file_shows_the_line_and_where_in_it(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("models:\n  a: [\n  b: 1\n")
+    with pytest.raises(ManifestError, match=r"(?s)not valid YAML: .*line 2, column 6:\n +a: \[\n +\^"):
+        load_fleet(path)
