@@ -8,7 +8,7 @@ uvicorn's parser, plus the router's limits and rules), and bare httptools for re
 
 Prints a table of median microseconds per request. The question it answered (the hardening
 issue's item 2): would parsing on httptools cost more than 10% of the router's CPU per
-proxied REST call (README: 0.04-0.07 ms), i.e. more than about 4-7 us over the own parser?
+proxied REST call (docs/router.md: 0.04-0.07 ms), i.e. more than about 4-7 us over the own parser?
 It cost less; "router now" is what the router pays. Rows of one run only are comparable:
 this shared box's speed swings from hour to hour.
 """
@@ -36,7 +36,7 @@ CASES = {"one request": (ONE, 1), "pipelined pair": (ONE + ONE, 2)}
 
 
 class OwnParser:
-    """The router's path from bytes read to a Request before llhttp: ServerConnection._parse
+    """The router's path from bytes read to a Request before llhttp: Http1ServerConnection._parse
     of http1.py at 6ca2a88, line for line, less its I/O (a small body is read out of the buffer)."""
 
     def __init__(self, max_body: int = 16 * 2**20) -> None:
@@ -86,7 +86,7 @@ def own_parser() -> Callable[[bytes], int]:
 
 
 def router_reader() -> Callable[[bytes], int]:
-    """The router's path now (ServerConnection.data_received: RequestReader.feed, no I/O)."""
+    """The router's path now (Http1ServerConnection.data_received: RequestReader.feed, no I/O)."""
     reader = RequestReader(16 * 2**20)
     requests = reader.requests
 
@@ -212,7 +212,7 @@ def main() -> None:
     for name in list(PARSERS)[1:]:
         extra = ", ".join(f"{m - o:+.2f} us ({case})" for m, o, case in zip(medians[name], own, CASES))
         print(f"{name} vs own: {extra}")
-    print("10% of the router's CPU per proxied REST call (README: 40-70 us) is 4-7 us.")
+    print("10% of the router's CPU per proxied REST call (docs/router.md: 40-70 us) is 4-7 us.")
 
 
 if __name__ == "__main__":

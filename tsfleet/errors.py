@@ -3,12 +3,33 @@
 ``FleetError`` subclasses are problems a user can fix; the CLI prints the message and
 exits non-zero without a traceback. ``ApiError`` subclasses are TorchServe's own answers,
 turned into types by ``api_error`` with the server's message kept.
+
+An HTTP answer of tsfleet's own that says no has one body, TorchServe's shape
+(``error_body``); ``http_answer`` is the one place an error becomes an HTTP answer, with
+the status its class names (``http_status``).
 """
 from __future__ import annotations
 
 import errno
+import json
+from http import HTTPStatus
 from pathlib import Path
 from typing import ClassVar
+
+# Each status's name as the "type" of an error body: "ServiceUnavailable", "RequestTimeout".
+_STATUS_TYPES = {s.value: s.phrase.title().replace(" ", "").replace("-", "") for s in HTTPStatus}
+
+
+def error_doc(code: int, message: str, kind: str | None = None, **more: object) -> dict[str, object]:
+    """The error body as a document: ``{"code", "type", "message"}`` (the shape TorchServe's
+    own errors have, so a client reads one kind of error whoever answered), then ``more``.
+    ``kind`` is the "type"; by default the name of status ``code``."""
+    return {"code": code, "type": kind or _STATUS_TYPES.get(code, "Error"), "message": message, **more}
+
+
+def error_body(code: int, message: str, kind: str | None = None, **more: object) -> bytes:
+    """``error_doc`` as the JSON bytes an answer carries."""
+    return json.dumps(error_doc(code, message, kind, **more)).encode()
 
 
 class FleetError(Exception):
@@ -169,3 +190,9 @@ def api_error(what: str, status: int, message: str) -> ApiError:
     if status == 400 and ("Token Authorization failed" in message or "InvalidKey" in message):
         return Unauthorized(what, status, message)
     return _BY_STATUS.get(status, ServerFault)(what, status, message)
+
+
+def http_answer(exc: FleetError) -> tuple[int, bytes]:
+    """(status, error body) of the HTTP answer that stands for ``exc``: its class's
+    ``http_status`` (a write the disk refused: 507), its message as the body's."""
+    return exc.http_status, error_body(exc.http_status, str(exc))

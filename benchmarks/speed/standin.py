@@ -18,7 +18,9 @@ import sys
 import uuid
 from typing import Callable
 
-from tsfleet.router.wire.grpc_wire import GRPC_TYPE, OK, STATUS_OK, ServerCall, ServerConnection, frame_message, \
+from grpc import StatusCode
+
+from tsfleet.router.wire.grpc_wire import GRPC_TYPE, STATUS_OK, GrpcServerConnection, ServerCall, frame_message, \
     status_trailers
 from tsfleet.router.proto import inference_pb2 as pb
 
@@ -33,6 +35,7 @@ class StandIn:
 
     stopping = False  # as a gRPC dispatcher: never refuses a call
     grpc_answer = frame_message(pb.PredictionResponse(prediction=BODY).SerializeToString())
+    grpc_trailers = status_trailers(StatusCode.OK, "")  # read-only once sent: one list for every answer
 
     def __init__(self, batch_s: float):
         self.batch_s = batch_s
@@ -59,14 +62,14 @@ class StandIn:
                 transport.write(HEAD % (str(uuid.uuid4()).encode(), len(BODY)) + BODY)
         self.answer(send)
 
-    # gRPC: a Dispatcher of grpc_wire.ServerConnection
-    def opened(self, conn: ServerConnection, call: ServerCall) -> None:
+    # gRPC: a Dispatcher of grpc_wire.GrpcServerConnection
+    def opened(self, conn: GrpcServerConnection, call: ServerCall) -> None:
         pass
 
-    def ended(self, conn: ServerConnection, call: ServerCall) -> None:
+    def ended(self, conn: GrpcServerConnection, call: ServerCall) -> None:
         def send() -> None:
             if not conn.closed and not call.cancelled:
-                conn.send(call.id, [STATUS_OK, GRPC_TYPE], self.grpc_answer, status_trailers(OK, ""))
+                conn.send(call.id, [STATUS_OK, GRPC_TYPE], self.grpc_answer, self.grpc_trailers)
             conn.finish(call)
         self.answer(send)
 
@@ -96,8 +99,8 @@ async def serve(port: int, batch_ms: float, grpc_port: int | None = None) -> Non
     loop = asyncio.get_running_loop()
     listeners = [await loop.create_server(lambda: _Connection(server), "127.0.0.1", port, backlog=1024)]
     if grpc_port is not None:
-        calls: set[ServerConnection] = set()
-        listeners.append(await loop.create_server(lambda: ServerConnection(server, calls), "127.0.0.1", grpc_port,
+        calls: set[GrpcServerConnection] = set()
+        listeners.append(await loop.create_server(lambda: GrpcServerConnection(server, calls), "127.0.0.1", grpc_port,
                                                   backlog=1024))
     print("ready", flush=True)
     await asyncio.gather(*(listener.serve_forever() for listener in listeners))

@@ -11,6 +11,7 @@ from tests.fixtures.leaky import leaky_manifest
 from tests.fixtures.locking import held_elsewhere
 from tests.integration.conftest import ROOT
 from tests.integration.leaky_server import LEAK_MB, Load, leaky, leaky_fleet, recycle_during  # noqa: F401 (fixture)
+from tests.prometheus_text import samples, value
 from tsfleet.control.locks import version_lock
 from tsfleet.manifest import parse_fleet
 from tsfleet.control.recycle import Recycler, read_reports
@@ -180,8 +181,8 @@ def test_the_recycler_reports_versions_short_of_workers(server, fleet) -> None:
     recycler = Recycler(parse_fleet(doc, ROOT), server.client, server.report_dir, progress=lambda line: None)
     assert recycler.tick() == []  # no version has a policy: nothing to replace
     text = recycler.metrics()
-    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.0"} 1' in text
-    assert 'tsfleet_workers_wanted{model="intent-classifier",version="1.0"} 1' in text
-    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.3"} 0' in text
-    assert 'tsfleet_workers_wanted{model="intent-classifier",version="1.3"} 1' in text
-    assert sum(line.startswith("tsfleet_workers_ready{") for line in text.splitlines()) == 5
+    assert value(text, "tsfleet_workers_ready", model="intent-classifier", version="1.0") == 1
+    assert value(text, "tsfleet_workers_wanted", model="intent-classifier", version="1.0") == 1
+    assert value(text, "tsfleet_workers_ready", model="intent-classifier", version="1.3") == 0
+    assert value(text, "tsfleet_workers_wanted", model="intent-classifier", version="1.3") == 1
+    assert len(samples(text, "tsfleet_workers_ready")) == 5

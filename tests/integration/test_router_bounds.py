@@ -3,7 +3,6 @@
 (router.limits.buffered_bytes), its CPU far under a core, and everyone else is served."""
 from __future__ import annotations
 
-import re
 import threading
 import time
 
@@ -11,6 +10,7 @@ import pytest
 import requests
 
 from tests.integration.hostile_peers import H2Client, grpc_message, healthy, router  # noqa: F401
+from tests.prometheus_text import samples, value
 from tsfleet.router.wire.h2frames import END_STREAM, HEADERS, PING, RST_STREAM, WINDOW_UPDATE
 from tsfleet.router.wire.limits import DEFAULT_LIMITS
 
@@ -21,10 +21,10 @@ MIB = 1 << 20
 def own_figures(router) -> tuple[float, int, dict[str, float]]:
     """(CPU seconds, resident bytes, limit hits) of the router process, from its /metrics."""
     text = requests.get(router.url + "/metrics", timeout=10).text
-    cpu = float(re.search(r'^tsfleet_router_process_cpu_seconds_total\{process="leader"\} (\S+)$', text, re.M).group(1))
-    rss = int(re.search(r'^tsfleet_router_process_resident_memory_bytes\{process="leader"\} (\S+)$', text, re.M).group(1))
-    hits = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r'^tsfleet_router_limit_hits_total\{limit="(\w+)",front="grpc"\} (\S+)$', text, re.M)}
+    cpu = value(text, "tsfleet_router_process_cpu_seconds_total", process="leader")
+    rss = int(value(text, "tsfleet_router_process_resident_memory_bytes", process="leader"))
+    hits = {dict(labels)["limit"]: n for labels, n in samples(text, "tsfleet_router_limit_hits_total").items()
+            if dict(labels)["front"] == "grpc"}
     return cpu, rss, hits
 
 

@@ -4,11 +4,10 @@ code a grpcio client reports), /metrics counts exactly that many (every process'
 and nothing else fired; a REST and a gRPC call are answered after each.
 
 The limits are made small here so that the tests are fast; what each protects and its
-default: README's "Router limits" table."""
+default: docs/router.md's "Router limits" table."""
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 from typing import Iterator
@@ -22,6 +21,7 @@ from google.protobuf import empty_pb2
 from benchmarks.harness import RouterProcessRunner
 from tests.integration.conftest import ROOT
 from tests.integration.test_router_hostile_peers import healthy
+from tests.prometheus_text import samples
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
 from tsfleet.router.wire.h2frames import (ENHANCE_YOUR_CALM, GOAWAY, HEADERS, PREFACE, REFUSED_STREAM, RST_STREAM,
@@ -37,7 +37,6 @@ LIMITS = {"connections": CAP, "streams_per_connection": 4, "head_bytes": 4096, "
           "idle_timeout_s": 120, "resets_per_second": 20}  # message_bytes: its default, 64 MiB
 LOCAL = [("grpc.use_local_subchannel_pool", 1)]  # a channel with a connection of its own
 PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
-HIT = re.compile(r'^tsfleet_router_limit_hits_total\{limit="([a-z_]+)",front="(rest|grpc)"\} (\d+)$', re.M)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,8 @@ def router(server, tmp_path_factory) -> Iterator[RouterProcessRunner]:
 
 def hits(router: RouterProcessRunner) -> dict[tuple[str, str], int]:
     text = requests.get(router.url + "/metrics", timeout=10).text
-    return {(limit, front): int(n) for limit, front, n in HIT.findall(text)}
+    return {(dict(labels)["limit"], dict(labels)["front"]): int(n)
+            for labels, n in samples(text, "tsfleet_router_limit_hits_total").items()}
 
 
 class Counted:

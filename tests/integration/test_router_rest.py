@@ -15,6 +15,7 @@ import requests
 
 from tests.integration.conftest import free_ports
 from tests.integration.router_harness import Forwarder, RunningRouter, camera_image
+from tests.prometheus_text import value
 from tsfleet.router.policy.compare import answers_agree
 from tsfleet.router.policy.routing import RollbackRule
 from tsfleet.control.server import TorchServe
@@ -201,10 +202,10 @@ def test_shadow_mirrors_and_counts_disagreement(router, client, headers) -> None
     assert (st.shadow_requests, st.shadow_errors, st.shadow_disagreements) == (len(texts), 0, expected), decided
     assert st.requests == 0  # the shadow's answers never reach a client
     # The same counts where an operator's dashboard reads them.
-    metrics = requests.get(router.url + "/metrics", timeout=10).text.splitlines()
-    arm = '{model="intent-classifier",version="1.1"}'
-    assert f"tsfleet_router_shadow_requests_total{arm} {len(texts)}" in metrics
-    assert f"tsfleet_router_shadow_disagreements_total{arm} {expected}" in metrics
+    metrics = requests.get(router.url + "/metrics", timeout=10).text
+    arm = {"model": "intent-classifier", "version": "1.1"}
+    assert value(metrics, "tsfleet_router_shadow_requests_total", **arm) == len(texts)
+    assert value(metrics, "tsfleet_router_shadow_disagreements_total", **arm) == expected
 
 
 def test_admin_api_needs_its_token_and_validates(router) -> None:

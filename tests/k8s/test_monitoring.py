@@ -466,7 +466,7 @@ def live(fleet, model_store, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             # A version the manifest does not list: refused, and counted.
             routes.publish(json.dumps({"routes": {"intent-classifier": {"baseline": "9.9", "weights": {"9.9": 100}}}}))
             wait_for("the refused routes file in the router's /metrics",
-                     lambda: re.search(r"^tsfleet_router_routes_file_refused_total 1$", scrape(router.url).text, re.M),
+                     lambda: re.search(r"^tsfleet_router_routes_file_refused_total 1(\.0)?$", scrape(router.url).text, re.M),
                      timeout=30)
             # The workers' metrics reach TorchServe's frontend through their logs: wait for the rejection.
             wait_for("HandlerRejected in TorchServe's /metrics",

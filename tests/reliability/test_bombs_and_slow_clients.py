@@ -40,6 +40,7 @@ from tests.fleet_fixtures import ROOT
 from tests.grpc_raw import bomb, call, framed
 from tests.integration.hostile_peers import healthy
 from tests.polling import wait_for
+from tests.prometheus_text import value
 from tests.reliability.test_hostile_admin import metrics_answer, recycler  # noqa: F401 (a fixture)
 from tsfleet.control.metrics_http import METRICS_HEAD_TIMEOUT_S
 from tsfleet.router.proto import inference_pb2 as pb
@@ -51,7 +52,6 @@ HEAD_S = BODY_S = 2.0  # the router's head_timeout_s and body_timeout_s here (60
 MAX_REQUEST = 10 * 2**20  # TorchServe's max_request_size in the generated config.properties
 TOO_LARGE = f"request larger than the router's {size(MAX_REQUEST - VERSION_ROOM)} once decompressed"
 SLACK = 3.0  # a loaded 2-core machine's lateness on top of a deadline
-HIT = re.compile(r'^tsfleet_router_limit_hits_total\{limit="message_bytes",front="grpc"\} (\d+)$', re.M)
 TEXT = b'{"text": "cancel my plan"}'
 
 
@@ -71,7 +71,8 @@ class Router:
         assert self.runner.proc.pid == self.pid
 
     def bombs_counted(self) -> int:
-        return int(HIT.search(requests.get(self.runner.url + "/metrics", timeout=10).text).group(1))
+        text = requests.get(self.runner.url + "/metrics", timeout=10).text
+        return int(value(text, "tsfleet_router_limit_hits_total", limit="message_bytes", front="grpc"))
 
     def routes(self) -> dict:
         resp = requests.get(self.admin + "/routes", headers=self.admin_headers, timeout=10)

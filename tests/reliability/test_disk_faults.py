@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.fixtures.leaky import ROOT, leaky_manifest
+from tests.prometheus_text import value
 from tsfleet.build.archive import Builder
 from tsfleet.errors import StorageError
 from tsfleet.manifest import Fleet, parse_fleet
@@ -177,4 +178,5 @@ def test_a_recycle_the_disk_cannot_ask_for_fails_alone_and_the_recycler_goes_on(
     # Its record for `tsfleet status` cannot be written either; /metrics counts it all the same.
     assert any(line.startswith("recycle of m 1.0 worker 4242 not recorded: ") and cause in line.lower()
                for line in said), said
-    assert 'reason="max_requests",outcome="failed"} 1' in recycler.metrics()
+    assert value(recycler.metrics(), "tsfleet_worker_recycles_total", model="m", version="1.0", reason="max_requests",
+                 outcome="failed") == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from grpc import StatusCode
 
 from tsfleet.router.fronts.grpc_predict import outcome as grpc_outcome
 from tsfleet.router.fronts.rest import _for_client
@@ -94,21 +95,25 @@ def test_a_shadow_that_fails_is_an_error_and_is_not_compared() -> None:
 
 # The same answer from TorchServe, over REST and over gRPC, means the same to the policy.
 SAME_ANSWER = [
-    ((200, b"[0.1]"), (0, ""), OK),
-    ((400, b'{"code": 400, "message": "bad input"}'), (3, "bad input"), CLIENT_FAULT),
+    ((200, b"[0.1]"), (StatusCode.OK, ""), OK),
+    ((400, b'{"code": 400, "message": "bad input"}'), (StatusCode.INVALID_ARGUMENT, "bad input"), CLIENT_FAULT),
     ((404, b'{"code": 404, "type": "ModelNotFoundException"}'),
-     (13, "Model not found org.pytorch.serve.archive.model.ModelNotFoundException"), NOT_FOUND),
-    ((500, b'{"code": 500, "message": "boom"}'), (13, "boom org.pytorch.serve.SomeException"), SERVER_FAULT),
-    ((503, b'{"code": 503, "message": "Worker died."}'), (13, "Worker died. org.pytorch.serve.X"), DROPPED),
+     (StatusCode.INTERNAL, "Model not found org.pytorch.serve.archive.model.ModelNotFoundException"), NOT_FOUND),
+    ((500, b'{"code": 500, "message": "boom"}'), (StatusCode.INTERNAL, "boom org.pytorch.serve.SomeException"),
+     SERVER_FAULT),
+    ((503, b'{"code": 503, "message": "Worker died."}'), (StatusCode.INTERNAL, "Worker died. org.pytorch.serve.X"),
+     DROPPED),
     ((503, b'{"message": "Model m has no worker to serve inference request"}'),
-     (14, "Model m has no worker to serve inference request org.pytorch.serve.X"), DROPPED),
-    ((507, b'{"message": "Worker died."}'), (8, "Worker died. org.pytorch.serve.X"), DROPPED),
-    ((400, b'{"message": "' + REFUSED.encode() + b'"}'), (7, REFUSED + " org.pytorch.serve.X"), KEY_REFUSED),
+     (StatusCode.UNAVAILABLE, "Model m has no worker to serve inference request org.pytorch.serve.X"), DROPPED),
+    ((507, b'{"message": "Worker died."}'), (StatusCode.RESOURCE_EXHAUSTED, "Worker died. org.pytorch.serve.X"),
+     DROPPED),
+    ((400, b'{"message": "' + REFUSED.encode() + b'"}'), (StatusCode.PERMISSION_DENIED, REFUSED + " org.pytorch.serve.X"),
+     KEY_REFUSED),
 ]
 
 
 @pytest.mark.parametrize("rest, grpc, expected", SAME_ANSWER)
-def test_rest_and_grpc_map_the_same_answer_to_the_same_outcome(rest: tuple[int, bytes], grpc: tuple[int, str],
+def test_rest_and_grpc_map_the_same_answer_to_the_same_outcome(rest: tuple[int, bytes], grpc: tuple[StatusCode, str],
                                                                expected: int) -> None:
     assert rest_outcome(Response(rest[0], rest[1], []), True) == expected
     assert grpc_outcome(*grpc) == expected
@@ -116,7 +121,7 @@ def test_rest_and_grpc_map_the_same_answer_to_the_same_outcome(rest: tuple[int, 
 
 def test_no_answer_at_all_is_a_dropped_request_on_both_fronts() -> None:
     assert rest_outcome(None, False) == DROPPED
-    assert grpc_outcome(14, "TorchServe is not reachable at 127.0.0.1:7070: refused") == DROPPED
+    assert grpc_outcome(StatusCode.UNAVAILABLE, "TorchServe is not reachable at 127.0.0.1:7070: refused") == DROPPED
 
 
 def test_a_key_refusal_is_the_client_s_answer_when_the_key_was_the_client_s_own() -> None:

@@ -12,7 +12,7 @@ import pytest
 from tests.grpc_raw import bomb, call, framed
 from tests.unit.test_grpc_wire import req, run
 from tsfleet.router.wire.grpc_inflate import MessageTooLarge, NotEncoded, decompress
-from tsfleet.router.wire.grpc_wire import ServerConnection
+from tsfleet.router.wire.grpc_wire import GrpcServerConnection
 
 MIB = 1 << 20
 
@@ -89,7 +89,7 @@ def test_a_bomb_and_corrupt_bytes_get_their_status_and_the_connection_serves_on(
         assert router.counters.message_bytes == 2
         assert (await stub.Predictions(req(data=b"z" * 5000))).prediction.startswith(b"m|1.0|None|5000")
 
-    monkeypatch.setattr(ServerConnection, "max_request", 4 * MIB)
+    monkeypatch.setattr(GrpcServerConnection, "max_request", 4 * MIB)
     run(test, channel_box=channel_box)
 
 

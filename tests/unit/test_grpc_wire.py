@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from tsfleet.router.fronts.grpc_front import GrpcRouter, start_grpc_router, stop_grpc_router
-from tsfleet.router.wire.grpc_wire import ServerConnection
+from tsfleet.router.wire.grpc_wire import GrpcServerConnection
 from tsfleet.router.wire.hpack_codec import Decoder, HpackError, encode
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.proto import inference_pb2_grpc as pb_grpc
@@ -355,7 +355,7 @@ def test_an_answer_stream_the_client_does_not_read_is_dropped_not_held(monkeypat
         assert box[2].counters.held_bytes == 1
 
     box: list = []
-    monkeypatch.setattr(ServerConnection, "max_held", 8 << 20)  # what a Relay lets wait for its client
+    monkeypatch.setattr(GrpcServerConnection, "max_held", 8 << 20)  # what a Relay lets wait for its client
     run(test, channel_box=box)
 
 
@@ -367,7 +367,7 @@ def test_a_request_over_the_size_limit_is_refused_and_the_connection_serves_on(m
         assert "larger than the router's 2 MiB" in err.value.details()
         assert (await stub.Predictions(req(data=b"x" * (1 << 20)))).prediction.startswith(b"m|1.0")
 
-    monkeypatch.setattr(ServerConnection, "max_request", 2 << 20)
+    monkeypatch.setattr(GrpcServerConnection, "max_request", 2 << 20)
     run(test)
 
 
@@ -412,7 +412,7 @@ def test_streams_past_max_concurrent_streams_are_refused_and_others_served(monke
         assert frame(RST_STREAM, 0, 3, REFUSED_STREAM.to_bytes(4, "big")) not in got
         assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
 
-    monkeypatch.setattr(ServerConnection, "streams_in", 2)
+    monkeypatch.setattr(GrpcServerConnection, "streams_in", 2)
     channel_box: list = []
     run(test, channel_box=channel_box)
 
@@ -477,7 +477,7 @@ def test_requests_a_connection_holds_past_its_cap_are_refused_and_its_other_call
         assert frame(RST_STREAM, 0, 5, bytes(4)) in got and frame(RST_STREAM, 0, 3, bytes(4)) not in got
         assert (await stub.Predictions(req())).prediction.startswith(b"m|1.0")
 
-    monkeypatch.setattr(ServerConnection, "max_buffered", 2 << 20)
+    monkeypatch.setattr(GrpcServerConnection, "max_buffered", 2 << 20)
     channel_box: list = []
     run(test, channel_box=channel_box)
 

@@ -9,8 +9,8 @@ import pytest
 
 from tests.polling import until
 from tests.wire import Wire
-from tsfleet.router.wire.http1 import Listener, Request, Response, ServerConnection
-from tsfleet.router.wire.upstream import UpstreamError, UpstreamPool
+from tsfleet.router.wire.http1 import Listener, Request, Response, Http1ServerConnection
+from tsfleet.router.wire.upstream import UpstreamError, RestUpstreamPool
 
 
 async def echo(request: Request) -> Response:
@@ -268,7 +268,7 @@ def test_thousands_of_pipelined_requests_answered_at_once_are_answered_in_order(
         return True
 
     async def main() -> Wire:
-        conn = ServerConnection(echo, 1000, set(), fast=fast)
+        conn = Http1ServerConnection(echo, 1000, set(), fast=fast)
         wire = Wire()
         conn.connection_made(wire)  # type: ignore[arg-type]
         conn.data_received(b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(5000)))
@@ -375,10 +375,10 @@ class Upstream:
         writer.close()
 
 
-def pool_test(upstream: Upstream, test: Callable[[UpstreamPool], Awaitable[None]]) -> None:
+def pool_test(upstream: Upstream, test: Callable[[RestUpstreamPool], Awaitable[None]]) -> None:
     async def main() -> None:
         server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-        pool = UpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1])
+        pool = RestUpstreamPool("127.0.0.1", server.sockets[0].getsockname()[1])
         try:
             await asyncio.wait_for(test(pool), 10)
         finally:
@@ -395,7 +395,7 @@ def test_pool_reads_length_chunked_and_until_close_answers_and_reuses_connection
         b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\nrest of it",
     ])
 
-    async def test(pool: UpstreamPool) -> None:
+    async def test(pool: RestUpstreamPool) -> None:
         first = await pool.request("POST", "/a", [], b"xyz")
         assert (first.status, first.body, first.headers) == (200, b"ok", [b"X-A: 1"])
         assert [conn.message for conn in pool._idle] == [b""]  # a kept connection holds no old request
@@ -411,7 +411,7 @@ def test_pool_reconnects_when_an_idle_connection_was_closed_but_fails_a_refused_
     upstream = Upstream([b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
                          b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"], close_after=True)
 
-    async def test(pool: UpstreamPool) -> None:
+    async def test(pool: RestUpstreamPool) -> None:
         assert (await pool.request("GET", "/", [], b"")).body == b"a"
         await until("the upstream closing the kept connection", lambda: pool._idle and pool._idle[0].closed)
         assert (await pool.request("GET", "/", [], b"")).body == b"b"
@@ -424,7 +424,7 @@ def test_pool_reconnects_when_an_idle_connection_was_closed_but_fails_a_refused_
 
 
 def test_pool_gives_up_after_the_timeout_and_a_dropped_request_is_an_error() -> None:
-    async def test(pool: UpstreamPool) -> None:
+    async def test(pool: RestUpstreamPool) -> None:
         with pytest.raises(asyncio.TimeoutError):
             await pool.request("GET", "/slow", [], b"", timeout=0.2)
         with pytest.raises(UpstreamError, match="closed"):
@@ -454,7 +454,7 @@ def test_pool_answers_only_from_the_loop_and_keeps_a_connection_whose_waiter_gav
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + body)
         await reader.read()
 
-    async def test(pool: UpstreamPool) -> None:
+    async def test(pool: RestUpstreamPool) -> None:
         assert (await pool.request("GET", "/", [], b"")).body == b"a"  # one kept connection now
         got: list[bytes] = []
         done = asyncio.Event()
@@ -495,7 +495,7 @@ def test_a_large_body_read_in_any_pieces_arrives_whole_with_the_request_behind_i
             reply(request, Response(200, b"", []))
             return True
 
-        conn = ServerConnection(echo, 1 << 20, set(), fast=fast)
+        conn = Http1ServerConnection(echo, 1 << 20, set(), fast=fast)
         conn.connection_made(Wire())  # type: ignore[arg-type]
         pos = 0
         for cut in cuts:

@@ -7,7 +7,7 @@ limits and rules. Where the verdicts differ it is one of ALLOWED, each with its 
 other difference fails, above all one of framing (a body's length, where the next request
 begins), which is how requests are smuggled.
 
-The router is driven as production drives it: a ServerConnection (http1.py) fed reads through
+The router is driven as production drives it: a Http1ServerConnection (http1.py) fed reads through
 data_received, each request answered at once by a fast hook."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests.unit.http1_corpus import CORPUS, VALID
 from tests.wire import Wire
-from tsfleet.router.wire.http1 import Reply, Request, Response, ServerConnection
+from tsfleet.router.wire.http1 import Reply, Request, Response, Http1ServerConnection
 from tsfleet.router.wire.http1_messages import HOP_BY_HOP
 
 MAX_BODY = 16 * 2**20  # the REST front's default (fronts/rest.py)
@@ -78,8 +78,8 @@ def _fields(pairs: list[tuple[bytes, bytes]]) -> tuple[tuple, tuple]:
     return tuple(forward), tuple(sorted((k, v.strip(b" \t")) for k, v in hop.items()))
 
 
-class _Probe(ServerConnection):
-    """A ServerConnection that also keeps its refusal (status, message)."""
+class _Probe(Http1ServerConnection):
+    """A Http1ServerConnection that also keeps its refusal (status, message)."""
 
     failure: tuple[int, str] | None = None
 

@@ -263,7 +263,7 @@ def test_frames_on_closed_streams_are_ignored() -> None:
 def test_a_call_the_client_ended_is_handed_on_once() -> None:
     """DATA after END_STREAM once reached the dispatcher as a second end of the same call (two
     upstream calls, two answers on one stream): now the connection ends with STREAM_CLOSED."""
-    from tsfleet.router.wire.grpc_wire import ServerConnection
+    from tsfleet.router.wire.grpc_wire import GrpcServerConnection
     from tsfleet.router.wire.hpack_codec import encode
 
     class Dispatcher:
@@ -277,7 +277,7 @@ def test_a_call_the_client_ended_is_handed_on_once() -> None:
 
     async def main() -> tuple[int, bool, bytes]:
         dispatcher, wire = Dispatcher(), Wire()
-        conn = ServerConnection(dispatcher, set())
+        conn = GrpcServerConnection(dispatcher, set())
         conn.connection_made(wire)  # type: ignore[arg-type]
         conn.data_received(PREFACE + settings_frame({}) + frame(HEADERS, END_HEADERS, 1, encode([(b":path", b"/x")]))
                            + frame(DATA, END_STREAM, 1, b"\x00\x00\x00\x00\x00") + frame(DATA, END_STREAM, 1, b"again"))

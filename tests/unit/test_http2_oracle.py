@@ -2,7 +2,7 @@
 
 Hypothesis writes sequences of client frames after the preface, well formed (serialized by
 hyperframe) and not (packed by hand), and the same bytes go, one frame at a time, to an h2
-server connection and to the router's ``ServerConnection``. Each side's verdict is the
+server connection and to the router's ``GrpcServerConnection``. Each side's verdict is the
 first frame that ends the connection (h2: ``receive_data`` raises its ``ProtocolError``; the
 router: it closes the transport) and the code of the GOAWAY it writes, read back with
 hyperframe; or none. The verdicts must agree, except where ``ALLOWED`` says why they may
@@ -32,7 +32,7 @@ from hyperframe.frame import (ContinuationFrame, DataFrame, Frame, GoAwayFrame, 
 
 from tests.wire import Wire
 from tsfleet.router.wire import h2frames as f
-from tsfleet.router.wire.grpc_wire import ServerConnection
+from tsfleet.router.wire.grpc_wire import GrpcServerConnection
 
 FRAME, CONN_WINDOW = 16384, 65535  # HTTP/2's defaults: what h2 starts with
 STREAM_WINDOW = 8192  # below FRAME: one DATA frame can overrun it
@@ -63,7 +63,7 @@ class Dispatcher:
         pass
 
 
-class Router(ServerConnection):
+class Router(GrpcServerConnection):
     frame_in, stream_window_in, conn_window_in = FRAME, STREAM_WINDOW, CONN_WINDOW
     header_list_in, streams_in = HEADER_LIST, STREAMS
 

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from tests.polling import until
+from tests.prometheus_text import value
 from tsfleet.errors import KubeError
 from tsfleet.k8s.kubectl import KubeApi
 from tsfleet.router.policy import routes_doc
@@ -155,7 +156,7 @@ def test_a_rollback_is_written_into_the_configmap_for_every_replica(tmp_path: Pa
                 tbl.record("m", "1.1", False, 0.01, now=i)
             assert tbl.routes["m"].weights["1.1"] == 0  # at once, before anything is written
             await until("the rollback recorded", lambda: rec.recorded, timeout=10)
-            assert rec.unrecorded == 0 and "tsfleet_router_rollback_recorded_total 1" in rec.prometheus()
+            assert rec.unrecorded == 0 and value(rec.prometheus(), "tsfleet_router_rollback_recorded_total") == 1
         finally:
             await runner.cleanup()
 
@@ -182,7 +183,7 @@ def test_forbidden_by_rbac_posts_an_event_and_counts_it(tmp_path: Path, caplog) 
             await runner.cleanup()
 
     rec = asyncio.run(scenario())
-    assert rec.unrecorded == 1 and "tsfleet_router_rollback_unrecorded_total 1" in rec.prometheus()
+    assert rec.unrecorded == 1 and value(rec.prometheus(), "tsfleet_router_rollback_unrecorded_total") == 1
     assert len(fake.events) == 1
     event = fake.events[0]
     assert event["involvedObject"] == {"apiVersion": "v1", "namespace": "fleet", "kind": "Pod", "name": "tsfleet-abc-1"}

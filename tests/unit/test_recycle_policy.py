@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.prometheus_text import samples, value
 from tsfleet.manifest import RecyclePolicy
 from tsfleet.control.recycle import Report, Trend, over_limit, request_limit
 
@@ -53,8 +54,8 @@ def test_a_recycler_running_for_months_keeps_its_records_bounded(tmp_path) -> No
     assert (tmp_path / EVENTS).stat().st_size <= EVENTS_MAX_BYTES + 1024
     assert {key: doc["pid"] for key, doc in last_events(tmp_path).items()} == {("m", "1.0"): 20_099, ("m", "2.0"): 20_098}
     assert len(recycler.events) == KEPT_EVENTS
-    assert 'tsfleet_worker_recycles_total{model="m",version="1.0",reason="max_requests",outcome="ok"} 10000' \
-        in recycler.metrics()
+    assert value(recycler.metrics(), "tsfleet_worker_recycles_total", model="m", version="1.0", reason="max_requests",
+                 outcome="ok") == 10000
 
 
 def test_the_recycler_follows_the_manifest_as_apply_changes_it(tmp_path) -> None:
@@ -84,22 +85,23 @@ def test_the_recycler_follows_the_manifest_as_apply_changes_it(tmp_path) -> None
     lines: list[str] = []
     recycler = Recycler(load_fleet(manifest), Server(), tmp_path / "reports", lines.append, manifest=manifest)
 
-    def gauges() -> set[str]:
-        return {line for line in recycler.metrics().splitlines() if line.startswith("tsfleet_workers_ready{")}
+    def gauges() -> dict[tuple[str, str], float]:
+        return {(labels["model"], labels["version"]): n
+                for labels, n in ((dict(k), n) for k, n in samples(recycler.metrics(), "tsfleet_workers_ready").items())}
 
     recycler.tick()
-    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.0"} 1' in gauges()
+    assert gauges()[("intent-classifier", "1.0")] == 1
     del doc["models"]["intent-classifier"]["versions"]["1.0"]
     doc["models"]["intent-classifier"]["default_version"] = "1.1"
     doc["models"]["intent-classifier"]["recycle"] = {"max_requests": 500}
     manifest.write_text(yaml.safe_dump(doc))
     registered["intent-classifier"] = ["1.1"]  # what apply did
     recycler.tick()
-    assert not any('version="1.0"' in g and "intent" in g for g in gauges()), (lines, gauges())
-    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.1"} 1' in gauges()
+    assert ("intent-classifier", "1.0") not in gauges(), (lines, gauges())
+    assert gauges()[("intent-classifier", "1.1")] == 1
     assert lines[-1] == f"recycler: {manifest} changed; recycling intent-classifier 1.1"
 
     manifest.write_text("models: [")  # half-saved by an editor
     recycler.tick()
     assert "not valid YAML" in lines[-1] and lines[-1].endswith("still following the manifest as it was")
-    assert 'tsfleet_workers_ready{model="intent-classifier",version="1.1"} 1' in gauges()
+    assert gauges()[("intent-classifier", "1.1")] == 1

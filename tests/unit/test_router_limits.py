@@ -15,6 +15,7 @@ import grpc
 import pytest
 import yaml
 
+from tests.prometheus_text import samples, types
 from tests.unit.test_grpc_wire import BIG, Upstream, _call_headers, raw, req
 from tsfleet.errors import ManifestError
 from tsfleet.manifest import parse_fleet
@@ -52,8 +53,8 @@ def test_the_defaults_are_the_limits_the_router_had() -> None:
     assert GrpcRouter.max_held == DEFAULT_LIMITS.held_bytes
 
 
-def test_the_readme_table_is_the_one_the_limits_state() -> None:
-    assert table() in (ROOT / "README.md").read_text(), "paste `python -m tsfleet.router.wire.limits` into README.md"
+def test_the_docs_table_is_the_one_the_limits_state() -> None:
+    assert table() in (ROOT / "docs" / "router.md").read_text(), "paste `python -m tsfleet.router.wire.limits` into docs/router.md"
 
 
 def test_fleet_yaml_lists_every_limit_with_its_default() -> None:
@@ -121,13 +122,14 @@ def test_counters_add_up_per_front_in_prometheus_form() -> None:
     fronts["rest"].add({"body_bytes": 2, "head_bytes": 1})
     fronts["grpc"].hit("header_list_bytes")
     text = prometheus(here, fronts)
-    assert "# TYPE tsfleet_router_limit_hits_total counter\n" in text
-    assert 'tsfleet_router_limit_hits_total{limit="body_bytes",front="rest"} 3\n' in text
-    assert 'tsfleet_router_limit_hits_total{limit="head_bytes",front="rest"} 1\n' in text
-    assert 'tsfleet_router_limit_hits_total{limit="header_list_bytes",front="grpc"} 1\n' in text
+    assert types(text)["tsfleet_router_limit_hits_total"] == "counter"
+    hits = {(dict(labels)["limit"], dict(labels)["front"]): n
+            for labels, n in samples(text, "tsfleet_router_limit_hits_total").items()}
+    assert hits[("body_bytes", "rest")] == 3 and hits[("head_bytes", "rest")] == 1
+    assert hits[("header_list_bytes", "grpc")] == 1
     # Every limit a front has is there from the start (at 0), and only those.
-    assert text.count("tsfleet_router_limit_hits_total{") == len(OF_FRONT["rest"]) + len(OF_FRONT["grpc"])
-    assert 'limit="body_bytes",front="grpc"' not in text and 'limit="message_bytes",front="rest"' not in text
+    assert set(hits) == {(name, front) for front in OF_FRONT for name in OF_FRONT[front]}
+    assert sum(hits.values()) == 5
     assert set(OF_FRONT["rest"]) | set(OF_FRONT["grpc"]) == set(NAMES)
 
 
@@ -337,7 +339,7 @@ def test_grpc_deadlines_end_a_trickled_call_and_a_head_never_whole() -> None:
 def test_a_client_that_opens_its_windows_and_reads_nothing_is_dropped_past_held_bytes() -> None:
     """Its answers and PING ACKs pile up in the router's write buffer; past held_bytes the
     connection (and what it left unread) is dropped, and counted."""
-    from tsfleet.router.wire.grpc_wire import ServerConnection
+    from tsfleet.router.wire.grpc_wire import GrpcServerConnection
     from tsfleet.router.wire.h2frames import PING
 
     class Unread(asyncio.Transport):
@@ -364,9 +366,9 @@ def test_a_client_that_opens_its_windows_and_reads_nothing_is_dropped_past_held_
 
         def ended(self, conn: object, call: object) -> None: ...
 
-    async def main() -> tuple[Unread, ServerConnection, LimitCounters]:
+    async def main() -> tuple[Unread, GrpcServerConnection, LimitCounters]:
         counters = LimitCounters()
-        conn = ServerConnection(Nobody(), set(), RouterLimits(held_bytes=4096, pings_per_second=10_000), counters)
+        conn = GrpcServerConnection(Nobody(), set(), RouterLimits(held_bytes=4096, pings_per_second=10_000), counters)
         transport = Unread()
         conn.connection_made(transport)
         conn.data_received(PREFACE + settings_frame({}))

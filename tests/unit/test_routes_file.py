@@ -13,6 +13,7 @@ import pytest
 
 from tests.configmap_mount import MountedConfigMap
 from tests.polling import until
+from tests.prometheus_text import value
 from tsfleet.router.policy import routes_doc
 from tsfleet.router.policy.routing import RollbackRule, Route, RoutingTable
 from tsfleet.router.routes_file import RoutesFile
@@ -59,7 +60,7 @@ def test_a_kubelet_swap_moves_the_routes_and_reaches_the_fronts(mount, tmp_path:
     assert saved["routes"]["m"]["weights"] == {"1.0": 70.0, "1.1": 30.0}
     assert saved["routes_file"]["sha256"] == routes_doc.digest(mount.path.read_bytes())
     assert f"routes file {mount.path} applied" in caplog.text and "m 1.0 70, 1.1 30 (baseline 1.0)" in caplog.text
-    assert "tsfleet_router_routes_file_applied_total 2" in watcher.prometheus()
+    assert value(watcher.prometheus(), "tsfleet_router_routes_file_applied_total") == 2
 
     # The same content published again (a resync) changes nothing and says nothing.
     mount.publish(routes({"1.0": 70, "1.1": 30}, shadow="1.1", shadow_share=0.5))
@@ -97,7 +98,7 @@ def test_a_bad_content_is_refused_once_and_the_last_good_routes_hold(mount, tmp_
     refusals = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(refusals) == 1 and refusals[0].levelno == logging.ERROR
     assert str(mount.path) in refusals[0].getMessage() and problem in refusals[0].getMessage()
-    assert "tsfleet_router_routes_file_refused_total 1" in watcher.prometheus()
+    assert value(watcher.prometheus(), "tsfleet_router_routes_file_refused_total") == 1
     assert watcher.poll() is False and watcher.refused == 1  # looked at again: not refused (nor logged) again
     mount.publish(routes({"1.0": 10, "1.1": 90}))  # fixed: taken
     assert watcher.poll() is True and table.routes["m"].weights == {"1.0": 10.0, "1.1": 90.0}
@@ -183,14 +184,14 @@ def test_every_arm_s_rollback_counter_starts_at_zero() -> None:
     table.routes["m"].rollback = RollbackRule(window_s=60, min_samples=5, max_p99_ratio=0)
     text = table.prometheus()
     for model, version in (("m", "1.0"), ("m", "1.1"), ("n", "2.0")):
-        assert f'tsfleet_router_rollbacks_total{{model="{model}",version="{version}"}} 0' in text
+        assert value(text, "tsfleet_router_rollbacks_total", model=model, version=version) == 0
     table.set_weights("m", {"1.0": 50, "1.1": 50})
     seen = []
     table.on_rollback = lambda *event: seen.append(event)
     for i in range(5):
         table.record("m", "1.0", True, 0.01, now=i)
         table.record("m", "1.1", False, 0.01, now=i)
-    assert 'tsfleet_router_rollbacks_total{model="m",version="1.1"} 1' in table.prometheus()
+    assert value(table.prometheus(), "tsfleet_router_rollbacks_total", model="m", version="1.1") == 1
     assert [(m, v) for m, v, _ in seen] == [("m", "1.1")]  # automatic rollbacks only are announced
     table.roll_back("m", "1.1", "rolled back by hand")
     assert len(seen) == 1

@@ -19,7 +19,10 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from handlers.contract import pid_alive, retire_path
 from tsfleet.control.client import ManagementClient
@@ -293,20 +296,25 @@ class Recycler:
             said = str(exc) if isinstance(exc, StorageError) else f"{path}: {StorageError.cause(exc)}"
             self.progress(f"recycle of {event.model} {event.version} worker {event.pid} not recorded: {said}")
 
-    def metrics(self) -> str:
-        """Prometheus text: recycles and failed recycles per model, version and reason."""
-        counts = self._counts
-        lines = ["# HELP tsfleet_worker_recycles_total Workers replaced by the recycler.",
-                 "# TYPE tsfleet_worker_recycles_total counter"]
-        for (model, version, reason, ok), n in sorted(counts.items()):
-            lines.append(f'tsfleet_worker_recycles_total{{model="{model}",version="{version}",'
-                         f'reason="{reason}",outcome="{"ok" if ok else "failed"}"}} {n}')
-        workers = sorted(self.workers.items())
+    def collect(self) -> Iterator[Metric]:
+        """Recycles and failed recycles per model, version and reason, and each version's
+        ready and wanted workers (a Prometheus collector, read when /metrics is)."""
+        recycles = CounterMetricFamily("tsfleet_worker_recycles_total", "Workers replaced by the recycler.",
+                                       labels=("model", "version", "reason", "outcome"))
+        for (model, version, reason, ok), n in sorted(self._counts.items()):
+            recycles.add_metric((model, version, reason, "ok" if ok else "failed"), n)
+        yield recycles
+        workers = sorted(self.workers.items())  # one read: tick() replaces it whole, in another thread
         for i, (name, help_text) in enumerate((("tsfleet_workers_ready", "Ready workers per fleet version."),
                                                ("tsfleet_workers_wanted", "Workers fleet.yaml asks for per version."))):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-            lines += [f'{name}{{model="{m}",version="{v}"}} {pair[i]}' for (m, v), pair in workers]
-        return "\n".join(lines) + "\n"
+            gauge = GaugeMetricFamily(name, help_text, labels=("model", "version"))
+            for arm, pair in workers:
+                gauge.add_metric(arm, pair[i])
+            yield gauge
+
+    def metrics(self) -> str:
+        """The Prometheus text of ``collect`` (prometheus_client writes and escapes it)."""
+        return generate_latest(self).decode()
 
     def run(self, interval_s: float = 2.0, stop: Callable[[], bool] = lambda: False) -> None:
         """Tick until ``stop()``; TorchServe being away is waited out, not fatal."""

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
 from aiohttp import web
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from tsfleet.k8s.kubectl import SERVICE_ACCOUNT_DIR, KubeApi
 from tsfleet.manifest import Fleet
@@ -22,11 +24,11 @@ from tsfleet.router.memory import keep_freed_memory
 from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.rollback_record import RollbackRecorder
 from tsfleet.router.routes_file import RoutesFile
-from tsfleet.router.selfstats import process_metrics
+from tsfleet.router.selfstats import ProcessMetrics
 from tsfleet.router.fronts.rest import RestRouter
+from tsfleet.router.policy.arm_metrics import ArmMetrics
 from tsfleet.router.policy.routing import RoutingTable
-from tsfleet.router.wire import limits as router_limits
-from tsfleet.router.wire.limits import DEFAULT_LIMITS, LimitCounters, RouterLimits
+from tsfleet.router.wire.limits import DEFAULT_LIMITS, LimitCounters, LimitHits, RouterLimits
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,13 @@ class RouterProcess:
         self._grpc = None
         self.fronts = None
         self.ports: dict[str, int] = {}
+        # /metrics: collectors that read the counters where they are kept, at scrape time only
+        # (a request pays an integer add, never any formatting); prometheus_client writes the text.
+        self.registry = CollectorRegistry()
+        for collector in (ArmMetrics(self.table), self.routes_file, self.recorder, LimitHits(self._limit_sources),
+                          ProcessMetrics(self._processes)):
+            if collector is not None:
+                self.registry.register(collector)
 
     async def start(self) -> None:
         many = self.config.processes > 1
@@ -138,13 +147,18 @@ class RouterProcess:
 
     def metrics_text(self) -> str:
         """/metrics of the whole router: the routes' statistics (every process's, the leader
-        adds them up) and how often each limit fired, in this process and in the fronts."""
-        sources = [self.hits] + ([self.fronts.hits] if self.fronts is not None else [])
+        adds them up), the routes file's and rollback records' counters, how often each limit
+        fired (in this process and in the fronts), and each process's CPU and memory."""
+        return generate_latest(self.registry).decode()
+
+    def _limit_sources(self) -> list[dict[str, LimitCounters]]:
+        """This process's limit counters, and the sums the fronts sent (processes.py)."""
+        return [self.hits] + ([self.fronts.hits] if self.fronts is not None else [])
+
+    def _processes(self) -> dict[str, int]:
+        """Every router process by role: the leader (this one) and its fronts."""
         fronts = self.fronts.pids() if self.fronts is not None else []
-        processes = {"leader": os.getpid(), **{f"front-{n}": pid for n, pid in enumerate(fronts, 1)}}
-        shared = ((self.routes_file.prometheus() if self.routes_file is not None else "")
-                  + (self.recorder.prometheus() if self.recorder is not None else ""))
-        return self.table.prometheus() + shared + router_limits.prometheus(*sources) + process_metrics(processes)
+        return {"leader": os.getpid(), **{f"front-{n}": pid for n, pid in enumerate(fronts, 1)}}
 
     async def _metrics(self) -> str:
         return self.metrics_text()

@@ -27,7 +27,10 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from tsfleet.errors import FleetError
 from tsfleet.files import write_atomically
@@ -237,16 +240,20 @@ class InferenceKeys:
             self.current = key
         return key
 
-    def prometheus(self) -> str:
+    def collect(self) -> Iterator[Metric]:
         """Seconds until TorchServe's inference key expires, as this router sees it: an alert
-        on it going low catches renewals that fail."""
+        on it going low catches renewals that fail (a Prometheus collector)."""
         current = self.current
-        lines = ["# HELP tsfleet_router_torchserve_key_expires_in_seconds Seconds until the TorchServe inference "
-                 "key the router sends expires (renewed a minute ahead).",
-                 "# TYPE tsfleet_router_torchserve_key_expires_in_seconds gauge"]
+        gauge = GaugeMetricFamily("tsfleet_router_torchserve_key_expires_in_seconds",
+                                  "Seconds until the TorchServe inference key the router sends expires (renewed a "
+                                  "minute ahead).")
         if current is not None:
-            lines.append(f"tsfleet_router_torchserve_key_expires_in_seconds {current.expires - time.time():.1f}")
-        return "\n".join(lines) + "\n"
+            gauge.add_metric((), round(current.expires - time.time(), 1))
+        yield gauge
+
+    def prometheus(self) -> str:
+        """``collect`` as /metrics text (each process's own: each renews its own copy)."""
+        return generate_latest(self).decode()
 
     async def keep_fresh(self, period_s: float = 5.0) -> None:
         """Renew TorchServe's key shortly before it expires, and take up keys renewed

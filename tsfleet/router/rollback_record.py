@@ -25,7 +25,10 @@ import json
 import logging
 import os
 import socket
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from tsfleet.errors import KubeError
 from tsfleet.k8s.kubectl import KubeApi
@@ -152,12 +155,14 @@ class RollbackRecorder:
         for task in self._tasks:
             task.cancel()
 
+    def collect(self) -> Iterator[Metric]:
+        """Rollbacks recorded in the ConfigMap, and those that were not (a Prometheus collector)."""
+        yield CounterMetricFamily("tsfleet_router_rollback_recorded_total",
+                                  "Automatic rollbacks written to the routes ConfigMap.", value=self.recorded)
+        yield CounterMetricFamily("tsfleet_router_rollback_unrecorded_total",
+                                  "Automatic rollbacks that hold on this replica only (the routes ConfigMap could not "
+                                  "be patched).", value=self.unrecorded)
+
     def prometheus(self) -> str:
-        return "\n".join([
-            "# HELP tsfleet_router_rollback_recorded_total Automatic rollbacks written to the routes ConfigMap.",
-            "# TYPE tsfleet_router_rollback_recorded_total counter",
-            f"tsfleet_router_rollback_recorded_total {self.recorded}",
-            "# HELP tsfleet_router_rollback_unrecorded_total Automatic rollbacks that hold on this replica only "
-            "(the routes ConfigMap could not be patched).",
-            "# TYPE tsfleet_router_rollback_unrecorded_total counter",
-            f"tsfleet_router_rollback_unrecorded_total {self.unrecorded}"]) + "\n"
+        """``collect`` as /metrics text."""
+        return generate_latest(self).decode()

@@ -24,7 +24,10 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Collection, Mapping
+from typing import Any, Awaitable, Callable, Collection, Iterator, Mapping
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tsfleet.router.policy import routes_doc
 from tsfleet.router.policy.routing import RoutingTable
@@ -147,20 +150,23 @@ class RoutesFile:
         if self._task is not None:
             self._task.cancel()
 
-    def prometheus(self) -> str:
-        lines = ["# HELP tsfleet_router_routes_file_applied_total Routes file contents this router took.",
-                 "# TYPE tsfleet_router_routes_file_applied_total counter",
-                 f"tsfleet_router_routes_file_applied_total {self.applied}",
-                 "# HELP tsfleet_router_routes_file_refused_total Routes file contents refused (bad JSON, "
-                 "unknown model or version, bad weights); the last good routes held.",
-                 "# TYPE tsfleet_router_routes_file_refused_total counter",
-                 f"tsfleet_router_routes_file_refused_total {self.refused}",
-                 "# HELP tsfleet_router_routes_file_info The routes file content (sha256, first 12 digits) "
-                 "this router's routes last came from; replicas that disagree show two values.",
-                 "# TYPE tsfleet_router_routes_file_info gauge"]
+    def collect(self) -> Iterator[Metric]:
+        """Contents taken and refused, and which one the routes came from (a Prometheus collector)."""
+        yield CounterMetricFamily("tsfleet_router_routes_file_applied_total", "Routes file contents this router took.",
+                                  value=self.applied)
+        yield CounterMetricFamily("tsfleet_router_routes_file_refused_total",
+                                  "Routes file contents refused (bad JSON, unknown model or version, bad weights); "
+                                  "the last good routes held.", value=self.refused)
+        info = GaugeMetricFamily("tsfleet_router_routes_file_info",
+                                 "The routes file content (sha256, first 12 digits) this router's routes last came "
+                                 "from; replicas that disagree show two values.", labels=("sha256",))
         if self.table.routes_file_sha256:
-            lines.append(f'tsfleet_router_routes_file_info{{sha256="{self.table.routes_file_sha256[:12]}"}} 1')
-        return "\n".join(lines) + "\n"
+            info.add_metric((self.table.routes_file_sha256[:12],), 1)
+        yield info
+
+    def prometheus(self) -> str:
+        """``collect`` as /metrics text."""
+        return generate_latest(self).decode()
 
 
 def _weights(route: dict[str, Any]) -> str:

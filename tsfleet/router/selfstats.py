@@ -6,24 +6,41 @@ leader reports every process it runs, so a scrape that reaches any of them sees 
 """
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import psutil
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CPU = "tsfleet_router_process_cpu_seconds_total"
 RSS = "tsfleet_router_process_resident_memory_bytes"
 
 
+class ProcessMetrics(Collector):
+    """CPU seconds (user + system) and resident memory of ``processes()`` (role -> pid), read
+    at scrape time; a process that is gone is left out."""
+
+    def __init__(self, processes: Callable[[], dict[str, int]]):
+        self.processes = processes
+
+    def collect(self) -> Iterator[Metric]:
+        """The two families, one sample per live process."""
+        cpu = CounterMetricFamily(CPU, "CPU time (user and system) of each router process.", labels=("process",))
+        rss = GaugeMetricFamily(RSS, "Resident memory of each router process.", labels=("process",))
+        for role, pid in self.processes().items():
+            try:
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    times, memory = proc.cpu_times(), proc.memory_info()
+            except psutil.Error:
+                continue
+            cpu.add_metric((role,), round(times.user + times.system, 3))
+            rss.add_metric((role,), memory.rss)
+        yield cpu
+        yield rss
+
+
 def process_metrics(processes: dict[str, int]) -> str:
-    """Prometheus text for ``processes`` (role -> pid): CPU seconds (user + system) and
-    resident memory; a process that is gone is left out."""
-    cpu, rss = [], []
-    for role, pid in processes.items():
-        try:
-            proc = psutil.Process(pid)
-            with proc.oneshot():
-                times, memory = proc.cpu_times(), proc.memory_info()
-        except psutil.Error:
-            continue
-        cpu.append(f'{CPU}{{process="{role}"}} {times.user + times.system:.3f}')
-        rss.append(f'{RSS}{{process="{role}"}} {memory.rss}')
-    return "\n".join([f"# HELP {CPU} CPU time (user and system) of each router process.", f"# TYPE {CPU} counter", *cpu,
-                      f"# HELP {RSS} Resident memory of each router process.", f"# TYPE {RSS} gauge", *rss]) + "\n"
+    """Prometheus text for ``processes`` (role -> pid): ProcessMetrics, as read now."""
+    return generate_latest(ProcessMetrics(lambda: processes)).decode()

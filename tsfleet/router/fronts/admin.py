@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from tsfleet.errors import FleetError, error_doc, http_answer
 from tsfleet.router.fronts.admin_site import AdminConnections
 from tsfleet.router.policy.manifest_routes import check_fleet_routes, take_fleet
 from tsfleet.router.policy.routing import RoutingTable
@@ -21,9 +22,7 @@ MAX_GRACE_S = 30 * 86400
 
 
 def _error(status: int, message: str) -> web.Response:
-    kinds = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 408: "RequestTimeout", 409: "Conflict",
-             415: "UnsupportedMediaType"}
-    return web.json_response({"code": status, "type": kinds[status], "message": message}, status=status)
+    return web.json_response(error_doc(status, message), status=status)
 
 
 def _number(value: Any) -> bool:
@@ -99,6 +98,12 @@ class AdminApi:
                 except asyncio.TimeoutError:
                     return _error(408, f"the request body was not received whole within {timeout:g} s")
             return await handler(request)
+        except FleetError as exc:
+            # A change the router could not save (its routes or keys file refused by a full
+            # or read-only disk): the status the error's class names (507) and its own words,
+            # not aiohttp's bare 500.
+            status, body = http_answer(exc)
+            return web.Response(status=status, body=body, content_type="application/json", charset="utf-8")
         finally:
             if conn is not None:
                 conn.answered(request.content.at_eof())

@@ -24,11 +24,12 @@ from typing import Any
 
 from aiohttp import web
 
+from tsfleet.errors import error_body
 from tsfleet.router.wire.limits import DEFAULT_LIMITS, RouterLimits
 
 
 def _answer(status: int, reason: str, message: str) -> bytes:
-    body = (f'{{"code": {status}, "type": "{reason.replace(" ", "")}", "message": "{message}"}}').encode()
+    body = error_body(status, message)
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 

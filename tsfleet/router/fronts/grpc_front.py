@@ -13,14 +13,14 @@ import logging
 from typing import Any, Coroutine
 
 from google.protobuf.message import DecodeError
+from grpc import StatusCode
 
 from tsfleet.router.fronts import health
 from tsfleet.router.fronts.grpc_predict import KEY_REFUSED, OK_OUTCOME, Prediction, outcome
 from tsfleet.router.fronts.grpc_streams import PING, PREDICT, STREAM, StreamCalls
-from tsfleet.router.wire.grpc_upstream import UpstreamCall, UpstreamPool
-from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, STATUS_OK, UNAVAILABLE, ServerCall,
-                                           ServerConnection, UpstreamGone, header, read_message, split_messages,
-                                           status_trailers)
+from tsfleet.router.wire.grpc_upstream import GrpcUpstreamPool, UpstreamCall
+from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, STATUS_OK, GrpcServerConnection, ServerCall, UpstreamGone, header,
+                                           read_message, split_messages, status_trailers)
 from tsfleet.router.wire.grpc_answers import Relay, answer_headers
 from tsfleet.router.wire.h2frames import INTERNAL_ERROR, Data
 from tsfleet.router.wire.hpack_codec import Encoded, Header
@@ -75,10 +75,10 @@ class GrpcRouter(StreamCalls):
         # The policy both fronts follow (retry, key renewal, recording, shadows).
         self.policy = RoutingPolicy(table, timeout_s, min_attempt_s, latency_factor)
         host, _, port = upstream.rpartition(":")
-        self.pool = UpstreamPool(host or "127.0.0.1", int(port))
+        self.pool = GrpcUpstreamPool(host or "127.0.0.1", int(port))
         self.sticky = sticky_key.lower().encode()
         self.default_timeout = f"{int(timeout_s)}S".encode()  # when the client sets no deadline
-        self.connections: set[ServerConnection] = set()
+        self.connections: set[GrpcServerConnection] = set()
         self.stopping = False
         self.server: asyncio.base_events.Server | None = None
         self._calls: set[asyncio.Task] = set()
@@ -89,17 +89,17 @@ class GrpcRouter(StreamCalls):
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: ServerConnection(self, self.connections, self.limits, self.counters), host, port,
+            lambda: GrpcServerConnection(self, self.connections, self.limits, self.counters), host, port,
             reuse_port=reuse_port or None)
         return self.server.sockets[0].getsockname()[1]
 
     # ------------------------------------------------------------ dispatch
-    def opened(self, conn: ServerConnection, call: ServerCall) -> None:
+    def opened(self, conn: GrpcServerConnection, call: ServerCall) -> None:
         if call.path not in BUFFERED:
             call.queue = asyncio.Queue()
             self.spawn(conn, call, self._relay(conn, call))
 
-    def ended(self, conn: ServerConnection, call: ServerCall) -> None:
+    def ended(self, conn: GrpcServerConnection, call: ServerCall) -> None:
         """A call with one request message (Predictions, StreamPredictions, Ping) is whole."""
         try:
             if call.path in (health.CHECK, health.WATCH):  # the router's own, not TorchServe's
@@ -111,7 +111,8 @@ class GrpcRouter(StreamCalls):
                 if isinstance(readable, str) and call.path in (PREDICT, STREAM):
                     # Bytes that are no PredictionsRequest: the client's fault, said as such
                     # (TorchServe would answer UNKNOWN or INTERNAL, blaming the server).
-                    conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(INVALID_ARGUMENT, readable))
+                    conn.send(call.id, [STATUS_OK, GRPC_TYPE],
+                              trailers=status_trailers(StatusCode.INVALID_ARGUMENT, readable))
                     conn.finish(call)
                 else:  # Ping, or a method only TorchServe can judge
                     self.spawn(conn, call, self._pass(conn, call))
@@ -130,14 +131,14 @@ class GrpcRouter(StreamCalls):
             log.exception("gRPC call to %s failed in the router", call.path.decode(errors="replace"))
             self.abort(conn, call)
 
-    def spawn(self, conn: ServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, conn: GrpcServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` for ``call`` as a task; a router bug in it resets the call."""
         task = asyncio.get_running_loop().create_task(self._guarded(conn, call, work))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
     @staticmethod
-    async def _guarded(conn: ServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None:
+    async def _guarded(conn: GrpcServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None:
         try:
             await work
         except Exception:  # a bug of the router's must not leave the client waiting for its deadline
@@ -145,7 +146,7 @@ class GrpcRouter(StreamCalls):
             GrpcRouter.abort(conn, call)
 
     @staticmethod
-    def abort(conn: ServerConnection, call: ServerCall) -> None:
+    def abort(conn: GrpcServerConnection, call: ServerCall) -> None:
         """End a call the router failed (INTERNAL_ERROR, unless it was answered already)."""
         if call.id in conn.windows:  # not answered yet
             conn.reset(call.id, INTERNAL_ERROR)
@@ -172,7 +173,7 @@ class GrpcRouter(StreamCalls):
             out.append((b"grpc-timeout", self.default_timeout))
         return out, sticky
 
-    def _forwarded(self, conn: ServerConnection, call: ServerCall, decompressed: bool) -> tuple[list[Header], bytes | None]:
+    def _forwarded(self, conn: GrpcServerConnection, call: ServerCall, decompressed: bool) -> tuple[list[Header], bytes | None]:
         """``_headers`` for a Predictions call, encoded once per connection: a client sends the
         same metadata with every call, which its decoder gives as the same list (hpack_codec),
         and building and encoding the upstream list was a twentieth of a routed call's CPU.
@@ -266,12 +267,12 @@ class GrpcRouter(StreamCalls):
             return None
         return [(name, fresh if name == b"authorization" else value) for name, value in sent]
 
-    def send(self, conn: ServerConnection, call: ServerCall, up: UpstreamCall | None, version: str | None,
+    def send(self, conn: GrpcServerConnection, call: ServerCall, up: UpstreamCall | None, version: str | None,
              error: str = "") -> None:
         """Answer ``call`` with TorchServe's answer ``up``, or (None) UNAVAILABLE and ``error``."""
         if up is None:
             extra = [(b"x-model-version", version.encode())] if version else []
-            conn.send(call.id, [STATUS_OK, GRPC_TYPE] + extra, trailers=status_trailers(UNAVAILABLE, error))
+            conn.send(call.id, [STATUS_OK, GRPC_TYPE] + extra, trailers=status_trailers(StatusCode.UNAVAILABLE, error))
             return
         # TorchServe's answers to a version carry the same headers and trailers, which the
         # upstream decoder gives as the same lists (hpack_codec): what the client gets of
@@ -288,7 +289,7 @@ class GrpcRouter(StreamCalls):
         conn.send(call.id, head, bytes(up.body) if up.body else None, trailers)
 
     # ---------------------------------------------------------------- calls
-    async def _pass(self, conn: ServerConnection, call: ServerCall) -> None:
+    async def _pass(self, conn: GrpcServerConnection, call: ServerCall) -> None:
         """Ping, or a request the router cannot read: passed to TorchServe as it is."""
         try:
             try:

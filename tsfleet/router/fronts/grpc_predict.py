@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Coroutine, Protocol
 
+from grpc import StatusCode
+
 from tsfleet.router.keys import REFUSED
 from tsfleet.router.policy.attempts import OK as OK_OUTCOME
 from tsfleet.router.policy.attempts import (CLIENT_FAULT, DROPPED, KEY_REFUSED, NOT_FOUND, RENEW, RETRY, SERVER_FAULT,
                                             Routed, RoutingPolicy)
-from tsfleet.router.wire.grpc_upstream import UpstreamCall, UpstreamPool
-from tsfleet.router.wire.grpc_wire import NOT_FOUND_MARKS, OK, UNAVAILABLE, ServerCall, ServerConnection, UpstreamGone
+from tsfleet.router.wire.grpc_upstream import GrpcUpstreamPool, UpstreamCall
+from tsfleet.router.wire.grpc_wire import NOT_FOUND_MARKS, GrpcServerConnection, ServerCall, UpstreamGone
 from tsfleet.router.wire.h2frames import Data
 from tsfleet.router.wire.hpack_codec import Header
 
@@ -29,8 +31,12 @@ log = logging.getLogger(__name__)
 DROPPED_MARKS = ("Worker died", "Worker scaled down", "has no worker to serve inference request")
 # TorchServe appends its exception class to every error it sends; transport errors lack it.
 FROM_TORCHSERVE = "org.pytorch.serve"
-SERVER_SIDE = {13, 14, 2, 4, 15}  # INTERNAL, UNAVAILABLE, UNKNOWN, DEADLINE_EXCEEDED, DATA_LOSS
-PERMISSION_DENIED = 7
+# The codes that say the server failed (any other failure is the client's). A tuple, not a
+# set: ``in`` finds a member by identity, where a set would call Enum's __hash__ (Python).
+SERVER_SIDE = (StatusCode.INTERNAL, StatusCode.UNAVAILABLE, StatusCode.UNKNOWN, StatusCode.DEADLINE_EXCEEDED,
+               StatusCode.DATA_LOSS)
+# Module names for the codes read for every answer: cheaper than StatusCode.X (a metaclass look-up).
+_OK, _UNAVAILABLE, _PERMISSION_DENIED = StatusCode.OK, StatusCode.UNAVAILABLE, StatusCode.PERMISSION_DENIED
 
 
 def not_found(message: str) -> bool:
@@ -38,16 +44,16 @@ def not_found(message: str) -> bool:
     return any(m in message for m in NOT_FOUND_MARKS)
 
 
-def outcome(code: int, message: str) -> int:
+def outcome(code: StatusCode, message: str) -> int:
     """What TorchServe's answer says of the arm (policy/attempts.py). KEY_REFUSED is the
     router's to renew only if it swapped its own key in (``Host.own_key``); else the client's."""
-    if code == OK:
+    if code is _OK:
         return OK_OUTCOME
-    if any(m in message for m in DROPPED_MARKS) or (code == UNAVAILABLE and FROM_TORCHSERVE not in message):
+    if any(m in message for m in DROPPED_MARKS) or (code is _UNAVAILABLE and FROM_TORCHSERVE not in message):
         return DROPPED  # a dropped request is retryable whatever the code (RESOURCE_EXHAUSTED after a SIGKILL)
     if not_found(message):
         return NOT_FOUND
-    if code == PERMISSION_DENIED and REFUSED in message:
+    if code is _PERMISSION_DENIED and REFUSED in message:
         return KEY_REFUSED
     return SERVER_FAULT if code in SERVER_SIDE else CLIENT_FAULT
 
@@ -56,17 +62,17 @@ class Host(Protocol):
     """What a prediction needs of its front (grpc_front.GrpcRouter)."""
 
     policy: RoutingPolicy
-    pool: UpstreamPool
+    pool: GrpcUpstreamPool
 
-    def spawn(self, conn: ServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None: ...
+    def spawn(self, conn: GrpcServerConnection, call: ServerCall, work: Coroutine[Any, Any, None]) -> None: ...
 
     def message_for(self, model: str, payload: bytes | memoryview, version: str | None, whole: bool = False) -> Data: ...
 
     def unreachable(self, exc: Exception | None) -> str: ...
 
-    def abort(self, conn: ServerConnection, call: ServerCall) -> None: ...
+    def abort(self, conn: GrpcServerConnection, call: ServerCall) -> None: ...
 
-    def send(self, conn: ServerConnection, call: ServerCall, up: UpstreamCall | None, version: str | None,
+    def send(self, conn: GrpcServerConnection, call: ServerCall, up: UpstreamCall | None, version: str | None,
              error: str = "") -> None: ...
 
     def own_key(self, call: ServerCall) -> bool: ...
@@ -82,7 +88,7 @@ class Prediction:
 
     __slots__ = ("host", "conn", "call", "routed", "headers", "payload", "upstream")
 
-    def __init__(self, host: Host, conn: ServerConnection, call: ServerCall, routed: Routed,
+    def __init__(self, host: Host, conn: GrpcServerConnection, call: ServerCall, routed: Routed,
                  headers: list[Header], payload: bytes | memoryview):
         self.host, self.conn, self.call, self.routed = host, conn, call, routed
         self.headers, self.payload = headers, payload
@@ -122,7 +128,7 @@ class Prediction:
             if call.cancelled:
                 return
             if error is not None or up is None:
-                up, code, message = None, UNAVAILABLE, host.unreachable(error)
+                up, code, message = None, _UNAVAILABLE, host.unreachable(error)
             else:
                 code, message = up.status()
             result = outcome(code, message)
@@ -139,7 +145,7 @@ class Prediction:
             log.exception("gRPC prediction for %s failed in the router", self.routed.model)
             host.abort(self.conn, call)
 
-    async def _renew_then_attempt(self, up: UpstreamCall | None, code: int, message: str) -> None:
+    async def _renew_then_attempt(self, up: UpstreamCall | None, code: StatusCode, message: str) -> None:
         fresh = await self.host.renewed_key(self.headers)
         if self.call.cancelled:
             return

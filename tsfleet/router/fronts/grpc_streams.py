@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from grpc import StatusCode
+
 from tsfleet.router.fronts.grpc_predict import outcome
 from tsfleet.router.policy.attempts import DROPPED, RETRY, RoutingPolicy
 from tsfleet.router.proto import inference_pb2 as pb
 from tsfleet.router.wire.grpc_answers import Relay
-from tsfleet.router.wire.grpc_upstream import UpstreamCall, UpstreamPool
-from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, OK, RESOURCE_EXHAUSTED, STATUS_OK, UNAVAILABLE, UNIMPLEMENTED,
-                                           ServerCall, ServerConnection, UpstreamGone, header, split_messages,
-                                           status_trailers)
+from tsfleet.router.wire.grpc_upstream import GrpcUpstreamPool, UpstreamCall
+from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, STATUS_OK, GrpcServerConnection, ServerCall, UpstreamGone, header,
+                                           split_messages, status_trailers)
 from tsfleet.router.wire.h2frames import Data
 from tsfleet.router.wire.hpack_codec import Header
 from tsfleet.router.wire.limits import LimitCounters
@@ -26,7 +27,7 @@ class StreamCalls:
     """GrpcRouter's streamed calls (a base class: they use its pool, policy and helpers)."""
 
     policy: RoutingPolicy
-    pool: UpstreamPool
+    pool: GrpcUpstreamPool
     sticky: bytes
     max_held: int
     counters: LimitCounters
@@ -44,7 +45,7 @@ class StreamCalls:
 
         def unreachable(self, exc: Exception | None) -> str: ...
 
-    async def _stream(self, conn: ServerConnection, call: ServerCall, model: str, asked: str,
+    async def _stream(self, conn: GrpcServerConnection, call: ServerCall, model: str, asked: str,
                       payload: bytes | memoryview, decompressed: bool) -> None:
         headers = self._headers(call, STREAM, decompressed)[0]
         sticky = header(call.headers, self.sticky)
@@ -64,14 +65,14 @@ class StreamCalls:
                     if not relay.started and self.policy.after(routed, DROPPED) == RETRY:
                         continue
                     self.policy.answered(routed, DROPPED, mirror=False)
-                    relay.fail(UNAVAILABLE, self.unreachable(exc))
+                    relay.fail(StatusCode.UNAVAILABLE, self.unreachable(exc))
                     return
                 self.policy.answered(routed, outcome(*up.status()), mirror=False)  # streams are not mirrored
                 return
         finally:
             conn.finish(call)
 
-    async def _relay(self, conn: ServerConnection, call: ServerCall) -> None:
+    async def _relay(self, conn: GrpcServerConnection, call: ServerCall) -> None:
         """A call that streams requests: StreamPredictions2 (one version for the whole
         sequence, no retries), or a method the router does not know (passed through)."""
         assert call.queue is not None
@@ -87,12 +88,12 @@ class StreamCalls:
                 if call.cancelled:
                     return
                 if not messages:  # the client ended the sequence before sending anything
-                    conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(OK, ""))
+                    conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(StatusCode.OK, ""))
                     return
                 requests = [self._request(call, f, p) for f, p in messages]
                 if any(r is None for r in requests):
                     conn.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
-                        UNIMPLEMENTED, "the router cannot read this sequence's messages"))
+                        StatusCode.UNIMPLEMENTED, "the router cannot read this sequence's messages"))
                     return
                 model = requests[0].model_name
                 sticky = header(call.headers, self.sticky)
@@ -102,7 +103,7 @@ class StreamCalls:
             try:
                 upstream = await self.pool.connection()
             except UpstreamGone as exc:
-                relay.fail(UNAVAILABLE, self.unreachable(exc))
+                relay.fail(StatusCode.UNAVAILABLE, self.unreachable(exc))
                 return
             up = upstream.start(self._headers(call, call.path, decompressed=rewrite)[0],
                                 b"".join(first) or None, False, relay)
@@ -113,7 +114,7 @@ class StreamCalls:
                     requests = [self._request(call, f, p) for f, p in split_messages(pending)]
                     if any(r is None for r in requests):
                         upstream.fail(up.id, UpstreamGone("unreadable message"), reset=True)
-                        relay.fail(UNIMPLEMENTED, "the router cannot read this sequence's messages")
+                        relay.fail(StatusCode.UNIMPLEMENTED, "the router cannot read this sequence's messages")
                         return
                     chunk = b"".join(self.message_for(model, r.SerializeToString(), version, whole=True)
                                      for r in requests)
@@ -123,8 +124,8 @@ class StreamCalls:
                         upstream.fail(up.id, UpstreamGone("unread"), reset=True)
                         up.done.exception()  # seen: nobody else waits for this call now
                         self.counters.held_bytes += 1
-                        relay.fail(RESOURCE_EXHAUSTED, f"TorchServe has not read the last {self.max_held >> 20} MiB "
-                                                       "of this stream; the router holds no more")
+                        relay.fail(StatusCode.RESOURCE_EXHAUSTED, f"TorchServe has not read the last "
+                                   f"{self.max_held >> 20} MiB of this stream; the router holds no more")
                         return
             if call.cancelled:
                 return
@@ -132,7 +133,7 @@ class StreamCalls:
             try:
                 await up.done
             except UpstreamGone as exc:
-                relay.fail(UNAVAILABLE, self.unreachable(exc))
+                relay.fail(StatusCode.UNAVAILABLE, self.unreachable(exc))
         finally:
             call.upstream = None
             conn.finish(call)

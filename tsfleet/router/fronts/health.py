@@ -24,17 +24,18 @@ import json
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs
 
+from grpc import StatusCode
 from grpc_health.v1 import health_pb2
 
-from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, INVALID_ARGUMENT, NOT_FOUND, OK, STATUS_OK, UNAVAILABLE, ServerCall,
-                                      ServerConnection, UpstreamGone, frame_message, read_message, split_messages,
-                                      status_trailers)
-from tsfleet.router.wire.upstream import UpstreamError, UpstreamPool
+from tsfleet.errors import error_body
+from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, STATUS_OK, GrpcServerConnection, ServerCall, UpstreamGone,
+                                           frame_message, read_message, split_messages, status_trailers)
+from tsfleet.router.wire.upstream import RestUpstreamPool, UpstreamError
 
 if TYPE_CHECKING:
     from tsfleet.router.policy.routing import RoutingTable
     from tsfleet.router.readiness import ModelReadiness
-    from tsfleet.router.wire.grpc_upstream import UpstreamPool as GrpcPool
+    from tsfleet.router.wire.grpc_upstream import GrpcUpstreamPool
 
 LIVE, READY = "/livez", "/readyz"
 CHECK, WATCH = b"/grpc.health.v1.Health/Check", b"/grpc.health.v1.Health/Watch"
@@ -50,7 +51,7 @@ class GrpcRouter(Protocol):
     """What the gRPC health service reads of its front (grpc_front.GrpcRouter)."""
 
     table: RoutingTable
-    pool: GrpcPool
+    pool: GrpcUpstreamPool
     readiness: ModelReadiness | None
     stopping: bool
 
@@ -63,8 +64,8 @@ def alive() -> tuple[int, bytes]:
     return 200, _json({"status": "alive"})
 
 
-def _error(status: int, kind: str, message: str, **more: object) -> tuple[int, bytes]:
-    return status, _json({"code": status, "type": kind, "message": message, **more})
+def _error(status: int, message: str, kind: str | None = None, **more: object) -> tuple[int, bytes]:
+    return status, error_body(status, message, kind, **more)
 
 
 def _models_asked(query: str, readiness: ModelReadiness | None) -> tuple[list[str], bool] | tuple[int, bytes] | None:
@@ -74,21 +75,21 @@ def _models_asked(query: str, readiness: ModelReadiness | None) -> tuple[list[st
         return None
     asked = parse_qs(query, keep_blank_values=True)
     if set(asked) != {"models"} or len(asked["models"]) != 1 or not asked["models"][0].strip(", "):
-        return _error(400, "BadRequest", "/readyz takes one query parameter, models: 'all' or model names "
+        return _error(400, "/readyz takes one query parameter, models: 'all' or model names "
                       "separated by commas (e.g. /readyz?models=all)")
     if readiness is None:
-        return _error(404, "NotFound", "this router does not check models' readiness")
+        return _error(404, "this router does not check models' readiness")
     names = [m.strip() for m in asked["models"][0].split(",") if m.strip()]
     if names == ["all"]:
         return sorted(readiness.table.routes), True
     unknown = readiness.unknown(names)
     if unknown:
-        return _error(404, "ModelNotFound", f"unknown model(s) {', '.join(map(repr, unknown))}: the router routes "
-                      + ", ".join(sorted(readiness.table.routes)))
+        return _error(404, f"unknown model(s) {', '.join(map(repr, unknown))}: the router routes "
+                      + ", ".join(sorted(readiness.table.routes)), "ModelNotFound")
     return names, False
 
 
-async def rest_ready(pool: UpstreamPool, upstream: str, query: str = "",
+async def rest_ready(pool: RestUpstreamPool, upstream: str, query: str = "",
                      readiness: ModelReadiness | None = None) -> tuple[int, bytes]:
     """(status, body) of ``/readyz``: 200 when TorchServe answers at ``upstream`` (and, when
     the query names models, each has a worker ready where its traffic goes), else 503."""
@@ -99,15 +100,14 @@ async def rest_ready(pool: UpstreamPool, upstream: str, query: str = "",
         await pool.request("GET", "/ping", [], b"", PROBE_TIMEOUT_S)
     except (UpstreamError, asyncio.TimeoutError) as exc:
         reason = f"no answer within {PROBE_TIMEOUT_S:.0f} s" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-        return _error(503, "ServiceUnavailable", f"not ready: TorchServe is not reachable at {upstream}: {reason}")
+        return _error(503, f"not ready: TorchServe is not reachable at {upstream}: {reason}")
     if asked is None or readiness is None:
         return 200, _json({"status": "ready", "torchserve": upstream})
     models, everything = asked
     found = await readiness.check(models, workflows=everything)
     more = {"workflows": found.workflows} if found.workflows is not None else {}
     if not found.ready:
-        return _error(503, "ServiceUnavailable", "not ready: " + "; ".join(found.problems), models=found.versions,
-                      **more)
+        return _error(503, "not ready: " + "; ".join(found.problems), models=found.versions, **more)
     return 200, _json({"status": "ready", "torchserve": upstream, "models": found.versions, **more})
 
 
@@ -126,7 +126,7 @@ def _service(call: ServerCall) -> str | None:
     return None if request is None else request.service
 
 
-async def _torchserve_answers(pool: GrpcPool) -> bool:
+async def _torchserve_answers(pool: GrpcUpstreamPool) -> bool:
     """Whether TorchServe answers a Ping with no key (PERMISSION_DENIED is an answer)."""
     try:
         conn = await asyncio.wait_for(pool.connection(), PROBE_TIMEOUT_S)
@@ -159,34 +159,35 @@ async def _status(router: GrpcRouter, service: str) -> int:
     return SERVING if (await router.readiness.check([service])).ready else NOT_SERVING
 
 
-async def grpc_check(router: GrpcRouter, conn: ServerConnection, call: ServerCall) -> None:
+async def grpc_check(router: GrpcRouter, conn: GrpcServerConnection, call: ServerCall) -> None:
     """Answer one ``grpc.health.v1.Health/Check``: "" is liveness, SERVICE readiness, a
     model's name that model's readiness."""
     try:
-        code, message, status = OK, "", SERVING
+        code, message, status = StatusCode.OK, "", SERVING
         service = _service(call)
         if service is None:
-            code, message = INVALID_ARGUMENT, "the router cannot read this HealthCheckRequest"
+            code, message = StatusCode.INVALID_ARGUMENT, "the router cannot read this HealthCheckRequest"
         elif not _known(router, service):
-            code, message = NOT_FOUND, (f"unknown service {service!r}: the router checks '' (itself), {SERVICE!r}"
-                                        + (" and the models it routes" if router.readiness is not None else ""))
+            also = " and the models it routes" if router.readiness is not None else ""
+            code, message = StatusCode.NOT_FOUND, f"unknown service {service!r}: the router checks '' (itself), " \
+                                                  f"{SERVICE!r}{also}"
         else:
             status = await _status(router, service)
         answer = health_pb2.HealthCheckResponse(status=status).SerializeToString()
-        conn.send(call.id, [STATUS_OK, GRPC_TYPE], frame_message(answer) if code == OK else None,
+        conn.send(call.id, [STATUS_OK, GRPC_TYPE], frame_message(answer) if code is StatusCode.OK else None,
                   status_trailers(code, message))
     finally:
         conn.finish(call)
 
 
-async def grpc_watch(router: GrpcRouter, conn: ServerConnection, call: ServerCall) -> None:
+async def grpc_watch(router: GrpcRouter, conn: GrpcServerConnection, call: ServerCall) -> None:
     """Answer one ``grpc.health.v1.Health/Watch``: the status now, then each change (looked
     at every WATCH_PERIOD_S), until the client goes away or the router stops."""
     try:
         service = _service(call)
         if service is None:
             conn.send(call.id, [STATUS_OK, GRPC_TYPE],
-                      trailers=status_trailers(INVALID_ARGUMENT, "the router cannot read this HealthCheckRequest"))
+                      trailers=status_trailers(StatusCode.INVALID_ARGUMENT, "the router cannot read this HealthCheckRequest"))
             return
         conn.send(call.id, [STATUS_OK, GRPC_TYPE])
         last = None
@@ -200,6 +201,6 @@ async def grpc_watch(router: GrpcRouter, conn: ServerConnection, call: ServerCal
                 last = status
             await asyncio.sleep(WATCH_PERIOD_S)
         if not call.cancelled:
-            conn.send(call.id, trailers=status_trailers(UNAVAILABLE, "the router is stopping"))
+            conn.send(call.id, trailers=status_trailers(StatusCode.UNAVAILABLE, "the router is stopping"))
     finally:
         conn.finish(call)

@@ -13,6 +13,7 @@ import ssl
 from typing import Any, Awaitable, Callable, Coroutine
 from urllib.parse import quote, unquote, urlsplit
 
+from tsfleet.errors import error_body
 from tsfleet.router.fronts import health
 from tsfleet.router.wire.http1 import ROUTER_ERROR, Listener, Reply, Request, Response
 from tsfleet.router.wire.limits import LimitCounters, RouterLimits
@@ -21,7 +22,7 @@ from tsfleet.router.readiness import ModelReadiness
 from tsfleet.router.policy.attempts import (CLIENT_FAULT, DROPPED, KEY_REFUSED, NOT_FOUND, OK, RENEW, RETRY, SERVER_FAULT,
                                             Routed, RoutingPolicy)
 from tsfleet.router.policy.routing import RoutingTable
-from tsfleet.router.wire.upstream import UpstreamError, UpstreamPool
+from tsfleet.router.wire.upstream import RestUpstreamPool, UpstreamError
 
 log = logging.getLogger(__name__)
 # TorchServe's words for a request that a dying or retiring worker dropped: safe to retry,
@@ -65,7 +66,7 @@ def _for_client(resp: Response) -> Response:
         said = json.loads(resp.body).get("message", "")
     except (ValueError, AttributeError):
         said = ""
-    return Response(400, _body(400, "BadRequest", f"the form body could not be read: {said}".rstrip(": ")), JSON)
+    return Response(400, error_body(400, f"the form body could not be read: {said}".rstrip(": ")), JSON)
 
 
 def _quoted(name: str) -> str:
@@ -87,10 +88,6 @@ def _with_authorization(lines: list[bytes], value: bytes) -> list[bytes]:
     return [b"Authorization: " + value if line[:14].lower() == b"authorization:" else line for line in lines]
 
 
-def _body(status: int, kind: str, message: str) -> bytes:
-    return json.dumps({"code": status, "type": kind, "message": message}).encode()
-
-
 class RestRouter:
     """Forwards inference calls to TorchServe at ``upstream``; ``start`` listens."""
 
@@ -106,7 +103,7 @@ class RestRouter:
         self.policy = RoutingPolicy(table, timeout_s, min_attempt_s, latency_factor)
         url = urlsplit(self.upstream)
         secure = url.scheme == "https"  # TorchServe configured with its own certificate
-        self.pool = UpstreamPool(url.hostname or "127.0.0.1", url.port or (443 if secure else 80),
+        self.pool = RestUpstreamPool(url.hostname or "127.0.0.1", url.port or (443 if secure else 80),
                                  ssl=ssl.create_default_context() if secure else None)
         # router.limits (limits.py; ``max_body``, when given, in place of its body_bytes).
         self.listener = Listener(self.handle, max_body, fast=self.route, limits=limits, counters=counters)
@@ -194,14 +191,14 @@ class RestRouter:
                     # The fleet declares it: TorchServe was started again and `up` (or a pod's
                     # start) has not registered it yet. Not found would be the wrong answer
                     # for a client to act on; the outage's own 503 is the right one.
-                    return 503, _body(503, "ServiceUnavailable", f"workflow {name} is not registered in TorchServe "
-                                      f"at {self.upstream} yet (started again?); try again shortly"), JSON
+                    return 503, error_body(503, f"workflow {name} is not registered in TorchServe at "
+                                           f"{self.upstream} yet (started again?); try again shortly"), JSON
             return resp.status, resp.body, resp.headers
 
     def _unreachable(self, exc: BaseException) -> tuple[int, bytes, list[bytes]]:
         if isinstance(exc, asyncio.TimeoutError):
-            return 504, _body(504, "GatewayTimeout", f"no answer from TorchServe within {self.timeout_s:.0f} s"), JSON
-        return 503, _body(503, "ServiceUnavailable", f"TorchServe is not reachable at {self.upstream}: {exc}"), JSON
+            return 504, error_body(504, f"no answer from TorchServe within {self.timeout_s:.0f} s"), JSON
+        return 503, error_body(503, f"TorchServe is not reachable at {self.upstream}: {exc}"), JSON
 
     def predict(self, request: Request, model: str, explicit: str | None, query: str, reply: Reply) -> None:
         """Route one inference call; it is all callbacks (upstream.py says why), but for a key

@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from prometheus_client.exposition import generate_latest
+
 from tsfleet.errors import FleetError
 from tsfleet.files import write_atomically
-from tsfleet.router.policy.stats import BUCKETS, ArmStats
+from tsfleet.router.policy.arm_metrics import ArmMetrics
+from tsfleet.router.policy.stats import ArmStats
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -354,31 +356,6 @@ class RoutingTable:
         return out
 
     def prometheus(self) -> str:
-        lines = []
-        for name, attr, help_ in (
-            ("tsfleet_router_requests_total", "requests", "Requests answered per arm."),
-            ("tsfleet_router_errors_total", "errors", "5xx or unreachable answers per arm."),
-            ("tsfleet_router_retries_total", "retries", "Requests retried once after a dropped worker."),
-            ("tsfleet_router_shadow_requests_total", "shadow_requests", "Requests mirrored to a shadow."),
-            ("tsfleet_router_shadow_disagreements_total", "shadow_disagreements", "Shadow answers that differed."),
-        ):
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
-            for (model, version), st in sorted(self.stats.items()):
-                lines.append(f'{name}{{model="{model}",version="{version}"}} {getattr(st, attr)}')
-        lines += ["# HELP tsfleet_router_latency_seconds Latency per arm.",
-                  "# TYPE tsfleet_router_latency_seconds histogram"]
-        for (model, version), st in sorted(self.stats.items()):
-            acc = 0
-            for bound, n in zip((*BUCKETS, float("inf")), st.buckets):
-                acc += n
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'tsfleet_router_latency_seconds_bucket{{model="{model}",version="{version}",le="{le}"}} {acc}')
-            lines.append(f'tsfleet_router_latency_seconds_sum{{model="{model}",version="{version}"}} {st.latency_sum}')
-            lines.append(f'tsfleet_router_latency_seconds_count{{model="{model}",version="{version}"}} {st.requests}')
-        lines += ["# HELP tsfleet_router_rollbacks_total Automatic rollbacks of a candidate.",
-                  "# TYPE tsfleet_router_rollbacks_total counter"]
-        # Every arm from 0, so that increase() sees the first rollback too.
-        arms = {(m, v): 0 for m, r in self.routes.items() for v in {*r.versions, *r.weights, r.baseline}}
-        for (model, version), n in sorted({**arms, **self.rollbacks_total}.items()):
-            lines.append(f'tsfleet_router_rollbacks_total{{model="{model}",version="{version}"}} {n}')
-        return "\n".join(lines) + "\n"
+        """This table's statistics as /metrics text (arm_metrics.py; the router's whole
+        /metrics adds its other collectors, router/app.py)."""
+        return generate_latest(ArmMetrics(self)).decode()

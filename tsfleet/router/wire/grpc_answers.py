@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, NOT_FOUND_MARKS, STATUS_OK, ServerCall, ServerConnection, header,
-                                           status_trailers)
+from grpc import StatusCode
+
+from tsfleet.router.wire.grpc_wire import (GRPC_TYPE, NOT_FOUND_MARKS, STATUS_OK, WIRE_CODES, GrpcServerConnection,
+                                           ServerCall, header, status_trailers)
 from tsfleet.router.wire.h2frames import ENHANCE_YOUR_CALM
 from tsfleet.router.wire.hpack_codec import Header
+
+_INTERNAL, _NOT_FOUND = WIRE_CODES[StatusCode.INTERNAL], WIRE_CODES[StatusCode.NOT_FOUND]  # as sent: b"13", b"5"
 
 
 class UpstreamAnswer(Protocol):
@@ -30,18 +34,18 @@ def answer_headers(up: UpstreamAnswer, extra: list[Header]) -> tuple[list[Header
 def _whose_fault(trailers: list[Header]) -> list[Header]:
     """TorchServe's INTERNAL for a model or version it does not have is the client's
     NOT_FOUND: a client must not read it as a server fault (nor retry it)."""
-    if header(trailers, b"grpc-status") != b"13":  # every answer passes here: the common case first
+    if header(trailers, b"grpc-status") != _INTERNAL:  # every answer passes here: the common case first
         return trailers
     message = header(trailers, b"grpc-message") or b""
     if any(mark.encode() in message for mark in NOT_FOUND_MARKS):
-        return [(name, b"5" if name == b"grpc-status" else value) for name, value in trailers]
+        return [(name, _NOT_FOUND if name == b"grpc-status" else value) for name, value in trailers]
     return trailers
 
 
 class Relay:
     """Passes an upstream answer on to the client as it comes (streams)."""
 
-    def __init__(self, conn: ServerConnection, call: ServerCall, extra: list[Header]):
+    def __init__(self, conn: GrpcServerConnection, call: ServerCall, extra: list[Header]):
         self.conn, self.call, self.stream, self.extra, self.started = conn, call, call.id, extra, False
 
     def on_headers(self, headers: list[Header], end: bool) -> None:
@@ -66,7 +70,8 @@ class Relay:
             self.conn.reset(self.stream, ENHANCE_YOUR_CALM)
             self.call.cancel()
 
-    def fail(self, code: int, message: str) -> None:
+    def fail(self, code: StatusCode, message: str) -> None:
+        """End the answer with ``code`` and ``message`` (its headers first, if none went yet)."""
         head = None if self.started else [STATUS_OK, GRPC_TYPE] + self.extra
         self.started = True
         self.conn.send(self.stream, head, trailers=status_trailers(code, message))

@@ -12,14 +12,17 @@ import logging
 from typing import Callable, Protocol
 from urllib.parse import unquote_to_bytes
 
+from grpc import StatusCode
+
 from tsfleet.router.wire.deadlines import Deadlines
-from tsfleet.router.wire.grpc_wire import INTERNAL, UNKNOWN, UpstreamGone, header
+from tsfleet.router.wire.grpc_wire import CODES, UpstreamGone, header
 from tsfleet.router.wire.h2frames import CANCEL, Data
 from tsfleet.router.wire.hpack_codec import Header
 from tsfleet.router.wire.http2 import Http2Connection
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
+_UNKNOWN = StatusCode.UNKNOWN
 
 
 class Sink(Protocol):
@@ -47,20 +50,23 @@ class UpstreamCall:
         self.trailers: list[Header] = []
         self.body = bytearray()
 
-    def status(self) -> tuple[int, str]:
-        """(grpc-status, grpc-message) of a finished call."""
+    def status(self) -> tuple[StatusCode, str]:
+        """(grpc-status, grpc-message) of a finished call. A number no StatusCode has is
+        UNKNOWN, as gRPC's own clients read it."""
         code = header(self.trailers, b"grpc-status")
         if code is None:
             http = header(self.headers or [], b":status") or b"?"
-            return (UNKNOWN if http == b"200" else INTERNAL), f"TorchServe answered HTTP {http.decode()} without a gRPC status"
+            return (StatusCode.UNKNOWN if http == b"200" else StatusCode.INTERNAL), \
+                f"TorchServe answered HTTP {http.decode()} without a gRPC status"
         message = header(self.trailers, b"grpc-message") or b""
-        return int(code), unquote_to_bytes(message).decode(errors="replace") if message else ""
+        # A look-up of the bytes as sent (cheaper than int() of them): this runs for every answer.
+        return CODES.get(code, _UNKNOWN), unquote_to_bytes(message).decode(errors="replace") if message else ""
 
 
 class UpstreamConnection(Http2Connection):
     client_side = True
 
-    def __init__(self, pool: "UpstreamPool"):
+    def __init__(self, pool: "GrpcUpstreamPool"):
         super().__init__()
         self.pool = pool
         self.calls: dict[int, UpstreamCall] = {}
@@ -148,7 +154,7 @@ class UpstreamConnection(Http2Connection):
             self.fail(stream, UpstreamGone(f"connection to TorchServe lost ({reason})"))
 
 
-class UpstreamPool:
+class GrpcUpstreamPool:
     """One multiplexed HTTP/2 connection to TorchServe's gRPC port, made again when it goes."""
 
     def __init__(self, host: str, port: int):

@@ -11,6 +11,7 @@ import asyncio
 from typing import Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
+from grpc import StatusCode
 
 from tsfleet.router.wire import hpack_codec
 from tsfleet.router.wire.grpc_inflate import MessageTooLarge, NotEncoded, decompress
@@ -20,8 +21,10 @@ from tsfleet.router.wire.hpack_codec import Header, TooLarge
 from tsfleet.router.wire.http2 import Http2Connection
 from tsfleet.router.wire.limits import DEFAULT_LIMITS, LimitCounters, RouterLimits, size
 
-OK, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND = 0, 2, 3, 4, 5
-RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
+# grpc-status on the wire is the code's number (StatusCode.X.value[0]) in decimal; both ways
+# are table look-ups made once here (an enum member's .value is a Python-level property).
+WIRE_CODES = {code: str(code.value[0]).encode() for code in StatusCode}
+CODES = {wire: code for code, wire in WIRE_CODES.items()}
 M = TypeVar("M", bound=Message)
 # TorchServe's exception names for a model or version it does not have, which it answers INTERNAL.
 NOT_FOUND_MARKS = ("ModelNotFoundException", "ModelVersionNotFoundException")
@@ -68,8 +71,9 @@ def _percent(message: str) -> bytes:
                     for b in message.encode())
 
 
-def status_trailers(code: int, message: str) -> list[Header]:
-    return [(b"grpc-status", str(code).encode()), (b"grpc-message", _percent(message))]
+def status_trailers(code: StatusCode, message: str) -> list[Header]:
+    """The trailers of an answer the router makes itself: ``code`` and ``message``."""
+    return [(b"grpc-status", WIRE_CODES[code]), (b"grpc-message", _percent(message))]
 
 
 def header(headers: list[Header], name: bytes) -> bytes | None:
@@ -103,9 +107,9 @@ class Dispatcher(Protocol):
 
     stopping: bool
 
-    def opened(self, conn: "ServerConnection", call: "ServerCall") -> None: ...
+    def opened(self, conn: "GrpcServerConnection", call: "ServerCall") -> None: ...
 
-    def ended(self, conn: "ServerConnection", call: "ServerCall") -> None: ...
+    def ended(self, conn: "GrpcServerConnection", call: "ServerCall") -> None: ...
 
 
 class ServerCall:
@@ -146,7 +150,7 @@ _UNCOUNTED = LimitCounters()  # where a connection made without a router's count
 _FLOODS = {RST_STREAM: "resets_per_second", PING: "pings_per_second", SETTINGS: "settings_per_second"}
 
 
-class ServerConnection(Http2Connection):
+class GrpcServerConnection(Http2Connection):
     """A client's connection: each new stream is a call handed to the dispatcher.
 
     Its limits are ``limits``'s (router.limits, limits.py), read once here; without them the
@@ -165,7 +169,7 @@ class ServerConnection(Http2Connection):
     max_connections = DEFAULT_LIMITS.connections
     head_timeout, body_timeout = DEFAULT_LIMITS.head_timeout_s, DEFAULT_LIMITS.body_timeout_s
 
-    def __init__(self, dispatcher: Dispatcher, connections: set["ServerConnection"],
+    def __init__(self, dispatcher: Dispatcher, connections: set["GrpcServerConnection"],
                  limits: RouterLimits | None = None, counters: LimitCounters = _UNCOUNTED):
         super().__init__()
         if limits is not None:
@@ -236,7 +240,7 @@ class ServerConnection(Http2Connection):
             self._drop(call.id)
             self.counters.body_timeout_s += 1
             self.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
-                DEADLINE_EXCEEDED, f"the request was not received whole within {self.body_timeout:g} s"))
+                StatusCode.DEADLINE_EXCEEDED, f"the request was not received whole within {self.body_timeout:g} s"))
             self.reset(call.id, NO_ERROR)  # read no more of it
             call.cancel()
         self.deadlines = self.loop.call_later(self._period(), self._check_deadlines)
@@ -293,7 +297,7 @@ class ServerConnection(Http2Connection):
         self.last_stream = stream
         self.open_stream(stream)
         self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(
-            RESOURCE_EXHAUSTED, f"metadata over the router's {self.header_list_in}-byte header list limit"))
+            StatusCode.RESOURCE_EXHAUSTED, f"metadata over the router's {self.header_list_in}-byte header list limit"))
         if not end:
             self.reset(stream, NO_ERROR)  # read no more of it
 
@@ -342,7 +346,7 @@ class ServerConnection(Http2Connection):
             self._drop(call.id)
             if isinstance(exc, MessageTooLarge):
                 self.counters.message_bytes += 1
-            code = RESOURCE_EXHAUSTED if isinstance(exc, MessageTooLarge) else INVALID_ARGUMENT
+            code = StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, MessageTooLarge) else StatusCode.INVALID_ARGUMENT
             self.send(call.id, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(code, str(exc)))
             return False
 
@@ -352,7 +356,7 @@ class ServerConnection(Http2Connection):
         self.counters.hit("message_bytes" if over else "buffered_bytes")
         why = f"request larger than the router's {size(self.max_request)}" if over else \
             f"this connection's requests hold over {self.max_buffered >> 20} MiB of the router's memory"
-        self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(RESOURCE_EXHAUSTED, why))
+        self.send(stream, [STATUS_OK, GRPC_TYPE], trailers=status_trailers(StatusCode.RESOURCE_EXHAUSTED, why))
         self.reset(stream, NO_ERROR)  # read no more of it
 
     def _end(self, call: ServerCall) -> None:

@@ -11,12 +11,12 @@ http1_messages.py; this module moves bytes and keeps connections.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import replace
 from typing import Awaitable, Callable
 
-from tsfleet.router.wire.http1_messages import REASONS, HttpError, Request, Response, encode_response
+from tsfleet.errors import error_body
+from tsfleet.router.wire.http1_messages import HttpError, Request, Response, encode_response
 from tsfleet.router.wire.http1_requests import RequestReader
 from tsfleet.router.wire.limits import DEFAULT_LIMITS, LimitCounters, RouterLimits
 
@@ -26,7 +26,8 @@ MAX_CONNECTIONS = DEFAULT_LIMITS.connections  # per router process; each holds a
 # past the connection's head_bytes, whichever comes first).
 MAX_QUEUED = 16
 _UNCOUNTED = LimitCounters()  # where a connection made without a Listener's counters counts
-__all__ = ["HttpError", "Listener", "Request", "Response", "ServerConnection", "ROUTER_ERROR", "Reply", "Fast", "Handler"]
+__all__ = ["HttpError", "Listener", "Request", "Response", "Http1ServerConnection", "ROUTER_ERROR", "Reply", "Fast",
+           "Handler"]
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -34,17 +35,18 @@ Reply = Callable[[Request, Response], None]
 # Takes a request it can answer without a task (True) and answers it later through the
 # reply callback; False leaves the request to the (async) handler.
 Fast = Callable[[Request, Reply], bool]
-ROUTER_ERROR = Response(500, b'{"code": 500, "type": "InternalServerError", "message": "router error"}',
-                        [b"Content-Type: application/json"])
+ROUTER_ERROR = Response(500, error_body(500, "router error"), [b"Content-Type: application/json"])
+# Made once: a flood of connections past the cap is answered with it, each.
+TOO_MANY = Response(503, error_body(503, "too many connections to this router process"), [b"Content-Type: application/json"])
 
 
-class ServerConnection(asyncio.Protocol):
+class Http1ServerConnection(asyncio.Protocol):
     """One client connection: requests are answered in order, one at a time (pipelining safe).
     Its limits are ``limits``'s (``max_body`` and ``max_connections``, when given, in place of
     theirs), read once here; each that fires is counted in ``counters``."""
 
-    def __init__(self, handler: Handler, max_body: int | None, registry: set[ServerConnection], fast: Fast | None = None,
-                 max_connections: int | None = None, limits: RouterLimits = DEFAULT_LIMITS,
+    def __init__(self, handler: Handler, max_body: int | None, registry: set[Http1ServerConnection],
+                 fast: Fast | None = None, max_connections: int | None = None, limits: RouterLimits = DEFAULT_LIMITS,
                  counters: LimitCounters = _UNCOUNTED):
         self.handler, self.registry, self.fast, self.counters = handler, registry, fast, counters
         self.max_body = limits.body_bytes if max_body is None else max_body
@@ -68,8 +70,7 @@ class ServerConnection(asyncio.Protocol):
         if len(self.registry) >= self.max_connections:
             self.refused = True
             self.counters.connections += 1
-            body = b'{"code": 503, "type": "ServiceUnavailable", "message": "too many connections to this router process"}'
-            transport.write(encode_response(Response(503, body, [b"Content-Type: application/json"]), False))  # type: ignore[attr-defined]
+            transport.write(encode_response(TOO_MANY, False))  # type: ignore[attr-defined]
             transport.close()
             return
         self.transport = transport  # type: ignore[assignment]
@@ -194,8 +195,7 @@ class ServerConnection(asyncio.Protocol):
         self.reading_since = None  # answered: no deadline of its request can fire again
         if self.transport is None:
             return
-        kind = REASONS.get(status, b"Error").decode().title().replace(" ", "").replace("-", "")
-        body = json.dumps({"code": status, "type": kind, "message": message}).encode()
+        body = error_body(status, message)
         self.transport.write(encode_response(Response(status, body, [b"Content-Type: application/json"]), False))
         self.transport.close()
 
@@ -223,12 +223,12 @@ class Listener:
         self.max_body, self.idle_timeout = self.limits.body_bytes, self.limits.idle_timeout_s
         self.head_timeout, self.body_timeout = self.limits.head_timeout_s, self.limits.body_timeout_s
         self.read_timeout, self.max_connections = self.body_timeout, self.limits.connections
-        self.connections: set[ServerConnection] = set()
+        self.connections: set[Http1ServerConnection] = set()
         self.server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def _connection(self) -> ServerConnection:
-        return ServerConnection(self.handler, None, self.connections, self.fast, None, self.limits, self.counters)
+    def _connection(self) -> Http1ServerConnection:
+        return Http1ServerConnection(self.handler, None, self.connections, self.fast, None, self.limits, self.counters)
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen on host:port (0: any free port); returns the port. ``reuse_port``: share

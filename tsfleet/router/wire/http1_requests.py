@@ -43,7 +43,7 @@ class RequestReader:
     appended to ``requests``. HttpError for a request refused (its ``limit``: the router limit
     it is over, if that is why); after it, or after a request that closes the connection,
     nothing more is read. llhttp consumes every byte fed: the caller holds back what it feeds
-    while the requests read pile up (http1.ServerConnection pauses the transport)."""
+    while the requests read pile up (http1.Http1ServerConnection pauses the transport)."""
 
     __slots__ = ("parser", "requests", "max_body", "max_head", "max_headers", "max_trailers", "open", "head_done",
                  "expect", "stopped", "method", "url", "headers", "forward", "parts", "size", "hops",

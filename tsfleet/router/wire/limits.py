@@ -3,11 +3,11 @@ client gets when it fires; and a counter per limit, exported in ``/metrics``.
 
 ``RouterLimits`` is fleet.yaml's ``router.limits`` (tsfleet/manifest.py reads and checks it).
 Every wire class a client talks to (http1.Listener and its connections, grpc_wire's
-ServerConnection) reads the values it needs into attributes once per connection, so the
+GrpcServerConnection) reads the values it needs into attributes once per connection, so the
 per-frame and per-request paths cost what they did when these were module constants. Each
 field's ``metadata`` says which fronts it applies to, what it protects and each front's
-answer: ``python -m tsfleet.router.wire.limits`` prints README's table from it, and a unit
-test fails when the README drifts.
+answer: ``python -m tsfleet.router.wire.limits`` prints docs/router.md's table from it, and a unit
+test fails when that page drifts.
 
 ``LimitCounters`` counts, per front (``rest``, ``grpc``) of one process, how often each limit
 fired: one integer add where it fires. A router of several processes adds the fronts'
@@ -16,7 +16,11 @@ counts up in the leader (router/processes.py), so ``/metrics`` shows every proce
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 KIB, MIB = 1 << 10, 1 << 20
 
@@ -30,7 +34,7 @@ def _limit(default: float, protects: str, rest: str | None = None, grpc: str | N
 @dataclass(frozen=True, slots=True)
 class RouterLimits:
     """Per router process; every value must be positive. The defaults are safe for a router on
-    loopback or behind a load balancer; the README's table says what each protects."""
+    loopback or behind a load balancer; docs/router.md's table says what each protects."""
 
     # Sockets and buffers of one process: REST and gRPC connections, each up to this many.
     connections: int = _limit(
@@ -156,17 +160,30 @@ class LimitCounters:
                 setattr(self, name, getattr(self, name) + int(n))
 
 
+class LimitHits(Collector):
+    """``tsfleet_router_limit_hits_total`` by limit and front, read at scrape time: the sum of
+    ``sources()`` (each maps a front to its counters: this process's, and what the fronts
+    sent the leader)."""
+
+    def __init__(self, sources: Callable[[], Iterable[Mapping[str, LimitCounters]]]):
+        self.sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        """One family, a sample for every limit of each front (0 until one fires)."""
+        sources = list(self.sources())
+        family = CounterMetricFamily("tsfleet_router_limit_hits_total",
+                                     "Requests, calls and connections a router limit refused or closed "
+                                     "(fleet.yaml router.limits), by limit and front.", labels=("limit", "front"))
+        for front in FRONTS:
+            for name in OF_FRONT[front]:
+                family.add_metric((name, front), sum(getattr(source[front], name) for source in sources
+                                                     if front in source))
+        yield family
+
+
 def prometheus(*sources: Mapping[str, LimitCounters]) -> str:
-    """``tsfleet_router_limit_hits_total`` by limit and front: the sum of ``sources`` (each maps
-    a front to its counters: this process's, and what the fronts sent the leader)."""
-    lines = ["# HELP tsfleet_router_limit_hits_total Requests, calls and connections a router limit refused "
-             "or closed (fleet.yaml router.limits), by limit and front.",
-             "# TYPE tsfleet_router_limit_hits_total counter"]
-    for front in FRONTS:
-        for name in OF_FRONT[front]:
-            total = sum(getattr(source[front], name) for source in sources if front in source)
-            lines.append(f'tsfleet_router_limit_hits_total{{limit="{name}",front="{front}"}} {total}')
-    return "\n".join(lines) + "\n"
+    """LimitHits over ``sources`` as /metrics text."""
+    return generate_latest(LimitHits(lambda: sources)).decode()
 
 
 def _value(f: Any) -> str:
@@ -179,7 +196,7 @@ def _value(f: Any) -> str:
 
 
 def table() -> str:
-    """README's table of the limits, from the fields above."""
+    """docs/router.md's table of the limits, from the fields above."""
     lines = ["| limit (`router.limits`) | default | protects | REST answer | gRPC answer |", "|---|---|---|---|---|"]
     for f in fields(RouterLimits):
         lines.append(f"| `{f.name}` | {_value(f)} | {f.metadata['protects']} | {f.metadata['rest'] or '-'} "

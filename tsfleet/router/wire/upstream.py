@@ -33,7 +33,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "buf", "head", "body", "received", "closed", "head_only",
                  "done", "deadline", "message", "reused")
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: RestUpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -122,7 +122,7 @@ class _Connection(asyncio.Protocol):
             self.pool._finished(self, None, exc, done)
 
 
-class UpstreamPool:
+class RestUpstreamPool:
     """Keep-alive connections to one HTTP server, each carrying one exchange at a time."""
 
     def __init__(self, host: str, port: int, max_idle: int = 256, ssl: ssl_module.SSLContext | None = None):
