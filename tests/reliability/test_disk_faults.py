@@ -111,6 +111,16 @@ def test_the_saved_routes_survive_a_disk_that_takes_no_more(small_disk: Path, fa
     with pytest.raises(StorageError, match=f"^cannot write {re.escape(str(state))}: {cause}\\b") as refused:
         table.set_weights("m", {"1.0": 100})
     assert refused.value.http_status == 507
+    # ...and taken back, whole: the rollback's weights and record live as before, routing as
+    # before (one change of the admin API's, in several steps, likewise).
+    assert table.routes["m"].weights == {"1.0": 50.0, "1.1": 0.0} and table.routes["m"].rolled_back
+    with pytest.raises(StorageError, match=f"^cannot write {re.escape(str(state))}: {cause}\\b"):
+        with table.taken_back_on_failure("m"):
+            table.set_shadow("m", "1.1", 0.5)
+            table.set_weights("m", {"1.0": 10, "1.1": 90})
+    assert table.routes["m"].weights == {"1.0": 50.0, "1.1": 0.0} and table.routes["m"].rolled_back
+    assert table.routes["m"].shadow is None
+    assert all(table.choose("m").version == "1.0" for _ in range(10))
 
     assert state.read_bytes() == before
     assert names(small_disk) == (["filler", "router_state.json"] if fault == "full" else ["router_state.json"])

@@ -59,11 +59,14 @@ def test_a_change_the_disk_refuses_is_a_507_in_the_error_s_words(tmp_path: Path,
             raise full
 
         api.table.save, api.rotate = refuse, rotate
+        before = {m: (dict(r.weights), r.baseline) for m, r in api.table.routes.items()}
         answer, _ = await exchange(port, request_line + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + AUTH
                                    + b"Content-Length: %d\r\n\r\n" % len(body) + body)
         assert answer.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n"), answer
         assert b"\r\nContent-Type: application/json; charset=utf-8\r\n" in answer
         assert body_of(answer) == {"code": 507, "type": "InsufficientStorage", "message": str(full)}
+        # Refused is refused: the change is not live either (the routes are as they were).
+        assert {m: (dict(r.weights), r.baseline) for m, r in api.table.routes.items()} == before
 
     serve(test)
 

@@ -128,12 +128,13 @@ class AdminApi:
             # nothing but version strings and finite numbers reaches the routes, which the
             # request path and GET /routes (strict JSON: no NaN) rely on.
             weights, baseline, shadow, aliases = _checked_change(doc, self.table.routes[model].weights)
-            if "weights" in doc or "baseline" in doc:
-                self.table.set_weights(model, weights, baseline)
-            if "shadow" in doc:
-                self.table.set_shadow(model, *shadow)
-            if "aliases" in doc:
-                self.table.set_aliases(model, aliases)
+            with self.table.taken_back_on_failure(model):  # a save the disk refuses: none of it holds
+                if "weights" in doc or "baseline" in doc:
+                    self.table.set_weights(model, weights, baseline)
+                if "shadow" in doc:
+                    self.table.set_shadow(model, *shadow)
+                if "aliases" in doc:
+                    self.table.set_aliases(model, aliases)
         except (ValueError, TypeError) as exc:
             return _error(400, f"{model}: {exc}")
         if self.settled is not None:

@@ -7,14 +7,16 @@ and the baseline last, so raising a candidate from 10 to 20 moves only the users
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from prometheus_client.exposition import generate_latest
 
@@ -24,6 +26,8 @@ from tsfleet.router.policy.arm_metrics import ArmMetrics
 from tsfleet.router.policy.stats import ArmStats
 
 log = logging.getLogger(__name__)
+# What a person changes in a route (the admin API), as opposed to what the manifest sets.
+LIVE_PARTS = ("baseline", "weights", "shadow", "shadow_share", "rolled_back", "aliases")
 
 
 @dataclass
@@ -282,17 +286,36 @@ class RoutingTable:
         self.save(quiet=True)
         return route.rolled_back
 
+    @contextmanager
+    def taken_back_on_failure(self, model: str) -> Iterator[Route]:
+        """A person's change to ``model``'s route, in one step or several (the admin API's
+        PUT): if it raises (its save refused by a full or read-only disk), all of it is taken
+        back and the fronts told again, so a refused change is not live either. Not for the
+        router's own changes in a request's path (a rollback), which hold unsaved."""
+        route = self.routes[model]
+        before = {key: copy.deepcopy(getattr(route, key)) for key in LIVE_PARTS}
+        try:
+            yield route
+        except BaseException:
+            with self._lock:
+                for key, value in before.items():
+                    setattr(route, key, value)
+                self._swrr.pop(model, None)
+            self.save(quiet=True)  # the fronts and, if the disk takes it now, the file
+            raise
+
     def set_weights(self, model: str, weights: dict[str, float], baseline: str | None = None) -> Route:
         route = self.routes[model]
         if any(w < 0 or w > 100 for w in weights.values()) or not any(w > 0 for w in weights.values()):
             raise ValueError("weights must be between 0 and 100, and at least one above 0")
-        with self._lock:
-            route.weights = {str(v): float(w) for v, w in weights.items()}
-            if baseline:
-                route.baseline = baseline
-            route.rolled_back = None  # a person decided the split; the old event is history
-            self._swrr.pop(model, None)
-        self.save()
+        with self.taken_back_on_failure(model):
+            with self._lock:
+                route.weights = {str(v): float(w) for v, w in weights.items()}
+                if baseline:
+                    route.baseline = baseline
+                route.rolled_back = None  # a person decided the split; the old event is history
+                self._swrr.pop(model, None)
+            self.save()
         return route
 
     def set_aliases(self, model: str, aliases: dict[str, str]) -> Route:
@@ -300,8 +323,9 @@ class RoutingTable:
         if not all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in aliases.items()):
             raise ValueError("aliases must map version strings to version strings")
         route = self.routes[model]
-        route.aliases = dict(aliases)
-        self.save()
+        with self.taken_back_on_failure(model):
+            route.aliases = dict(aliases)
+            self.save()
         return route
 
     def attempt_timeout(self, model: str | None, version: str | None, ceiling_s: float,
@@ -329,8 +353,9 @@ class RoutingTable:
         if not 0 <= share <= 1:
             raise ValueError("shadow share must be between 0 and 1")
         route = self.routes[model]
-        route.shadow, route.shadow_share = (version, share) if version and share > 0 else (None, 0.0)
-        self.save()
+        with self.taken_back_on_failure(model):
+            route.shadow, route.shadow_share = (version, share) if version and share > 0 else (None, 0.0)
+            self.save()
         return route
 
     # ------------------------------------------------------------- reports
