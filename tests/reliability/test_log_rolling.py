@@ -144,7 +144,7 @@ def test_whoever_reads_ups_output_is_not_held_by_the_log_writers(tmp_path: Path)
     # `out=$(tsfleet up --detach)` and a CI step reading `up`'s output wait for every holder
     # of its stdout to let go: the companions and their log writers must not hold it.
     args, _ = route_args(tmp_path)
-    script = ("import sys; from pathlib import Path; from tsfleet import companions; "
+    script = ("import sys; from pathlib import Path; from tsfleet.control import companions; "
               "companions.start(Path(sys.argv[1]), 'route', sys.argv[2:]); print('started')")
     try:
         done = subprocess.run([sys.executable, "-c", script, str(tmp_path), *args], cwd=ROOT,

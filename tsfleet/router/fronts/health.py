@@ -47,7 +47,7 @@ PROBE_TIMEOUT_S = 2.0  # a kubelet's probe waits 1 s by default; a slower answer
 WATCH_PERIOD_S = 1.0  # how often a Watch looks again
 
 
-class GrpcRouter(Protocol):
+class HealthSubject(Protocol):
     """What the gRPC health service reads of its front (grpc_front.GrpcRouter)."""
 
     table: RoutingTable
@@ -143,11 +143,11 @@ async def _torchserve_answers(pool: GrpcUpstreamPool) -> bool:
     return True
 
 
-def _known(router: GrpcRouter, service: str) -> bool:
+def _known(router: HealthSubject, service: str) -> bool:
     return service in ("", SERVICE) or (router.readiness is not None and service in router.table.routes)
 
 
-async def _status(router: GrpcRouter, service: str) -> int:
+async def _status(router: HealthSubject, service: str) -> int:
     """SERVING or NOT_SERVING for a service ``_known`` knows: "" (the router), SERVICE
     (TorchServe answers) or a model's name (TorchServe answers and the model is ready)."""
     if service == "":
@@ -159,7 +159,7 @@ async def _status(router: GrpcRouter, service: str) -> int:
     return SERVING if (await router.readiness.check([service])).ready else NOT_SERVING
 
 
-async def grpc_check(router: GrpcRouter, conn: GrpcServerConnection, call: ServerCall) -> None:
+async def grpc_check(router: HealthSubject, conn: GrpcServerConnection, call: ServerCall) -> None:
     """Answer one ``grpc.health.v1.Health/Check``: "" is liveness, SERVICE readiness, a
     model's name that model's readiness."""
     try:
@@ -180,7 +180,7 @@ async def grpc_check(router: GrpcRouter, conn: GrpcServerConnection, call: Serve
         conn.finish(call)
 
 
-async def grpc_watch(router: GrpcRouter, conn: GrpcServerConnection, call: ServerCall) -> None:
+async def grpc_watch(router: HealthSubject, conn: GrpcServerConnection, call: ServerCall) -> None:
     """Answer one ``grpc.health.v1.Health/Watch``: the status now, then each change (looked
     at every WATCH_PERIOD_S), until the client goes away or the router stops."""
     try:
