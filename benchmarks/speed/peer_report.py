@@ -81,6 +81,29 @@ def checks(doc: dict) -> list[dict]:
     return out
 
 
+def headroom(doc: dict) -> list[str]:
+    """How far ahead of the best peer any server on this machine could be at fp32: the
+    in-process limit (the model alone, no server) over the best peer's figure. Where it is
+    under a bar's ratio, no server setting reaches that bar here; only less work per request
+    (reduced precision that keeps the answers, a CPU that runs it natively) could."""
+    rows = []
+    for model, entry in doc["models"].items():
+        limit = (entry.get("limit") or {}).get("ceiling")
+        for clients in doc["meta"]["settings"]["concurrency"]:
+            best = best_peer(entry, clients) if clients >= 16 else None
+            if limit and best:
+                rows.append(f"| {model} | {clients} | {limit:.1f} | {NAMES[best[0]]} {best[1]['rps']:.1f} | "
+                            f"{limit / best[1]['rps']:.2f} |")
+    if not rows:
+        return []
+    return ["## The most any server could lead by here", "",
+            "The in-process limit is the model alone at its best batch, one single-thread process per core: no "
+            "server on this machine serves more at fp32. Over the best peer's figure it is the largest lead any "
+            "server could have; a bar above it (as shipped >= 1.3x) is out of reach at fp32 on this machine.", "",
+            "| model | clients | in-process limit req/s | best peer req/s | limit / best peer |",
+            "|---|---:|---:|---|---:|", *rows, ""]
+
+
 def _cpu(row: dict) -> str:
     cpu = row.get("cpu_ms_per_request") or {}
     parts = [f"{k[:-3].replace('_user', ' user').replace('_sys', ' sys')} {v:.2f}"
@@ -134,6 +157,7 @@ def markdown(doc: dict) -> str:
         lines += [f"| {c['check']} | {c['model']} | {c['clients']} | {c['value']:.2f} | {c['target']} | "
                   f"{'yes' if c['met'] else '**no**'} |" for c in found]
         lines.append("")
+    lines += headroom(doc)
     for model, entry in doc["models"].items():
         limit = entry.get("limit") or {}
         lines += [f"## {model}", ""]

@@ -2,7 +2,7 @@
 same concurrency (not the weakest), each with its value and whether it is met."""
 from __future__ import annotations
 
-from benchmarks.speed.peer_report import best_peer, checks, markdown
+from benchmarks.speed.peer_report import best_peer, checks, headroom, markdown
 
 
 def row(rps: float, p99: float = 50.0) -> dict:
@@ -42,6 +42,15 @@ def test_bars_met_and_missed_with_their_values() -> None:
     assert found["shipped: through the router within 5% of direct"]["met"]  # 380 / 390 = 0.97
     # Below 16 clients there is no bar.
     assert not by_check(checks(d), 4)
+
+
+def test_the_lead_any_server_could_have_is_the_limit_over_the_best_peer() -> None:
+    d = doc(**{"fastapi-default": 50, "litserve": 200, "mosec": 320})
+    rows = [line for line in headroom(d) if line.startswith("| text-embedder")]
+    # 400 / 320 at 16 and 64 clients (no row at 4: no bar there); the tutorial default is no rival.
+    assert rows == ["| text-embedder | 16 | 400.0 | mosec 320.0 | 1.25 |", "| text-embedder | 64 | 400.0 | mosec 320.0 | 1.25 |"]
+    assert "## The most any server could lead by here" in markdown(d)
+    assert headroom(doc(**{"toolkit-tuned": 300})) == []  # no peer, no line
 
 
 def test_missing_rows_give_no_check_and_the_report_still_writes() -> None:
