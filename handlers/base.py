@@ -20,7 +20,8 @@ from handlers.config import RuntimeSettings, parse_settings
 from handlers.errors import BadInput, HandlerError, InternalError, PayloadTooLarge, UnsupportedMediaType
 from handlers.lifecycle import WorkerLifecycle
 from handlers.payload import FORM_TYPES, JsonLimits, Payload, extract
-from handlers.runtime import CudaCleanup, HandlerMetrics, autocast_for, pick_device, quiet_bad_input_logs
+from handlers.runtime import (CudaCleanup, HandlerMetrics, autocast_for, pick_device, quiet_bad_input_logs,
+                              resolve_amp_cpu)
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ class FleetHandler:
         manifest = context.manifest or {}
         self.version = str(manifest.get("model", {}).get("modelVersion", "unknown"))
         config = getattr(context, "model_yaml_config", None) or {}
-        self.settings, self.options = parse_settings(config.get("handler"), self.OPTIONS)
+        settings, self.options = parse_settings(config.get("handler"), self.OPTIONS)
+        self.settings = resolve_amp_cpu(settings)  # auto: bf16 or off, as this CPU computes
         threads = self.settings.threads()
         torch.set_num_threads(threads)
         self.device = pick_device(context.system_properties.get("gpu_id"))

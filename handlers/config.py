@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 AMP_DTYPES = ("off", "fp16", "bf16")
+AMP_CPU = ("off", "bf16", "auto")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Where the kernel shows a process its CPU quota. In a container with a cgroup namespace of its
 # own (Kubernetes on cgroup v2) this is the container's cgroup; elsewhere the process's cgroup
@@ -114,6 +115,7 @@ class RuntimeSettings:
     torch_threads: int = 0
     fleet_workers: int = 1
     amp_cuda: str = "fp16"
+    # off, bf16, or auto: bf16 where the CPU computes it natively, off where it would emulate it.
     amp_cpu: str = "off"
     compile: bool = False
     compile_mode: str = "default"
@@ -173,7 +175,7 @@ def parse_settings(
     runtime = RuntimeSettings(
         **{k: _coerce(k, raw[k], fields[k]) for k in fields if k in raw}
     )
-    for key, allowed in (("amp_cuda", AMP_DTYPES), ("amp_cpu", ("off", "bf16"))):
+    for key, allowed in (("amp_cuda", AMP_DTYPES), ("amp_cpu", AMP_CPU)):
         if getattr(runtime, key) not in allowed:
             raise ValueError(f"handler setting {key!r} must be one of {', '.join(allowed)}")
     if runtime.compile_mode not in COMPILE_MODES:

@@ -3,8 +3,11 @@ cleanup policy and handler metrics. Each is a no-op where it does not apply (CPU
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +41,31 @@ def pick_device(gpu_id: Any) -> torch.device:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{int(gpu_id)}")
     return torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bf16 in hardware: x86's AVX512-BF16 or AMX, Arm's BF16."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_amp_cpu(settings: RuntimeSettings, native_bf16: bool | None = None) -> RuntimeSettings:
+    """``amp_cpu: auto`` made concrete for this CPU: bf16 where it computes bf16 natively (MiniLM
+    then does 2.3x fp32's work, its embeddings within a cosine of 0.99996 of fp32's:
+    docs/benchmarks-precision.md), off where bf16 would be emulated (4-7x slower than fp32)."""
+    if settings.amp_cpu != "auto":
+        return settings
+    native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+    return dataclasses.replace(settings, amp_cpu="bf16" if native else "off")
 
 
 def autocast_for(device: torch.device, settings: RuntimeSettings) -> contextlib.AbstractContextManager:

@@ -162,14 +162,6 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed.precision", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["text-embedder", "image-classifier"])
@@ -183,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.speed.fleets import ensure_artifacts
+    from handlers.runtime import cpu_has_native_bf16
 
     if "fp32" not in args.variants:
         parser.error("fp32 is the reference: keep it among --variants")
     ensure_artifacts(args.models)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    doc = {"meta": {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu_model": cpu, "native_bf16": native_bf16(),
+    doc = {"meta": {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu_model": cpu, "native_bf16": cpu_has_native_bf16(),
                     "torch": torch.__version__, "seconds": args.seconds, "runs": args.runs}, "models": {}}
     for model in args.models:
         doc["models"][model] = measure_model(model, args.variants, args.seconds, args.runs, print)

@@ -20,7 +20,7 @@ from handlers.config import RuntimeSettings, parse_settings
 from handlers.image_classifier import ImageClassifier
 from handlers.intent_classifier import IntentClassifier
 from handlers.lifecycle import WorkerLifecycle
-from handlers.runtime import CudaCleanup
+from handlers.runtime import CudaCleanup, cpu_has_native_bf16, resolve_amp_cpu
 from handlers.shapes import draw_shape
 from handlers.text_embedder import TextEmbedder
 from tests.polling import wait_for
@@ -100,13 +100,38 @@ def test_same_text_same_embedding_alone_or_in_a_padded_batch(embedder_dir) -> No
     assert max(abs(a - b) for a, b in zip(alone, batched)) < 1e-5
 
 
-def test_bf16_autocast_on_cpu_stays_close_to_fp32(embedder_dir) -> None:
+def test_bf16_autocast_on_cpu_stays_within_the_stated_bound(embedder_dir) -> None:
+    # The bound docs/benchmarks-precision.md states for bf16 (measured there: cosine 0.99996,
+    # largest difference 1.5e-3), over the speed suite's sentences, emulated or native alike.
+    from benchmarks.speed.precision import MIN_COSINE
+    from benchmarks.speed.workload import sentences
+
     fp32, ctx32 = load(TextEmbedder, "text-embedder", embedder_dir)
     bf16, ctx16 = load(TextEmbedder, "text-embedder", embedder_dir, amp_cpu="bf16")
-    req = [({"text": "The quick brown fox jumps over the lazy dog."}, "application/json")]
-    a = torch.tensor(run(fp32, ctx32, req)[0][1]["embedding"])
-    b = torch.tensor(run(bf16, ctx16, req)[0][1]["embedding"])
-    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+    req = [({"text": sentences()[:64]}, "application/json")]
+    a = torch.tensor(run(fp32, ctx32, req)[0][1]["embeddings"])
+    b = torch.tensor(run(bf16, ctx16, req)[0][1]["embeddings"])
+    assert a.shape == b.shape and a.shape[0] > 8
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() >= MIN_COSINE
+    assert (a - b).abs().max() <= 5e-3
+
+
+def test_amp_cpu_auto_is_bf16_only_where_the_cpu_computes_it(embedder_dir, tmp_path) -> None:
+    assert resolve_amp_cpu(RuntimeSettings(amp_cpu="auto"), native_bf16=True).amp_cpu == "bf16"
+    assert resolve_amp_cpu(RuntimeSettings(amp_cpu="auto"), native_bf16=False).amp_cpu == "off"
+    assert resolve_amp_cpu(RuntimeSettings(amp_cpu="off"), native_bf16=True).amp_cpu == "off"  # said: kept
+    for flags, native in (("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                          ("fpu avx2 avx512f avx512_vnni", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_has_native_bf16.__wrapped__(tmp_path / "cpuinfo") is native, flags
+    (tmp_path / "cpuinfo").write_text("Features\t: fp asimd bf16 i8mm\n")  # Arm
+    assert cpu_has_native_bf16.__wrapped__(tmp_path / "cpuinfo") is True
+    assert cpu_has_native_bf16.__wrapped__(tmp_path / "absent") is False
+    # A worker resolves it at load: what it runs is what it logs and reports.
+    handler, _ = load(TextEmbedder, "text-embedder", embedder_dir, amp_cpu="auto")
+    assert handler.settings.amp_cpu == ("bf16" if cpu_has_native_bf16() else "off")
+    with pytest.raises(ValueError, match="'amp_cpu' must be one of off, bf16, auto"):
+        parse_settings({"amp_cpu": "fp16"}, {})
 
 
 def test_unknown_setting_fails_the_load_naming_it(embedder_dir) -> None:
