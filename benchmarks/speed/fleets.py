@@ -84,8 +84,10 @@ def manifest(variants: list[Variant]) -> dict:
             "default_version": v.version, "versions": {}})
         # Absolute: the router reads this manifest from the work dir, not the repo.
         entry["handler"] = str(ROOT / (MINIMAL[v.model] if v.minimal else base["handler"]))
+        # fp32 eager unless the variant says otherwise: the tuned rows are the matched-precision
+        # ones, whatever precision the repo's fleet.yaml ships a model with.
         settings = {"torch_threads": v.serve.threads, "warmup_batch_sizes": sorted({1, v.serve.batch_size}),
-                    **dict(v.settings)}
+                    "amp_cpu": "off", "compile": False, **dict(v.settings)}
         entry["versions"][v.version] = {
             **copy.deepcopy(base["versions"]["1.0"]),
             "serving": {"batch_size": v.serve.batch_size, "max_batch_delay_ms": v.serve.delay_ms,

@@ -203,7 +203,9 @@ def config_label(config: dict) -> str:
     threads = f"{threads} thread" if isinstance(threads, int) else f"{threads} threads"
     batch = (f"batch {config.get('batch_size')} / {config.get('max_batch_delay_ms')} ms, "
              if config.get("batch_size", 1) > 1 else "")
-    return f"{batch}{config.get('workers')} x {threads}"
+    precision = ", ".join(p for p in (f"amp_cpu {config['amp_cpu']}" if config.get("amp_cpu", "off") != "off" else "",
+                                      "compiled" if config.get("compile") else "") if p)
+    return f"{batch}{config.get('workers')} x {threads}" + (f", {precision}" if precision else "")
 
 
 def _stages(entry: dict, clients: int) -> list[str]:

@@ -87,3 +87,16 @@ def test_wrk_passes_right_answers_and_fails_another_models() -> None:
         other = run_wrk(url, [b"{}"], {}, 2, 1.0, check=answer_check("image-classifier"))
     assert right.requests > 0 and right.failed == 0
     assert other.requests > 0 and other.failed == other.requests
+
+
+def test_a_bf16_system_is_held_to_bf16_s_bound_and_an_fp32_one_to_fp32_s() -> None:
+    from benchmarks.speed.peer_runs import BF16_MAX_DEVIATION, MAX_DEVIATION, check_answers
+    from benchmarks.speed.workload import workload
+
+    w = workload("text-embedder")
+    with serving("text-embedder", 0) as (url, _):
+        # Every answer is 384 x 0.125; a reference 2e-3 away is within bf16's bound, not fp32's.
+        near = [{"embedding": [0.125 + 2e-3] * 384}] * len(w.bodies)
+        assert check_answers(url, w, near, {}, BF16_MAX_DEVIATION) == pytest.approx(2e-3)
+        with pytest.raises(RuntimeError, match=f"differ from the reference by 2.00e-03 \\(> {MAX_DEVIATION}\\)"):
+            check_answers(url, w, near, {})

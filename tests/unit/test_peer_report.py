@@ -2,7 +2,7 @@
 same concurrency (not the weakest), each with its value and whether it is met."""
 from __future__ import annotations
 
-from benchmarks.speed.peer_report import best_peer, checks, headroom, markdown
+from benchmarks.speed.peer_report import best_peer, checks, config_label, headroom, markdown
 
 
 def row(rps: float, p99: float = 50.0) -> dict:
@@ -70,3 +70,24 @@ def test_deviation_of_an_answer_from_its_reference() -> None:
     assert abs(deviation({**top, "top_k": [{"label": "circle", "score": 0.85}, {"label": "square", "score": 0.1}]},
                          top) - 0.05) < 1e-12
     assert deviation({**top, "label": "square"}, top) == 1.0  # another top label
+
+
+def test_a_configuration_names_its_precision_where_it_is_not_fp32_eager() -> None:
+    base = {"batch_size": 8, "max_batch_delay_ms": 5, "workers": 2, "torch_threads": 1}
+    assert config_label(base) == "batch 8 / 5 ms, 2 x 1 thread"
+    assert config_label({**base, "amp_cpu": "off", "compile": False}) == "batch 8 / 5 ms, 2 x 1 thread"
+    assert config_label({**base, "amp_cpu": "auto", "compile": True}) == \
+        "batch 8 / 5 ms, 2 x 1 thread, amp_cpu auto, compiled"
+
+
+def test_the_tuned_rows_are_fp32_eager_whatever_fleet_yaml_ships() -> None:
+    from benchmarks.speed.fleets import Serve, Variant, manifest
+
+    serve = Serve(8, 5, 2, 1)
+    doc = manifest([Variant("text-embedder", "2.0", serve),
+                    Variant("text-embedder", "3.0", serve, (("compile", True), ("amp_cpu", "bf16")))])
+    versions = doc["models"]["text-embedder"]["versions"]
+    # The version's settings win over the model's, so a model shipped in bf16 or compiled is
+    # still measured at fp32 in the matched-precision rows; the compiled row says so itself.
+    assert (versions["2.0"]["settings"]["amp_cpu"], versions["2.0"]["settings"]["compile"]) == ("off", False)
+    assert (versions["3.0"]["settings"]["amp_cpu"], versions["3.0"]["settings"]["compile"]) == ("bf16", True)
