@@ -4,11 +4,10 @@ or ``auto`` on a CPU with native bf16: handlers/runtime.py resolve_amp_cpu). The
 one tests/unit/test_handlers.py holds bf16 to and docs/benchmarks-precision.md measures."""
 from __future__ import annotations
 
+from benchmarks.speed.precision import BF16_MAX_DEVIATION as BF16_BOUND
 from handlers.config import RuntimeSettings
 from handlers.runtime import resolve_amp_cpu
 from tsfleet.manifest import Fleet
-
-BF16_BOUND = 5e-3
 
 
 def runs_bf16(fleet: Fleet, model: str) -> bool:

@@ -25,8 +25,11 @@ from benchmarks.speed.peer_report import config_label
 from benchmarks.speed.peers import LABELS as PEER_LABELS
 from benchmarks.speed.peers import PeerServer
 from benchmarks.speed.peers.models import PeerConfig
+from benchmarks.speed.precision import BF16_MAX_DEVIATION
 from benchmarks.speed.scenarios import Options, Target, _geomean, _record, measure, model_entry
 from benchmarks.speed.workload import ROOT, Pipeline, Workload, answer_check, deviation
+from handlers.config import RuntimeSettings
+from handlers.runtime import resolve_amp_cpu
 from tsfleet.manifest import load_fleet
 from tsfleet.build.properties import Endpoints
 
@@ -34,9 +37,6 @@ from tsfleet.build.properties import Endpoints
 FASTAPI_LAYOUTS = ((2, 1), (1, 2), (4, 1), (3, 1))
 # Answers further than this from the in-process fp32 reference are a different model.
 MAX_DEVIATION = 1e-3
-# A system that runs bf16 (tsfleet's amp_cpu: bf16 or auto) is held to bf16's stated bound
-# instead (tests/unit/test_handlers.py asserts it; docs/benchmarks-precision.md measures it).
-BF16_MAX_DEVIATION = 5e-3
 
 
 def peer_configs(kind: str, w: Workload, sweep: list[Serve]) -> list[PeerConfig]:
@@ -195,8 +195,9 @@ def run_shipped(opts: Options, load: HttpLoad, workloads: list[Workload]) -> Non
                 direct = ts.ep.url("inference") + f"/predictions/{w.model}"
                 routed = router.url + f"/predictions/{w.model}"
                 spec = fleet.models[w.model].versions[fleet.models[w.model].default_version]
-                bf16 = spec.settings.get("amp_cpu") in ("bf16", "auto")
-                bound = BF16_MAX_DEVIATION if bf16 else MAX_DEVIATION
+                # bf16 here (amp_cpu: bf16, or auto on a CPU with it): held to bf16's stated bound.
+                amp = resolve_amp_cpu(RuntimeSettings(amp_cpu=spec.settings.get("amp_cpu", "off"))).amp_cpu
+                bound = BF16_MAX_DEVIATION if amp == "bf16" else MAX_DEVIATION
                 dev = max(check_answers(u, w, reference, auth, bound) for u in (direct, routed))
                 targets = {"shipped": meter.wrap("shipped", checked_target(load, direct, w, auth)),
                            "shipped-router": meter.wrap("shipped-router", checked_target(load, routed, w, auth))}
