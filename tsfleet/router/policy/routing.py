@@ -26,8 +26,8 @@ from tsfleet.router.policy.arm_metrics import ArmMetrics
 from tsfleet.router.policy.stats import ArmStats
 
 log = logging.getLogger(__name__)
-# What a person changes in a route (the admin API), as opposed to what the manifest sets.
-LIVE_PARTS = ("baseline", "weights", "shadow", "shadow_share", "rolled_back", "aliases")
+# What the manifest sets in a route; the rest is live (the admin API, rollbacks), saved and taken back.
+MANIFEST_PARTS = ("model", "rollback", "streaming", "versions")
 
 
 @dataclass
@@ -153,7 +153,7 @@ class RoutingTable:
 
     def state(self) -> dict[str, Any]:
         """The live parts of every route, as saved and as apply_state takes them."""
-        return {"routes": {m: {k: v for k, v in asdict(r).items() if k not in ("model", "rollback", "streaming", "versions")}
+        return {"routes": {m: {k: v for k, v in asdict(r).items() if k not in MANIFEST_PARTS}
                            for m, r in self.routes.items()}}
 
     # ------------------------------------------------------------ choosing
@@ -293,7 +293,7 @@ class RoutingTable:
         back and the fronts told again, so a refused change is not live either. Not for the
         router's own changes in a request's path (a rollback), which hold unsaved."""
         route = self.routes[model]
-        before = {key: copy.deepcopy(getattr(route, key)) for key in LIVE_PARTS}
+        before = {k: copy.deepcopy(v) for k, v in vars(route).items() if k not in MANIFEST_PARTS}
         try:
             yield route
         except BaseException:
