@@ -17,7 +17,7 @@ import torch
 from handlers.base import FleetHandler
 from handlers.errors import BadInput, PayloadTooLarge
 from handlers.intent_head import load_intent_head
-from handlers.minilm import MiniLM, mark_dynamic, mean_pool_normalize, warmup_texts
+from handlers.minilm import MiniLM, sentence_embeddings, warmup_texts
 from handlers.payload import Payload
 from handlers.text import TEXT_ACCEPTS, TextItem, read_texts
 
@@ -58,7 +58,7 @@ class IntentClassifier(FleetHandler):
         return vectors
 
     def preprocess(self, items: list[TextItem]) -> dict[str, Any]:
-        # Texts are encoded in one padded batch; given vectors join them after the forward
+        # Texts are encoded in one batch; given vectors join them after the forward
         # pass, and ``order`` puts every row back where its request had it.
         texts = [t for item in items for t in item.texts]
         vectors = [v for item in items for v in item.vectors]
@@ -71,21 +71,17 @@ class IntentClassifier(FleetHandler):
                 else:
                     order.append(len(texts) + n_vec)
                     n_vec += 1
-        batch: dict[str, Any] = {"order": torch.tensor(order, device=self.device), "ids": None, "vectors": None}
-        if texts:
-            ids, mask = self.minilm.tokenizer.encode_batch(texts, self.options["max_length"])
-            batch["ids"], batch["mask"] = ids.to(self.device), mask.to(self.device)
-            if self.compiled:  # torch._dynamo, once touched, costs a worker ~70 MiB
-                mark_dynamic(batch["ids"], batch["mask"])
+        batch: dict[str, Any] = {"order": torch.tensor(order, device=self.device), "texts": None, "vectors": None}
+        if texts:  # packed, or padded for a compiled encoder (as text-embedder's)
+            batch["texts"] = self.minilm.batch(texts, self.options["max_length"], padded=self.compiled)
         if vectors:
             batch["vectors"] = torch.tensor(vectors, dtype=torch.float32, device=self.device)
         return batch
 
     def inference(self, batch: dict[str, Any]) -> torch.Tensor:
         parts = []
-        if batch["ids"] is not None:
-            hidden = self.model(batch["ids"], batch["mask"])
-            parts.append(mean_pool_normalize(hidden.float(), batch["mask"]))
+        if batch["texts"] is not None:
+            parts.append(sentence_embeddings(self.model, batch["texts"]))
         if batch["vectors"] is not None:
             parts.append(batch["vectors"])
         embeddings = torch.cat(parts)[batch["order"]]

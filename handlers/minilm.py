@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,6 +147,28 @@ class WordPieceTokenizer:
         return (torch.tensor(ids, dtype=torch.long).reshape(len(seqs), width),
                 torch.tensor(mask, dtype=torch.long).reshape(len(seqs), width))
 
+    def encode_packed(self, texts: list[str], max_length: int = 256) -> "TokenBatch":
+        """Every text's ``[CLS] ids [SEP]`` end to end, no padding (``MiniLMEncoder.forward_packed``)."""
+        seqs = [self.encode(t, max_length) for t in texts]
+        return TokenBatch(torch.tensor([i for s in seqs for i in s], dtype=torch.long), None,
+                          [len(s) for s in seqs])
+
+
+@dataclass
+class TokenBatch:
+    """Texts' tokens for the encoder: padded (``ids`` ``[B, T]`` with its ``mask``) or packed
+    (``ids`` ``[N]``, every text's tokens end to end, ``mask`` None; ``lengths`` say where each
+    ends). Packed, no work goes to padding: a quarter of a batch of short sentences
+    (docs/benchmarks-peers.md)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    lengths: list[int]
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        mask = None if self.mask is None else self.mask.to(device)
+        return TokenBatch(self.ids.to(device), mask, self.lengths)
+
 
 def _container(**modules: nn.Module) -> nn.Module:
     """A bare module holding children, only to reproduce HF's parameter names."""
@@ -172,14 +195,30 @@ class _Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, t, h = x.shape
-        sa, ao = self.attention.self, self.attention.output
+        sa = self.attention.self
 
         def heads(lin: nn.Module) -> torch.Tensor:
             return lin(x).view(b, t, self.heads, h // self.heads).transpose(1, 2)
 
         ctx = F.scaled_dot_product_attention(heads(sa.query), heads(sa.key), heads(sa.value),
                                              attn_mask=mask)
-        ctx = ctx.transpose(1, 2).reshape(b, t, h)
+        return self._after_attention(ctx.transpose(1, 2).reshape(b, t, h), x)
+
+    def forward_packed(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """``x`` ``[N, hidden]``: texts' tokens end to end. The projections and the feed-forward
+        see every real token once and no padding; attention runs per text, unmasked."""
+        n, h = x.shape
+        sa, d = self.attention.self, h // self.heads
+        q, k, v = sa.query(x), sa.key(x), sa.value(x)
+        ctx = []
+        for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+            t = qs.shape[0]
+            q1, k1, v1 = (z.view(1, t, self.heads, d).transpose(1, 2) for z in (qs, ks, vs))
+            ctx.append(F.scaled_dot_product_attention(q1, k1, v1).transpose(1, 2).reshape(t, h))
+        return self._after_attention(torch.cat(ctx) if ctx else x[:0], x)
+
+    def _after_attention(self, ctx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ao = self.attention.output
         x = ao.LayerNorm(ao.dense(ctx) + x)
         y = self.output.dense(F.gelu(self.intermediate.dense(x)))  # exact erf GELU
         return self.output.LayerNorm(y + x)
@@ -225,6 +264,19 @@ class MiniLMEncoder(nn.Module):
             x = layer(x, mask)
         return x
 
+    def forward_packed(self, ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """``last_hidden_state`` of packed texts (``TokenBatch``): ``[N, hidden]``, each text's
+        positions counted from its own start, as if it were alone."""
+        e = self.embeddings
+        n = torch.tensor(lengths, dtype=torch.long)
+        starts = torch.repeat_interleave(n.cumsum(0) - n, n).to(ids.device)
+        positions = torch.arange(ids.shape[0], device=ids.device) - starts
+        x = e.word_embeddings(ids) + e.position_embeddings(positions) + e.token_type_embeddings.weight[0]
+        x = e.LayerNorm(x)
+        for layer in self.encoder.layer:
+            x = layer.forward_packed(x, lengths)
+        return x
+
 
 def mark_dynamic(*tensors: torch.Tensor) -> None:
     """Let ``torch.compile`` take the batch and sequence dimensions of these ``[B, T]`` inputs
@@ -259,6 +311,19 @@ def mean_pool_normalize(hidden: torch.Tensor, attention_mask: torch.Tensor) -> t
     return F.normalize(mean, p=2, dim=1)
 
 
+def sentence_embeddings(encoder: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Normalised float32 embeddings ``[texts, hidden]`` of a padded or packed batch;
+    ``encoder`` runs a padded one (it may be the compiled module), a packed one always runs
+    the eager ``MiniLMEncoder.forward_packed`` (its per-text loop would compile per length)."""
+    if batch.mask is not None:
+        return mean_pool_normalize(encoder(batch.ids, batch.mask).float(), batch.mask)
+    eager = getattr(encoder, "_orig_mod", encoder)
+    if not batch.lengths:
+        return torch.zeros(0, eager.embeddings.word_embeddings.embedding_dim, device=batch.ids.device)
+    hidden = eager.forward_packed(batch.ids, batch.lengths).float()
+    return F.normalize(torch.stack([part.mean(0) for part in hidden.split(batch.lengths)]), p=2, dim=1)
+
+
 class MiniLM:
     """Tokenizer + encoder producing normalised all-MiniLM-L6-v2 sentence embeddings."""
 
@@ -281,6 +346,16 @@ class MiniLM:
         tokenizer = WordPieceTokenizer.from_file(d / "vocab.txt",
                                                  lowercase=config.get("do_lower_case", True))
         return cls(tokenizer, encoder, config.get("max_seq_length", 256), device)
+
+    def batch(self, texts: list[str], max_length: int, padded: bool = False) -> TokenBatch:
+        """``texts`` tokenized for ``sentence_embeddings`` on the model's device: packed, or
+        padded for a compiled encoder (dynamic batch and length: ``mark_dynamic``)."""
+        if not padded:
+            return self.tokenizer.encode_packed(texts, max_length).to(self.device)
+        ids, mask = self.tokenizer.encode_batch(texts, max_length)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        mark_dynamic(ids, mask)
+        return TokenBatch(ids, mask, [int(n) for n in mask.sum(1)])
 
     @property
     def dim(self) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from handlers.base import FleetHandler
-from handlers.minilm import MiniLM, mark_dynamic, mean_pool_normalize, warmup_texts
+from handlers.minilm import MiniLM, TokenBatch, sentence_embeddings, warmup_texts
 from handlers.payload import Payload
 from handlers.text import TEXT_ACCEPTS, TextItem, read_texts
 
@@ -31,17 +31,14 @@ class TextEmbedder(FleetHandler):
         assert item is not None
         return item
 
-    def preprocess(self, items: list[TextItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    def preprocess(self, items: list[TextItem]) -> TokenBatch:
+        # Eager, the batch's texts run packed (no compute on padding); a compiled encoder takes
+        # them padded, its shapes dynamic (torch._dynamo, touched, costs a worker ~70 MiB).
         texts = [text for item in items for text in item.texts]
-        ids, mask = self.minilm.tokenizer.encode_batch(texts, self.options["max_length"])
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        if self.compiled:  # torch._dynamo, once touched, costs a worker ~70 MiB
-            mark_dynamic(ids, mask)
-        return ids, mask
+        return self.minilm.batch(texts, self.options["max_length"], padded=self.compiled)
 
-    def inference(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        ids, mask = batch
-        return mean_pool_normalize(self.model(ids, mask).float(), mask)
+    def inference(self, batch: TokenBatch) -> torch.Tensor:
+        return sentence_embeddings(self.model, batch)
 
     @classmethod
     def sample_request(cls) -> tuple[str, bytes] | None:

@@ -97,9 +97,11 @@ def headroom(doc: dict) -> list[str]:
     if not rows:
         return []
     return ["## The most any server could lead by here", "",
-            "The in-process limit is the model alone at its best batch, one single-thread process per core: no "
-            "server on this machine serves more at fp32. Over the best peer's figure it is the largest lead any "
-            "server could have; a bar above it (as shipped >= 1.3x) is out of reach at fp32 on this machine.", "",
+            "The in-process limit is the model alone at its best batch, one single-thread process per core, "
+            "computed as the fleet's handlers compute it (MiniLM's texts packed end to end: no work on padding, "
+            "which is a quarter of a batch of these sentences; the peers run sentence-transformers, padded, as its "
+            "docs do): no server on this machine serves more at fp32. Over the best peer's figure it is the "
+            "largest lead any server could have at fp32.", "",
             "| model | clients | in-process limit req/s | best peer req/s | limit / best peer |",
             "|---|---:|---:|---|---:|", *rows, ""]
 

@@ -23,12 +23,13 @@ from typing import Callable
 # frame that one of the rest names (a handler hook inside TorchServe's loop is the handler's). py-spy names a frame
 # ``function (path:line)`` with the path relative to its sys.path entry: "(torch/" is torch's.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("tokenize", ("tokeniz", "encode_batch", "(tokenizers/")),
+    ("tokenize", ("tokeniz", "encode_batch", "encode_packed", "(tokenizers/")),
     ("image decode", ("(PIL/", "image_to_tensor", "_to_rgb")),
     ("JSON decode", ("json/decoder.py", "loads (json", "handlers/payload.py", "read_texts")),
     ("answer encode", ("json/encoder.py", "dumps (json", "(msgspec", "serialize (", "encode_response",
                        "postprocess (", "tolist")),
-    ("model (torch)", ("(torch/", "(sentence_transformers/", "(transformers/")),
+    # handlers/minilm.py: the encoder's own Python (its per-text attention loop) is the model's.
+    ("model (torch)", ("(torch/", "(sentence_transformers/", "(transformers/", "(handlers/minilm.py")),
     ("framework: TorchServe worker", ("(ts/", "model_service_worker", "otf_message_handler")),
     ("framework: mosec worker", ("(mosec/",)),
     ("framework: LitServe", ("(litserve/",)),

@@ -181,11 +181,11 @@ class Pipeline:
         torch = self.torch
         with torch.inference_mode():
             if self.model_name == "text-embedder":
-                from handlers.minilm import mean_pool_normalize
+                from handlers.minilm import sentence_embeddings
 
+                # The handlers' own forward: the texts packed, no compute on padding.
                 texts = [json.loads(b)["text"] for b in bodies]
-                ids, mask = self.minilm.tokenizer.encode_batch(texts, 256)
-                return mean_pool_normalize(self.minilm.encoder(ids, mask), mask).tolist()
+                return sentence_embeddings(self.minilm.encoder, self.minilm.batch(texts, 256)).tolist()
             else:
                 from PIL import Image
 

@@ -21,6 +21,7 @@ from handlers.minilm import (  # noqa: E402
     MiniLMEncoder,
     WordPieceTokenizer,
     mean_pool_normalize,
+    sentence_embeddings,
 )
 from tsfleet.build.minilm_export import export_minilm  # noqa: E402
 
@@ -181,3 +182,45 @@ def test_mean_pool_ignores_padding() -> None:
 
 def test_embed_empty_batch(model: MiniLM) -> None:
     assert model.embed([]).shape == (0, 384)
+
+
+def test_packed_batch_matches_padded_and_alone(model: MiniLM) -> None:
+    # The handlers run texts packed (no padding); each text's embedding must be what the
+    # padded batch and the text alone give, whatever its neighbours' lengths: a 256-token
+    # text (truncated), an empty one, one word, all in one batch.
+    texts = EMBED_TEXTS + ["", "Hi", "word " * 600]
+    with torch.inference_mode():
+        packed = sentence_embeddings(model.encoder, model.batch(texts, 256))
+        padded = sentence_embeddings(model.encoder, model.batch(texts, 256, padded=True))
+        alone = torch.cat([sentence_embeddings(model.encoder, model.batch([t], 256)) for t in texts])
+    assert packed.shape == (len(texts), 384) and packed.dtype == torch.float32
+    assert (packed - padded).abs().max().item() < 1e-5
+    assert (packed - alone).abs().max().item() < 1e-5
+    assert (packed - model.embed(texts)).abs().max().item() < 1e-5
+
+
+def test_packed_batch_lengths_and_positions(model: MiniLM) -> None:
+    batch = model.batch(["Hi", "", "Hello there friend"], 8)
+    assert batch.mask is None and batch.ids.dim() == 1
+    assert batch.lengths == [3, 2, 5]  # [CLS] ... [SEP], truncated to max_length 8 at most
+    assert batch.ids.shape[0] == sum(batch.lengths)
+    # Positions restart at each text: its hidden states equal the text's alone.
+    with torch.inference_mode():
+        together = model.encoder.forward_packed(batch.ids, batch.lengths)
+        third = model.batch(["Hello there friend"], 8)
+        alone = model.encoder.forward_packed(third.ids, third.lengths)
+    assert (together[5:] - alone).abs().max().item() < 1e-5
+
+
+def test_packed_empty_batch(model: MiniLM) -> None:
+    with torch.inference_mode():
+        assert sentence_embeddings(model.encoder, model.batch([], 256)).shape == (0, 384)
+
+
+def test_packed_under_bf16_autocast(model: MiniLM) -> None:
+    with torch.inference_mode():
+        fp32 = sentence_embeddings(model.encoder, model.batch(EMBED_TEXTS, 256))
+        with torch.autocast("cpu", torch.bfloat16):
+            bf16 = sentence_embeddings(model.encoder, model.batch(EMBED_TEXTS, 256))
+    assert bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().max().item() < 5e-3
