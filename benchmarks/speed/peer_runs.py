@@ -110,8 +110,8 @@ def run_peer_kind(opts: Options, load: HttpLoad, w: Workload, kind: str, referen
             with started(kind, cfg, w, opts.work) as server:
                 dev = check_answers(server.url, w, reference, {})
                 target = checked_target(load, server.url, w, {})
-                by_c = {str(c): measure({"x": target}, opts, c, runs=1)["x"]
-                        for c in opts.sweep_concurrency or opts.concurrency}
+                by_c = {str(c): measure({"x": target}, opts, c, runs=1, settle=i > 0)["x"]
+                        for i, c in enumerate(opts.sweep_concurrency or opts.concurrency)}
         except RuntimeError as exc:
             opts.log(f"  sweep {kind:<15} {config_label(config_dict(cfg)):<36} FAILED: {str(exc).splitlines()[0]}")
             table.append({"config": config_dict(cfg), "label": config_label(config_dict(cfg)), "error": str(exc)[:2000]})
@@ -135,8 +135,8 @@ def run_peer_kind(opts: Options, load: HttpLoad, w: Workload, kind: str, referen
             meter = CpuMeter({role: (lambda r=role: roles(server)[r]) for role in ("front", "rest")})
             plain = checked_target(load, server.url, w, {})
             target = meter.wrap(kind, plain)
-            for clients in opts.concurrency:
-                figures = measure({kind: target}, opts, clients, on_warm=meter.reset)[kind]
+            for i, clients in enumerate(opts.concurrency):
+                figures = measure({kind: target}, opts, clients, on_warm=meter.reset, settle=i > 0)[kind]
                 figures["cpu_ms_per_request"] = meter.per_request(kind)
                 _record(opts, w.model, kind, clients, figures, config=config_dict(best),
                         max_abs_deviation=dev, sweep=table,
@@ -157,8 +157,8 @@ def run_tutorial_peer(opts: Options, load: HttpLoad, w: Workload) -> None:
                       (w.bodies[0], w.content_type))
     try:
         target = checked_target(load, peer.url, w, {})
-        for clients in opts.concurrency:
-            figures = measure({"peer": target}, opts, clients)["peer"]
+        for i, clients in enumerate(opts.concurrency):
+            figures = measure({"peer": target}, opts, clients, settle=i > 0)["peer"]
             _record(opts, w.model, "peer", clients, figures, config={"uvicorn_workers": 1},
                     peak_rss_mb=[round(sum(peak_rss_mb(p) for p in peer.pids()), 1)])
     finally:
@@ -204,8 +204,8 @@ def run_shipped(opts: Options, load: HttpLoad, workloads: list[Workload]) -> Non
                 config = {"batch_size": spec.serving.batch_size, "max_batch_delay_ms": spec.serving.max_batch_delay_ms,
                           "workers": spec.serving.workers, "torch_threads": spec.settings.get("torch_threads", "auto"),
                           "amp_cpu": spec.settings.get("amp_cpu", "off"), "compile": bool(spec.settings.get("compile"))}
-                for clients in opts.concurrency:
-                    for name, figures in measure(targets, opts, clients, on_warm=meter.reset).items():
+                for i, clients in enumerate(opts.concurrency):
+                    for name, figures in measure(targets, opts, clients, on_warm=meter.reset, settle=i > 0).items():
                         figures["cpu_ms_per_request"] = meter.per_request(name)
                         _record(opts, w.model, name, clients, figures, config=config, max_abs_deviation=dev,
                                 peak_rss_mb=fleets.worker_rss(ts, w.model, spec.version))

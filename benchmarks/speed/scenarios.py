@@ -96,11 +96,12 @@ def summarize(samples: list[Sample]) -> dict:
     return out
 
 
-def warm(targets: dict[str, Target], opts: Options, clients: int) -> None:
-    """Run each target until two warm-up windows in a row agree within 15%."""
+def warm(targets: dict[str, Target], opts: Options, clients: int, settle: bool = False) -> None:
+    """Run each target until two warm-up windows in a row agree within 15%; with ``settle``
+    (warm already, at another level), one window: the queues reach this level's depth."""
     for run in targets.values():
         last = 0.0
-        for _ in range(WARMUP_WINDOWS):
+        for _ in range(1 if settle else WARMUP_WINDOWS):
             rps = run(clients, opts.warmup).rps
             if rps > 0 and last > 0 and abs(rps - last) <= 0.15 * max(rps, last):
                 break
@@ -108,14 +109,16 @@ def warm(targets: dict[str, Target], opts: Options, clients: int) -> None:
 
 
 def measure(targets: dict[str, Target], opts: Options, clients: int, runs: int | None = None,
-            on_warm: Callable[[], None] | None = None) -> dict[str, dict]:
+            on_warm: Callable[[], None] | None = None, settle: bool = False) -> dict[str, dict]:
     """Warm each target up until it is steady, then ``runs`` timed windows per target, interleaved.
 
     Steady: two warm-up windows in a row within 15% of each other. A target still compiling
     new shapes (torch.compile) burns CPU the other targets would see in their windows.
+    ``settle``: the targets were warmed at an earlier level of this run (same processes), so
+    one warm-up window each (a noisy peer could otherwise take six windows at every level).
     """
     runs = runs or opts.runs
-    warm(targets, opts, clients)
+    warm(targets, opts, clients, settle)
     if on_warm:
         on_warm()
     samples: dict[str, list[Sample]] = {name: [] for name in targets}
@@ -240,8 +243,9 @@ def run_sweep(opts: Options, load: HttpLoad, workloads: list[Workload]) -> dict[
         for w in workloads:
             mine = [v for v in variants if v.model == w.model]
             if want_b1:
-                for clients in opts.concurrency:
-                    figures = measure({"b1": http_target(load, base + mine[0].path(), w, auth)}, opts, clients)["b1"]
+                for i, clients in enumerate(opts.concurrency):
+                    figures = measure({"b1": http_target(load, base + mine[0].path(), w, auth)}, opts, clients,
+                                      settle=i > 0)["b1"]
                     _record(opts, w.model, "toolkit-b1", clients, figures, config=opts.batch1.as_dict(),
                             peak_rss_mb=fleets.worker_rss(ts, w.model, "1.0"))
             candidates = [v for v in mine if v.version.startswith("2.")]
@@ -249,8 +253,9 @@ def run_sweep(opts: Options, load: HttpLoad, workloads: list[Workload]) -> dict[
                 continue
             table = []
             for v in candidates:
-                by_c = {str(c): measure({"x": http_target(load, base + v.path(), w, auth)}, opts, c, runs=1)["x"]
-                        for c in opts.sweep_concurrency or opts.concurrency}
+                by_c = {str(c): measure({"x": http_target(load, base + v.path(), w, auth)}, opts, c, runs=1,
+                                        settle=i > 0)["x"]
+                        for i, c in enumerate(opts.sweep_concurrency or opts.concurrency)}
                 score = _geomean([r["rps"] for r in by_c.values()])
                 table.append({"config": v.serve.as_dict(), "label": v.serve.label(), "score_rps": round(score, 1),
                               "by_concurrency": {c: {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "failed")}
@@ -331,7 +336,7 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                 for clients in opts.concurrency:
                     warm(targets, opts, clients)
                 for clients in opts.concurrency:
-                    measured = measure(metered, opts, clients, on_warm=meter.reset)
+                    measured = measure(metered, opts, clients, on_warm=meter.reset, settle=True)
                     for name, figures in measured.items():
                         if name in METERED:
                             figures["cpu_ms_per_request"] = meter.per_request(name)
