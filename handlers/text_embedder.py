@@ -32,10 +32,8 @@ class TextEmbedder(FleetHandler):
         return item
 
     def preprocess(self, items: list[TextItem]) -> TokenBatch:
-        # Eager, the batch's texts run packed (no compute on padding); a compiled encoder takes
-        # them padded, its shapes dynamic (torch._dynamo, touched, costs a worker ~70 MiB).
         texts = [text for item in items for text in item.texts]
-        return self.minilm.batch(texts, self.options["max_length"], padded=self.compiled)
+        return self.minilm.batch(texts, self.options["max_length"], padded=self.padded)
 
     def inference(self, batch: TokenBatch) -> torch.Tensor:
         return sentence_embeddings(self.model, batch)

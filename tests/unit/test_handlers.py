@@ -1,6 +1,7 @@
 """Handlers in process, with TorchServe's own Context: per-item errors, settings, AMP, compile."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -258,3 +259,27 @@ def test_a_worker_that_does_not_compile_never_imports_torch_dynamo(embedder_dir)
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "false"
+
+
+
+def test_text_batches_run_packed_on_cpu_and_padded_where_packing_does_not_pay(embedder_dir) -> None:
+    from handlers.minilm import sentence_embeddings
+    from handlers.text import TextItem
+
+    handler, ctx = load(TextEmbedder, "text-embedder", embedder_dir)
+    texts = ["Short.", "A somewhat longer sentence than the first one, with a clause.", "Mid length text."]
+    assert handler.padded is False
+    batch = handler.preprocess([TextItem([t], True) for t in texts])
+    assert batch.mask is None and batch.ids.dim() == 1 and batch.lengths == [4, 15, 6]
+    answers = run(handler, ctx, [(json.dumps({"text": t}).encode(), "application/json") for t in texts])
+    with torch.inference_mode():
+        padded = sentence_embeddings(handler.minilm.encoder, handler.minilm.batch(texts, 256, padded=True))
+    for (code, body), want in zip(answers, padded.tolist()):
+        assert code == 200 and max(abs(a - b) for a, b in zip(body["embedding"], want)) < 1e-5
+    # Compiled (padded shapes compile once), or on any device but the CPU (a GPU: padding is
+    # cheap there, a per-text loop is a kernel launch per text and layer): padded.
+    handler.settings = dataclasses.replace(handler.settings, compile=True)
+    assert handler.padded is True
+    handler.settings = dataclasses.replace(handler.settings, compile=False)
+    handler.device = torch.device("meta")
+    assert handler.padded is True
