@@ -39,7 +39,7 @@ PEER_MODES = {
     # scored at 64 alone (31 minutes with 2 windows per figure) it picked batches of 16-32 that
     # served half as much at 16 clients (benchmarks/results/peers-sweep-at-64.json).
     "full": dict(concurrency=[4, 16, 64], sweep_concurrency=[16, 64], runs=3, seconds=3.0, warmup=2.0,
-                 limit_batches=[1, 8, 16, 32], limit_seconds=2.0, sweep=SWEEP_FULL),
+                 sweep_warmup=1.0, limit_batches=[1, 8, 16, 32], limit_seconds=2.0, sweep=SWEEP_FULL),
     "quick": dict(concurrency=[16, 64], sweep_concurrency=[64], runs=1, seconds=3.0, warmup=1.0,
                   limit_batches=[8, 16], limit_seconds=2.0, sweep=SWEEP_QUICK),
     "smoke": dict(concurrency=[4], sweep_concurrency=[4], runs=1, seconds=2.0, warmup=0.5, limit_batches=[8],

@@ -63,14 +63,22 @@ def checks(doc: dict) -> list[dict]:
                     ">= 1.30", shipped["rps"] >= 1.3 * best[1]["rps"])
                 add("as shipped p99 no worse than the best peer's (ms)", model, c, shipped["p99_ms"],
                     f"<= {best[1]['p99_ms']:.1f}", shipped["p99_ms"] <= best[1]["p99_ms"])
+            # The fleet as shipped at fp32 (compiled, say: the same answers) is matched precision too.
+            shipped_cfg = (entry.get("scenarios", {}).get("shipped") or {}).get("config") or {}
+            fp32_shipped = shipped if shipped_cfg.get("precision") == "fp32" else None
             for peer, ratio in (("mosec", 1.1), ("litserve", 1.5)):
                 other = fig(entry, peer, c)
-                if tuned and other:
-                    add(f"tuned fp32 >= {ratio}x {peer}", model, c, tuned["rps"] / other["rps"], f">= {ratio:.2f}",
-                        tuned["rps"] >= ratio * other["rps"])
+                for label, mine in (("tuned fp32", tuned), ("as shipped, fp32" + (", compiled" if shipped_cfg.get(
+                        "compile") else ""), fp32_shipped)):
+                    if mine and other:
+                        add(f"{label} >= {ratio}x {peer}", model, c, mine["rps"] / other["rps"], f">= {ratio:.2f}",
+                            mine["rps"] >= ratio * other["rps"])
             if tuned and minimal:
                 add("toolkit handler >= 1.1x the minimal handler", model, c, tuned["rps"] / minimal["rps"], ">= 1.10",
                     tuned["rps"] >= 1.1 * minimal["rps"])
+            if fp32_shipped and minimal and shipped_cfg.get("compile"):
+                add("toolkit handler as shipped, fp32, compiled >= 1.1x the minimal handler", model, c,
+                    fp32_shipped["rps"] / minimal["rps"], ">= 1.10", fp32_shipped["rps"] >= 1.1 * minimal["rps"])
             if tuned and limit:
                 add("tuned >= 85% of the in-process limit", model, c, tuned["rps"] / limit, ">= 0.85",
                     tuned["rps"] >= 0.85 * limit)
@@ -205,7 +213,9 @@ def config_label(config: dict) -> str:
     threads = f"{threads} thread" if isinstance(threads, int) else f"{threads} threads"
     batch = (f"batch {config.get('batch_size')} / {config.get('max_batch_delay_ms')} ms, "
              if config.get("batch_size", 1) > 1 else "")
-    precision = ", ".join(p for p in (f"amp_cpu {config['amp_cpu']}" if config.get("amp_cpu", "off") != "off" else "",
+    amp = config.get("amp_cpu", "off")
+    resolved = f" ({config['precision']} here)" if amp == "auto" and config.get("precision") else ""
+    precision = ", ".join(p for p in (f"amp_cpu {amp}{resolved}" if amp != "off" else "",
                                       "compiled" if config.get("compile") else "") if p)
     return f"{batch}{config.get('workers')} x {threads}" + (f", {precision}" if precision else "")
 

@@ -110,7 +110,7 @@ def run_peer_kind(opts: Options, load: HttpLoad, w: Workload, kind: str, referen
             with started(kind, cfg, w, opts.work) as server:
                 dev = check_answers(server.url, w, reference, {})
                 target = checked_target(load, server.url, w, {})
-                by_c = {str(c): measure({"x": target}, opts, c, runs=1, settle=i > 0)["x"]
+                by_c = {str(c): measure({"x": target}, opts, c, runs=1, settle=i > 0, sweep=True)["x"]
                         for i, c in enumerate(opts.sweep_concurrency or opts.concurrency)}
         except RuntimeError as exc:
             opts.log(f"  sweep {kind:<15} {config_label(config_dict(cfg)):<36} FAILED: {str(exc).splitlines()[0]}")
@@ -203,7 +203,8 @@ def run_shipped(opts: Options, load: HttpLoad, workloads: list[Workload]) -> Non
                            "shipped-router": meter.wrap("shipped-router", checked_target(load, routed, w, auth))}
                 config = {"batch_size": spec.serving.batch_size, "max_batch_delay_ms": spec.serving.max_batch_delay_ms,
                           "workers": spec.serving.workers, "torch_threads": spec.settings.get("torch_threads", "auto"),
-                          "amp_cpu": spec.settings.get("amp_cpu", "off"), "compile": bool(spec.settings.get("compile"))}
+                          "amp_cpu": spec.settings.get("amp_cpu", "off"), "compile": bool(spec.settings.get("compile")),
+                          "precision": "bf16" if amp == "bf16" else "fp32"}
                 for i, clients in enumerate(opts.concurrency):
                     for name, figures in measure(targets, opts, clients, on_warm=meter.reset, settle=i > 0).items():
                         figures["cpu_ms_per_request"] = meter.per_request(name)

@@ -38,11 +38,15 @@ def run_all(opts: Options) -> dict:
             peer_runs.run_tutorial_peer(opts, load, w)
         if "peers" in opts.scenarios:
             peer_runs.run_peers(opts, load, workloads, list(opts.peer_kinds))
+    lap = _lap(opts, started)
     tuned = run_sweep(opts, load, workloads)
+    lap("sweep")
     if {"toolkit-tuned", "router-rest", "router-grpc", "grpc-direct", "compiled", "minimal"} & opts.scenarios:
         run_main(opts, load, workloads, tuned)
+        lap("tuned fleet")
     if "shipped" in opts.scenarios:
         peer_runs.run_shipped(opts, load, workloads)
+        lap("shipped fleet")
     if "cold-start" in opts.scenarios:
         opts.log("cold start: the repo's fleet from model_store/")
         bodies = {w.model: (w.bodies[0], w.content_type) for w in workloads}
@@ -55,3 +59,15 @@ def run_all(opts: Options) -> dict:
     opts.results["load_tool"] = load.tool
     opts.results["duration_s"] = round(time.monotonic() - started, 1)
     return opts.results
+
+
+def _lap(opts: Options, started: float):
+    """A logger of each part's minutes (the full run has a time budget: docs/benchmarks-peers.md)."""
+    last = [time.monotonic()]
+    opts.log(f"  limit and peers took {(last[0] - started) / 60:.1f} min")
+
+    def lap(what: str) -> None:
+        now = time.monotonic()
+        opts.log(f"  {what} took {(now - last[0]) / 60:.1f} min ({(now - started) / 60:.1f} min so far)")
+        last[0] = now
+    return lap

@@ -81,6 +81,12 @@ class Options:
     overhead: bool = True  # the router's paced and side-by-side added-latency windows
     peer_kinds: tuple[str, ...] = ()  # the peers (peers/KINDS) the "peers" scenario runs
     sweep_concurrency: list[int] | None = None  # the sweep's levels (tsfleet's and the peers'); default: concurrency
+    sweep_warmup: float | None = None  # the sweep's warm-up windows (a ranking, not a figure); default: warmup
+
+    def runs_at(self, clients: int) -> int:
+        """Timed runs at a level: ``runs`` where the sweep (and the bars) read it, one elsewhere
+        (the curves' low end): the full peers run has a time budget."""
+        return self.runs if not self.sweep_concurrency or clients in self.sweep_concurrency else 1
 
 
 def summarize(samples: list[Sample]) -> dict:
@@ -96,29 +102,33 @@ def summarize(samples: list[Sample]) -> dict:
     return out
 
 
-def warm(targets: dict[str, Target], opts: Options, clients: int, settle: bool = False) -> None:
-    """Run each target until two warm-up windows in a row agree within 15%; with ``settle``
-    (warm already, at another level), one window: the queues reach this level's depth."""
+def warm(targets: dict[str, Target], opts: Options, clients: int, settle: bool = False,
+         seconds: float | None = None) -> None:
+    """Run each target until two warm-up windows (``seconds``, else opts.warmup) in a row agree
+    within 15%; with ``settle`` (warm already, at another level), one window: the queues reach
+    this level's depth."""
     for run in targets.values():
         last = 0.0
         for _ in range(1 if settle else WARMUP_WINDOWS):
-            rps = run(clients, opts.warmup).rps
+            rps = run(clients, seconds or opts.warmup).rps
             if rps > 0 and last > 0 and abs(rps - last) <= 0.15 * max(rps, last):
                 break
             last = rps
 
 
 def measure(targets: dict[str, Target], opts: Options, clients: int, runs: int | None = None,
-            on_warm: Callable[[], None] | None = None, settle: bool = False) -> dict[str, dict]:
+            on_warm: Callable[[], None] | None = None, settle: bool = False,
+            sweep: bool = False) -> dict[str, dict]:
     """Warm each target up until it is steady, then ``runs`` timed windows per target, interleaved.
 
     Steady: two warm-up windows in a row within 15% of each other. A target still compiling
     new shapes (torch.compile) burns CPU the other targets would see in their windows.
     ``settle``: the targets were warmed at an earlier level of this run (same processes), so
     one warm-up window each (a noisy peer could otherwise take six windows at every level).
+    ``sweep``: a sweep's ranking, warmed with opts.sweep_warmup windows.
     """
-    runs = runs or opts.runs
-    warm(targets, opts, clients, settle)
+    runs = runs or opts.runs_at(clients)
+    warm(targets, opts, clients, settle, opts.sweep_warmup if sweep else None)
     if on_warm:
         on_warm()
     samples: dict[str, list[Sample]] = {name: [] for name in targets}
@@ -254,7 +264,7 @@ def run_sweep(opts: Options, load: HttpLoad, workloads: list[Workload]) -> dict[
             table = []
             for v in candidates:
                 by_c = {str(c): measure({"x": http_target(load, base + v.path(), w, auth)}, opts, c, runs=1,
-                                        settle=i > 0)["x"]
+                                        settle=i > 0, sweep=True)["x"]
                         for i, c in enumerate(opts.sweep_concurrency or opts.concurrency)}
                 score = _geomean([r["rps"] for r in by_c.values()])
                 table.append({"config": v.serve.as_dict(), "label": v.serve.label(), "score_rps": round(score, 1),
@@ -333,10 +343,11 @@ def run_main(opts: Options, load: HttpLoad, workloads: list[Workload], tuned: di
                 metered = {name: meter.wrap(name, t) if name in METERED else t for name, t in targets.items()}
                 # Every target at every concurrency first: a compiled model meets its new shapes
                 # (and compiles them) here, not during another target's timed window.
-                for clients in opts.concurrency:
+                compiling = "compiled" in want
+                for clients in opts.concurrency if compiling else ():
                     warm(targets, opts, clients)
-                for clients in opts.concurrency:
-                    measured = measure(metered, opts, clients, on_warm=meter.reset, settle=True)
+                for i, clients in enumerate(opts.concurrency):
+                    measured = measure(metered, opts, clients, on_warm=meter.reset, settle=compiling or i > 0)
                     for name, figures in measured.items():
                         if name in METERED:
                             figures["cpu_ms_per_request"] = meter.per_request(name)
