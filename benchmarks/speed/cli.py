@@ -35,7 +35,8 @@ SWEEP_SMOKE = {m: [Serve(4, 5, 1, 1)] for m in SWEEP_FULL}
 # --peers: tsfleet beside the servers users pick (peer_runs.py, peer_report.py).
 PEER_SCENARIOS = {"limit", "peers", "toolkit-tuned", "router-rest", "minimal", "shipped"}
 PEER_MODES = {
-    # About 40 minutes on 2 cores. The sweep scores each configuration at 16 and 64 clients:
+    # About 28 minutes on 2 cores (34 before the sweep warmed in 1 s windows and the 4-client level
+    # got one run). The sweep scores each configuration at 16 and 64 clients:
     # scored at 64 alone (31 minutes with 2 windows per figure) it picked batches of 16-32 that
     # served half as much at 16 clients (benchmarks/results/peers-sweep-at-64.json).
     "full": dict(concurrency=[4, 16, 64], sweep_concurrency=[16, 64], runs=3, seconds=3.0, warmup=2.0,
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     doc = {"meta": {**metadata(mode), "load_tool": results.pop("load_tool"),
                     "duration_s": round(time.monotonic() - started, 1), "router_processes": counts,
                     "settings": {k: cfg[k] for k in ("concurrency", "runs", "seconds", "warmup",
-                                                     "limit_batches", "limit_seconds")},
+                                                     "limit_batches", "limit_seconds", "sweep_concurrency")
+                                 if k in cfg},
                     "command": "python -m benchmarks.speed" + {"full": "", "quick": " --quick",
                                                                 "smoke": " --smoke"}[mode]
                     + (" --models " + " ".join(args.models) if args.models != DEFAULT_MODELS else "")

@@ -132,7 +132,7 @@ def markdown(doc: dict) -> str:
         f"mosec {v.get('mosec')}, Ray {v.get('ray')}, FastAPI {v.get('fastapi')}, uvicorn {v.get('uvicorn')}, "
         f"sentence-transformers {v.get('sentence-transformers')}. HTTP load from **{meta['load_tool']}**, closed "
         f"loop; each figure is the median of {meta['settings']['runs']} run(s) of {meta['settings']['seconds']:.0f} s "
-        f"after a warm-up; the whole run took {meta['duration_s'] / 60:.1f} minutes, each system alone on the "
+        f"after a warm-up{_one_run_levels(meta['settings'])}; the whole run took {meta['duration_s'] / 60:.1f} minutes, each system alone on the "
         "machine in turn (adjacent windows, not interleaved: a drift of the machine lands on whoever runs then).",
         "",
         requests_text(meta.get("image_px", 64)),
@@ -203,6 +203,14 @@ def markdown(doc: dict) -> str:
               ".venv/bin/python -m benchmarks.speed --peers --quick   # one run per figure, two configurations each",
               ".venv/bin/python -m benchmarks.speed --peers mosec litserve   # some of the peers", "```", ""]
     return "\n".join(lines)
+
+
+def _one_run_levels(settings: dict) -> str:
+    """Where the run measured one window only: the levels outside the sweep's (Options.runs_at)."""
+    swept = settings.get("sweep_concurrency")
+    others = [c for c in settings["concurrency"] if swept and c not in swept]
+    return (f" (at {', '.join(map(str, others))} clients, a level no bar reads, one run)"
+            if others and settings["runs"] > 1 else "")
 
 
 def config_label(config: dict) -> str:
