@@ -74,11 +74,12 @@ def manifest() -> dict:
 
 def image_like(doc: dict, name: str, handler: str, serving: dict | None = None) -> None:
     """Add model ``name`` 1.0 to ``doc``: the image classifier's recipe, weights and settings
-    with ``handler``. No warm-up at load: it would run the broken hook and fail the load."""
+    with ``handler``. No warm-up at load: it would run the broken hook and fail the load (so
+    no compile either: a compiled model is warmed at load, every shape it serves)."""
     image = doc["models"][IMAGE]
     doc["models"][name] = {
         "handler": str(ROOT / handler), "recipe": image["recipe"], "default_version": "1.0",
-        "settings": {**image.get("settings", {}), "warmup_batch_sizes": []},
+        "settings": {**image.get("settings", {}), "warmup_batch_sizes": [], "compile": False},
         "versions": {"1.0": {"params": dict(image["versions"]["1.0"]["params"]), "serving": serving or {}}},
     }
 
