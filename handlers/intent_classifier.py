@@ -73,7 +73,8 @@ class IntentClassifier(FleetHandler):
                     n_vec += 1
         batch: dict[str, Any] = {"order": torch.tensor(order, device=self.device), "texts": None, "vectors": None}
         if texts:  # packed, or padded for a compiled encoder (as text-embedder's)
-            batch["texts"] = self.minilm.batch(texts, self.options["max_length"], padded=self.padded)
+            batch["texts"] = self.minilm.batch(texts, self.options["max_length"], padded=self.padded,
+                                               compiled=self.compiled)
         if vectors:
             batch["vectors"] = torch.tensor(vectors, dtype=torch.float32, device=self.device)
         return batch

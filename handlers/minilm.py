@@ -347,15 +347,19 @@ class MiniLM:
                                                  lowercase=config.get("do_lower_case", True))
         return cls(tokenizer, encoder, config.get("max_seq_length", 256), device)
 
-    def batch(self, texts: list[str], max_length: int, padded: bool = False) -> TokenBatch:
+    def batch(self, texts: list[str], max_length: int, padded: bool = False,
+              compiled: bool = False) -> TokenBatch:
         """``texts`` tokenized for ``sentence_embeddings`` on the model's device: packed, or
-        padded for a compiled encoder (dynamic batch and length: ``mark_dynamic``)."""
+        padded; for a compiled encoder its batch and length are dynamic (``mark_dynamic``:
+        torch._dynamo, once touched, costs a worker ~70 MiB, so only then)."""
         if not padded:
             return self.tokenizer.encode_packed(texts, max_length).to(self.device)
         ids, mask = self.tokenizer.encode_batch(texts, max_length)
+        lengths = mask.sum(1).tolist()  # on the host: no device sync per text
         ids, mask = ids.to(self.device), mask.to(self.device)
-        mark_dynamic(ids, mask)
-        return TokenBatch(ids, mask, [int(n) for n in mask.sum(1)])
+        if compiled:
+            mark_dynamic(ids, mask)
+        return TokenBatch(ids, mask, lengths)
 
     @property
     def dim(self) -> int:

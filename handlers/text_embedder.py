@@ -33,7 +33,7 @@ class TextEmbedder(FleetHandler):
 
     def preprocess(self, items: list[TextItem]) -> TokenBatch:
         texts = [text for item in items for text in item.texts]
-        return self.minilm.batch(texts, self.options["max_length"], padded=self.padded)
+        return self.minilm.batch(texts, self.options["max_length"], padded=self.padded, compiled=self.compiled)
 
     def inference(self, batch: TokenBatch) -> torch.Tensor:
         return sentence_embeddings(self.model, batch)
